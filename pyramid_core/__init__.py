@@ -1,0 +1,34 @@
+"""pyramid: multi-stage speculative decoding with pluggable acceptance rules."""
+
+from pyramid_core.build import build_pipeline, check_same_tokenizer, make_policy, make_stage
+from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
+from pyramid_core.pipeline import Generation, Metrics, Pipeline
+from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, Verifier
+from pyramid_core.rng import Rng
+from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats, Verdict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AcceptancePolicy",
+    "Block",
+    "BoundaryStats",
+    "ConfigError",
+    "Generation",
+    "Metrics",
+    "Pipeline",
+    "PluginError",
+    "Proposer",
+    "PyramidError",
+    "Rng",
+    "SamplingConfig",
+    "Stage",
+    "StageStats",
+    "TokenizerMismatchError",
+    "Verdict",
+    "Verifier",
+    "build_pipeline",
+    "check_same_tokenizer",
+    "make_policy",
+    "make_stage",
+]

@@ -1,0 +1,106 @@
+"""Build pipelines from spec strings through the plugin registries (what the CLI uses)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from pyramid_core.errors import ConfigError, PluginError, TokenizerMismatchError
+from pyramid_core.pipeline import Pipeline
+from pyramid_core.plugins import Registries, registries
+from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage
+from pyramid_core.registry import parse_spec
+from pyramid_core.types import SamplingConfig
+
+__all__ = ["build_pipeline", "make_stage", "make_policy", "check_same_tokenizer"]
+
+
+def _accepts(factory: Any, param: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return param in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def make_stage(spec: str | Stage | Proposer, *, vocab_size: int | None = None, regs: Registries | None = None, **overrides: Any) -> Stage | Proposer:
+    """A stage from ``"name:k=v"``: a registered proposer, else a registered backend."""
+    if not isinstance(spec, str):
+        return spec
+    regs = regs or registries()
+    name, _ = parse_spec(spec)
+    if name in regs.proposers:
+        if vocab_size is not None and _accepts(regs.proposers.get(name).factory, "vocab_size"):
+            overrides.setdefault("vocab_size", vocab_size)
+        return regs.proposers.create(spec, **overrides)
+    if name in regs.backends:
+        return regs.backends.create(spec, **overrides)
+    names = regs.proposers.names() + regs.backends.names()
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise PluginError(f"unknown stage {name!r}{hint} (proposers: {', '.join(regs.proposers.names()) or 'none'}; "
+                      f"backends: {', '.join(regs.backends.names()) or 'none'})")
+
+
+def make_policy(spec: str | AcceptancePolicy, *, regs: Registries | None = None) -> AcceptancePolicy:
+    if not isinstance(spec, str):
+        return spec
+    return (regs or registries()).policies.create(spec)
+
+
+def check_same_tokenizer(stages: Sequence[object]) -> None:
+    """Fail before any decoding if two stages carry different tokenizers (compared by their
+    vocabularies and special tokens). Stages without a ``tokenizer`` attribute are skipped."""
+    ref: tuple[int, str, Any] | None = None
+    for i, stage in enumerate(stages):
+        tok = getattr(stage, "tokenizer", None)
+        if tok is None:
+            continue
+        name = getattr(stage, "name", f"stage {i + 1}")
+        vocab = tok.get_vocab()
+        special = {k: getattr(tok, k, None) for k in ("bos_token_id", "eos_token_id", "unk_token_id")}
+        if ref is None:
+            ref = (i, name, (vocab, special))
+            continue
+        ref_vocab, ref_special = ref[2]
+        if vocab != ref_vocab:
+            diff = sorted(set(vocab.items()) ^ set(ref_vocab.items()))[:3]
+            raise TokenizerMismatchError(
+                f"stage {i + 1} ({name}) does not share the tokenizer of stage {ref[0] + 1} ({ref[1]}): "
+                f"vocabularies differ ({len(vocab)} vs {len(ref_vocab)} entries; e.g. {diff})"
+            )
+        if special != ref_special:
+            raise TokenizerMismatchError(
+                f"stage {i + 1} ({name}) and stage {ref[0] + 1} ({ref[1]}) disagree on special tokens: {special} vs {ref_special}"
+            )
+
+
+def build_pipeline(
+    stages: Sequence[str | Stage | Proposer],
+    policies: Sequence[str | AcceptancePolicy] | None = None,
+    block_lengths: Sequence[int] | None = None,
+    *,
+    sampling: SamplingConfig | None = None,
+    stop_ids: Sequence[int] | None = None,
+) -> Pipeline:
+    """Resolve specs and build a ``Pipeline``. Policies default to ``exact`` at every boundary and
+    block lengths to 4; ``stop_ids`` default to the target's EOS token when it has a tokenizer."""
+    if not stages:
+        raise ConfigError("a pipeline needs at least one stage (the target)")
+    n = len(stages)
+    regs = registries() if any(isinstance(s, str) for s in [*stages, *(policies or [])]) or policies is None else None
+    target = make_stage(stages[-1], regs=regs)
+    if not isinstance(target, Stage):
+        raise ConfigError(f"the target (stage {n}, {stages[-1]!r}) must be a model stage, not a proposer")
+    resolved = [make_stage(s, vocab_size=target.vocab_size, regs=regs) for s in stages[:-1]] + [target]
+    check_same_tokenizer(resolved)
+    pols = [make_policy(p, regs=regs) for p in (policies if policies is not None else ["exact"] * (n - 1))]
+    lengths = list(block_lengths) if block_lengths is not None else [4] * (n - 1)
+    if stop_ids is None:
+        tok = getattr(target, "tokenizer", None)
+        eos = getattr(tok, "eos_token_id", None) if tok is not None else None
+        stop_ids = [] if eos is None else [int(eos)]
+    return Pipeline(resolved, pols, lengths, sampling or SamplingConfig(), list(stop_ids))

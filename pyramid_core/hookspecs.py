@@ -1,0 +1,54 @@
+"""The hooks a pyramid plugin can implement.
+
+A plugin is a module (or object) with functions marked ``@hookimpl``, exposed through the
+entry-point group ``pyramid_core``::
+
+    [project.entry-points.pyramid_core]
+    my_rules = "my_package.rules"
+
+Every hook receives a ``register(name, factory, description="")`` callback. ``factory`` is
+called with keyword parameters parsed from a spec such as ``"name:key=value,..."`` (values
+are converted using the factory's annotations). The built-in plugins use these hooks exactly
+like a third-party package does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+__all__ = ["hookspec", "hookimpl", "PROJECT"]
+
+PROJECT = "pyramid_core"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_policies(register: Any) -> None:
+    """Register acceptance policies.
+
+    ``register(name, factory, description="")`` where ``factory(**params)`` returns an object
+    with ``decide(block, p, rng) -> Verdict`` (the ``AcceptancePolicy`` protocol). A policy is
+    chosen per stage boundary, e.g. ``--policy exact``.
+    """
+
+
+@hookspec
+def register_proposers(register: Any) -> None:
+    """Register model-free proposers usable as the first (smallest) stage.
+
+    ``register(name, factory, description="")`` where ``factory(**params)`` returns an object
+    with ``propose(context, n, rng) -> Block`` (the ``Proposer`` protocol), e.g. ``ngram``.
+    """
+
+
+@hookspec
+def register_backends(register: Any) -> None:
+    """Register model backends: loaders that turn a location into a model ``Stage``.
+
+    ``register(name, factory, description="")`` where ``factory(**params)`` returns an object
+    satisfying the ``Stage`` protocol (``score(context, block)``, ``reset()``, ``vocab_size``,
+    ``device``, ``name``), e.g. ``hf:path=/models/x,device=cuda,dtype=bfloat16``.
+    """

@@ -1,0 +1,295 @@
+"""The N-stage speculative decoding recursion of SPEC.md.
+
+``propose(1, n)`` is the bottom proposer. ``propose(k, n)`` for k >= 2 is a
+``SpeculativeProposer``: it asks the stage below for blocks of ``ell_{k-1}`` tokens, runs M_k once
+over each block, lets the boundary's policy accept a prefix and emit one more token, and buffers
+the accepted tokens *with M_k's rows* (trap 1) until it holds n tokens -- the number of tokens it
+asks for depends on counts only (trap 2). Generation is ``propose(N, max_new_tokens)``.
+Every stage's cache rolls back by itself: a stage is always handed the full context and reuses
+only the prefix it has seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from pyramid_core.errors import ConfigError
+from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, Verifier
+from pyramid_core.rng import Rng
+from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats
+
+__all__ = [
+    "AutoregressiveProposer",
+    "StageVerifier",
+    "SpeculativeProposer",
+    "Pipeline",
+    "Generation",
+    "Metrics",
+]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cut_at_stop(tokens: Tensor, stop_ids: Tensor) -> tuple[int, bool]:
+    """(length of ``tokens`` up to and including the first stop token, whether one was found)."""
+    if stop_ids.numel() == 0 or tokens.numel() == 0:
+        return int(tokens.numel()), False
+    hits = torch.isin(tokens, stop_ids.to(tokens.device)).nonzero()
+    if hits.numel() == 0:
+        return int(tokens.numel()), False
+    return int(hits[0, 0].item()) + 1, True
+
+
+@attrs.define(eq=False)
+class StageVerifier:
+    """A model stage used as a verifier: logits -> sampling transform, timed."""
+
+    stage: Stage
+    sampling: SamplingConfig
+    stats: StageStats
+
+    def verify(self, context: Tensor, block: Block) -> Tensor:
+        t0 = time.perf_counter()
+        rows = self.sampling.transform(self.stage.score(context, block))
+        _sync(rows.device)
+        self.stats.forwards += 1
+        self.stats.positions += len(block) + 1
+        self.stats.forward_s += time.perf_counter() - t0
+        return rows
+
+
+@attrs.define(eq=False)
+class AutoregressiveProposer:
+    """propose(1, n): sample n tokens from a model stage one at a time, keeping every row."""
+
+    stage: Stage
+    sampling: SamplingConfig
+    stats: StageStats
+    stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
+        tokens: list[int] = []
+        rows: list[Tensor] = []
+        stop = set(self.stop_ids.tolist())
+        ctx = context
+        for _ in range(n):
+            t0 = time.perf_counter()
+            row = self.sampling.transform(self.stage.score(ctx))[0]
+            token = rng.categorical(row)  # .item() inside: also syncs the device
+            self.stats.forwards += 1
+            self.stats.positions += 1
+            self.stats.forward_s += time.perf_counter() - t0
+            tokens.append(token)
+            rows.append(row)
+            if token in stop:
+                break
+            ctx = torch.cat([ctx, ctx.new_tensor([token])])
+        if not tokens:
+            return Block.empty(self.stage.vocab_size, context.device)
+        return Block(context.new_tensor(tokens), torch.stack(rows))
+
+
+@attrs.define(eq=False)
+class SpeculativeProposer:
+    """propose(k, n) for k >= 2: exact samples of ``verifier``'s model when ``policy`` is exact."""
+
+    lower: Proposer
+    verifier: Verifier
+    policy: AcceptancePolicy
+    block_length: int
+    stats: BoundaryStats
+    stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def round(self, context: Tensor, budget: int, rng: Rng) -> Block:
+        """One verification: a block from below, one forward of this stage, one verdict.
+        Returns the accepted tokens plus the emitted one, each with this stage's row."""
+        block = self.lower.propose(context, min(self.block_length, budget), rng)
+        p = self.verifier.verify(context, block)
+        verdict = self.policy.decide(block, p, rng)
+        self.stats.record(len(block), verdict.n_accepted)
+        accepted = list(verdict.accepted)
+        if block.parents is None:
+            row_index = accepted  # chain: node i was drawn from row i
+        else:
+            row_index = [int(block.parents[i]) + 1 for i in accepted]
+        tokens = torch.cat([block.tokens[accepted].to(p.device), p.new_tensor([verdict.token], dtype=torch.long)])
+        rows = torch.cat([p[row_index], verdict.row.unsqueeze(0)])
+        return Block(tokens, rows)
+
+    def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
+        pieces: list[Block] = []
+        have = 0
+        while have < n:
+            ctx = torch.cat([context, *(b.tokens.to(context.device) for b in pieces)])
+            piece = self.round(ctx, n - have, rng)
+            cut, stopped = _cut_at_stop(piece.tokens, self.stop_ids)
+            pieces.append(piece.head(cut))
+            have += cut
+            if stopped:
+                break
+        if not pieces:
+            return Block.empty(0)
+        return Block.concat(pieces).head(n)
+
+
+@attrs.define
+class Metrics:
+    """What one generation measured (SPEC "Metrics every run reports")."""
+
+    boundaries: list[BoundaryStats]
+    stages: list[StageStats]
+    new_tokens: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def target_forwards(self) -> int:
+        return self.stages[-1].forwards
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+    @property
+    def overhead_s(self) -> float:
+        """Wall time not spent inside stage forwards (framework and policy overhead)."""
+        return self.wall_s - sum(s.forward_s for s in self.stages)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens,
+            "wall_s": self.wall_s,
+            "tokens_per_s": self.tokens_per_s,
+            "target_forwards": self.target_forwards,
+            "tokens_per_target_forward": self.tokens_per_target_forward,
+            "overhead_s": self.overhead_s,
+            "overhead_fraction": self.overhead_s / self.wall_s if self.wall_s > 0 else float("nan"),
+            "boundaries": [b.as_dict() for b in self.boundaries],
+            "stages": [s.as_dict() for s in self.stages],
+        }
+
+
+@attrs.frozen(eq=False)
+class Generation:
+    """Result of ``Pipeline.generate``: the new tokens (prompt excluded) and the metrics."""
+
+    tokens: Tensor
+    metrics: Metrics
+
+    @property
+    def token_list(self) -> list[int]:
+        return [int(t) for t in self.tokens.tolist()]
+
+
+def _stage_name(obj: object, index: int) -> str:
+    return str(getattr(obj, "name", None) or f"stage {index + 1} ({type(obj).__name__})")
+
+
+@attrs.define(eq=False)
+class Pipeline:
+    """N stages (smallest first), N-1 policies and N-1 block lengths.
+
+    ``stages[0]`` may be a model ``Stage`` (sampled autoregressively) or any ``Proposer``;
+    ``stages[1:]`` are model ``Stage``s. N = 1 is plain autoregressive decoding (the baseline).
+    """
+
+    stages: Sequence[Stage | Proposer]
+    policies: Sequence[AcceptancePolicy] = ()
+    block_lengths: Sequence[int] = ()
+    sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
+    stop_ids: Sequence[int] = ()
+
+    def __attrs_post_init__(self) -> None:
+        n = len(self.stages)
+        if n < 1:
+            raise ConfigError("a pipeline needs at least one stage (the target)")
+        if len(self.policies) != n - 1:
+            raise ConfigError(
+                f"{n} stages need {n - 1} acceptance policies (one per boundary), got {len(self.policies)}"
+            )
+        if len(self.block_lengths) != n - 1:
+            raise ConfigError(
+                f"{n} stages need {n - 1} block lengths (one per boundary), got {len(self.block_lengths)}"
+            )
+        for k, ell in enumerate(self.block_lengths):
+            if not isinstance(ell, int) or ell < 1:
+                raise ConfigError(
+                    f"block length at boundary {k + 1} -> {k + 2} must be an integer >= 1, got {ell!r}"
+                )
+        for k, stage in enumerate(self.stages):
+            is_stage = isinstance(stage, Stage)
+            if k == 0 and not (is_stage or isinstance(stage, Proposer)):
+                raise ConfigError(f"{_stage_name(stage, k)} is neither a model Stage nor a Proposer")
+            if k > 0 and not is_stage:
+                raise ConfigError(
+                    f"{_stage_name(stage, k)} must be a model Stage (it verifies the stage below); "
+                    "a model-free proposer can only be the first stage"
+                )
+        for k, policy in enumerate(self.policies):
+            if not isinstance(policy, AcceptancePolicy):
+                raise ConfigError(f"policy at boundary {k + 1} -> {k + 2} ({policy!r}) has no decide() method")
+        vocab = {int(s.vocab_size) for s in self.stages if isinstance(s, Stage)}
+        if len(vocab) > 1:
+            sizes = ", ".join(f"{_stage_name(s, i)}: {s.vocab_size}" for i, s in enumerate(self.stages) if isinstance(s, Stage))
+            raise ConfigError(f"stages disagree on the vocabulary size ({sizes})")
+
+    @property
+    def target(self) -> Stage:
+        return self.stages[-1]  # type: ignore[return-value]
+
+    def build(self) -> tuple[Proposer, Metrics]:
+        """Fold the stages into the recursion: propose(1) <- propose(2) <- ... <- propose(N)."""
+        stop = torch.tensor(list(self.stop_ids), dtype=torch.long)
+        stage_stats = [StageStats(_stage_name(s, i)) for i, s in enumerate(self.stages)]
+        bottom = self.stages[0]
+        proposer: Proposer
+        if isinstance(bottom, Stage):
+            proposer = AutoregressiveProposer(bottom, self.sampling, stage_stats[0], stop)
+        else:
+            proposer = bottom
+        boundaries = []
+        for k in range(1, len(self.stages)):
+            stats = BoundaryStats()
+            boundaries.append(stats)
+            verifier = StageVerifier(self.stages[k], self.sampling, stage_stats[k])  # type: ignore[arg-type]
+            proposer = SpeculativeProposer(
+                proposer, verifier, self.policies[k - 1], self.block_lengths[k - 1], stats, stop
+            )
+        return proposer, Metrics(boundaries, stage_stats)
+
+    def generate(
+        self, prompt: Tensor | Sequence[int], max_new_tokens: int, *, seed: int | None = None
+    ) -> Generation:
+        """Sample up to ``max_new_tokens`` tokens after ``prompt``, stopping after a stop token."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        device = self.target.device
+        context = torch.as_tensor(prompt, dtype=torch.long).to(device).flatten()
+        if context.numel() == 0:
+            raise ConfigError("the prompt is empty: give at least one token (e.g. a BOS token)")
+        for s in self.stages:
+            reset = getattr(s, "reset", None)
+            if reset is not None:
+                reset()
+        proposer, metrics = self.build()
+        rng = Rng(seed)
+        t0 = time.perf_counter()
+        if max_new_tokens == 0:
+            out = context.new_empty(0)
+        else:
+            out = proposer.propose(context, max_new_tokens, rng).tokens
+        metrics.wall_s = time.perf_counter() - t0
+        metrics.new_tokens = int(out.numel())
+        return Generation(out, metrics)

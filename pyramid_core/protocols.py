@@ -1,0 +1,81 @@
+"""The three protocols a pipeline is composed of, plus the model-adapter protocol ``Stage``.
+
+A pipeline of N stages M_1 .. M_N (smallest first) is built from
+- one ``Proposer`` at the bottom (M_1: a model sampled autoregressively, or a model-free
+  proposer such as ``ngram``),
+- one ``Verifier`` per stage above it (M_2 .. M_N),
+- one ``AcceptancePolicy`` per boundary k -> k+1.
+
+Row convention shared by every protocol: for a block of n proposed tokens, a verifier returns
+n+1 rows; row 0 is the distribution after the context, row i+1 the distribution after node i
+(after token i of a chain, or after the root-to-node-i path of a tree). So the verifier's row
+for proposed node i is row ``parents[i] + 1`` -- for a chain simply row i.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from pyramid_core.rng import Rng
+from pyramid_core.types import Block, Verdict
+
+__all__ = ["Stage", "Proposer", "Verifier", "AcceptancePolicy"]
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """A model adapter: anything that yields next-token logits for a context.
+
+    Implementations keep whatever cache they like (e.g. a KV cache) and must make ``score``
+    correct for *any* context: a context that shares only a prefix with the previous call
+    means "roll back to that prefix" (SPEC: roll back every stage's cache to the accepted prefix).
+    """
+
+    name: str
+    vocab_size: int
+    device: torch.device
+
+    def score(self, context: Tensor, block: Block | None = None) -> Tensor:
+        """Logits ``Float[Tensor, "n+1 vocab"]`` for ``context`` (``Long[Tensor, "L"]``) followed
+        by the block's n tokens (row convention above). ``block=None`` gives the single row after
+        ``context``. Only the first ``vocab_size`` columns are returned."""
+        ...
+
+    def reset(self) -> None:
+        """Forget every cache (called before each new generation)."""
+        ...
+
+
+@runtime_checkable
+class Proposer(Protocol):
+    """Proposes tokens continuing a context, with the distribution each was drawn from."""
+
+    def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
+        """Up to ``n`` tokens (fewer only if a stop token ends the block, or the proposer has
+        nothing to propose) continuing ``context``. ``rows[j]`` must be the exact distribution
+        token j was drawn from given everything before it -- SPEC trap 1."""
+        ...
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """Scores a proposed block: the verifier's transformed rows (row convention above)."""
+
+    def verify(self, context: Tensor, block: Block) -> Tensor:
+        """``Float[Tensor, "n+1 vocab"]`` probabilities after the sampling transform."""
+        ...
+
+
+@runtime_checkable
+class AcceptancePolicy(Protocol):
+    """Decides which proposed tokens a verifier accepts and what it emits next.
+
+    ``q = block.rows`` are the proposer's rows, ``p`` the verifier's rows (n+1 of them). A policy
+    is a pure function of these and the random stream, so it can be tested on explicit vectors.
+    """
+
+    def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
+        ...

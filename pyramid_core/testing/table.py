@@ -1,0 +1,104 @@
+"""``TableModel``: a stage whose next-token distribution is given explicitly.
+
+It runs through exactly the same pipeline code as a Hugging Face stage (it implements the
+``Stage`` protocol), so exactness can be checked against distributions known in closed form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from pyramid_core.errors import ConfigError
+from pyramid_core.types import Block
+
+__all__ = ["TableModel", "validate_distribution"]
+
+Distribution = Sequence[float] | Tensor
+
+
+def validate_distribution(dist: Distribution, *, name: str, atol: float = 1e-6) -> Tensor:
+    """Check a probability vector and return it as float64; errors name ``name``."""
+    t = torch.as_tensor(dist, dtype=torch.float64)
+    if t.dim() != 1 or t.numel() == 0:
+        raise ConfigError(f"{name}: a distribution must be a non-empty 1-D vector, got shape {tuple(t.shape)}")
+    if torch.isnan(t).any():
+        raise ConfigError(f"{name}: distribution contains NaN at index {int(torch.isnan(t).nonzero()[0, 0])}")
+    if torch.isinf(t).any():
+        raise ConfigError(f"{name}: distribution contains an infinite value at index {int(torch.isinf(t).nonzero()[0, 0])}")
+    if (t < 0).any():
+        i = int((t < 0).nonzero()[0, 0])
+        raise ConfigError(f"{name}: probabilities must be >= 0, got {float(t[i])} at index {i}")
+    total = float(t.sum())
+    if not math.isclose(total, 1.0, abs_tol=atol):
+        raise ConfigError(f"{name}: probabilities must sum to 1, got {total:.6g}")
+    return t
+
+
+class TableModel:
+    """A ``Stage`` with explicit next-token probabilities.
+
+    ``table`` is either a fixed probability vector (the same distribution after any context) or
+    a function ``context -> vector`` where ``context`` is a tuple of token ids (prompt included).
+    Function results are validated and cached per context.
+    """
+
+    def __init__(
+        self,
+        table: Distribution | Callable[[tuple[int, ...]], Distribution],
+        *,
+        vocab_size: int | None = None,
+        name: str = "table",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.name = name
+        self.device = torch.device(device)
+        self._fn: Callable[[tuple[int, ...]], Distribution] | None = None
+        self._cache: dict[tuple[int, ...], Tensor] = {}
+        self.calls = 0
+        if callable(table):
+            self._fn = table
+            if vocab_size is None:
+                raise ConfigError(f"{name}: a context-dependent table needs vocab_size")
+            self.vocab_size = int(vocab_size)
+            self._fixed: Tensor | None = None
+        else:
+            probs = validate_distribution(table, name=name)
+            self.vocab_size = probs.numel()
+            if vocab_size is not None and vocab_size != self.vocab_size:
+                raise ConfigError(f"{name}: vocab_size={vocab_size} but the table has {self.vocab_size} entries")
+            self._fixed = probs.float().log().to(self.device)
+
+    def _log_row(self, ctx: tuple[int, ...]) -> Tensor:
+        row = self._cache.get(ctx)
+        if row is None:
+            assert self._fn is not None
+            probs = validate_distribution(self._fn(ctx), name=f"{self.name} after context {ctx[-8:]}")
+            if probs.numel() != self.vocab_size:
+                raise ConfigError(f"{self.name}: table after context {ctx[-8:]} has {probs.numel()} entries, expected {self.vocab_size}")
+            row = probs.float().log().to(self.device)
+            self._cache[ctx] = row
+        return row
+
+    def score(self, context: Tensor, block: Block | None = None) -> Tensor:
+        """Log-probabilities as logits, ``Float[Tensor, "n+1 vocab"]`` (row convention of
+        ``pyramid_core.protocols``)."""
+        self.calls += 1
+        n = 0 if block is None else len(block)
+        if self._fixed is not None:
+            return self._fixed.expand(n + 1, -1)
+        base = tuple(int(t) for t in context.tolist())
+        if block is None or n == 0:
+            return self._log_row(base).unsqueeze(0)
+        tokens = [int(t) for t in block.tokens.tolist()]
+        parents = list(range(-1, n - 1)) if block.parents is None else [int(p) for p in block.parents.tolist()]
+        paths: list[tuple[int, ...]] = []
+        for i in range(n):  # parents precede children in a flattened tree
+            paths.append((paths[parents[i]] if parents[i] >= 0 else ()) + (tokens[i],))
+        return torch.stack([self._log_row(base)] + [self._log_row(base + path) for path in paths])
+
+    def reset(self) -> None:
+        """Nothing is cached across contexts except pure table lookups."""

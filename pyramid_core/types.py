@@ -1,0 +1,228 @@
+"""Value types that flow between stages.
+
+Shapes are written in einops style: ``rows: Float[Tensor, "n vocab"]``.
+All probability rows are *transformed* rows (temperature, top-k, top-p already applied),
+see SPEC.md "Notation".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import torch
+from attrs import field, frozen
+from torch import Tensor
+
+__all__ = ["Block", "Verdict", "SamplingConfig", "BoundaryStats", "StageStats"]
+
+
+def _check_1d_long(instance: Any, attribute: attrs.Attribute[Any], value: Tensor) -> None:
+    if value.dim() != 1 or value.dtype != torch.long:
+        raise ValueError(
+            f"{type(instance).__name__}.{attribute.name} must be a 1-D torch.long tensor, "
+            f"got shape {tuple(value.shape)} dtype {value.dtype}"
+        )
+
+
+@frozen(eq=False)
+class Block:
+    """Tokens proposed to the stage above, with the proposer's probability rows.
+
+    tokens:  Long[Tensor, "n"]        the proposed tokens
+    rows:    Float[Tensor, "n vocab"] row j is the proposer's distribution that token j was
+                                      drawn from (for a chain: P(. | context, tokens[:j]))
+    parents: Long[Tensor, "n"] | None for a token tree, the index of each node's parent
+                                      (-1 for children of the context); ``None`` means a chain,
+                                      i.e. parents == [-1, 0, 1, ..., n-2].
+    """
+
+    tokens: Tensor = field(validator=_check_1d_long)
+    rows: Tensor
+    parents: Tensor | None = None
+
+    def __attrs_post_init__(self) -> None:
+        n = self.tokens.shape[0]
+        if self.rows.dim() != 2 or self.rows.shape[0] != n:
+            raise ValueError(
+                f"Block.rows must have shape (n_tokens={n}, vocab), got {tuple(self.rows.shape)}"
+            )
+        if self.parents is not None and self.parents.shape != self.tokens.shape:
+            raise ValueError(
+                f"Block.parents must have shape ({n},), got {tuple(self.parents.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None
+
+    @classmethod
+    def empty(cls, vocab: int, device: torch.device | str = "cpu") -> Block:
+        return cls(
+            torch.empty(0, dtype=torch.long, device=device),
+            torch.empty(0, vocab, device=device),
+        )
+
+    @classmethod
+    def concat(cls, blocks: list[Block]) -> Block:
+        """Join chain blocks end to end (all on the device of the first)."""
+        device = blocks[0].tokens.device
+        return cls(
+            torch.cat([b.tokens.to(device) for b in blocks]),
+            torch.cat([b.rows.to(device) for b in blocks]),
+        )
+
+    def head(self, n: int) -> Block:
+        """The first ``n`` tokens of a chain block."""
+        return Block(self.tokens[:n], self.rows[:n])
+
+
+@frozen(eq=False)
+class Verdict:
+    """What an acceptance policy decided about one block.
+
+    accepted: indices (into the block) of the accepted tokens, in order. For a chain this is
+              ``0 .. n_accepted-1``; for a tree it is the accepted root-to-leaf path.
+    token:    the token the verifier emits after the accepted ones: the correction drawn at the
+              first rejection, or the bonus token when everything was accepted.
+    row:      the verifier's *full* distribution at the emitted token's position (the row that
+              travels up with it, SPEC trap 1), not the residual it may have been drawn from.
+    """
+
+    accepted: tuple[int, ...]
+    token: int
+    row: Tensor
+
+    @property
+    def n_accepted(self) -> int:
+        return len(self.accepted)
+
+
+def _nonneg_float(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"SamplingConfig.{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
+def _top_p_range(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {value!r}")
+
+
+def _nonneg_int(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"SamplingConfig.{attribute.name} must be >= 0 (0 disables it), got {value!r}")
+
+
+@frozen
+class SamplingConfig:
+    """The sampling transform, applied identically at every stage.
+
+    temperature 0 means greedy: every row is one-hot at its argmax (first index on ties, as
+    ``torch.argmax`` and Hugging Face greedy decoding do).
+    """
+
+    temperature: float = field(default=1.0, converter=float, validator=_nonneg_float)
+    top_k: int = field(default=0, converter=int, validator=_nonneg_int)
+    top_p: float = field(default=1.0, converter=float, validator=_top_p_range)
+
+    @classmethod
+    def greedy(cls) -> SamplingConfig:
+        return cls(temperature=0.0)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def transform(self, logits: Tensor) -> Tensor:
+        """Float[Tensor, "n vocab"] logits -> Float[Tensor, "n vocab"] probabilities (float32)."""
+        logits = logits.float()
+        if self.is_greedy:
+            out = torch.zeros_like(logits)
+            return out.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # keep a token while the mass strictly before it is < top_p (always keeps the first)
+            drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
+
+
+@attrs.define
+class BoundaryStats:
+    """Counters for one stage boundary k -> k+1 (mutable accumulator, not a value type)."""
+
+    proposed: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    # accepted_hist[i] = number of verification rounds that accepted exactly i tokens
+    accepted_hist: list[int] = attrs.field(factory=list)
+    # accepted_at[j] = how often the token at block position j was accepted (per position)
+    accepted_at: list[int] = attrs.field(factory=list)
+    proposed_at: list[int] = attrs.field(factory=list)
+
+    def record(self, n_proposed: int, n_accepted: int) -> None:
+        self.rounds += 1
+        self.proposed += n_proposed
+        self.accepted += n_accepted
+        for counts, upto in ((self.accepted_hist, n_accepted + 1), (self.proposed_at, n_proposed)):
+            if len(counts) < upto:
+                counts.extend([0] * (upto - len(counts)))
+        self.accepted_hist[n_accepted] += 1
+        for j in range(n_proposed):
+            self.proposed_at[j] += 1
+        if len(self.accepted_at) < n_accepted:
+            self.accepted_at.extend([0] * (n_accepted - len(self.accepted_at)))
+        for j in range(n_accepted):
+            self.accepted_at[j] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.accepted / self.rounds if self.rounds else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "rounds": self.rounds,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted,
+            "accepted_length_hist": list(self.accepted_hist),
+            "acceptance_by_position": [
+                a / p if p else float("nan")
+                for a, p in zip(self.accepted_at + [0] * (len(self.proposed_at) - len(self.accepted_at)), self.proposed_at)
+            ],
+        }
+
+
+@attrs.define
+class StageStats:
+    """Forward counters and wall time of one stage (mutable accumulator)."""
+
+    name: str
+    forwards: int = 0
+    positions: int = 0
+    forward_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "forwards": self.forwards,
+            "positions": self.positions,
+            "forward_s": self.forward_s,
+        }

@@ -1,0 +1,2 @@
+"""pyramid's built-in plugins. Each module is exposed through the ``pyramid_core`` entry-point
+group in pyproject.toml, exactly as a third-party plugin package would expose its own."""
