@@ -9,11 +9,12 @@ from typing import Any
 from pyramid_core.errors import ConfigError, PluginError, TokenizerMismatchError
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.plugins import Registries, registries
+from pyramid_core.presets import Preset
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage
 from pyramid_core.registry import parse_spec
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["build_pipeline", "make_stage", "make_policy", "check_same_tokenizer"]
+__all__ = ["build_pipeline", "make_stage", "make_policy", "check_same_tokenizer", "resolve_preset"]
 
 
 def _accepts(factory: Any, param: str) -> bool:
@@ -51,6 +52,16 @@ def make_policy(spec: str | AcceptancePolicy, *, regs: Registries | None = None)
     return (regs or registries()).policies.create(spec)
 
 
+def resolve_preset(name: str, n_stages: int) -> Preset:
+    """The registered preset ``name`` instantiated for ``n_stages`` stages."""
+    reg = registries().presets
+    entry = reg.get(name)
+    try:
+        return entry.factory(n_stages)
+    except ValueError as exc:
+        raise ConfigError(f"preset {name!r} (from plugin {entry.plugin!r}): {exc}") from exc
+
+
 def check_same_tokenizer(stages: Sequence[object]) -> None:
     """Fail before any decoding if two stages carry different tokenizers (compared by their
     vocabularies and special tokens). Stages without a ``tokenizer`` attribute are skipped."""
@@ -85,12 +96,20 @@ def build_pipeline(
     *,
     sampling: SamplingConfig | None = None,
     stop_ids: Sequence[int] | None = None,
+    preset: str | None = None,
 ) -> Pipeline:
     """Resolve specs and build a ``Pipeline``. Policies default to ``exact`` at every boundary and
-    block lengths to 4; ``stop_ids`` default to the target's EOS token when it has a tokenizer."""
+    block lengths to 4; a ``preset`` (e.g. ``"psd-f"``) supplies both instead (explicit
+    ``block_lengths`` still win). ``stop_ids`` default to the target's EOS token."""
     if not stages:
         raise ConfigError("a pipeline needs at least one stage (the target)")
     n = len(stages)
+    if preset is not None:
+        if policies is not None:
+            raise ConfigError(f"give either a preset ({preset!r}) or policies, not both")
+        plan = resolve_preset(preset, n)
+        policies = list(plan.policies)
+        block_lengths = list(block_lengths) if block_lengths is not None else list(plan.block_lengths)
     regs = registries() if any(isinstance(s, str) for s in [*stages, *(policies or [])]) or policies is None else None
     target = make_stage(stages[-1], regs=regs)
     if not isinstance(target, Stage):

@@ -52,3 +52,23 @@ def register_backends(register: Any) -> None:
     satisfying the ``Stage`` protocol (``score(context, block)``, ``reset()``, ``vocab_size``,
     ``device``, ``name``), e.g. ``hf:path=/models/x,device=cuda,dtype=bfloat16``.
     """
+
+
+@hookspec
+def register_divergences(register: Any) -> None:
+    """Register divergences for divergence-threshold (fuzzy) acceptance.
+
+    ``register(name, fn, description="")`` where ``fn(p, q)`` maps verifier rows ``p`` and
+    proposer rows ``q`` (``Float[Tensor, "n vocab"]``) to ``Float[Tensor, "n"]`` divergences in
+    natural-log units (nats), e.g. ``js``. Chosen with ``fuzzy:div=NAME``.
+    """
+
+
+@hookspec
+def register_presets(register: Any) -> None:
+    """Register presets: named recipes of policies and block lengths.
+
+    ``register(name, factory, description="")`` where ``factory(n_stages)`` returns a
+    ``pyramid_core.presets.Preset`` (policy specs and block lengths, one per boundary) or raises
+    ``ValueError`` naming the stage counts it supports, e.g. ``psd-f`` for three stages.
+    """

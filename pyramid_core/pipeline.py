@@ -210,6 +210,7 @@ class Pipeline:
     block_lengths: Sequence[int] = ()
     sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
     stop_ids: Sequence[int] = ()
+    _bottom_is_stage: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.stages)
@@ -244,6 +245,7 @@ class Pipeline:
         if len(vocab) > 1:
             sizes = ", ".join(f"{_stage_name(s, i)}: {s.vocab_size}" for i, s in enumerate(self.stages) if isinstance(s, Stage))
             raise ConfigError(f"stages disagree on the vocabulary size ({sizes})")
+        self._bottom_is_stage = isinstance(self.stages[0], Stage)  # isinstance on a Protocol is slow
 
     @property
     def target(self) -> Stage:
@@ -255,10 +257,10 @@ class Pipeline:
         stage_stats = [StageStats(_stage_name(s, i)) for i, s in enumerate(self.stages)]
         bottom = self.stages[0]
         proposer: Proposer
-        if isinstance(bottom, Stage):
-            proposer = AutoregressiveProposer(bottom, self.sampling, stage_stats[0], stop)
+        if self._bottom_is_stage:
+            proposer = AutoregressiveProposer(bottom, self.sampling, stage_stats[0], stop)  # type: ignore[arg-type]
         else:
-            proposer = bottom
+            proposer = bottom  # type: ignore[assignment]
         boundaries = []
         for k in range(1, len(self.stages)):
             stats = BoundaryStats()

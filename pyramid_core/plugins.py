@@ -16,6 +16,9 @@ import pluggy
 
 from pyramid_core import hookspecs
 from pyramid_core.errors import PluginError
+from torch import Tensor
+
+from pyramid_core.presets import Preset
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage
 from pyramid_core.registry import Registry
 
@@ -37,6 +40,8 @@ class Registries:
     policies: Registry[AcceptancePolicy]
     proposers: Registry[Proposer]
     backends: Registry[Stage]
+    divergences: Registry[Tensor]
+    presets: Registry[Preset]
     plugins: tuple[PluginInfo, ...]
 
 
@@ -64,8 +69,16 @@ def _collect(pm: pluggy.PluginManager) -> Registries:
         "policy": Registry("policy"),
         "proposer": Registry("proposer"),
         "backend": Registry("backend"),
+        "divergence": Registry("divergence"),
+        "preset": Registry("preset"),
     }
-    hooks = {"policy": pm.hook.register_policies, "proposer": pm.hook.register_proposers, "backend": pm.hook.register_backends}
+    hooks = {
+        "policy": pm.hook.register_policies,
+        "proposer": pm.hook.register_proposers,
+        "backend": pm.hook.register_backends,
+        "divergence": pm.hook.register_divergences,
+        "preset": pm.hook.register_presets,
+    }
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     made: dict[str, list[tuple[str, str]]] = {}
     for kind, hook in hooks.items():
@@ -95,7 +108,10 @@ def _collect(pm: pluggy.PluginManager) -> Registries:
         package = dist.project_name if dist is not None else getattr(plugin, "__name__", type(plugin).__name__)
         version = dist.version if dist is not None else ""
         infos.append(PluginInfo(name, package, version, tuple(made.get(name, ()))))
-    return Registries(regs["policy"], regs["proposer"], regs["backend"], tuple(sorted(infos, key=lambda i: i.name)))
+    return Registries(
+        regs["policy"], regs["proposer"], regs["backend"], regs["divergence"], regs["preset"],
+        tuple(sorted(infos, key=lambda i: i.name)),
+    )
 
 
 @functools.cache

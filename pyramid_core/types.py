@@ -138,8 +138,10 @@ class SamplingConfig:
         return self.temperature == 0.0
 
     def transform(self, logits: Tensor) -> Tensor:
-        """Float[Tensor, "n vocab"] logits -> Float[Tensor, "n vocab"] probabilities (float32)."""
-        logits = logits.float()
+        """Float[Tensor, "n vocab"] logits -> Float[Tensor, "n vocab"] probabilities (float32, or
+        float64 for float64 logits)."""
+        if logits.dtype != torch.float64:
+            logits = logits.float()
         if self.is_greedy:
             out = torch.zeros_like(logits)
             return out.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)

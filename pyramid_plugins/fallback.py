@@ -1,0 +1,71 @@
+"""``assisted``: the PyramidSD assisted fallback (PSD_A) as a combinator.
+
+``Fallback(inner)`` runs ``inner`` over the block; where ``inner`` rejects token x_j, the verifier
+draws its own token y_j ~ p_j: if y_j == x_j the token is kept and verification goes on with the
+rest of the block, otherwise y_j is emitted and the block ends. With no inner rule (the default,
+``assisted``) every token is checked against the verifier's own sample, so the token at each
+position *is* the verifier's sample: lossless with respect to the verifier (a quality floor at
+M_Q when used at the draft -> qualifier boundary). In greedy mode y_j is the verifier's argmax.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from torch import Tensor
+
+from pyramid_core.hookspecs import hookimpl
+from pyramid_core.protocols import AcceptancePolicy
+from pyramid_core.rng import Rng
+from pyramid_core.types import Block, Verdict
+
+__all__ = ["Fallback"]
+
+
+@attrs.frozen
+class Fallback:
+    """Fall back to the verifier's own sample wherever ``inner`` rejects (``None``: everywhere)."""
+
+    inner: AcceptancePolicy | None = None
+
+    def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
+        if block.parents is not None:
+            raise ValueError("policy 'assisted' verifies chains, not token trees")
+        n = len(block)
+        x = block.tokens.to(p.device)
+        if self.inner is None:
+            y = rng.categorical_rows(p[: n + 1])
+            mismatch = (x != y[:n]).nonzero()
+            j = int(mismatch[0, 0].item()) if mismatch.numel() else n
+            return Verdict(tuple(range(j)), int(y[j].item()), p[j])
+        i = 0
+        while True:
+            verdict = self.inner.decide(Block(block.tokens[i:], block.rows[i:]), p[i:], rng)
+            i += verdict.n_accepted
+            if i == n:  # the inner rule accepted the rest: its token is the bonus from p[n]
+                return Verdict(tuple(range(n)), verdict.token, verdict.row)
+            y = rng.categorical(p[i])
+            if y != int(x[i].item()):
+                return Verdict(tuple(range(i)), y, p[i])
+            i += 1
+            if i == n:
+                return Verdict(tuple(range(n)), rng.categorical(p[n]), p[n])
+
+
+def _assisted(inner: str = "") -> Fallback:
+    if not inner:
+        return Fallback()
+    from pyramid_core.plugins import registries
+
+    return Fallback(registries().policies.create(inner))
+
+
+@hookimpl
+def register_policies(register: Any) -> None:
+    register(
+        "assisted",
+        _assisted,
+        "PSD_A: accept a token iff it equals the verifier's own sample (lossless w.r.t. the verifier); "
+        "param inner=POLICY falls back only where that rule rejects",
+    )

@@ -1,0 +1,115 @@
+"""``fuzzy``: divergence-threshold acceptance (FSD, arXiv 2502.20704; PyramidSD, arXiv 2510.12966).
+
+Accept x_j while Div(p_j, q_j) <= tau (p = verifier row, q = proposer row); at the first rejection
+emit y ~ p_j, the verifier's *full* distribution (not the residual); if all pass, a bonus
+y ~ p_{n+1}. Lossy by design: ``pyramid check`` reports how far the output is from the target.
+With greedy (one-hot) rows every divergence is 0 for equal tokens, so tau below the divergence
+of two distinct one-hots (ln 2 for JS, 1 for TV, inf for KL) is exactly greedy verification.
+
+Divergences, all in natural-log units where logarithms appear:
+- ``js``    Jensen-Shannon: (KL(p||m) + KL(q||m)) / 2 with m = (p + q) / 2, in [0, ln 2] (default)
+- ``kl_pq`` KL(p||q) = sum p log(p/q), the verifier's view; inf where q = 0 < p
+- ``kl_qp`` KL(q||p) = sum q log(q/p), the proposer's view; inf where p = 0 < q
+- ``tv``    total variation: sum |p - q| / 2, in [0, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from pyramid_core.hookspecs import hookimpl
+from pyramid_core.rng import Rng
+from pyramid_core.types import Block, Verdict
+
+__all__ = ["FuzzyPolicy", "js", "kl_pq", "kl_qp", "tv", "Divergence"]
+
+Divergence = Callable[[Tensor, Tensor], Tensor]
+
+
+def _kl(a: Tensor, b: Tensor) -> Tensor:
+    return (torch.xlogy(a, a) - torch.xlogy(a, b)).sum(-1)
+
+
+def kl_pq(p: Tensor, q: Tensor) -> Tensor:
+    """KL(p||q) per row, nats."""
+    return _kl(p, q)
+
+
+def kl_qp(p: Tensor, q: Tensor) -> Tensor:
+    """KL(q||p) per row, nats."""
+    return _kl(q, p)
+
+
+def js(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence per row, nats (at most ln 2)."""
+    m = 0.5 * (p + q)
+    return (0.5 * (_kl(p, m) + _kl(q, m))).clamp(min=0.0)
+
+
+def tv(p: Tensor, q: Tensor) -> Tensor:
+    """Total variation distance per row."""
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def _resolve_divergence(div: str | Divergence) -> Divergence:
+    if callable(div):
+        return div
+    from pyramid_core.plugins import registries
+
+    reg = registries().divergences
+    if div not in reg:
+        raise ValueError(reg.unknown_message(div))
+    fn: Divergence = reg.get(div).factory  # type: ignore[assignment]
+    return fn
+
+
+@attrs.frozen
+class FuzzyPolicy:
+    """Accept while Div(p_j, q_j) <= tau; on rejection emit y ~ p_j."""
+
+    div: str | Divergence = "js"
+    tau: float = 0.4
+    _fn: Divergence = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.tau, int | float) or math.isnan(self.tau) or self.tau < 0:
+            raise ValueError(f"tau must be a number >= 0, got {self.tau!r}")
+        object.__setattr__(self, "_fn", _resolve_divergence(self.div))
+
+    def divergence(self, p: Tensor, q: Tensor) -> Tensor:
+        return self._fn(p, q)
+
+    def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
+        if block.parents is not None:
+            raise ValueError("policy 'fuzzy' verifies chains, not token trees")
+        n = len(block)
+        if n:
+            d = self._fn(p[:n], block.rows.to(p.device))
+            rejected = (~(d <= self.tau)).nonzero()  # NaN divergences count as rejections
+            j = int(rejected[0, 0].item()) if rejected.numel() else n
+        else:
+            j = 0
+        return Verdict(tuple(range(j)), rng.categorical(p[j]), p[j])
+
+
+def _fuzzy(div: str = "js", tau: float = 0.4) -> FuzzyPolicy:
+    return FuzzyPolicy(div=div, tau=tau)
+
+
+@hookimpl
+def register_divergences(register: Any) -> None:
+    register("js", js, "Jensen-Shannon divergence, nats, in [0, ln 2] (default)")
+    register("kl_pq", kl_pq, "KL(p||q): verifier p relative to proposer q, nats")
+    register("kl_qp", kl_qp, "KL(q||p): proposer q relative to verifier p, nats")
+    register("tv", tv, "total variation distance, in [0, 1]")
+
+
+@hookimpl
+def register_policies(register: Any) -> None:
+    register("fuzzy", _fuzzy, "accept while Div(p, q) <= tau, else emit y ~ p (FSD); params div, tau")
