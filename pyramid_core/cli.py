@@ -1,4 +1,4 @@
-"""The ``pyramid`` command line: setup | generate | check | plugins."""
+"""The ``pyramid`` command line: setup | generate | check | sweep | plugins."""
 
 from __future__ import annotations
 
@@ -185,6 +185,27 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from pyramid_core.prompts import load_prompts
+    from pyramid_core.sweep import run_sweep, write_sweep
+
+    prompts = load_prompts(ns.prompts, per_kind=ns.per_kind)
+    taus = [float(t) for t in ns.taus.split(",")]
+    grid = [[int(v) for v in g.split(",")] for g in ns.length_grid] if ns.length_grid else None
+    stages = ns.stage or ["smollm2:num_layers=4", "smollm2:num_layers=12", "smollm2"]
+    points = run_sweep(stages, ns.preset, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens,
+                       sampling=_sampling(ns), seed=ns.seed, chat=ns.chat)
+    files = write_sweep(points, ns.out, title=f"{ns.preset}: {' -> '.join(stages)}")
+    print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'exact':>6} {'agree':>6}  acceptance")
+    for p in points:
+        tau = "-" if p.tau is None else f"{p.tau:g}"
+        acc = " ".join(f"{a:.2f}" for a in p.acceptance)
+        print(f"{p.label:<14} {tau:>5} {','.join(map(str, p.block_lengths)) or '-':>8} {p.tokens_per_s:>7.1f} "
+              f"{p.tokens_per_target_forward:>7.2f} {p.nll:>6.3f} {p.exact_match:>6.2f} {p.token_match:>6.2f}  {acc}")
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyramid", description="Multi-stage speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,6 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _sampling_args(p, default_temperature=1.0)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("sweep", help="run a preset over a grid of tau values and block lengths")
+    p.add_argument("--preset", required=True, help="fsd | psd-a | psd-f | sd (or a plugin's)")
+    p.add_argument("--stage", action="append", metavar="SPEC",
+                   help="stages smallest first (default: smollm2 truncated to 4 and 12 layers, then smollm2)")
+    p.add_argument("--taus", default="0.1,0.3,0.5,0.7", help="comma-separated tau values (every fuzzy boundary)")
+    p.add_argument("--length-grid", action="append", metavar="L1,L2,...",
+                   help="block lengths per boundary for one grid point; repeat for more (default: the preset's)")
+    p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
+    p.add_argument("--per-kind", type=int, default=2, help="prompts per task kind (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", default="out/sweep", help="output folder for sweep.json, sweep.csv, sweep.png")
+    _sampling_args(p, default_temperature=1.0)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plugins", help="list loaded plugins and what they register")
     p.add_argument("--json", action="store_true")
