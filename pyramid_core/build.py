@@ -97,10 +97,15 @@ def build_pipeline(
     sampling: SamplingConfig | None = None,
     stop_ids: Sequence[int] | None = None,
     preset: str | None = None,
+    tree: str | None = None,
 ) -> Pipeline:
     """Resolve specs and build a ``Pipeline``. Policies default to ``exact`` at every boundary and
     block lengths to 4; a ``preset`` (e.g. ``"psd-f"``) supplies both instead (explicit
-    ``block_lengths`` still win). ``stop_ids`` default to the target's EOS token."""
+    ``block_lengths`` still win). ``stop_ids`` default to the target's EOS token.
+
+    ``tree`` (e.g. ``"tree:branching=4-2-1,replacement=false"``) names a registered proposer that
+    wraps the bottom model stage and drafts token trees; it is created with the keywords
+    ``stage`` (the resolved bottom stage), ``sampling`` and ``stop_ids``."""
     if not stages:
         raise ConfigError("a pipeline needs at least one stage (the target)")
     n = len(stages)
@@ -122,4 +127,14 @@ def build_pipeline(
         tok = getattr(target, "tokenizer", None)
         eos = getattr(tok, "eos_token_id", None) if tok is not None else None
         stop_ids = [] if eos is None else [int(eos)]
-    return Pipeline(resolved, pols, lengths, sampling or SamplingConfig(), list(stop_ids))
+    sampling = sampling or SamplingConfig()
+    if tree is not None:
+        if n < 2 or not isinstance(resolved[0], Stage):
+            raise ConfigError(
+                f"tree={tree!r} wraps the bottom model stage of a pipeline of at least 2 stages; "
+                f"stage 1 ({stages[0]!r}) is {'the target' if n < 2 else 'not a model stage'}"
+            )
+        resolved[0] = (regs or registries()).proposers.create(
+            tree, stage=resolved[0], sampling=sampling, stop_ids=list(stop_ids)
+        )
+    return Pipeline(resolved, pols, lengths, sampling, list(stop_ids))

@@ -1,5 +1,12 @@
 """The exactness checker behind ``pyramid check``: run the real pipeline on explicit tables and
-compare the empirical distribution of the first generated token with the target's."""
+compare the empirical distribution of the first generated token with the target's.
+
+``tree=K`` drafts a token tree at the bottom (K candidates per position: branching K at every
+depth up to the first block length; ``replacement=False`` for Sequoia-style draws). With
+``new_tokens > 1`` every run generates that many tokens and all of them are counted: the tables
+do not depend on the context, so under exactness each is an independent draw from the target,
+and the runs also measure tokens per target forward.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,9 @@ from pyramid_core.rng import Rng
 from pyramid_core.testing.table import TableModel, validate_distribution
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["CheckResult", "run_check", "chi_square_p_value", "parse_dist"]
+__all__ = ["CheckResult", "run_check", "chi_square_p_value", "parse_dist", "MAX_TREE_NODES"]
+
+MAX_TREE_NODES = 4096  # K candidates per position at every depth: K + K^2 + ... + K^length nodes
 
 
 def parse_dist(text: str, *, name: str) -> list[float]:
@@ -54,6 +63,13 @@ class CheckResult:
     acceptance: list[float]
     samples: int
     counts: list[int]
+    tokens_per_target_forward: float = float("nan")
+    new_tokens: int = 1
+    tree: int = 0
+    replacement: bool = True
+    mean_tree_nodes: float = float("nan")
+    # generated tokens per forward of each verifying stage 2..N (the last: per target forward)
+    tokens_per_forward: list[float] = attrs.field(factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -67,22 +83,48 @@ def run_check(
     samples: int = 20_000,
     seed: int = 0,
     sampling: SamplingConfig | None = None,
+    tree: int = 0,
+    replacement: bool = True,
+    new_tokens: int = 1,
 ) -> CheckResult:
-    """Sample the first generated token ``samples`` times through the real pipeline."""
+    """Sample the first ``new_tokens`` generated tokens ``samples`` times through the real
+    pipeline (``tree``, ``replacement``: see the module docstring)."""
     if len(dists) < 1:
         raise ConfigError("give one --dist per stage (at least the target)")
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
+    if new_tokens < 1:
+        raise ConfigError(f"--new-tokens must be >= 1, got {new_tokens}")
+    if tree < 0:
+        raise ConfigError(f"--tree must be >= 0 (candidates per position; 0 = a chain), got {tree}")
+    if tree and len(dists) < 2:
+        raise ConfigError("--tree needs at least two stages (a draft to propose the tree and a verifier)")
     sizes = {len(d) for d in dists}
     if len(sizes) != 1:
         raise ConfigError(f"every --dist must have the same number of entries, got sizes {[len(d) for d in dists]}")
     sampling = sampling or SamplingConfig()
-    stages = [TableModel(d, name=f"stage {i + 1}") for i, d in enumerate(dists)]
-    pipe = Pipeline(stages, list(policies), list(lengths), sampling)
+    stages: list[Any] = [TableModel(d, name=f"stage {i + 1}") for i, d in enumerate(dists)]
+    pipe = Pipeline(stages, list(policies), list(lengths), sampling)  # validates the lengths
+    if tree and sum(tree**d for d in range(1, lengths[0] + 1)) > MAX_TREE_NODES:
+        raise ConfigError(
+            f"--tree {tree} with block length {lengths[0]} at boundary 1 -> 2 makes trees of "
+            f"{sum(tree**d for d in range(1, lengths[0] + 1))} nodes (at most {MAX_TREE_NODES}); "
+            "use a smaller --tree or a shorter first --length"
+        )
+    if tree:  # the registered tree proposer wraps the bottom table
+        from pyramid_core.plugins import registries
+
+        stages[0] = registries().proposers.create(
+            "tree", stage=stages[0], branching="-".join([str(tree)] * lengths[0]),
+            replacement=replacement, sampling=sampling,
+        )
+        pipe = Pipeline(stages, list(policies), list(lengths), sampling)
     vocab = stages[-1].vocab_size
     counts = [0] * vocab
     proposed = [0] * len(lengths)
     accepted = [0] * len(lengths)
+    forwards = [0] * len(lengths)  # of stages 2..N
+    tree_nodes = tree_rounds = 0
     prompt = torch.zeros(1, dtype=torch.long)
     rng = Rng(seed)  # one stream for the whole check: independent samples, reproducible
     threads = torch.get_num_threads()
@@ -90,22 +132,33 @@ def run_check(
     try:
         for _ in range(samples):
             proposer, metrics = pipe.build()
-            token = int(proposer.propose(prompt, 1, rng).tokens[0])
-            counts[token] += 1
+            for token in proposer.propose(prompt, new_tokens, rng).tokens.tolist():
+                counts[token] += 1
+            for k, stage in enumerate(metrics.stages[1:]):
+                forwards[k] += stage.forwards
             for k, b in enumerate(metrics.boundaries):
                 proposed[k] += b.proposed
                 accepted[k] += b.accepted
+            tree_nodes += metrics.boundaries[0].tree_nodes if metrics.boundaries else 0
+            tree_rounds += metrics.boundaries[0].tree_rounds if metrics.boundaries else 0
     finally:
         torch.set_num_threads(threads)
     target = sampling.transform(torch.tensor(dists[-1], dtype=torch.float64).log().unsqueeze(0))[0].tolist()
-    empirical = [c / samples for c in counts]
-    tv = 0.5 * sum(abs(e - t) for e, t in zip(empirical, target))
+    drawn = sum(counts)
+    empirical = [c / drawn for c in counts]
+    tv = 0.5 * sum(abs(e - t) for e, t in zip(empirical, target, strict=True))
     return CheckResult(
         empirical=empirical,
         target=target,
         tv=tv,
         p_value=chi_square_p_value(counts, target),
-        acceptance=[a / p if p else float("nan") for a, p in zip(accepted, proposed)],
+        acceptance=[a / p if p else float("nan") for a, p in zip(accepted, proposed, strict=True)],
         samples=samples,
         counts=counts,
+        tokens_per_target_forward=drawn / forwards[-1] if forwards and forwards[-1] else float("nan"),
+        new_tokens=new_tokens,
+        tree=tree,
+        replacement=replacement,
+        mean_tree_nodes=tree_nodes / tree_rounds if tree_rounds else float("nan"),
+        tokens_per_forward=[drawn / f if f else float("nan") for f in forwards],
     )

@@ -98,22 +98,38 @@ def cmd_check(ns: argparse.Namespace) -> int:
     specs, lengths = _plan(ns, n, default_length=1)
     policies = [make_policy(p) for p in specs]
     t0 = time.perf_counter()
-    res = run_check(dists, policies, lengths, samples=ns.samples, seed=ns.seed, sampling=_sampling(ns))
+    tree_kw = {"tree": ns.tree, "replacement": ns.replacement, "new_tokens": ns.new_tokens}
+    res = run_check(dists, policies, lengths, samples=ns.samples, seed=ns.seed, sampling=_sampling(ns), **tree_kw)
     elapsed = time.perf_counter() - t0
+    chain = None
+    if ns.tree:  # the same pipeline drafting a chain: the tree's acceptance gain
+        chain = run_check(dists, policies, lengths, samples=ns.samples, seed=ns.seed, sampling=_sampling(ns),
+                          new_tokens=ns.new_tokens)
     if ns.json:
         out = res.as_dict()
         out["elapsed_s"] = elapsed
+        if chain is not None:
+            out["chain"] = chain.as_dict()
         print(json.dumps(out))
         return 0
-    print(f"{n}-stage chain, policies {specs}, block lengths {lengths}, "
-          f"{res.samples} samples in {elapsed:.1f} s")
+    shape = "chain" if not ns.tree else (
+        f"tree draft ({ns.tree} candidates per position, {'with' if ns.replacement else 'without'} replacement, "
+        f"{res.mean_tree_nodes:.1f} nodes per tree)")
+    print(f"{n}-stage pipeline, {shape}, policies {specs}, block lengths {lengths}, "
+          f"{res.samples} samples x {res.new_tokens} tokens in {elapsed:.1f} s")
     print(f"{'token':>5} {'target':>8} {'empirical':>10}")
-    for i, (t, e) in enumerate(zip(res.target, res.empirical)):
+    for i, (t, e) in enumerate(zip(res.target, res.empirical, strict=True)):
         print(f"{i:>5} {t:>8.4f} {e:>10.4f}")
     print(f"TV distance  {res.tv:.4f}")
     print(f"chi-square p {res.p_value:.4g}" + ("   (exactness rejected at 1e-3)" if res.p_value < 1e-3 else ""))
     for k, a in enumerate(res.acceptance):
-        print(f"acceptance {k + 1}->{k + 2}: {a:.4f}")
+        print(f"acceptance {k + 1}->{k + 2}: {a:.4f}" + (f"   (chain draft: {chain.acceptance[k]:.4f})" if chain else ""))
+    if ns.tree or ns.new_tokens > 1:
+        for k, t in enumerate(res.tokens_per_forward[:-1]):
+            print(f"output tokens per forward of stage {k + 2}: {t:.3f}"
+                  + (f"   (chain draft: {chain.tokens_per_forward[k]:.3f})" if chain else ""))
+        print(f"tokens per target forward {res.tokens_per_target_forward:.3f}"
+              + (f"   (chain draft: {chain.tokens_per_target_forward:.3f})" if chain else ""))
     return 0
 
 
@@ -129,7 +145,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     target = make_stage(stage_specs[-1], device=ns.device) if ns.device else make_stage(stage_specs[-1])
     stages = [*stage_specs[:-1], target]
     policies, lengths = _plan(ns, n, default_length=4)
-    pipe = build_pipeline(stages, policies, lengths, sampling=_sampling(ns))
+    pipe = build_pipeline(stages, policies, lengths, sampling=_sampling(ns), tree=ns.tree)
     tok = getattr(pipe.target, "tokenizer", None)
     if tok is None:
         raise ConfigError(f"the target stage {stage_specs[-1]!r} has no tokenizer; `generate` needs text")
@@ -151,6 +167,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     for k, b in enumerate(m.boundaries):
         print(f"boundary {k + 1}->{k + 2} ({stage_specs[k]} -> {stage_specs[k + 1]}): proposed {b.proposed}, "
               f"accepted {b.accepted} ({100 * b.acceptance_rate:.1f}%), mean accepted length {b.mean_accepted:.2f}")
+        if b.tree_rounds:
+            print(f"  token trees: {b.tree_nodes / b.tree_rounds:.1f} nodes per tree, proposed/accepted count "
+                  f"depths; {100 * b.accepted / b.tree_nodes:.1f}% of the nodes were used")
     for s in m.stages:
         print(f"stage {s.name}: {s.forwards} forwards, {s.forward_s:.2f} s")
     report: dict[str, Any] = {"stages": stage_specs, "metrics": m.as_dict(), "tokens": gen.token_list}
@@ -222,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", metavar="SPEC", help="one per boundary (default exact)")
     p.add_argument("--length", action="append", type=int, metavar="L", help="block length per boundary (default 4)")
     p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths")
+    p.add_argument("--tree", metavar="SPEC",
+                   help="draft token trees with the first stage, e.g. tree:branching=4-2-1,replacement=false "
+                        "or tree:budget=16,branching=4 (verify them with the exact policy)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", help="device for the target when it is a backend (cpu, cuda, ...)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
@@ -239,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", action="append", type=int, metavar="L", help="block length per boundary (default 1)")
     p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths")
     p.add_argument("--samples", type=int, default=20_000)
+    p.add_argument("--new-tokens", type=int, default=1, metavar="N",
+                   help="tokens per run, all counted (the tables ignore the context); default 1")
+    p.add_argument("--tree", type=int, default=0, metavar="K",
+                   help="draft a token tree: K candidates per position up to the first block length "
+                        "(also runs the chain draft to report the acceptance gain); 0 = chain")
+    p.add_argument("--no-replacement", dest="replacement", action="store_false",
+                   help="tree candidates drawn without replacement (Sequoia) instead of i.i.d. (SpecInfer)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _sampling_args(p, default_temperature=1.0)
     p.set_defaults(func=cmd_check)

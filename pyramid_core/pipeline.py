@@ -115,11 +115,12 @@ class SpeculativeProposer:
         block = self.lower.propose(context, min(self.block_length, budget), rng)
         p = self.verifier.verify(context, block)
         verdict = self.policy.decide(block, p, rng)
-        self.stats.record(len(block), verdict.n_accepted)
         accepted = list(verdict.accepted)
         if block.parents is None:
+            self.stats.record(len(block), verdict.n_accepted)
             row_index = accepted  # chain: node i was drawn from row i
         else:
+            self.stats.record_tree(len(block), block.depth, verdict.n_accepted)
             row_index = [int(block.parents[i]) + 1 for i in accepted]
         tokens = torch.cat([block.tokens[accepted].to(p.device), p.new_tensor([verdict.token], dtype=torch.long)])
         rows = torch.cat([p[row_index], verdict.row.unsqueeze(0)])
@@ -229,6 +230,11 @@ class Pipeline:
                 raise ConfigError(
                     f"block length at boundary {k + 1} -> {k + 2} must be an integer >= 1, got {ell!r}"
                 )
+        if n == 1 and not isinstance(self.stages[0], Stage):
+            raise ConfigError(
+                f"the target ({_stage_name(self.stages[0], 0)}) must be a model Stage; "
+                "a model-free proposer can only be the first of at least two stages"
+            )
         for k, stage in enumerate(self.stages):
             is_stage = isinstance(stage, Stage)
             if k == 0 and not (is_stage or isinstance(stage, Proposer)):
@@ -241,9 +247,11 @@ class Pipeline:
         for k, policy in enumerate(self.policies):
             if not isinstance(policy, AcceptancePolicy):
                 raise ConfigError(f"policy at boundary {k + 1} -> {k + 2} ({policy!r}) has no decide() method")
-        vocab = {int(s.vocab_size) for s in self.stages if isinstance(s, Stage)}
-        if len(vocab) > 1:
-            sizes = ", ".join(f"{_stage_name(s, i)}: {s.vocab_size}" for i, s in enumerate(self.stages) if isinstance(s, Stage))
+        # model stages always declare a vocabulary; a proposer may (ngram does: its one-hot rows)
+        declared = [(i, s, int(getattr(s, "vocab_size", 0) or 0)) for i, s in enumerate(self.stages)]
+        declared = [(i, s, v) for i, s, v in declared if v > 0]
+        if len({v for _, _, v in declared}) > 1:
+            sizes = ", ".join(f"{_stage_name(s, i)}: {v}" for i, s, v in declared)
             raise ConfigError(f"stages disagree on the vocabulary size ({sizes})")
         self._bottom_is_stage = isinstance(self.stages[0], Stage)  # isinstance on a Protocol is slow
 
@@ -261,6 +269,9 @@ class Pipeline:
             proposer = AutoregressiveProposer(bottom, self.sampling, stage_stats[0], stop)  # type: ignore[arg-type]
         else:
             proposer = bottom  # type: ignore[assignment]
+            own = getattr(bottom, "stats", None)  # a model-backed proposer (tree) counts its forwards
+            if isinstance(own, StageStats):
+                stage_stats[0] = own
         boundaries = []
         for k in range(1, len(self.stages)):
             stats = BoundaryStats()

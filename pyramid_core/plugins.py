@@ -13,11 +13,10 @@ from typing import Any
 
 import attrs
 import pluggy
+from torch import Tensor
 
 from pyramid_core import hookspecs
 from pyramid_core.errors import PluginError
-from torch import Tensor
-
 from pyramid_core.presets import Preset
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage
 from pyramid_core.registry import Registry
@@ -82,7 +81,7 @@ def _collect(pm: pluggy.PluginManager) -> Registries:
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     made: dict[str, list[tuple[str, str]]] = {}
     for kind, hook in hooks.items():
-        for impl in reversed(hook.get_hookimpls()):  # registration order
+        for impl in hook.get_hookimpls():  # registration order: built-ins before later plugins
             plugin_name = impl.plugin_name
 
             def register(name: str, factory: Callable[..., Any], description: str = "", *,
@@ -104,6 +103,8 @@ def _collect(pm: pluggy.PluginManager) -> Registries:
             )
     infos = []
     for name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked (PYRAMID_CORE_DISABLE_PLUGINS)
+            continue
         dist = dists.get(id(plugin))
         package = dist.project_name if dist is not None else getattr(plugin, "__name__", type(plugin).__name__)
         version = dist.version if dist is not None else ""

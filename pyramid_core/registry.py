@@ -68,6 +68,15 @@ def _convert(kind: str, name: str, param: str, value: Any, annotation: Any) -> A
     raise ConfigError(f"{kind} {name!r}: parameter {param}={value!r} is not a valid {annotation}")
 
 
+def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
+    """Parameter annotations of a function, or of a class's ``__init__``."""
+    target = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: values are passed as given
+        return {}
+
+
 class Registry(Generic[T]):
     """Registered factories of one kind ("policy", "proposer", "backend")."""
 
@@ -117,10 +126,7 @@ class Registry(Generic[T]):
         reg = self.get(name)
         merged: dict[str, Any] = {**params, **overrides}
         sig = inspect.signature(reg.factory)
-        try:
-            hints = typing.get_type_hints(reg.factory)
-        except Exception:  # factories with unresolvable annotations: take values as given
-            hints = {}
+        hints = _hints(reg.factory)
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
         valid = [p for p in sig.parameters if sig.parameters[p].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         kwargs: dict[str, Any] = {}

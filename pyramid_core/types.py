@@ -35,12 +35,21 @@ class Block:
                                       drawn from (for a chain: P(. | context, tokens[:j]))
     parents: Long[Tensor, "n"] | None for a token tree, the index of each node's parent
                                       (-1 for children of the context); ``None`` means a chain,
-                                      i.e. parents == [-1, 0, 1, ..., n-2].
+                                      i.e. parents == [-1, 0, 1, ..., n-2]. Nodes are flattened
+                                      so that parents precede children, and the children of one
+                                      node appear in the order they were drawn (and must be
+                                      verified in that order).
+    without_replacement:              how the children of a tree node were drawn from their
+                                      rows: ``False`` (default, SpecInfer) -- each child
+                                      independently from its own row; ``True`` (Sequoia) --
+                                      sequentially, child i from its row renormalised without
+                                      the tokens of children 1..i-1. Meaningless for chains.
     """
 
     tokens: Tensor = field(validator=_check_1d_long)
     rows: Tensor
     parents: Tensor | None = None
+    without_replacement: bool = False
 
     def __attrs_post_init__(self) -> None:
         n = self.tokens.shape[0]
@@ -48,10 +57,17 @@ class Block:
             raise ValueError(
                 f"Block.rows must have shape (n_tokens={n}, vocab), got {tuple(self.rows.shape)}"
             )
-        if self.parents is not None and self.parents.shape != self.tokens.shape:
-            raise ValueError(
-                f"Block.parents must have shape ({n},), got {tuple(self.parents.shape)}"
-            )
+        if self.parents is not None:
+            if self.parents.shape != self.tokens.shape:
+                raise ValueError(
+                    f"Block.parents must have shape ({n},), got {tuple(self.parents.shape)}"
+                )
+            for i, parent in enumerate(self.parents.tolist()):
+                if not -1 <= parent < i:
+                    raise ValueError(
+                        f"Block.parents[{i}] = {parent}: a node's parent must be -1 (the context) "
+                        f"or an earlier node (parents precede children in a flattened tree)"
+                    )
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -59,6 +75,16 @@ class Block:
     @property
     def is_tree(self) -> bool:
         return self.parents is not None
+
+    @property
+    def depth(self) -> int:
+        """Length of the longest root-to-node path (``len(self)`` for a chain)."""
+        if self.parents is None:
+            return len(self)
+        depths: list[int] = []
+        for parent in self.parents.tolist():
+            depths.append(depths[parent] + 1 if parent >= 0 else 1)
+        return max(depths, default=0)
 
     @classmethod
     def empty(cls, vocab: int, device: torch.device | str = "cpu") -> Block:
@@ -163,7 +189,11 @@ class SamplingConfig:
 
 @attrs.define
 class BoundaryStats:
-    """Counters for one stage boundary k -> k+1 (mutable accumulator, not a value type)."""
+    """Counters for one stage boundary k -> k+1 (mutable accumulator, not a value type).
+
+    At a tree boundary a round's "proposed" length is the tree's depth and its "accepted" length
+    the accepted depth, so rates compare with chains of the same length; ``tree_nodes`` counts
+    every node, and ``accepted / tree_nodes`` is the share of drafted nodes that were used."""
 
     proposed: int = 0
     accepted: int = 0
@@ -173,6 +203,9 @@ class BoundaryStats:
     # accepted_at[j] = how often the token at block position j was accepted (per position)
     accepted_at: list[int] = attrs.field(factory=list)
     proposed_at: list[int] = attrs.field(factory=list)
+    # token trees (see ``record_tree``): rounds that verified a tree, and their nodes in total
+    tree_rounds: int = 0
+    tree_nodes: int = 0
 
     def record(self, n_proposed: int, n_accepted: int) -> None:
         self.rounds += 1
@@ -188,6 +221,13 @@ class BoundaryStats:
             self.accepted_at.extend([0] * (n_accepted - len(self.accepted_at)))
         for j in range(n_accepted):
             self.accepted_at[j] += 1
+
+    def record_tree(self, n_nodes: int, depth: int, n_accepted: int) -> None:
+        """A tree round counts as a chain of its depth (so ``accepted_hist`` and ``accepted_at``
+        are per accepted *depth*) and adds its node count to ``tree_nodes``."""
+        self.record(depth, n_accepted)
+        self.tree_rounds += 1
+        self.tree_nodes += n_nodes
 
     @property
     def acceptance_rate(self) -> float:
@@ -207,8 +247,13 @@ class BoundaryStats:
             "accepted_length_hist": list(self.accepted_hist),
             "acceptance_by_position": [
                 a / p if p else float("nan")
-                for a, p in zip(self.accepted_at + [0] * (len(self.proposed_at) - len(self.accepted_at)), self.proposed_at)
+                for a, p in zip(self.accepted_at + [0] * (len(self.proposed_at) - len(self.accepted_at)), self.proposed_at, strict=False)
             ],
+            # trees: proposed/accepted above count depths; how many of the nodes were used
+            "tree_rounds": self.tree_rounds,
+            "tree_nodes": self.tree_nodes,
+            "mean_tree_nodes": self.tree_nodes / self.tree_rounds if self.tree_rounds else float("nan"),
+            "node_efficiency": self.accepted / self.tree_nodes if self.tree_nodes else float("nan"),
         }
 
 

