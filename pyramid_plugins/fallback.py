@@ -6,6 +6,10 @@ rest of the block, otherwise y_j is emitted and the block ends. With no inner ru
 ``assisted``) every token is checked against the verifier's own sample, so the token at each
 position *is* the verifier's sample: lossless with respect to the verifier (a quality floor at
 M_Q when used at the draft -> qualifier boundary). In greedy mode y_j is the verifier's argmax.
+
+With an inner rule the result is lossy in general -- even for ``inner=exact``: a token exact
+rejected but equal to the verifier's sample is kept instead of a residual draw, so position j
+emits min(p, q)(z) + TV(p, q) p(z) rather than p(z). ``pyramid check`` measures the distortion.
 """
 
 from __future__ import annotations
@@ -67,5 +71,5 @@ def register_policies(register: Any) -> None:
         "assisted",
         _assisted,
         "PSD_A: accept a token iff it equals the verifier's own sample (lossless w.r.t. the verifier); "
-        "param inner=POLICY falls back only where that rule rejects",
+        "inner=POLICY falls back only where that rule rejects (lossy in general, even for inner=exact)",
     )

@@ -683,7 +683,7 @@ def test_cli_generate_with_a_tree_draft_is_greedy_identical(tmp_path: Any, capsy
     out = capsys.readouterr().out
     assert code == 0, out
     assert "greedy output token-identical to HF generate: yes" in out
-    assert "token trees:" in out and "tree drafter tree[3-2-1,top-k]" in out
+    assert "token trees:" in out and "stage tree[3-2-1,top-k]" in out  # the drafter counts its own forwards
 
 
 def test_hf_trees_need_eager_or_sdpa_attention(tiny_models: dict[str, Any]) -> None:
