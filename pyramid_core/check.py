@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from scipy import stats as scipy_stats
 
@@ -39,19 +40,37 @@ def parse_dist(text: str, *, name: str) -> list[float]:
     return values
 
 
-def chi_square_p_value(counts: Sequence[int], expected_probs: Sequence[float]) -> float:
-    """Pearson chi-square goodness of fit. Categories with zero expected probability are dropped
-    if never observed; an observation in one makes the p-value 0 (impossible under the target)."""
-    n = sum(counts)
-    keep = [i for i, p in enumerate(expected_probs) if p > 0]
-    if any(counts[i] > 0 for i, p in enumerate(expected_probs) if p <= 0):
+def chi_square_p_value(counts: Sequence[int], expected_probs: Sequence[float], *, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit of ``counts`` to ``expected_probs``.
+
+    Zero-probability categories are not cells: one observation in one means the sample cannot
+    come from the target (p = 0); otherwise they are dropped. Cells whose expected count is below
+    ``min_expected`` are pooled (smallest first) so the chi-square approximation holds; a pooled
+    cell that is still small joins the next smallest. Returns 1.0 when fewer than two cells remain.
+    """
+    obs = np.asarray(counts, dtype=float).ravel()
+    p = np.asarray(expected_probs, dtype=float).ravel()
+    if obs.shape != p.shape:
+        raise ValueError(f"counts has {obs.size} categories, expected_probs {p.size}")
+    n = obs.sum()
+    if n == 0:
+        raise ValueError("no observations")
+    if obs[p <= 0].sum() > 0:
         return 0.0
-    if len(keep) < 2:
+    keep = p > 0
+    obs, expected = obs[keep], n * p[keep] / p[keep].sum()  # rescaling guards against rounding
+    order = np.argsort(expected, kind="stable")
+    obs, expected = obs[order], expected[order]
+    small = int((expected < min_expected).sum())
+    if small > 1:
+        obs = np.concatenate([[obs[:small].sum()], obs[small:]])
+        expected = np.concatenate([[expected[:small].sum()], expected[small:]])
+    if len(expected) > 1 and expected[0] < min_expected:
+        obs = np.concatenate([[obs[0] + obs[1]], obs[2:]])
+        expected = np.concatenate([[expected[0] + expected[1]], expected[2:]])
+    if len(expected) < 2:
         return 1.0
-    obs = [counts[i] for i in keep]
-    exp = [expected_probs[i] * n for i in keep]
-    scale = sum(obs) / sum(exp)  # guards against float rounding in the table's sum
-    return float(scipy_stats.chisquare(obs, [e * scale for e in exp]).pvalue)
+    return float(scipy_stats.chisquare(obs, expected).pvalue)
 
 
 @attrs.frozen

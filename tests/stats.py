@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy import stats as scipy_stats
+
+from pyramid_core.check import chi_square_p_value
 
 __all__ = [
     "ALPHA",
@@ -46,40 +47,12 @@ def counts(tokens: Sequence[int] | np.ndarray, vocab: int) -> np.ndarray:
 
 
 def chisquare_pvalue(observed: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray, *, min_expected: float = 5.0) -> float:
-    """Pearson chi-square goodness of fit of ``observed`` counts to ``probs``.
-
-    Zero-probability categories are not chi-square cells: a single observation in one means the
-    sample cannot come from ``probs`` (p = 0); otherwise they are dropped. Categories whose
-    expected count is below ``min_expected`` are merged (smallest first) into one pooled cell so
-    the chi-square approximation holds. Returns 1.0 when fewer than two cells remain.
-    """
-    obs = np.asarray(observed, dtype=float).ravel()
+    """``pyramid_core.check.chi_square_p_value`` (zero-probability cells and pooling of small
+    expected counts), after checking that ``probs`` is a distribution."""
     p = np.asarray(probs, dtype=float).ravel()
-    if obs.shape != p.shape:
-        raise ValueError(f"observed has {obs.size} categories, probs {p.size}")
     if abs(p.sum() - 1.0) > 1e-6 or (p < 0).any():
         raise ValueError(f"probs is not a distribution: {p}")
-    n = obs.sum()
-    if n == 0:
-        raise ValueError("no observations")
-    if obs[p <= 0].sum() > 0:
-        return 0.0
-    keep = p > 0
-    obs, expected = obs[keep], n * p[keep] / p[keep].sum()
-    order = np.argsort(expected, kind="stable")
-    obs, expected = obs[order], expected[order]
-    # pool every cell with a small expected count (they are first after sorting) into one cell;
-    # if the pooled cell is still small, merge it with the next smallest cell
-    small = int((expected < min_expected).sum())
-    if small > 1:
-        obs = np.concatenate([[obs[:small].sum()], obs[small:]])
-        expected = np.concatenate([[expected[:small].sum()], expected[small:]])
-    if len(expected) > 1 and expected[0] < min_expected:
-        obs = np.concatenate([[obs[0] + obs[1]], obs[2:]])
-        expected = np.concatenate([[expected[0] + expected[1]], expected[2:]])
-    if len(expected) < 2:
-        return 1.0
-    return float(scipy_stats.chisquare(obs, expected).pvalue)
+    return chi_square_p_value(np.asarray(observed).ravel().tolist(), p.tolist(), min_expected=min_expected)
 
 
 def markov_matrix(fn: Callable[[tuple[int, ...]], Sequence[float]], vocab: int) -> np.ndarray:
