@@ -171,7 +171,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             print(f"  token trees: {b.tree_nodes / b.tree_rounds:.1f} nodes per tree, proposed/accepted count "
                   f"depths; {100 * b.accepted / b.tree_nodes:.1f}% of the nodes were used")
     for s in m.stages:
-        print(f"stage {s.name}: {s.forwards} forwards, {s.forward_s:.2f} s")
+        if s.forwards == 0 and s is m.stages[0]:
+            print(f"stage {s.name}: model-free proposer (no forwards)")
+        else:
+            print(f"stage {s.name}: {s.forwards} forwards, {s.forward_s:.2f} s")
     report: dict[str, Any] = {"stages": stage_specs, "metrics": m.as_dict(), "tokens": gen.token_list}
     if ns.compare:
         model = getattr(pipe.target, "model", None)
