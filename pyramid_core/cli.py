@@ -228,6 +228,44 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from pyramid_core.bench import run_bench, write_bench
+    from pyramid_core.build import make_stage
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.prompts import load_prompts
+    from pyramid_core.protocols import Stage
+
+    per_kind, max_new = (1, 24) if ns.quick else (ns.per_kind, 64)
+    max_new = ns.max_new_tokens if ns.max_new_tokens is not None else max_new
+    prompts = load_prompts(ns.prompts, per_kind=per_kind)
+    if ns.quick:
+        prompts = prompts[:2]
+    kw = {"device": ns.device} if ns.device else {}
+    target = make_stage(ns.target, **kw)
+    draft = make_stage(ns.draft, **kw)
+    if not isinstance(target, Stage) or not isinstance(draft, Stage):
+        raise ConfigError(f"--target ({ns.target}) and --draft ({ns.draft}) must be model backends, not proposers")
+
+    def lengths(value: str | None, n: int, flag: str) -> list[int] | None:
+        if not value:
+            return None
+        out = [int(v) for v in value.split(",")]
+        if len(out) != n:
+            raise ConfigError(f"{flag} needs {n} comma-separated block length(s), got {value!r}")
+        return out
+
+    result = run_bench(target, draft, prompts, max_new_tokens=max_new, ngram=ns.ngram, tree=ns.tree,
+                       lengths2=lengths(ns.lengths2, 1, "--lengths-2"), lengths3=lengths(ns.lengths3, 2, "--lengths-3"),
+                       prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat)
+    files = write_bench(result, ns.out)
+    print(result.to_markdown())
+    print("wrote " + ", ".join(str(f) for f in files))
+    if result.mismatches:
+        print("pyramid bench: GREEDY OUTPUT MISMATCH: " + "; ".join(result.mismatches), file=sys.stderr)
+        return 3
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyramid", description="Multi-stage speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -289,6 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/sweep", help="output folder for sweep.json, sweep.csv, sweep.png")
     _sampling_args(p, default_temperature=1.0)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("bench", help="benchmark pipelines next to HF generate / assisted / prompt lookup (greedy)")
+    p.add_argument("--target", default="smollm2", metavar="SPEC", help="target backend (default smollm2)")
+    p.add_argument("--draft", "--stage", dest="draft", default="smollm2:num_layers=20", metavar="SPEC",
+                   help="draft backend for draft->target, HF assisted and the tree (default smollm2:num_layers=20)")
+    p.add_argument("--ngram", default="ngram", metavar="SPEC", help="model-free proposer (default ngram)")
+    p.add_argument("--tree", default="tree:budget=8,branching=4", metavar="SPEC", help="tree proposer spec")
+    p.add_argument("--lengths-2", dest="lengths2", metavar="L", help="block length of 2-stage rows (default 4, preset sd)")
+    p.add_argument("--lengths-3", dest="lengths3", metavar="L1,L2",
+                   help="block lengths of ngram->draft->target (default 4,8, preset sd)")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens (default 10)")
+    p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
+    p.add_argument("--per-kind", type=int, default=1, help="prompts per task kind (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (24 with --quick)")
+    p.add_argument("--quick", action="store_true", help="2 prompts, 24 new tokens")
+    p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", default="out/bench", help="output folder for bench.json, bench.md, bench.png")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plugins", help="list loaded plugins and what they register")
     p.add_argument("--json", action="store_true")
