@@ -149,12 +149,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     tok = getattr(pipe.target, "tokenizer", None)
     if tok is None:
         raise ConfigError(f"the target stage {stage_specs[-1]!r} has no tokenizer; `generate` needs text")
-    if ns.chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": ns.prompt}], add_generation_prompt=True)
-        if not isinstance(ids, list):
-            ids = ids["input_ids"]
-    else:
-        ids = tok(ns.prompt)["input_ids"]
+    from pyramid_core.sweep import encode_prompt
+
+    ids = encode_prompt(tok, ns.prompt, ns.chat)
     if not ids:
         raise ConfigError("the prompt is empty after tokenisation")
     gen = pipe.generate(ids, ns.max_new_tokens, seed=ns.seed)
