@@ -108,7 +108,61 @@ class BenchResult:
         raise KeyError(f"no bench row {label!r}; rows: {[r.label for r in self.rows]}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta, "rows": [r.as_dict() for r in self.rows], "mismatches": self.mismatches}
+        return {"meta": self.meta, "rows": [r.as_dict() for r in self.rows], "mismatches": self.mismatches,
+                "goals": self.goals()}
+
+    def goals(self) -> dict[str, Any]:
+        """The issue's performance goals as ratios of this run's rows: the 3-stage ``sd`` chain
+        over the target alone (goal >= 2.0), the best pyramid row over the best HF assisted row
+        (goal >= 1.25; lossless rows, and any row), framework overhead of the pyramid rows
+        (goal <= 5%)."""
+        ran = [r for r in self.rows if r.tokens]
+        ours = [r for r in ran if r.framework == "pyramid" and len(r.stages) > 1]
+        lossless = [r for r in ours if r.lossless and r.identical is not False]
+        assisted = [r for r in ran if r.label.startswith("HF assisted")]
+        sd = next((r for r in ran if r.label.startswith("sd:")), None)
+
+        def best(rows: list[BenchRow]) -> BenchRow | None:
+            return max(rows, key=lambda r: r.tokens_per_s) if rows else None
+
+        b_hf, b_ll, b_any = best(assisted), best(lossless), best(ours)
+
+        def ratio(a: BenchRow | None, b: BenchRow | None) -> float | None:
+            return a.tokens_per_s / b.tokens_per_s if a is not None and b is not None else None
+
+        return {
+            "sd_3stage_speedup": sd.speedup if sd is not None else None,
+            "best_hf_assisted": b_hf.label if b_hf else None,
+            "best_lossless_pipeline": b_ll.label if b_ll else None,
+            "best_lossless_over_hf_assisted": ratio(b_ll, b_hf),
+            "best_pipeline": b_any.label if b_any else None,
+            "best_over_hf_assisted": ratio(b_any, b_hf),
+            "max_overhead_fraction": max((r.overhead_fraction for r in ours), default=None),
+            "best_lossless_overhead_fraction": b_ll.overhead_fraction if b_ll else None,
+        }
+
+    def goals_markdown(self) -> str:
+        g = self.goals()
+
+        def fmt(x: float | None, goal: str, ok: bool | None) -> str:
+            if x is None:
+                return "not measured"
+            return f"{x:.2f}× ({goal}: {'met' if ok else 'NOT met'})"
+
+        sd, ll, anyr, oh = (g["sd_3stage_speedup"], g["best_lossless_over_hf_assisted"], g["best_over_hf_assisted"],
+                            g["max_overhead_fraction"])
+        lines = [
+            "Goals (ratios from this run):",
+            f"- sd 3-stage over the target alone: {fmt(sd, 'goal ≥ 2.0', sd is not None and sd >= 2.0)}",
+            f"- best lossless pipeline ({g['best_lossless_pipeline']}) over the best HF assisted "
+            f"({g['best_hf_assisted']}): {fmt(ll, 'goal ≥ 1.25', ll is not None and ll >= 1.25)}",
+            f"- best pipeline of any kind ({g['best_pipeline']}): {fmt(anyr, 'goal ≥ 1.25', anyr is not None and anyr >= 1.25)}",
+        ]
+        if oh is not None:
+            lines.append(f"- framework overhead, worst pyramid row: {100 * oh:.1f}% (goal ≤ 5%: "
+                         f"{'met' if oh <= 0.05 else 'NOT met'}); best lossless row: "
+                         f"{100 * (g['best_lossless_overhead_fraction'] or 0):.1f}%")
+        return "\n".join(lines) + "\n"
 
     def to_markdown(self) -> str:
         def num(x: float | None, fmt: str) -> str:
@@ -145,6 +199,7 @@ class BenchResult:
         ]
         if notes:
             lines += ["", *notes]
+        lines += ["", self.goals_markdown().rstrip()]
         if self.mismatches:
             lines += ["", "**GREEDY OUTPUT MISMATCH** (lossless rows differing from the target): "
                       + "; ".join(self.mismatches)]
@@ -155,22 +210,40 @@ def default_configs(
     target: Stage,
     draft: Stage,
     *,
+    qualifier: Stage | None = None,
     ngram: str = "ngram",
     tree: str = "tree:budget=8,branching=4",
     lengths2: Sequence[int] | None = None,
     lengths3: Sequence[int] | None = None,
+    qualifier_length: int | None = None,
 ) -> list[BenchConfig]:
-    """The pyramid rows: target alone, ngram -> target, draft -> target, ngram -> draft ->
-    target (``sd`` preset lengths: 4, then 4 and 8, unless given) and a tree draft -> target."""
+    """The pyramid rows: target alone, ngram -> target, 2-stage exact with each draft, then with a
+    qualifier the 3-stage ``sd`` chain, ``psd-a`` and ``psd-f`` (lossy: PyramidSD's policies at
+    the ``sd`` row's block lengths) and token trees at the bottom of the 2- and 3-stage chains;
+    without one, ngram -> draft -> target and a tree draft -> target."""
+    from pyramid_core.build import resolve_preset
+
     ell2 = tuple(lengths2) if lengths2 else (4,)
     ell3 = tuple(lengths3) if lengths3 else (4, 8)
-    return [
+    rows = [
         BenchConfig("pyramid target (N=1)", (target,)),
         BenchConfig("ngram→target", (ngram, target), ("exact",), ell2),
         BenchConfig("draft→target", (draft, target), ("exact",), ell2),
-        BenchConfig("ngram→draft→target", (ngram, draft, target), ("exact", "exact"), ell3),
-        BenchConfig("tree draft→target", (draft, target), ("exact",), ell2, tree=tree),
     ]
+    if qualifier is None:
+        return rows + [
+            BenchConfig("ngram→draft→target", (ngram, draft, target), ("exact", "exact"), ell3),
+            BenchConfig("tree draft→target", (draft, target), ("exact",), ell2, tree=tree),
+        ]
+    rows.append(BenchConfig("qualifier→target", (qualifier, target), ("exact",), (qualifier_length or ell3[1],)))
+    rows.append(BenchConfig("sd: draft→qualifier→target", (draft, qualifier, target), ("exact", "exact"), ell3))
+    for name in ("psd-a", "psd-f"):
+        preset = resolve_preset(name, 3)
+        rows.append(BenchConfig(f"{name}: draft→qualifier→target", (draft, qualifier, target),
+                                tuple(preset.policies), ell3, lossless=False))
+    rows.append(BenchConfig("tree draft→target", (draft, target), ("exact",), ell2, tree=tree))
+    rows.append(BenchConfig("tree draft→qualifier→target", (draft, qualifier, target), ("exact", "exact"), ell3, tree=tree))
+    return rows
 
 
 def _ids_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
@@ -194,19 +267,29 @@ class _ForwardCounter:
         self._handle.remove()
 
 
+def _assistant(model: Any, tokens: int) -> Any:
+    """A shallow copy of ``model`` with its own generation config: HF tunes it in place. Drafts
+    ``tokens`` tokens per round, constant (HF's default schedule starts at 20 and adapts)."""
+    assistant = copy.copy(model)
+    assistant.generation_config = copy.deepcopy(model.generation_config)
+    assistant.generation_config.num_assistant_tokens = tokens
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    return assistant
+
+
 def _hf_rows(
     target: Any,
-    draft_model: Any,
+    assistants: Sequence[tuple[str, Any, int]],
     encoded: list[list[int]],
     prompt_ids: list[str],
     max_new_tokens: int,
     stop_ids: list[int],
     prompt_lookup_tokens: int,
-    assistant_tokens: int,
     progress: bool,
 ) -> tuple[list[BenchRow], list[list[int]] | None]:
-    """HF generate alone, assisted, prompt lookup; and the target's greedy outputs (None when
-    HF generate itself failed)."""
+    """HF generate alone, assisted generation with each (name, model, tokens per round) of
+    ``assistants``, prompt lookup; and the target's greedy outputs (None when HF generate itself
+    failed)."""
     from tqdm import tqdm
 
     model = target.model
@@ -215,16 +298,9 @@ def _hf_rows(
                                "pad_token_id": stop_ids[0] if stop_ids else 0}
     if stop_ids:
         base_kw["eos_token_id"] = list(stop_ids)
-    assistant = None
-    if draft_model is not None:
-        assistant = copy.copy(draft_model)  # its own generation_config: HF tunes it in place
-        assistant.generation_config = copy.deepcopy(draft_model.generation_config)
-        # the same block length as our draft->target row, kept constant (HF's default drafts 20)
-        assistant.generation_config.num_assistant_tokens = assistant_tokens
-        assistant.generation_config.num_assistant_tokens_schedule = "constant"
     variants: list[tuple[str, dict[str, Any]]] = [(HF_BASELINE, {})]
-    if assistant is not None:
-        variants.append((f"HF assisted (draft, {assistant_tokens})", {"assistant_model": assistant}))
+    for name, assistant_model, tokens in assistants:
+        variants.append((f"HF assisted ({name}, {tokens})", {"assistant_model": _assistant(assistant_model, tokens)}))
     variants.append((f"HF prompt lookup ({prompt_lookup_tokens})", {"prompt_lookup_num_tokens": prompt_lookup_tokens}))
     rows: list[BenchRow] = []
     refs: list[list[int]] | None = None
@@ -323,6 +399,8 @@ def run_bench(
     lengths2: Sequence[int] | None = None,
     lengths3: Sequence[int] | None = None,
     prompt_lookup_tokens: int = 10,
+    qualifier: Stage | None = None,
+    qualifier_length: int | None = None,
     configs: Sequence[BenchConfig] | None = None,
     extra: Sequence[BenchConfig] = (),
     chat: bool = True,
@@ -346,13 +424,21 @@ def run_bench(
     refs: list[list[int]] | None = None
     target_model = getattr(target, "model", None)
     if hf and target_model is not None:
-        hf_rows, refs = _hf_rows(target, getattr(draft, "model", None), encoded, prompt_ids, max_new_tokens,
-                                 stop_ids, prompt_lookup_tokens, lengths2[0] if lengths2 else 4, progress)
+        # each assistant drafts as many tokens per round as our 2-stage row with the same draft
+        assistants = []
+        if getattr(draft, "model", None) is not None:
+            assistants.append(("draft", draft.model, lengths2[0] if lengths2 else 4))
+        if qualifier is not None and getattr(qualifier, "model", None) is not None:
+            q_len = qualifier_length or (lengths3[1] if lengths3 else 8)
+            assistants.append(("qualifier", qualifier.model, q_len))
+        hf_rows, refs = _hf_rows(target, assistants, encoded, prompt_ids, max_new_tokens,
+                                 stop_ids, prompt_lookup_tokens, progress)
         rows += hf_rows
     if refs is None:  # no HF baseline: the reference is the target alone through pyramid
         refs = [base.generate(ids, max_new_tokens).token_list for ids in encoded]
     todo = list(configs) if configs is not None else default_configs(
-        target, draft, ngram=ngram, tree=tree, lengths2=lengths2, lengths3=lengths3)
+        target, draft, qualifier=qualifier, ngram=ngram, tree=tree, lengths2=lengths2, lengths3=lengths3,
+        qualifier_length=qualifier_length)
     todo += list(extra)
     for cfg in tqdm(todo, desc="bench pyramid", disable=not progress):
         try:
@@ -376,6 +462,7 @@ def run_bench(
         "max_new_tokens": max_new_tokens,
         "target": getattr(target, "name", "target"),
         "draft": getattr(draft, "name", "draft"),
+        "qualifier": getattr(qualifier, "name", None) if qualifier is not None else None,
         "device": f"{getattr(target, 'device', 'cpu')}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
                   f"transformers {transformers.__version__}, {platform.processor() or platform.machine()}",
         "baseline": HF_BASELINE if hf_base is not None else rows[len(rows) - len(todo)].label,

@@ -1,4 +1,4 @@
-"""The ``pyramid`` command line: setup | generate | check | sweep | plugins."""
+"""The ``pyramid`` command line: setup | generate | check | sweep | bench | plan | plugins."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ from typing import Any
 from pyramid_core.errors import PyramidError
 
 __all__ = ["main", "build_parser"]
+
+
+# The distilled SmolLM2 family shipped with pyramid (`pyramid distill all`), smallest first, and
+# block lengths per boundary for it.
+FAMILY = ["smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"]
+FAMILY_LENGTHS = [4, 4]
 
 
 def _sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
@@ -139,8 +145,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from pyramid_core.build import build_pipeline, make_stage
     from pyramid_core.errors import ConfigError
 
-    stage_specs = ns.stage or ["ngram", "smollm2"]
+    stage_specs = ns.stage or FAMILY
     n = len(stage_specs)
+    if not ns.stage and not ns.length and not ns.preset:
+        ns.length = FAMILY_LENGTHS
     # load the target first: proposers need its vocabulary size
     target = make_stage(stage_specs[-1], device=ns.device) if ns.device else make_stage(stage_specs[-1])
     stages = [*stage_specs[:-1], target]
@@ -211,7 +219,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     prompts = load_prompts(ns.prompts, per_kind=ns.per_kind)
     taus = [float(t) for t in ns.taus.split(",")]
     grid = [[int(v) for v in g.split(",")] for g in ns.length_grid] if ns.length_grid else None
-    stages = ns.stage or ["smollm2:num_layers=4", "smollm2:num_layers=12", "smollm2"]
+    stages = ns.stage or FAMILY
     points = run_sweep(stages, ns.preset, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens,
                        sampling=_sampling(ns), seed=ns.seed, chat=ns.chat)
     files = write_sweep(points, ns.out, title=f"{ns.preset}: {' -> '.join(stages)}")
@@ -242,6 +250,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     draft = make_stage(ns.draft, **kw)
     if not isinstance(target, Stage) or not isinstance(draft, Stage):
         raise ConfigError(f"--target ({ns.target}) and --draft ({ns.draft}) must be model backends, not proposers")
+    qualifier = None if ns.qualifier.lower() == "none" else make_stage(ns.qualifier, **kw)
+    if qualifier is not None and not isinstance(qualifier, Stage):
+        raise ConfigError(f"--qualifier ({ns.qualifier}) must be a model backend, not a proposer")
 
     def lengths(value: str | None, n: int, flag: str) -> list[int] | None:
         if not value:
@@ -252,7 +263,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         return out
 
     result = run_bench(target, draft, prompts, max_new_tokens=max_new, ngram=ns.ngram, tree=ns.tree,
-                       lengths2=lengths(ns.lengths2, 1, "--lengths-2"), lengths3=lengths(ns.lengths3, 2, "--lengths-3"),
+                       lengths2=lengths(ns.lengths2, 1, "--lengths-2") or FAMILY_LENGTHS[:1],
+                       lengths3=lengths(ns.lengths3, 2, "--lengths-3") or FAMILY_LENGTHS,
+                       qualifier=qualifier, qualifier_length=ns.qualifier_length,
                        prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat)
     files = write_bench(result, ns.out)
     print(result.to_markdown())
@@ -260,6 +273,68 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if result.mismatches:
         print("pyramid bench: GREEDY OUTPUT MISMATCH: " + "; ".join(result.mismatches), file=sys.stderr)
         return 3
+    return 0
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    """Measure T per candidate and alpha per pair here, then pick the chain (pyramid_core.plan)."""
+    import shlex
+
+    from pyramid_core.build import check_same_tokenizer, make_stage
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.plan import measure_candidates, plan_chain
+    from pyramid_core.plugins import registries
+    from pyramid_core.prompts import load_prompts
+    from pyramid_core.protocols import Stage
+    from pyramid_core.registry import parse_spec
+    from pyramid_core.sweep import encode_prompt
+
+    specs: list[str] = ns.stage or []
+    if not specs:
+        raise ConfigError("give the candidates as --stage SPEC, repeated, the target last "
+                          "(e.g. --stage ngram --stage smollm2:num_layers=12 --stage smollm2)")
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        raise ConfigError(f"--stage {twice[0]!r} is given twice; each candidate once")
+    backends = registries().backends
+
+    def load(spec: str, **kw: Any) -> Any:
+        if ns.device and parse_spec(spec)[0] in backends:
+            kw["device"] = ns.device
+        return make_stage(spec, **kw)
+
+    target = load(specs[-1])
+    if not isinstance(target, Stage):
+        raise ConfigError(f"the target (the last --stage, {specs[-1]!r}) must be a model backend, not a proposer")
+    tok = getattr(target, "tokenizer", None)
+    if tok is None:
+        raise ConfigError(f"the target {specs[-1]!r} has no tokenizer; `plan` encodes text prompts")
+    candidates = [load(s, vocab_size=target.vocab_size) for s in specs[:-1]] + [target]
+    check_same_tokenizer(candidates)
+    prompts = load_prompts(ns.prompts, per_kind=ns.per_kind)
+    encoded = [encode_prompt(tok, p.text, ns.chat) for p in prompts]
+    eos = getattr(tok, "eos_token_id", None)
+    t0 = time.perf_counter()
+    measured = measure_candidates(candidates, specs, encoded, ns.new_tokens, proposer_length=ns.max_length,
+                                  repeats=ns.repeats, stop_ids=[] if eos is None else [int(eos)])
+    elapsed = time.perf_counter() - t0
+    plan = plan_chain(specs, measured.forward_times, measured.alpha, proposers=measured.proposers,
+                      max_length=ns.max_length, max_stages=ns.max_stages, top=ns.top)
+    command = shlex.join(["pyramid", "generate", *plan.best.generate_args(),
+                          *(["--device", ns.device] if ns.device else []),
+                          *([] if ns.chat else ["--no-chat"]), "--prompt", "YOUR PROMPT"])
+    if ns.json:
+        print(json.dumps({**plan.as_dict(), "command": command, "prompts": len(prompts),
+                          "new_tokens": ns.new_tokens, "measure_s": elapsed}))
+        return 0
+    print(plan.to_markdown())
+    print(f"Measured here in {elapsed:.1f} s: T = median single-token forward; α = greedy agreement along the "
+          f"verifier's own continuation ({len(prompts)} prompt(s) x {ns.new_tokens} tokens)"
+          + (f"; proposers ({', '.join(measured.proposers)}): T = 0, effective α of a 2-stage run "
+             f"at length {ns.max_length}" if measured.proposers else "") + ".")
+    print(f"\nbest: {' → '.join(plan.chain)}, lengths {list(plan.block_lengths)}: predicted "
+          f"{plan.tokens_per_s:.1f} tokens/s, {plan.speedup:.2f}x the target alone")
+    print(command)
     return 0
 
 
@@ -275,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--stage", action="append", metavar="SPEC",
                    help="a stage, smallest first, repeated; NAME[:key=value,...] naming a proposer "
-                        "(e.g. ngram) or a backend (e.g. smollm2, hf:path=DIR). Default: ngram, smollm2")
+                        "(e.g. ngram) or a backend (e.g. smollm2, hf:path=DIR). Default: the distilled family, smollm2:stage=draft, smollm2:stage=qualifier, smollm2")
     p.add_argument("--policy", action="append", metavar="SPEC", help="one per boundary (default exact)")
     p.add_argument("--length", action="append", type=int, metavar="L", help="block length per boundary (default 4)")
     p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths")
@@ -327,13 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark pipelines next to HF generate / assisted / prompt lookup (greedy)")
     p.add_argument("--target", default="smollm2", metavar="SPEC", help="target backend (default smollm2)")
-    p.add_argument("--draft", "--stage", dest="draft", default="smollm2:num_layers=20", metavar="SPEC",
-                   help="draft backend for draft->target, HF assisted and the tree (default smollm2:num_layers=20)")
+    p.add_argument("--draft", "--stage", dest="draft", default=FAMILY[0], metavar="SPEC",
+                   help=f"draft backend for draft->target, HF assisted and the trees (default {FAMILY[0]})")
+    p.add_argument("--qualifier", default=FAMILY[1], metavar="SPEC",
+                   help=f"qualifier backend for the 3-stage rows and HF assisted; 'none' drops them (default {FAMILY[1]})")
     p.add_argument("--ngram", default="ngram", metavar="SPEC", help="model-free proposer (default ngram)")
     p.add_argument("--tree", default="tree:budget=8,branching=4", metavar="SPEC", help="tree proposer spec")
-    p.add_argument("--lengths-2", dest="lengths2", metavar="L", help="block length of 2-stage rows (default 4, preset sd)")
+    p.add_argument("--lengths-2", dest="lengths2", metavar="L",
+                   help=f"block length of the draft->target rows (default {FAMILY_LENGTHS[0]})")
     p.add_argument("--lengths-3", dest="lengths3", metavar="L1,L2",
-                   help="block lengths of ngram->draft->target (default 4,8, preset sd)")
+                   help=f"block lengths of the 3-stage rows (default {','.join(map(str, FAMILY_LENGTHS))})")
+    p.add_argument("--qualifier-length", type=int, metavar="L",
+                   help="block length of the qualifier->target row (default: the 3-stage rows' second length)")
     p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens (default 10)")
     p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
     p.add_argument("--per-kind", type=int, default=1, help="prompts per task kind (default 1)")
@@ -343,6 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default="out/bench", help="output folder for bench.json, bench.md, bench.png")
     p.set_defaults(func=cmd_bench)
+
+    from pyramid_core.distill_cli import add_distill_parser
+
+    add_distill_parser(sub)
+
+    p = sub.add_parser("plan", help="measure candidates here and pick the chain and block lengths (HSD planner)")
+    p.add_argument("--stage", action="append", metavar="SPEC",
+                   help="a candidate, repeated; the last is the target. Model backends (e.g. "
+                        "smollm2:num_layers=12, hf:path=DIR) or model-free proposers (e.g. ngram)")
+    p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
+    p.add_argument("--per-kind", type=int, default=1, help="prompts per task kind (default 1)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt to measure alpha (default 32)")
+    p.add_argument("--max-length", type=int, default=16, help="longest block length considered (default 16)")
+    p.add_argument("--max-stages", type=int, default=None, help="longest chain considered (default: all candidates)")
+    p.add_argument("--top", type=int, default=10, help="chains in the ranking (default 10)")
+    p.add_argument("--repeats", type=int, default=10, help="timed forwards per model (default 10)")
+    p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("plugins", help="list loaded plugins and what they register")
     p.add_argument("--json", action="store_true")

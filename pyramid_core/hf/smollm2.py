@@ -28,6 +28,7 @@ __all__ = [
     "model_home",
     "smollm2_dir",
     "smollm2_ready",
+    "family_dir",
     "ensure_smollm2",
     "SetupError",
 ]
@@ -49,6 +50,13 @@ def model_home() -> Path:
 
 def smollm2_dir() -> Path:
     return model_home() / "smollm2-135m"
+
+
+def family_dir() -> Path:
+    """The distilled draft and qualifier shipped with pyramid (``pyramid distill all``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("pyramid_core") / "data" / "smollm2-family"))
 
 
 def smollm2_ready(directory: Path | None = None) -> bool:

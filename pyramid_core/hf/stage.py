@@ -214,6 +214,9 @@ class HFStage:
     def _logit_width(model: Any) -> int:
         get_out = getattr(model, "get_output_embeddings", None)
         head = get_out() if callable(get_out) else None
+        width = getattr(head, "logit_width", None)  # a sub-vocabulary head scatters into the full width
+        if isinstance(width, int):
+            return width
         weight = getattr(head, "weight", None)
         return int(weight.shape[0]) if isinstance(weight, Tensor) else int(model.config.vocab_size)
 
@@ -231,9 +234,14 @@ class HFStage:
         """Load a local model directory (and its tokenizer, if it has one). Stages loaded from
         the same (path, device, dtype) share one model in memory, e.g. a layer-truncated draft
         and its target."""
+        from pyramid_core.hf.student import is_student_dir, student_base
+
         path = Path(path).expanduser()
         model = load_model(path, device=device, dtype=dtype)
-        return cls(model, load_tokenizer(path), name=name, vocab_size=vocab_size, num_layers=num_layers)
+        tokenizer_dir = student_base(path) if is_student_dir(path) else path
+        if name is None and is_student_dir(path):
+            name = path.name
+        return cls(model, load_tokenizer(tokenizer_dir), name=name, vocab_size=vocab_size, num_layers=num_layers)
 
     @property
     def cached_tokens(self) -> tuple[int, ...]:
@@ -427,13 +435,19 @@ _LOADED: weakref.WeakValueDictionary[tuple[str, str, torch.dtype], Any] = weakre
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> Any:
     """``AutoModelForCausalLM`` from a local directory, in eval mode on ``device``; loaded once
     per (path, device, dtype) while any stage still uses it."""
+    from pyramid_core.hf.student import is_student_dir, load_student
+
     path = Path(path).expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a Hugging Face model directory (no config.json)")
+    student = is_student_dir(path)
+    if not student and not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a Hugging Face model directory (no config.json) nor a distilled stage (no stage.json)")
     torch_dtype = resolve_dtype(dtype)
     dev = torch.device(device)
     key = (str(path), str(dev), torch_dtype)
     model: Any = _LOADED.get(key)
+    if model is None and student:
+        model = load_student(path, device=dev, dtype=torch_dtype)[0]
+        _LOADED[key] = model
     if model is None:
         from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,277 @@
+"""``pyramid distill``: build a draft and a qualifier for SmolLM2-135M by knowledge distillation.
+
+    pyramid distill corpus      the target answers training prompts and reads Python sources;
+                                its top-k next-token distributions are stored (resumable)
+    pyramid distill train       trains one student stage on the corpus (resumable checkpoints)
+    pyramid distill eval        greedy top-1 agreement on the held-out prompt set, and cost ratios
+    pyramid distill all         the whole recipe, then writes the family's metadata
+
+Everything defaults to ``$PYRAMID_HOME/distill``; ``--smoke`` shrinks every step to seconds
+(what CI runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+__all__ = ["add_distill_parser"]
+
+
+def _home(ns: argparse.Namespace) -> Path:
+    """Where corpus, checkpoints and trained stages go: --workdir, default $PYRAMID_HOME/distill."""
+    from pyramid_core.hf.smollm2 import model_home
+
+    return Path(ns.workdir).expanduser() if getattr(ns, "workdir", None) else model_home() / "distill"
+
+
+def _command_line() -> str:
+    return "pyramid " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _target() -> tuple[Any, Any]:
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.hf.smollm2 import smollm2_dir, smollm2_ready
+    from pyramid_core.hf.stage import load_model, load_tokenizer
+
+    if not smollm2_ready():
+        raise ConfigError("distillation needs the target: run `pyramid setup` first")
+    return load_model(smollm2_dir()), load_tokenizer(smollm2_dir())
+
+
+def _corpus_config(ns: argparse.Namespace) -> Any:
+    from pyramid_core.hf.corpus import CorpusConfig
+
+    if ns.smoke:
+        return CorpusConfig(prompts=4, new_tokens=8, python_chars=3000, window=64, batch_size=4, seed=ns.seed)
+    new_tokens = getattr(ns, "new_tokens_corpus", None) or ns.new_tokens
+    return CorpusConfig(prompts=ns.prompts, new_tokens=new_tokens, python_chars=ns.python_chars,
+                        batch_size=ns.batch_size, seed=ns.seed)
+
+
+def cmd_corpus(ns: argparse.Namespace) -> int:
+    from pyramid_core.hf.corpus import build_corpus
+    from pyramid_core.prompts import load_prompts
+
+    model, tokenizer = _target()
+    held_out = [p.text for p in load_prompts()]
+    out = Path(ns.corpus or _home(ns) / "corpus")
+    manifest = build_corpus(model, tokenizer, out, _corpus_config(ns), held_out=held_out, progress=not ns.quiet)
+    manifest.setdefault("command", _command_line())
+    (out / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", metavar="DIR", help="folder for corpus, checkpoints and stages (default $PYRAMID_HOME/distill)")
+    p.add_argument("--corpus", metavar="DIR", help="corpus folder (default WORKDIR/corpus)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a tiny run of every step (seconds; what CI runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_distill_parser(sub: Any) -> None:
+    p = sub.add_parser("distill", help="distil a draft and a qualifier from SmolLM2-135M (offline)")
+    dsub = p.add_subparsers(dest="distill_command", required=True)
+
+    c = dsub.add_parser("corpus", help="the target answers training prompts and reads Python sources")
+    _common(c)
+    c.add_argument("--prompts", type=int, default=720, help="training prompts (each answered greedily and sampled)")
+    c.add_argument("--new-tokens", type=int, default=128)
+    c.add_argument("--python-chars", type=int, default=200_000, help="characters of Python's stdlib sources")
+    c.add_argument("--batch-size", type=int, default=48)
+    c.set_defaults(func=cmd_corpus)
+
+    def train_args(t: argparse.ArgumentParser) -> None:
+        t.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per step")
+        t.add_argument("--max-minutes", type=float, help="stop (resumably) after this much training time")
+
+    t = dsub.add_parser("train", help="train one student stage on the corpus (resumable)")
+    _common(t)
+    t.add_argument("--role", choices=sorted(ROLES), required=True)
+    t.add_argument("--layers", help="target layers the student starts from (default: draft 0,1; qualifier 0-4,25-29)")
+    t.add_argument("--sub-vocab", type=int, help="rows of a sub-vocabulary head, 0 = the full tied head "
+                                                   "(default: draft 8192, qualifier 0)")
+    t.add_argument("--out", help="output folder (default WORKDIR/ROLE)")
+    t.add_argument("--steps", type=int, help="optimiser steps (default: draft 300, qualifier 200)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: draft 1e-3, qualifier 3e-4)")
+    train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    def eval_args(e: argparse.ArgumentParser) -> None:
+        e.add_argument("--per-kind", type=int, default=10, help="held-out prompts per task kind (default all 10)")
+        e.add_argument("--new-tokens", type=int, default=64, help="target greedy tokens per prompt")
+
+    e = dsub.add_parser("eval", help="greedy top-1 agreement on held-out prompts, and cost ratios c")
+    e.add_argument("--stage", action="append", metavar="SPEC",
+                   help="stages smallest first, the target last (default: the shipped draft, qualifier, smollm2)")
+    eval_args(e)
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--out", metavar="FILE.json")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    a = dsub.add_parser("all", help="the whole recipe: corpus, draft, qualifier, evaluation, family folder")
+    _common(a)
+    a.add_argument("--prompts", type=int, default=720)
+    a.add_argument("--new-tokens-corpus", dest="new_tokens_corpus", type=int, default=128)
+    a.add_argument("--python-chars", type=int, default=200_000)
+    a.add_argument("--batch-size", type=int, default=48)
+    a.add_argument("--ship", metavar="DIR", help="family folder to write (default WORKDIR/family)")
+    train_args(a)
+    eval_args(a)
+    a.set_defaults(func=cmd_all)
+
+ROLES: dict[str, dict[str, Any]] = {
+    # layers of the target each student starts from, its head, and its learning rate
+    "draft": {"layers": "0,1", "sub_vocab": 8192, "lr": 1e-3, "steps": 300},
+    "qualifier": {"layers": "0,1,2,3,4,25,26,27,28,29", "sub_vocab": 0, "lr": 3e-4, "steps": 200},
+}
+
+
+def _train_config(ns: argparse.Namespace) -> Any:
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.hf.distill import TrainConfig
+
+    role = ROLES[ns.role]
+    layers_text = ns.layers or role["layers"]
+    try:
+        layers = tuple(int(x) for x in layers_text.split(","))
+    except ValueError:
+        raise ConfigError(f"--layers must be comma-separated layer indices, got {layers_text!r}") from None
+    sub_vocab = role["sub_vocab"] if ns.sub_vocab is None else ns.sub_vocab
+    if ns.smoke:
+        return TrainConfig(layers=layers, sub_vocab=min(sub_vocab, 512), steps=3, batch_tokens=256, lr=role["lr"],
+                           warmup=1, seed=ns.seed, save_every=2)
+    return TrainConfig(layers=layers, sub_vocab=sub_vocab, steps=ns.steps or role["steps"], batch_tokens=ns.batch_tokens,
+                       lr=ns.lr or role["lr"], seed=ns.seed)
+
+
+def _train(ns: argparse.Namespace, role: str, corpus_manifest: dict[str, Any]) -> dict[str, Any]:
+    from pyramid_core.hf.corpus import load_corpus
+    from pyramid_core.hf.distill import train_student
+
+    model, tokenizer = _target()
+    ns.role = role
+    cfg = _train_config(ns)
+    corpus_dir = Path(ns.corpus or _home(ns) / "corpus")
+    sequences = load_corpus(corpus_dir)
+    out = Path(getattr(ns, "out", None) or _home(ns) / role)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    metadata = {"role": role, "command": _command_line(), "seed": cfg.seed,
+                "corpus_sha256": corpus_manifest.get("sha256"), "corpus_positions": corpus_manifest.get("target_positions")}
+    return train_student(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
+                         max_minutes=ns.max_minutes, progress=not ns.quiet)
+
+
+def _corpus_manifest(ns: argparse.Namespace) -> dict[str, Any]:
+    from pyramid_core.errors import ConfigError
+
+    path = Path(ns.corpus or _home(ns) / "corpus") / "corpus.json"
+    if not path.is_file():
+        raise ConfigError(f"no finished corpus at {path.parent}; run `pyramid distill corpus` first")
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    report = _train(ns, ns.role, _corpus_manifest(ns))
+    print(json.dumps(report, indent=2))
+    if not report["finished"]:
+        print(f"stopped after {report['steps']} steps (--max-minutes); run the same command to resume", file=sys.stderr)
+    return 0
+
+
+def _eval_specs(ns: argparse.Namespace) -> list[str]:
+    return list(ns.stage) if ns.stage else ["smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"]
+
+
+def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
+    from pyramid_core.build import check_same_tokenizer, make_stage
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.hf.distill import evaluate_stages
+    from pyramid_core.prompts import load_prompts
+    from pyramid_core.sweep import encode_prompt
+
+    stages = [make_stage(s) for s in specs]
+    for spec, stage in zip(specs, stages, strict=True):
+        if not hasattr(stage, "model"):
+            raise ConfigError(f"stage {spec!r} is not a model backend; `pyramid distill eval` compares models")
+    check_same_tokenizer(stages)
+    tokenizer = getattr(stages[-1], "tokenizer", None)
+    prompts = load_prompts(per_kind=ns.per_kind)
+    encoded = [(p.kind, encode_prompt(tokenizer, p.text, True)) for p in prompts]
+    reports = evaluate_stages(stages, encoded, ns.new_tokens, progress=not ns.quiet)
+    return {"command": _command_line(), "stages": specs, "prompts": len(prompts), "new_tokens": ns.new_tokens,
+            "held_out": "pyramid_core/data/prompts.jsonl (never trained on)",
+            "results": [attrs.asdict(r) for r in reports]}
+
+
+def _eval_markdown(result: dict[str, Any]) -> str:
+    lines = ["| stage | agreement with target | agreement with next stage | ms/forward | c (vs next) | c (vs target) |",
+             "|---|---|---|---|---|---|"]
+    for spec, r in zip(result["stages"], result["results"], strict=True):
+        nxt = "–" if r["agreement_with_next"] is None else f"{r['agreement_with_next']:.3f}"
+        cn = "–" if r["cost_vs_next"] is None else f"{r['cost_vs_next']:.3f}"
+        lines.append(f"| {spec} | {r['agreement_with_target']:.3f} | {nxt} | {r['ms_per_forward']:.1f} | {cn} | {r['cost_vs_target']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    result = _evaluate(_eval_specs(ns), ns)
+    if ns.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_eval_markdown(result))
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_all(ns: argparse.Namespace) -> int:
+    """corpus -> draft -> qualifier -> held-out evaluation -> family folder with metadata."""
+    import shutil
+
+    from pyramid_core.hf.corpus import build_corpus
+    from pyramid_core.prompts import load_prompts
+
+    model, tokenizer = _target()
+    corpus_dir = Path(ns.corpus or _home(ns) / "corpus")
+    manifest = build_corpus(model, tokenizer, corpus_dir, _corpus_config(ns),
+                            held_out=[p.text for p in load_prompts()], progress=not ns.quiet)
+    reports = {}
+    for role in ("draft", "qualifier"):
+        ns.layers = ns.sub_vocab = ns.steps = ns.lr = None
+        ns.out = str(_home(ns) / role) if not ns.smoke else str(_home(ns) / f"smoke-{role}")
+        reports[role] = _train(ns, role, manifest)
+        if not reports[role]["finished"]:
+            print(f"{role}: time budget ran out; run the same command to resume", file=sys.stderr)
+            return 4
+    ship = Path(ns.ship or _home(ns) / ("smoke-family" if ns.smoke else "family"))
+    ship.mkdir(parents=True, exist_ok=True)
+    for role in ("draft", "qualifier"):
+        dest = ship / role
+        dest.mkdir(exist_ok=True)
+        for f in ("model.safetensors", "stage.json"):
+            shutil.copy2(_home(ns) / (f"smoke-{role}" if ns.smoke else role) / f, dest / f)
+    ns.stage = [f"hf:path={ship / 'draft'}", f"hf:path={ship / 'qualifier'}", "smollm2"]
+    evaluation = _evaluate(ns.stage, ns)
+    family = {
+        "family": "SmolLM2-135M-Instruct distilled draft and qualifier",
+        "command": _command_line(),
+        "seed": ns.seed,
+        "corpus": {k: manifest.get(k) for k in ("sha256", "sequences", "target_positions", "by_source", "config", "command")},
+        "training": reports,
+        "evaluation": evaluation,
+    }
+    (ship / "family.json").write_text(json.dumps(family, indent=2) + "\n")
+    print(_eval_markdown(evaluation))
+    print(f"family written to {ship}")
+    return 0
