@@ -425,12 +425,12 @@ def run_bench(
     target_model = getattr(target, "model", None)
     if hf and target_model is not None:
         # each assistant drafts as many tokens per round as our 2-stage row with the same draft
-        assistants = []
-        if getattr(draft, "model", None) is not None:
-            assistants.append(("draft", draft.model, lengths2[0] if lengths2 else 4))
-        if qualifier is not None and getattr(qualifier, "model", None) is not None:
-            q_len = qualifier_length or (lengths3[1] if lengths3 else 8)
-            assistants.append(("qualifier", qualifier.model, q_len))
+        assistants: list[tuple[str, Any, int]] = []
+        draft_model, qualifier_model = getattr(draft, "model", None), getattr(qualifier, "model", None)
+        if draft_model is not None:
+            assistants.append(("draft", draft_model, lengths2[0] if lengths2 else 4))
+        if qualifier_model is not None:
+            assistants.append(("qualifier", qualifier_model, qualifier_length or (lengths3[1] if lengths3 else 8)))
         hf_rows, refs = _hf_rows(target, assistants, encoded, prompt_ids, max_new_tokens,
                                  stop_ids, prompt_lookup_tokens, progress)
         rows += hf_rows

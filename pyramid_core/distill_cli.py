@@ -96,20 +96,24 @@ def add_distill_parser(sub: Any) -> None:
     t = dsub.add_parser("train", help="train one student stage on the corpus (resumable)")
     _common(t)
     t.add_argument("--role", choices=sorted(ROLES), required=True)
-    t.add_argument("--layers", help="target layers the student starts from (default: draft 0,1; qualifier 0-4,25-29)")
+    t.add_argument("--layers", help="target layers the student starts from (default: draft 0,1; qualifier 0-3,26-29)")
     t.add_argument("--sub-vocab", type=int, help="rows of a sub-vocabulary head, 0 = the full tied head "
                                                    "(default: draft 8192, qualifier 0)")
     t.add_argument("--out", help="output folder (default WORKDIR/ROLE)")
-    t.add_argument("--steps", type=int, help="optimiser steps (default: draft 300, qualifier 200)")
-    t.add_argument("--lr", type=float, help="peak learning rate (default: draft 1e-3, qualifier 3e-4)")
+    t.add_argument("--steps", type=int, help="optimiser steps (default: draft 800, qualifier 300)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     train_args(t)
     t.set_defaults(func=cmd_train)
 
     def eval_args(e: argparse.ArgumentParser) -> None:
         e.add_argument("--per-kind", type=int, default=10, help="held-out prompts per task kind (default all 10)")
         e.add_argument("--new-tokens", type=int, default=64, help="target greedy tokens per prompt")
+        e.add_argument("--corpus-sample", type=int, default=0, metavar="N",
+                       help="also measure agreement on N training sequences (memorisation vs generalisation)")
 
     e = dsub.add_parser("eval", help="greedy top-1 agreement on held-out prompts, and cost ratios c")
+    e.add_argument("--workdir", metavar="DIR", help="folder holding corpus/ (for --corpus-sample)")
+    e.add_argument("--corpus", metavar="DIR", help="corpus folder (default WORKDIR/corpus)")
     e.add_argument("--stage", action="append", metavar="SPEC",
                    help="stages smallest first, the target last (default: the shipped draft, qualifier, smollm2)")
     eval_args(e)
@@ -127,12 +131,12 @@ def add_distill_parser(sub: Any) -> None:
     a.add_argument("--ship", metavar="DIR", help="family folder to write (default WORKDIR/family)")
     train_args(a)
     eval_args(a)
-    a.set_defaults(func=cmd_all)
+    a.set_defaults(func=cmd_all, corpus_sample=150)
 
 ROLES: dict[str, dict[str, Any]] = {
     # layers of the target each student starts from, its head, and its learning rate
-    "draft": {"layers": "0,1", "sub_vocab": 8192, "lr": 1e-3, "steps": 300},
-    "qualifier": {"layers": "0,1,2,3,4,25,26,27,28,29", "sub_vocab": 0, "lr": 3e-4, "steps": 200},
+    "draft": {"layers": "0,1", "sub_vocab": 8192, "lr": 1e-3, "steps": 800, "greedy_repeats": 2},
+    "qualifier": {"layers": "0,1,2,3,26,27,28,29", "sub_vocab": 0, "lr": 1e-3, "steps": 300, "greedy_repeats": 2},
 }
 
 
@@ -151,7 +155,7 @@ def _train_config(ns: argparse.Namespace) -> Any:
         return TrainConfig(layers=layers, sub_vocab=min(sub_vocab, 512), steps=3, batch_tokens=256, lr=role["lr"],
                            warmup=1, seed=ns.seed, save_every=2)
     return TrainConfig(layers=layers, sub_vocab=sub_vocab, steps=ns.steps or role["steps"], batch_tokens=ns.batch_tokens,
-                       lr=ns.lr or role["lr"], seed=ns.seed)
+                       lr=ns.lr or role["lr"], seed=ns.seed, greedy_repeats=role["greedy_repeats"])
 
 
 def _train(ns: argparse.Namespace, role: str, corpus_manifest: dict[str, Any]) -> dict[str, Any]:
@@ -209,18 +213,32 @@ def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
     prompts = load_prompts(per_kind=ns.per_kind)
     encoded = [(p.kind, encode_prompt(tokenizer, p.text, True)) for p in prompts]
     reports = evaluate_stages(stages, encoded, ns.new_tokens, progress=not ns.quiet)
-    return {"command": _command_line(), "stages": specs, "prompts": len(prompts), "new_tokens": ns.new_tokens,
-            "held_out": "pyramid_core/data/prompts.jsonl (never trained on)",
-            "results": [attrs.asdict(r) for r in reports]}
+    result: dict[str, Any] = {
+        "command": _command_line(), "stages": specs, "prompts": len(prompts), "new_tokens": ns.new_tokens,
+        "held_out": "pyramid_core/data/prompts.jsonl (never trained on)",
+        "results": [attrs.asdict(r) for r in reports]}
+    if getattr(ns, "corpus_sample", 0):
+        from pyramid_core.hf.corpus import load_corpus
+        from pyramid_core.hf.distill import corpus_agreement
+
+        sequences = load_corpus(Path(ns.corpus or _home(ns) / "corpus"))
+        result["corpus_sample"] = ns.corpus_sample
+        for r, stage in zip(result["results"][:-1], stages[:-1], strict=True):
+            r["corpus_agreement"] = corpus_agreement(stage, sequences, ns.corpus_sample)
+    return result
 
 
 def _eval_markdown(result: dict[str, Any]) -> str:
-    lines = ["| stage | agreement with target | agreement with next stage | ms/forward | c (vs next) | c (vs target) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| stage | agreement with target | agreement with next stage | ms/forward | c (vs next) | c (vs target) "
+             "| agreement on training text (greedy / sampled / python) |",
+             "|---|---|---|---|---|---|---|"]
     for spec, r in zip(result["stages"], result["results"], strict=True):
         nxt = "–" if r["agreement_with_next"] is None else f"{r['agreement_with_next']:.3f}"
         cn = "–" if r["cost_vs_next"] is None else f"{r['cost_vs_next']:.3f}"
-        lines.append(f"| {spec} | {r['agreement_with_target']:.3f} | {nxt} | {r['ms_per_forward']:.1f} | {cn} | {r['cost_vs_target']:.3f} |")
+        seen = r.get("corpus_agreement")
+        seen_text = " / ".join(f"{seen.get(k, float('nan')):.3f}" for k in ("greedy", "sampled", "python")) if seen else "–"
+        lines.append(f"| {spec} | {r['agreement_with_target']:.3f} | {nxt} | {r['ms_per_forward']:.1f} | {cn} "
+                     f"| {r['cost_vs_target']:.3f} | {seen_text} |")
     return "\n".join(lines) + "\n"
 
 

@@ -82,4 +82,11 @@ def test_bench_quick_smollm2(tmp_path: Path) -> None:
     assert rc == 0
     assert (tmp_path / "bench.png").is_file()
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert len(data["rows"]) == 8 and not data["mismatches"]
+    # 4 HF rows (alone, assisted with the draft and with the qualifier, prompt lookup) + 9 pyramid rows
+    assert len(data["rows"]) == 13 and not data["mismatches"]
+    labels = [r["label"] for r in data["rows"]]
+    assert "sd: draft→qualifier→target" in labels and "tree draft→qualifier→target" in labels
+    goals = data["goals"]
+    assert goals["sd_3stage_speedup"] > 0 and goals["best_hf_assisted"].startswith("HF assisted")
+    assert 0 <= goals["max_overhead_fraction"] < 1
+    assert "Goals (ratios from this run)" in (tmp_path / "bench.md").read_text()

@@ -69,8 +69,11 @@ def test_real_model_facts(smol: dict[str, Any]) -> None:
         (["ngram", "smollm2"], [4]),
         (["smollm2:num_layers=8", "smollm2"], [4]),
         (["ngram", "smollm2:num_layers=20", "smollm2"], [3, 4]),
+        (["smollm2:stage=draft", "smollm2"], [4]),
+        (["smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"], [4, 4]),
     ],
-    ids=["ngram->smollm2", "smollm2[:8]->smollm2", "ngram->smollm2[:20]->smollm2"],
+    ids=["ngram->smollm2", "smollm2[:8]->smollm2", "ngram->smollm2[:20]->smollm2", "draft->smollm2",
+         "draft->qualifier->smollm2"],
 )
 def test_greedy_pipeline_is_token_identical(stages: list[str], block_lengths: list[int], smol: dict[str, Any]) -> None:
     pipe = build_pipeline(stages, ["exact"] * (len(stages) - 1), block_lengths, sampling=SamplingConfig.greedy())
@@ -87,3 +90,30 @@ def test_greedy_pipeline_stops_at_eos_like_generate(smol: dict[str, Any]) -> Non
     assert expected[-1] == 2 and len(expected) < NEW  # HF stopped at <|im_end|>
     pipe = build_pipeline(["smollm2:num_layers=8", "smollm2"], ["exact"], [3], sampling=SamplingConfig.greedy())
     assert pipe.generate(prompt, max_new_tokens=NEW).token_list == expected
+
+
+def test_shipped_family_loads_and_is_described(smol: dict[str, Any]) -> None:
+    import json
+
+    from pyramid_core.build import make_stage
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.hf.smollm2 import family_dir
+    from pyramid_core.hf.student import SubVocabHead
+
+    family = json.loads((family_dir() / "family.json").read_text())
+    assert len(family["corpus"]["sha256"]) == 64 and family["seed"] == 0
+    results = {r["name"]: r for r in family["evaluation"]["results"]}
+    assert set(results) >= {"draft", "qualifier"}
+    draft, qualifier = make_stage("smollm2:stage=draft"), make_stage("smollm2:stage=qualifier")
+    target = make_stage("smollm2")
+    assert isinstance(draft.model.lm_head, SubVocabHead)  # type: ignore[union-attr]
+    assert draft.num_layers < qualifier.num_layers < target.num_layers  # type: ignore[union-attr]
+    # the students share the target's (frozen) embedding instead of shipping a copy
+    emb = target.model.get_input_embeddings().weight  # type: ignore[union-attr]
+    assert draft.model.get_input_embeddings().weight.data_ptr() == emb.data_ptr()  # type: ignore[union-attr]
+    shipped = sum(f.stat().st_size for f in family_dir().rglob("*.safetensors"))
+    assert shipped <= 100 * 2**20
+    with pytest.raises(ConfigError, match="valid: target, qualifier, draft"):
+        make_stage("smollm2:stage=drafter")
+    with pytest.raises(ConfigError, match="num_layers applies to the target only"):
+        make_stage("smollm2:stage=draft,num_layers=3")

@@ -35,7 +35,7 @@ from pyramid_core.errors import ConfigError
 from pyramid_core.hf.corpus import TrainSequence
 from pyramid_core.hf.student import SubVocabHead, build_student, save_student, trainable_state
 
-__all__ = ["TrainConfig", "choose_sub_vocab", "train_student", "evaluate_stages", "StageReport"]
+__all__ = ["TrainConfig", "choose_sub_vocab", "train_student", "evaluate_stages", "corpus_agreement", "StageReport"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -52,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     save_every: int = 20
+    greedy_repeats: int = 1  # each epoch holds the target's greedy answers this many times
 
 
 def choose_sub_vocab(sequences: Sequence[TrainSequence], size: int, always: Sequence[int] = ()) -> Tensor:
@@ -70,9 +71,13 @@ def choose_sub_vocab(sequences: Sequence[TrainSequence], size: int, always: Sequ
     return torch.tensor(sorted(keep[:size]), dtype=torch.long)
 
 
-def _epoch_batches(lengths: Sequence[int], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+def _epoch_batches(lengths: Sequence[int], batch_tokens: int, seed: int, epoch: int,
+                   pool: Sequence[int] | None = None) -> list[list[int]]:
+    """Batches of sequence indices (from ``pool``, default all, repeats allowed) in a seeded
+    random order, each at most ``batch_tokens`` padded tokens (or one longer sequence)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
+    items = list(pool) if pool is not None else list(range(len(lengths)))
+    order = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
     batches: list[list[int]] = []
     current: list[int] = []
     width = 0
@@ -93,6 +98,8 @@ class _Schedule:
 
     def __init__(self, sequences: Sequence[TrainSequence], cfg: TrainConfig) -> None:
         self.lengths = [len(s.tokens) for s in sequences]
+        self.pool = [i for i, s in enumerate(sequences)
+                     for _ in range(cfg.greedy_repeats if s.source == "greedy" else 1)]
         self.cfg = cfg
         self._epochs: dict[int, list[list[int]]] = {}
 
@@ -100,7 +107,7 @@ class _Schedule:
         epoch, offset = 0, step
         while True:
             if epoch not in self._epochs:
-                self._epochs[epoch] = _epoch_batches(self.lengths, self.cfg.batch_tokens, self.cfg.seed, epoch)
+                self._epochs[epoch] = _epoch_batches(self.lengths, self.cfg.batch_tokens, self.cfg.seed, epoch, self.pool)
             n = len(self._epochs[epoch])
             if offset < n:
                 return self._epochs[epoch][offset]
@@ -182,7 +189,8 @@ def train_student(target: Any, sequences: Sequence[TrainSequence], cfg: TrainCon
     ckpt = out / CHECKPOINT
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
-        if state["config"] != attrs.asdict(cfg):
+        defaults = attrs.asdict(TrainConfig(layers=cfg.layers))  # fields added later keep their defaults
+        if {**defaults, **state["config"], "layers": tuple(state["config"]["layers"])} != attrs.asdict(cfg):
             raise ConfigError(f"{ckpt} was written by another training configuration ({state['config']}); "
                               "use another --out folder or delete the checkpoint")
         student.load_state_dict(state["trainable"], strict=False)
@@ -334,6 +342,25 @@ def _greedy(target: Any, prompt: list[int], new_tokens: int) -> list[int]:
     if eos is not None and eos in cont:
         cont = cont[: cont.index(eos) + 1]
     return cont
+
+
+@torch.inference_mode()
+def corpus_agreement(stage: Any, sequences: Sequence[TrainSequence], sample: int, seed: int = 0) -> dict[str, float]:
+    """Top-1 agreement of ``stage`` with the target's stored argmax on ``sample`` corpus
+    sequences drawn with ``seed``, per source ("greedy", "sampled", "python"). Next to the
+    held-out agreement it shows how much a student memorised instead of generalising."""
+    g = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(sequences), generator=g)[:sample].tolist()
+    hits: dict[str, list[int]] = {}
+    for i in picked:
+        s = sequences[i]
+        ids = torch.tensor([s.tokens], device=stage.device)
+        logits = stage.model(input_ids=ids).logits[0, s.start: s.start + s.n_targets, : stage.vocab_size]
+        same = int((logits.argmax(-1).cpu() == s.rows.ids[:, 0].long()).sum())
+        h = hits.setdefault(s.source, [0, 0])
+        h[0] += same
+        h[1] += s.n_targets
+    return {src: h[0] / h[1] for src, h in sorted(hits.items())}
 
 
 def write_report(path: str | Path, payload: dict[str, Any]) -> None:
