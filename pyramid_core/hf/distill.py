@@ -34,6 +34,7 @@ from torch import Tensor
 from pyramid_core.errors import ConfigError
 from pyramid_core.hf.corpus import TrainSequence
 from pyramid_core.hf.student import SubVocabHead, build_student, save_student, trainable_state
+from pyramid_core.plan import measure_stage_time
 
 __all__ = ["TrainConfig", "choose_sub_vocab", "train_student", "evaluate_stages", "corpus_agreement", "StageReport"]
 
@@ -266,22 +267,6 @@ def _argmax_along(stage: Any, prompt: list[int], continuation: list[int]) -> lis
     return [int(i) for i in logits.argmax(-1).tolist()]
 
 
-@torch.inference_mode()
-def _ms_per_forward(stage: Any, context: list[int], repeats: int) -> float:
-    """Median time of a one-token decode forward through the stage's KV cache (each ``score``
-    of the same context rolls the cache back by one token and feeds it again)."""
-    ctx = torch.tensor(context)
-    stage.reset()
-    times = []
-    for i in range(repeats + 3):
-        t0 = time.perf_counter()
-        stage.score(ctx)
-        if i >= 3:  # the first calls fill the cache and warm up
-            times.append(time.perf_counter() - t0)
-    stage.reset()
-    return 1000 * statistics.median(times)
-
-
 def evaluate_stages(stages: Sequence[Any], prompts: Sequence[tuple[str, list[int]]], new_tokens: int, *,
                     timing_repeats: int = 30, progress: bool = True) -> list[StageReport]:
     """``stages`` smallest first, the target last (``HFStage``s); ``prompts`` (kind, token ids)
@@ -313,8 +298,8 @@ def evaluate_stages(stages: Sequence[Any], prompts: Sequence[tuple[str, list[int
                 hits_n[i] += sum(a == b for a, b in zip(am, argmaxes[i + 1]))
     if total == 0:
         raise ConfigError("the target produced no tokens on the evaluation prompts")
-    context = prompts[0][1] + _greedy(target, prompts[0][1], 32)
-    ms = [_ms_per_forward(s, context, timing_repeats) for s in stages]
+    context_len = len(prompts[0][1]) + min(32, new_tokens)
+    ms = [1000 * measure_stage_time(s, context_len, timing_repeats, warmup=3) for s in stages]
     reports = []
     for i, s in enumerate(stages):
         top = i + 1 == len(stages)
