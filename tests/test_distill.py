@@ -43,7 +43,7 @@ from pyramid_core.hf.student import (
     student_base,
     trainable_state,
 )
-from pyramid_core.hf.tiny import perturbed, tiny_llama, word_tokenizer
+from pyramid_core.hf.tiny import perturbed, save_with_words, tiny_llama
 from pyramid_core.types import Block
 
 VOCAB = 64
@@ -74,8 +74,7 @@ def target() -> Any:
 def saved_target(target: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``target`` and a 64-word tokenizer saved as a Hugging Face model directory."""
     path = tmp_path_factory.mktemp("distill") / "base"
-    target.save_pretrained(path)
-    word_tokenizer([f"w{i}" for i in range(VOCAB)]).save_pretrained(path)
+    save_with_words(target, path)
     return path
 
 

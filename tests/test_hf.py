@@ -22,7 +22,7 @@ from pyramid_core import (
     make_stage,
 )
 from pyramid_core.hf import HFStage, truncate_layers
-from pyramid_core.hf.tiny import tiny_llama, word_tokenizer
+from pyramid_core.hf.tiny import save_with_words, tiny_llama, word_tokenizer
 from pyramid_core.plugins import registries
 
 PROMPT = [3, 5, 7, 11, 13, 5, 7]
@@ -260,8 +260,7 @@ def test_truncated_draft_in_a_pipeline_is_lossless(tiny_models: dict[str, Any]) 
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama(9, num_layers=2).save_pretrained(path)
-    word_tokenizer([f"w{i}" for i in range(64)]).save_pretrained(path)
+    save_with_words(tiny_llama(9, num_layers=2), path)
     return path
 
 

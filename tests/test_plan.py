@@ -18,7 +18,7 @@ import torch
 from pyramid_core.cli import build_parser, main
 from pyramid_core.errors import ConfigError
 from pyramid_core.hf import HFStage
-from pyramid_core.hf.tiny import tiny_llama, word_tokenizer
+from pyramid_core.hf.tiny import save_with_words, tiny_llama
 from pyramid_core.latency import expected_tokens, predict_chain
 from pyramid_core.plan import (
     _alpha_for_tokens_per_forward,
@@ -361,8 +361,7 @@ def test_proposer_alpha_from_a_pipeline_run() -> None:
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("plan") / "tiny-plan"
-    tiny_llama(21, num_layers=2).save_pretrained(path)
-    word_tokenizer([f"w{i}" for i in range(64)]).save_pretrained(path)
+    save_with_words(tiny_llama(21, num_layers=2), path)
     return path
 
 

@@ -672,11 +672,10 @@ def test_cli_generate_with_a_tree_draft_is_greedy_identical(tmp_path: Any, capsy
     """``pyramid generate --tree SPEC`` wraps the first stage (a 1-layer view of a saved tiny
     Llama) in a tree proposer; ``--compare`` checks the greedy output against HF generate."""
     from pyramid_core.cli import main
-    from pyramid_core.hf.tiny import tiny_llama, word_tokenizer
+    from pyramid_core.hf.tiny import save_with_words, tiny_llama
 
     path = tmp_path / "tiny-llama"
-    tiny_llama(9, num_layers=2).save_pretrained(path)
-    word_tokenizer([f"w{i}" for i in range(64)]).save_pretrained(path)
+    save_with_words(tiny_llama(9, num_layers=2), path)
     code = main(["generate", "--prompt", "w3 w5 w7 w11 w13", "--no-chat", "--max-new-tokens", "16", "--compare",
                  "--stage", f"hf:path={path},num_layers=1", "--stage", f"hf:path={path}", "--length", "3",
                  "--tree", "tree:branching=3-2-1,replacement=false"])

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tiny_llama", "perturbed", "word_tokenizer"]
+__all__ = ["tiny_llama", "perturbed", "word_tokenizer", "save_with_words"]
 
 
 def tiny_llama(
@@ -80,3 +80,11 @@ def word_tokenizer(words: Sequence[str]) -> Any:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast: Any = PreTrainedTokenizerFast  # untyped constructor
     return fast(tokenizer_object=tok, unk_token=words[0])
+
+
+def save_with_words(model: Any, path: Any) -> Any:
+    """Save ``model`` and a word tokenizer over its vocabulary (``w0``, ``w1``, ...) to ``path``
+    as a Hugging Face model directory (what ``hf:path=`` loads); returns ``path``."""
+    model.save_pretrained(path)
+    word_tokenizer([f"w{i}" for i in range(int(model.config.vocab_size))]).save_pretrained(path)
+    return path
