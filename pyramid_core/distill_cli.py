@@ -35,31 +35,45 @@ def _command_line() -> str:
     return "pyramid " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _target() -> tuple[Any, Any]:
+def _target(ns: argparse.Namespace) -> tuple[Any, Any]:
     from pyramid_core.errors import ConfigError
     from pyramid_core.hf.smollm2 import smollm2_dir, smollm2_ready
     from pyramid_core.hf.stage import load_model, load_tokenizer
 
     if not smollm2_ready():
         raise ConfigError("distillation needs the target: run `pyramid setup` first")
-    return load_model(smollm2_dir()), load_tokenizer(smollm2_dir())
+    return load_model(smollm2_dir(), device=_device(ns)), load_tokenizer(smollm2_dir())
+
+
+def _device(ns: argparse.Namespace) -> str:
+    import torch
+
+    from pyramid_core.errors import ConfigError
+
+    device = getattr(ns, "device", None) or "cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ConfigError(f"--device {device!r} is not usable here: {exc}") from None
+    return device
 
 
 def _corpus_config(ns: argparse.Namespace) -> Any:
     from pyramid_core.hf.corpus import CorpusConfig
 
     if ns.smoke:
-        return CorpusConfig(prompts=4, new_tokens=8, python_chars=3000, window=64, batch_size=4, seed=ns.seed)
+        return CorpusConfig(prompts=4, new_tokens=8, python_chars=3000, window=64, batch_size=4, seed=ns.seed,
+                            self_instruct=2 if ns.self_instruct else 0, self_instruct_tokens=24)
     new_tokens = getattr(ns, "new_tokens_corpus", None) or ns.new_tokens
     return CorpusConfig(prompts=ns.prompts, new_tokens=new_tokens, python_chars=ns.python_chars,
-                        batch_size=ns.batch_size, seed=ns.seed)
+                        batch_size=ns.batch_size, seed=ns.seed, self_instruct=ns.self_instruct)
 
 
 def cmd_corpus(ns: argparse.Namespace) -> int:
     from pyramid_core.hf.corpus import build_corpus
     from pyramid_core.prompts import load_prompts
 
-    model, tokenizer = _target()
+    model, tokenizer = _target(ns)
     held_out = [p.text for p in load_prompts()]
     out = Path(ns.corpus or _home(ns) / "corpus")
     manifest = build_corpus(model, tokenizer, out, _corpus_config(ns), held_out=held_out, progress=not ns.quiet)
@@ -75,6 +89,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a tiny run of every step (seconds; what CI runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", help="where the target and the students run (cpu, cuda, ...; default cpu)")
+
+
+def _corpus_args(p: argparse.ArgumentParser, new_tokens_option: str) -> None:
+    p.add_argument("--prompts", type=int, default=720, help="templated training prompts (each answered greedily and sampled)")
+    p.add_argument("--self-instruct", type=int, default=0, metavar="N",
+                   help="also N prompts the target writes itself (answered the same way; default 0)")
+    p.add_argument(new_tokens_option, type=int, default=128, help="tokens per answer")
+    p.add_argument("--python-chars", type=int, default=200_000, help="characters of Python's stdlib sources")
+    p.add_argument("--batch-size", type=int, default=48, help="sequences per target batch")
 
 
 def add_distill_parser(sub: Any) -> None:
@@ -83,10 +107,7 @@ def add_distill_parser(sub: Any) -> None:
 
     c = dsub.add_parser("corpus", help="the target answers training prompts and reads Python sources")
     _common(c)
-    c.add_argument("--prompts", type=int, default=720, help="training prompts (each answered greedily and sampled)")
-    c.add_argument("--new-tokens", type=int, default=128)
-    c.add_argument("--python-chars", type=int, default=200_000, help="characters of Python's stdlib sources")
-    c.add_argument("--batch-size", type=int, default=48)
+    _corpus_args(c, "--new-tokens")
     c.set_defaults(func=cmd_corpus)
 
     def train_args(t: argparse.ArgumentParser) -> None:
@@ -120,23 +141,24 @@ def add_distill_parser(sub: Any) -> None:
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", metavar="FILE.json")
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--device", help="where the stages run (cpu, cuda, ...; default cpu)")
     e.set_defaults(func=cmd_eval)
 
     a = dsub.add_parser("all", help="the whole recipe: corpus, draft, qualifier, evaluation, family folder")
     _common(a)
-    a.add_argument("--prompts", type=int, default=720)
-    a.add_argument("--new-tokens-corpus", dest="new_tokens_corpus", type=int, default=128)
-    a.add_argument("--python-chars", type=int, default=200_000)
-    a.add_argument("--batch-size", type=int, default=48)
+    _corpus_args(a, "--new-tokens-corpus")
+    a.add_argument("--draft-steps", type=int, help=f"draft optimiser steps (default {ROLES_STEPS['draft']})")
+    a.add_argument("--qualifier-steps", type=int, help=f"qualifier optimiser steps (default {ROLES_STEPS['qualifier']})")
     a.add_argument("--ship", metavar="DIR", help="family folder to write (default WORKDIR/family)")
     train_args(a)
     eval_args(a)
     a.set_defaults(func=cmd_all, corpus_sample=150)
 
+ROLES_STEPS = {"draft": 800, "qualifier": 300}
 ROLES: dict[str, dict[str, Any]] = {
     # layers of the target each student starts from, its head, and its learning rate
-    "draft": {"layers": "0,1", "sub_vocab": 8192, "lr": 1e-3, "steps": 800, "greedy_repeats": 2},
-    "qualifier": {"layers": "0,1,2,3,26,27,28,29", "sub_vocab": 0, "lr": 1e-3, "steps": 300, "greedy_repeats": 2},
+    "draft": {"layers": "0,1", "sub_vocab": 8192, "lr": 1e-3, "steps": ROLES_STEPS["draft"], "greedy_repeats": 2},
+    "qualifier": {"layers": "0,1,2,3,26,27,28,29", "sub_vocab": 0, "lr": 1e-3, "steps": ROLES_STEPS["qualifier"], "greedy_repeats": 2},
 }
 
 
@@ -162,7 +184,7 @@ def _train(ns: argparse.Namespace, role: str, corpus_manifest: dict[str, Any]) -
     from pyramid_core.hf.corpus import load_corpus
     from pyramid_core.hf.distill import train_student
 
-    model, tokenizer = _target()
+    model, tokenizer = _target(ns)
     ns.role = role
     cfg = _train_config(ns)
     corpus_dir = Path(ns.corpus or _home(ns) / "corpus")
@@ -197,6 +219,13 @@ def _eval_specs(ns: argparse.Namespace) -> list[str]:
     return list(ns.stage) if ns.stage else ["smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"]
 
 
+def _is_backend(spec: str) -> bool:
+    from pyramid_core.plugins import registries
+    from pyramid_core.registry import parse_spec
+
+    return parse_spec(spec)[0] in registries().backends
+
+
 def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
     from pyramid_core.build import check_same_tokenizer, make_stage
     from pyramid_core.errors import ConfigError
@@ -204,7 +233,8 @@ def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
     from pyramid_core.prompts import load_prompts
     from pyramid_core.sweep import encode_prompt
 
-    stages = [make_stage(s) for s in specs]
+    device = _device(ns)
+    stages = [make_stage(s, device=device) if _is_backend(s) else make_stage(s) for s in specs]
     for spec, stage in zip(specs, stages, strict=True):
         if not hasattr(stage, "model"):
             raise ConfigError(f"stage {spec!r} is not a model backend; `pyramid distill eval` compares models")
@@ -260,13 +290,14 @@ def cmd_all(ns: argparse.Namespace) -> int:
     from pyramid_core.hf.corpus import build_corpus
     from pyramid_core.prompts import load_prompts
 
-    model, tokenizer = _target()
+    model, tokenizer = _target(ns)
     corpus_dir = Path(ns.corpus or _home(ns) / "corpus")
     manifest = build_corpus(model, tokenizer, corpus_dir, _corpus_config(ns),
                             held_out=[p.text for p in load_prompts()], progress=not ns.quiet)
     reports = {}
     for role in ("draft", "qualifier"):
-        ns.layers = ns.sub_vocab = ns.steps = ns.lr = None
+        ns.layers = ns.sub_vocab = ns.lr = None
+        ns.steps = getattr(ns, f"{role}_steps")
         ns.out = str(_home(ns) / role) if not ns.smoke else str(_home(ns) / f"smoke-{role}")
         reports[role] = _train(ns, role, manifest)
         if not reports[role]["finished"]:
@@ -285,7 +316,7 @@ def cmd_all(ns: argparse.Namespace) -> int:
         "family": "SmolLM2-135M-Instruct distilled draft and qualifier",
         "command": _command_line(),
         "seed": ns.seed,
-        "corpus": {k: manifest.get(k) for k in ("sha256", "sequences", "target_positions", "by_source", "config", "command")},
+        "corpus": {k: manifest.get(k) for k in ("sha256", "sequences", "target_positions", "by_source", "prompts", "config", "command")},
         "training": reports,
         "evaluation": evaluation,
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import types
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from pyramid_core.hf.corpus import (
     TrainSequence,
     corpus_hash,
     load_corpus,
+    self_instruct_prompts,
     training_prompts,
 )
 from pyramid_core.hf.distill import (
@@ -43,13 +45,15 @@ from pyramid_core.hf.student import (
     student_base,
     trainable_state,
 )
-from pyramid_core.hf.tiny import perturbed, save_with_words, tiny_llama
+from pyramid_core.hf.tiny import perturbed, save_with_words, tiny_llama, word_tokenizer
 from pyramid_core.types import Block
 
 VOCAB = 64
 PROMPT = [3, 5, 7, 11, 13, 5, 7]
 NEW = 30
 SUB = torch.arange(0, VOCAB, 2)  # every even id: a sub-vocabulary of 32
+# every device this machine has: CPU always, CUDA where present (never a skip)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def logits_of(model: Any, ids: list[int]) -> torch.Tensor:
@@ -390,6 +394,41 @@ def test_interrupted_run_resumes_to_the_same_weights(target: Any, saved_target: 
     assert not torch.equal(untouched["model.layers.0.mlp.up_proj.weight"], a["trainable"]["model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_and_resuming_on_each_device(target: Any, saved_target: Path, corpus: list[TrainSequence],
+                                              tmp_path: Path, device: str) -> None:
+    import copy
+
+    here = copy.deepcopy(target).to(device)  # students share (and freeze) their target's embedding
+    cfg = TrainConfig(layers=(0, 2), sub_vocab=40, steps=16, batch_tokens=128, lr=1e-2, warmup=2, save_every=4)
+    kw: dict[str, Any] = {"base": str(saved_target), "eos": [63], "progress": False}
+    clock = StepClock()
+    real_loss = distill_mod._loss
+
+    def counting_loss(*args: Any) -> Any:
+        clock.steps += 1
+        return real_loss(*args)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(distill_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+        m.setattr(distill_mod, "_loss", counting_loss)
+        stopped = train_student(here, corpus, cfg, tmp_path, max_minutes=6, **kw)
+    assert stopped["steps"] == 6 and not stopped["finished"]
+    report = train_student(here, corpus, cfg, tmp_path, **kw)  # resumes from the checkpoint on ``device``
+    assert report["finished"] and report["steps"] == 16
+    history = read_checkpoint(tmp_path)["history"]
+    assert [h["step"] for h in history] == list(range(1, 17))
+    assert statistics.fmean(h["loss"] for h in history[-4:]) < statistics.fmean(h["loss"] for h in history[:4])
+
+    stage = HFStage.from_pretrained(tmp_path, device=device)
+    assert stage.device.type == device and isinstance(stage.model.lm_head, SubVocabHead)
+    # the trained student drafts for its target on ``device``, losslessly
+    pipe = build_pipeline([stage, HFStage(here)], ["exact"], [3], sampling=SamplingConfig.greedy(), stop_ids=[])
+    generated = pipe.generate(PROMPT, max_new_tokens=8)
+    assert generated.tokens.device.type == device
+    assert generated.token_list == hf_greedy(here, PROMPT, 8)
+
+
 def test_checkpoint_of_another_configuration_is_refused(target: Any, saved_target: Path, corpus: list[TrainSequence],
                                                         tmp_path: Path) -> None:
     cfg = TrainConfig(layers=(0,), steps=2, batch_tokens=64, warmup=1)
@@ -477,6 +516,76 @@ def test_training_prompts_are_disjoint_from_the_shipped_held_out_set() -> None:
     assert not {p for _, p in training_prompts(0, held_out)} & set(held_out)
 
 
+# --- self-instruct prompts --------------------------------------------------------------------
+
+CHAT = "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}{% if add_generation_prompt %}w3 {% endif %}"
+
+
+def chat_words() -> Any:
+    """The 64-word tokenizer with a chat template: a user turn is ``w1 TEXT w2``."""
+    tok = word_tokenizer([f"w{i}" for i in range(VOCAB)])
+    tok.chat_template = CHAT
+    tok.eos_token = "w63"
+    return tok
+
+
+class ScriptedWriter:
+    """Stands in for the target: ``generate`` returns the next scripted continuations (after
+    echoing the batch), so the filters of ``self_instruct_prompts`` are checked exactly."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, rows: list[list[int]]) -> None:
+        self.rows = rows
+        self.calls: list[dict[str, Any]] = []
+
+    def generate(self, input_ids: torch.Tensor, **kw: Any) -> torch.Tensor:
+        self.calls.append(kw | {"input_ids": input_ids})
+        width = max(len(r) for r in self.rows)
+        batch = [self.rows.pop(0) + [0] * (width - len(r)) for r in self.rows[: input_ids.shape[0]]]
+        return torch.cat([input_ids, torch.tensor(batch)], dim=1)
+
+
+def test_self_instruct_prompts_keep_finished_new_turns_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyramid_core.hf import corpus as corpus_mod
+
+    monkeypatch.setattr(corpus_mod, "_OPENERS", {"chat": ("w40",), "qa": ("w41",)})  # kinds take turns
+    tok = chat_words()
+    w2 = tok.convert_tokens_to_ids("w2")
+    rows = [
+        [5, 6, 7, 8, w2],      # chat: kept
+        [5, 6, 7, 8, 9],       # qa: the turn never ends within max_tokens -> dropped
+        [5, 6, w2, 8, 9],      # chat: three words -> dropped
+        [5, 6, 7, 8, w2],      # qa: kept (another opener, so another prompt)
+        [5, 6, 7, 8, w2],      # chat: a repeat -> dropped
+        [14, 15, 16, 17, w2],  # qa: equals a held-out prompt -> dropped
+        [10, 11, 12, 13, 63],  # chat: ends with end-of-sequence -> kept, and the third is enough
+        *[[20 + i, 21, 22, 23, w2] for i in range(5)],
+    ]
+    writer = ScriptedWriter(rows)
+    out = self_instruct_prompts(writer, tok, 3, seed=0, batch_size=6, progress=False,
+                                held_out=["w41 w14 w15 w16 w17"], max_tokens=5, temperature=0.7)
+    assert out == [("chat", "w40 w5 w6 w7 w8"), ("qa", "w41 w5 w6 w7 w8"), ("chat", "w40 w10 w11 w12 w13")]
+    call = writer.calls[0]
+    assert call["do_sample"] is True and call["temperature"] == 0.7 and call["max_new_tokens"] == 5
+    assert sorted(call["eos_token_id"]) == sorted({w2, 63})
+    w1, w40 = tok.convert_tokens_to_ids("w1"), tok.convert_tokens_to_ids("w40")
+    assert call["input_ids"][0].tolist() == [w1, w40]  # the user turn, opened
+
+
+def test_self_instruct_prompts_from_a_real_model_are_seeded(target: Any) -> None:
+    tok = chat_words()
+    a = self_instruct_prompts(target, tok, 3, seed=5, batch_size=8, max_tokens=64, progress=False)
+    b = self_instruct_prompts(target, tok, 3, seed=5, batch_size=8, max_tokens=64, progress=False)
+    assert a == b and len(a) <= 3
+    assert all(kind in ("chat", "translation", "summarisation", "qa", "maths", "retrieval") for kind, _ in a)
+
+
+def test_self_instruct_prompts_need_a_chat_template(target: Any) -> None:
+    with pytest.raises(ConfigError, match="chat template"):
+        self_instruct_prompts(target, word_tokenizer([f"w{i}" for i in range(VOCAB)]), 2, progress=False)
+
+
 # --- the smoke run on SmolLM2 (slow) ---------------------------------------------------------
 
 
@@ -486,12 +595,15 @@ def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path) -> None:
     from pyramid_core.hf import ensure_smollm2
 
     ensure_smollm2(progress=True)
-    argv = ["distill", "all", "--smoke", "--workdir", str(tmp_path), "--quiet", "--per-kind", "1", "--new-tokens", "8"]
+    argv = ["distill", "all", "--smoke", "--self-instruct", "8", "--workdir", str(tmp_path), "--quiet",
+            "--per-kind", "1", "--new-tokens", "8"]
     assert main(argv) == 0
 
     family_dir = tmp_path / "smoke-family"
     family = json.loads((family_dir / "family.json").read_text())
     assert family["corpus"]["sha256"] == corpus_hash(load_corpus(tmp_path / "corpus"))
+    own = json.loads((tmp_path / "corpus" / "self_instruct.json").read_text())  # the target's own prompts
+    assert family["corpus"]["prompts"] == {"templated": 4, "self_instruct": len(own)} and len(own) <= 2
     for role in ("draft", "qualifier"):
         report = family["training"][role]
         assert report["finished"] is True and report["steps"] == 3

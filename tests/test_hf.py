@@ -316,14 +316,42 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_greedy_identity_on_each_device(tiny_models: dict[str, Any], reference: list[int], device: str) -> None:
+@pytest.mark.parametrize("preset", [None, "sd", "psd-a", "psd-f", "tree"])
+def test_greedy_identity_on_each_device(tiny_models: dict[str, Any], device: str, preset: str | None) -> None:
+    """Every lossless configuration (and psd-f, lossless under greedy one-hot rows) reproduces
+    the target's greedy output on every device, with its tokens left on that device."""
     import copy
 
     target = copy.deepcopy(tiny_models["target"]).to(device)
     draft = copy.deepcopy(tiny_models["near"]).to(device)
     expected = hf_greedy(target, PROMPT)  # on-device reference (kernels may differ from CPU)
-    stages: list[Any] = ["ngram", HFStage(draft), HFStage(target)]
-    pipe = build_pipeline(stages, ["exact", "exact"], [2, 3], sampling=SamplingConfig.greedy(), stop_ids=[])
+    greedy = SamplingConfig.greedy()
+    if preset is None:
+        pipe = build_pipeline(["ngram", HFStage(draft), HFStage(target)], ["exact", "exact"], [2, 3], sampling=greedy,
+                              stop_ids=[])
+    elif preset == "tree":
+        pipe = build_pipeline([HFStage(draft), HFStage(target)], ["exact"], [3], sampling=greedy, stop_ids=[],
+                              tree="tree:branching=3-2-1")
+    else:  # a 3-stage preset: an unrelated draft below the near one
+        far = copy.deepcopy(tiny_models["far"]).to(device)
+        pipe = build_pipeline([HFStage(far), HFStage(draft), HFStage(target)], preset=preset, block_lengths=[3, 2],
+                              sampling=greedy, stop_ids=[])
     gen = pipe.generate(PROMPT, max_new_tokens=NEW)
     assert gen.tokens.device.type == device
     assert gen.token_list == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_chain_runs_on_each_device(tiny_models: dict[str, Any], device: str) -> None:
+    import copy
+
+    target = copy.deepcopy(tiny_models["target"]).to(device)
+    draft = copy.deepcopy(tiny_models["near"]).to(device)
+    pipe = build_pipeline(["ngram", HFStage(draft), HFStage(target)], ["exact", "exact"], [2, 3],
+                          sampling=SamplingConfig(temperature=0.9), stop_ids=[])
+    a, b = pipe.generate(PROMPT, max_new_tokens=24, seed=3), pipe.generate(PROMPT, max_new_tokens=24, seed=3)
+    assert a.tokens.device.type == device and len(a.token_list) == 24
+    assert a.token_list == b.token_list  # seeded: the same draws on the same device
+    assert all(0 <= t < target.config.vocab_size for t in a.token_list)
+
+

@@ -2,11 +2,15 @@
 
 Two sources, both available on a machine without a model hub:
 
-* **self-generated text** -- the target answers training prompts built here from templates and
-  topic lists (``training_prompts``), disjoint from the held-out prompt set in
-  ``pyramid_core/data/prompts.jsonl`` (which is never trained on); each prompt is answered
-  greedily and, with a seeded sampler, at temperature ``sample_temperature``. Greedy answers
-  are the text a greedy pipeline verifies; sampled ones add variety.
+* **self-generated text** -- the target answers training prompts, disjoint from the held-out
+  prompt set in ``pyramid_core/data/prompts.jsonl`` (which is never trained on): prompts built
+  here from templates and topic lists (``training_prompts``) and, with ``self_instruct > 0``,
+  prompts the target writes itself (``self_instruct_prompts``: its chat template opened with a
+  user turn that starts with one of a few openers per task kind, continued by sampling until the
+  turn ends). Templates alone are few enough for a student to memorise; the target's own
+  prompts are as varied as the target. Each prompt is answered greedily and, with a seeded
+  sampler, at temperature ``sample_temperature``. Greedy answers are the text a greedy pipeline
+  verifies; sampled ones add variety.
 * **Python's own sources** -- windows of the standard library's ``.py`` files (code, comments
   and docstrings), read by the target with teacher forcing.
 
@@ -39,6 +43,7 @@ __all__ = [
     "TeacherRows",
     "TrainSequence",
     "training_prompts",
+    "self_instruct_prompts",
     "python_source_texts",
     "build_corpus",
     "load_corpus",
@@ -46,6 +51,7 @@ __all__ = [
 ]
 
 CORPUS_MANIFEST = "corpus.json"
+SELF_INSTRUCT = "self_instruct.json"
 
 # Templates x topics: ~900 training prompts over the six task kinds of the held-out set, written
 # differently from it (the builder checks that none coincides with a held-out prompt).
@@ -114,6 +120,86 @@ def training_prompts(seed: int = 0, held_out: Sequence[str] = ()) -> list[tuple[
     return out
 
 
+# How the target's own user turns may start, per task kind: enough to cover the six kinds; the
+# target writes the rest of each prompt (``self_instruct_prompts``).
+_OPENERS: dict[str, tuple[str, ...]] = {
+    "chat": ("Hi! I", "Can you help me", "I'm trying to decide", "What should I do if", "I feel", "Any tips for",
+             "Could you suggest", "My"),
+    "translation": ("Translate into French:", "Translate this sentence into Spanish:", "How do you say",
+                    "Translate the following from English to German:", "Please translate into Italian:",
+                    "Translate into Portuguese:"),
+    "summarisation": ("Summarize the following text:", "Give a short summary of", "Summarise the main points of",
+                      "Write a one-sentence summary of this passage:", "TL;DR:"),
+    "qa": ("What is", "Why do", "How does", "Who", "When did", "Explain why", "What are the differences between",
+           "Is it true that"),
+    "maths": ("Solve:", "What is", "A store sells", "If a car travels", "Calculate", "Tom has", "Find the value of x:",
+              "A rectangle has"),
+    "retrieval": ("Read the passage and answer the question.\nPassage:", "Context:",
+                  "Use the following notes to answer.\nNotes:", "Based on the text below, answer the question.\nText:"),
+}
+
+
+def _user_turn(tokenizer: Any) -> tuple[list[int], set[int]]:
+    """(token ids of the chat template up to a user turn's text, token ids that end the turn)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("self-instruct prompts need a tokenizer with a chat template")
+    marker = "\u2063PYRAMID\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    prefix, _, suffix = str(text).partition(marker)
+    ends = {int(t) for t in tokenizer(suffix, add_special_tokens=False)["input_ids"][:1]}
+    if tokenizer.eos_token_id is not None:
+        ends.add(int(tokenizer.eos_token_id))
+    return list(tokenizer(prefix, add_special_tokens=False)["input_ids"]), ends
+
+
+@torch.inference_mode()
+def self_instruct_prompts(model: Any, tokenizer: Any, n: int, *, seed: int = 0, held_out: Sequence[str] = (),
+                          max_tokens: int = 48, temperature: float = 1.0, batch_size: int = 64,
+                          progress: bool = True) -> list[tuple[str, str]]:
+    """``n`` (kind, prompt) pairs written by ``model`` itself: a user turn of its chat template is
+    opened with an opener of the kind (kinds in turn, openers drawn with ``seed``) and sampled at
+    ``temperature`` until the turn ends. Turns that do not end within ``max_tokens``, have fewer
+    than four words, repeat an earlier prompt or equal a held-out prompt are dropped; sampling
+    stops after ``4 n`` tries (fewer than ``n`` pairs are then returned)."""
+    from tqdm.auto import tqdm
+
+    if n <= 0:
+        return []
+    prefix, ends = _user_turn(tokenizer)
+    rng = random.Random(seed)
+    kinds = list(_OPENERS)
+    seen = set(held_out)
+    out: list[tuple[str, str]] = []
+    tries = 0
+    bar = tqdm(total=n, desc="self-instruct prompts", unit="prompt", disable=not progress)
+    while len(out) < n and tries < 4 * n:
+        batch = []
+        for _ in range(batch_size):
+            kind = kinds[tries % len(kinds)]
+            opener = rng.choice(_OPENERS[kind])
+            batch.append((kind, list(tokenizer(opener, add_special_tokens=False)["input_ids"])))
+            tries += 1
+        ids, mask = _left_padded([prefix + o for _, o in batch], 0, model.device)
+        torch.manual_seed(seed * 1_000_003 + tries)
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                             top_k=None, top_p=None, max_new_tokens=max_tokens, eos_token_id=sorted(ends),
+                             pad_token_id=0)[:, ids.shape[1]:].cpu()
+        for (kind, opener_ids), row in zip(batch, gen.tolist(), strict=True):
+            stop = next((j for j, t in enumerate(row) if t in ends), None)
+            if stop is None:
+                continue
+            text = tokenizer.decode(opener_ids + row[:stop], skip_special_tokens=True).strip()
+            if len(text.split()) < 4 or text in seen:
+                continue
+            seen.add(text)
+            out.append((kind, text))
+            bar.update(1)
+            if len(out) == n:
+                break
+    bar.close()
+    return out
+
+
 def python_source_texts(limit_chars: int, seed: int = 0) -> list[str]:
     """Text from Python's standard library sources on this machine (deterministic order and
     choice), about ``limit_chars`` characters in all."""
@@ -162,7 +248,7 @@ class TrainSequence:
 
 @attrs.frozen
 class CorpusConfig:
-    prompts: int = 600  # training prompts answered by the target (greedy and sampled each)
+    prompts: int = 600  # templated training prompts answered by the target (greedy and sampled each)
     new_tokens: int = 128  # per answer
     sample_temperature: float = 0.8
     python_chars: int = 200_000  # characters of Python sources
@@ -171,12 +257,26 @@ class CorpusConfig:
     batch_size: int = 24
     seed: int = 0
     chat: bool = True
+    self_instruct: int = 0  # prompts the target writes itself, answered like the templated ones
+    self_instruct_tokens: int = 48  # longest self-written prompt, in tokens
+    self_instruct_temperature: float = 1.0
 
 
 def _top_rows(logits: Tensor, k: int) -> TeacherRows:
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, ids = logp.topk(k, dim=-1)
-    return TeacherRows(values.to(torch.float16), ids.to(torch.int32))
+    return TeacherRows(values.to(torch.float16).cpu(), ids.to(torch.int32).cpu())
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask) of token lists left-padded to one width, on ``device``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -188,13 +288,8 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def _answer(model: Any, prompts: list[list[int]], cfg: CorpusConfig, vocab: int, eos: set[int],
             sample: bool, generator_seed: int) -> list[TrainSequence]:
     """The target's answers to a batch of encoded prompts (left-padded, one ``generate``)."""
-    width = max(len(p) for p in prompts)
     pad = 0
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = _left_padded(prompts, pad, model.device)
     kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": cfg.new_tokens,
                               "return_dict_in_generate": True, "output_logits": True,
                               "pad_token_id": pad, "top_k": None, "top_p": None}
@@ -205,7 +300,7 @@ def _answer(model: Any, prompts: list[list[int]], cfg: CorpusConfig, vocab: int,
         kwargs["temperature"] = None
     out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     logits = torch.stack(out.logits, dim=1)[..., :vocab]  # [B, steps, V]
-    gen = out.sequences[:, width:]
+    gen = out.sequences[:, ids.shape[1]:].cpu()
     result = []
     for i, p in enumerate(prompts):
         toks = gen[i].tolist()
@@ -228,7 +323,7 @@ def _read_windows(model: Any, windows: list[list[int]], cfg: CorpusConfig, vocab
     for i, w in enumerate(windows):
         ids[i, : len(w)] = torch.tensor(w)
         mask[i, : len(w)] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits[..., :vocab]
+    logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[..., :vocab]
     return [TrainSequence("python", w, 0, _top_rows(logits[i, : len(w) - 1], cfg.top_k)) for i, w in enumerate(windows)]
 
 
@@ -254,13 +349,23 @@ def build_corpus(model: Any, tokenizer: Any, out_dir: str | Path, cfg: CorpusCon
     manifest_path = out / CORPUS_MANIFEST
     if manifest_path.is_file():
         manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        if manifest.get("config") == attrs.asdict(cfg):
+        # fields added to the recipe later keep their defaults in older manifests
+        if {**attrs.asdict(CorpusConfig()), **manifest.get("config", {})} == attrs.asdict(cfg):
             return manifest
         raise ConfigError(f"{out} holds a corpus built with another recipe ({manifest.get('config')}); "
                           "use another --corpus folder")
     vocab = len(tokenizer)
     eos = {int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
     prompts = training_prompts(cfg.seed, held_out)[: cfg.prompts]
+    templated = len(prompts)
+    if cfg.self_instruct:
+        written = out / SELF_INSTRUCT
+        if not written.is_file():  # resumable: the target's prompts are written once
+            own = self_instruct_prompts(model, tokenizer, cfg.self_instruct, seed=cfg.seed, held_out=held_out,
+                                        max_tokens=cfg.self_instruct_tokens, temperature=cfg.self_instruct_temperature,
+                                        batch_size=cfg.batch_size, progress=progress)
+            written.write_text(json.dumps([{"kind": k, "prompt": p} for k, p in own], indent=1) + "\n")
+        prompts += [(d["kind"], d["prompt"]) for d in json.loads(written.read_text())]
     encoded = sorted((encode_prompt(tokenizer, p, cfg.chat) for _, p in prompts), key=len)
     jobs: list[tuple[str, list[list[int]]]] = []
     for mode in ("greedy", "sampled"):
@@ -294,6 +399,7 @@ def build_corpus(model: Any, tokenizer: Any, out_dir: str | Path, cfg: CorpusCon
         "target_positions": sum(s.n_targets for s in sequences),
         "by_source": {src: sum(s.n_targets for s in sequences if s.source == src)
                       for src in ("greedy", "sampled", "python")},
+        "prompts": {"templated": templated, "self_instruct": len(prompts) - templated},
         "shards": len(jobs),
         "build_seconds_this_run": round(time.perf_counter() - t0, 1),
     }

@@ -18,12 +18,13 @@ stage's forward time when decoding one token with its KV cache (the cost ratios 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def _lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _collate(batch: list[TrainSequence], to_sub: Tensor | None) -> dict[str, Tensor]:
+def _collate(batch: list[TrainSequence], to_sub: Tensor | None, device: torch.device) -> dict[str, Tensor]:
     """Right-padded token ids and, per supervised position, the teacher's top-k (as sub-vocab
     columns when ``to_sub`` maps token id -> column, -1 off the sub-vocabulary)."""
     width = max(len(s.tokens) for s in batch)
@@ -144,12 +145,25 @@ def _collate(batch: list[TrainSequence], to_sub: Tensor | None) -> dict[str, Ten
     teacher_lp = torch.cat(logp)
     p = torch.softmax(teacher_lp, dim=-1)
     p = torch.where(col >= 0, p, torch.zeros_like(p))
-    return {"ids": ids, "mask": mask, "b": torch.cat(rows_b), "t": torch.cat(rows_t), "p": p,
+    data = {"ids": ids, "mask": mask, "b": torch.cat(rows_b), "t": torch.cat(rows_t), "p": p,
             "col": col.clamp(min=0), "top1": col[:, 0]}
+    return {k: v.to(device, non_blocking=True) for k, v in data.items()}
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    """TF32 tensor cores for the float32 head and loss on CUDA (no effect on CPU)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _loss(student: Any, data: dict[str, Tensor]) -> tuple[Tensor, float, int]:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=data["ids"].device.type == "cpu"):
+    device_type = data["ids"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type in ("cpu", "cuda")):
         hidden = student.model(input_ids=data["ids"], attention_mask=data["mask"]).last_hidden_state
     h = hidden[data["b"], data["t"]].float()  # [n, hidden]: supervised positions only
     head = student.lm_head
@@ -177,7 +191,8 @@ def train_student(target: Any, sequences: Sequence[TrainSequence], cfg: TrainCon
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     sub = choose_sub_vocab(sequences, cfg.sub_vocab, eos) if cfg.sub_vocab else None
-    student = build_student(target, cfg.layers, sub)
+    device = target.get_input_embeddings().weight.device
+    student = build_student(target, cfg.layers, sub).to(device)
     to_sub: Tensor | None = None
     if sub is not None:
         to_sub = torch.full((int(target.get_input_embeddings().weight.shape[0]),), -1, dtype=torch.long)
@@ -189,7 +204,7 @@ def train_student(target: Any, sequences: Sequence[TrainSequence], cfg: TrainCon
     step, history, seconds = 0, [], 0.0
     ckpt = out / CHECKPOINT
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         defaults = attrs.asdict(TrainConfig(layers=cfg.layers))  # fields added later keep their defaults
         if {**defaults, **state["config"], "layers": tuple(state["config"]["layers"])} != attrs.asdict(cfg):
             raise ConfigError(f"{ckpt} was written by another training configuration ({state['config']}); "
@@ -215,10 +230,11 @@ def train_student(target: Any, sequences: Sequence[TrainSequence], cfg: TrainCon
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg)
-        data = _collate([sequences[i] for i in schedule.batch(step)], to_sub)
-        loss, agree, n = _loss(student, data)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        data = _collate([sequences[i] for i in schedule.batch(step)], to_sub, device)
+        with _tf32():
+            loss, agree, n = _loss(student, data)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
