@@ -158,8 +158,8 @@ def self_instruct_prompts(model: Any, tokenizer: Any, n: int, *, seed: int = 0, 
                           progress: bool = True) -> list[tuple[str, str]]:
     """``n`` (kind, prompt) pairs written by ``model`` itself: a user turn of its chat template is
     opened with an opener of the kind (kinds in turn, openers drawn with ``seed``) and sampled at
-    ``temperature`` until the turn ends. Turns that do not end within ``max_tokens``, have fewer
-    than four words, repeat an earlier prompt or equal a held-out prompt are dropped; sampling
+    ``temperature`` until the turn ends. Turns that do not end within ``max_tokens``, add fewer
+    than three words to the opener, repeat an earlier prompt or equal a held-out prompt are dropped; sampling
     stops after ``4 n`` tries (fewer than ``n`` pairs are then returned)."""
     from tqdm.auto import tqdm
 
@@ -189,7 +189,7 @@ def self_instruct_prompts(model: Any, tokenizer: Any, n: int, *, seed: int = 0, 
             if stop is None:
                 continue
             text = tokenizer.decode(opener_ids + row[:stop], skip_special_tokens=True).strip()
-            if len(text.split()) < 4 or text in seen:
+            if len(tokenizer.decode(row[:stop], skip_special_tokens=True).split()) < 3 or text in seen:
                 continue
             seen.add(text)
             out.append((kind, text))
