@@ -8,8 +8,18 @@ the installed transformers supports them; then pyramid pipelines: the target alo
 
 Every lossless row's greedy output is compared, prompt by prompt, with the target's greedy
 output from HF ``generate``; a mismatch is recorded in the result (and the CLI exits non-zero).
-For chain pipelines the latency model (``pyramid_core.latency.predict_chain``) predicts the
-speedup from alpha and T per stage measured in the same run.
+For chain pipelines the latency model (``pyramid_core.latency.predict_chain``, finite horizon)
+predicts the speedup from alpha per boundary and the forward cost T(M) per stage measured in the
+same run, M being the number of tokens a forward feeds.
+
+Why T(M) is timed rather than taken from the pipeline metrics: the metrics count forwards and
+positions per stage, not the tokens each forward fed nor the time per M, and nearly all of a
+row's verifications feed the same M = ell + 1 -- one point of a curve that on a CPU is far from
+flat (docs/algorithms.md). So each model stage is timed once per run, the first time a row needs
+it, at every M = 1 .. (longest block length + 2) that ``predict_chain`` may charge
+(``plan.measure_stage_costs``: warm-up + 5 timed forwards per M, after a context of the mean
+prompt length + half the new tokens), and reused by every row with that stage. A model-free
+first stage keeps the time the metrics measured (0: its cost is framework overhead).
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ import attrs
 import torch
 
 from pyramid_core.build import build_pipeline
-from pyramid_core.latency import measure_alpha, measure_forward_time, predict_chain
+from pyramid_core.latency import ForwardCost, measure_alpha, measure_forward_time, predict_chain
 from pyramid_core.pipeline import Metrics, Pipeline
+from pyramid_core.plan import measure_stage_costs
 from pyramid_core.prompts import Prompt
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage
 from pyramid_core.sweep import encode_prompt
@@ -193,8 +204,9 @@ class BenchResult:
         lines += [
             "",
             f"{m['prompts']} prompts, greedy, up to {m['max_new_tokens']} new tokens each; {m['device']}. "
-            f"speedup: tokens/s over {HF_BASELINE!r}; predicted: T_target / tau from the latency model "
-            "(alpha and T per stage measured in this run; forward time only, no framework overhead); "
+            f"speedup: tokens/s over {HF_BASELINE!r}; predicted: T_target(1) / tau from the latency model "
+            "(alpha per boundary from this run, T(M) per stage timed in this run at each number M of tokens "
+            "a forward feeds; forward time only, no framework overhead, no prefill); "
             "acceptance: accepted/proposed per boundary; alpha: per-token acceptance (i.i.d. fit).",
         ]
         if notes:
@@ -340,6 +352,27 @@ def _hf_rows(
     return rows, refs
 
 
+@attrs.define
+class _ForwardCosts:
+    """T(M) per model stage, timed once per run (module docstring) and shared by the rows."""
+
+    context_len: int
+    repeats: int = 5
+    measured: dict[int, tuple[Stage, ForwardCost]] = attrs.field(factory=dict)  # id -> (kept alive, T)
+
+    def __call__(self, stage: Stage, max_m: int) -> ForwardCost:
+        """T(M) of ``stage`` measured at least at M = 1 .. ``max_m`` (timed now if not yet)."""
+        got = self.measured.get(id(stage))
+        if got is None or got[1].points[-1][0] < max_m:
+            got = (stage, measure_stage_costs(stage, self.context_len, range(1, max_m + 1), self.repeats))
+            self.measured[id(stage)] = got
+        return got[1]
+
+    def as_dict(self) -> dict[str, list[list[float]]]:
+        """``{stage name: [[M, seconds], ...]}`` for the JSON report."""
+        return {cost.name: cost.as_list() for _, cost in self.measured.values()}
+
+
 def _pyramid_row(
     cfg: BenchConfig,
     pipe: Pipeline,
@@ -347,6 +380,7 @@ def _pyramid_row(
     prompt_ids: list[str],
     refs: list[list[int]] | None,
     max_new_tokens: int,
+    costs: _ForwardCosts,
 ) -> BenchRow:
     pipe.generate(encoded[0], min(2, max_new_tokens))  # warm-up (first-call allocations)
     runs: list[Metrics] = []
@@ -380,7 +414,11 @@ def _pyramid_row(
         row.note = "token tree: the chain latency model does not apply (no prediction)"
     elif all(math.isfinite(a) for a in alphas) and row.tokens:
         per_prompt = max(1, round(row.tokens / len(encoded)))
-        pred = predict_chain(alphas, list(pipe.block_lengths), times, new_tokens=per_prompt)
+        # a verification feeds at most ell + 2 tokens, stage 1's first draft step at most N
+        max_m = max([len(pipe.stages), *(ell + 2 for ell in pipe.block_lengths)])
+        stage_costs: list[float | ForwardCost] = [
+            costs(s, max_m) if isinstance(s, Stage) else t for s, t in zip(pipe.stages, times)]
+        pred = predict_chain(alphas, list(pipe.block_lengths), stage_costs, new_tokens=per_prompt)
         row.predicted_speedup = pred.speedup
         row.predicted_tokens_per_target_forward = pred.tokens_per_target_forward
     if n_b and runs[0].stages[0].forwards == 0:
@@ -440,6 +478,8 @@ def run_bench(
         target, draft, qualifier=qualifier, ngram=ngram, tree=tree, lengths2=lengths2, lengths3=lengths3,
         qualifier_length=qualifier_length)
     todo += list(extra)
+    mean_prompt = sum(len(ids) for ids in encoded) / max(1, len(encoded))
+    costs = _ForwardCosts(max(1, round(mean_prompt + max_new_tokens / 2)))
     for cfg in tqdm(todo, desc="bench pyramid", disable=not progress):
         try:
             pipe = build_pipeline(list(cfg.stages), list(cfg.policies) if cfg.policies else None,
@@ -449,7 +489,7 @@ def run_bench(
             rows.append(BenchRow(cfg.label, "pyramid", lossless=cfg.lossless,
                                  note=f"not run: {type(exc).__name__}: {exc}"[:200]))
             continue
-        rows.append(_pyramid_row(cfg, pipe, encoded, prompt_ids, refs, max_new_tokens))
+        rows.append(_pyramid_row(cfg, pipe, encoded, prompt_ids, refs, max_new_tokens, costs))
     hf_base = next((r for r in rows if r.label == HF_BASELINE and r.tokens), None)
     ref_tps = hf_base.tokens_per_s if hf_base is not None else rows[len(rows) - len(todo)].tokens_per_s
     for r in rows:
@@ -466,6 +506,7 @@ def run_bench(
         "device": f"{getattr(target, 'device', 'cpu')}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
                   f"transformers {transformers.__version__}, {platform.processor() or platform.machine()}",
         "baseline": HF_BASELINE if hf_base is not None else rows[len(rows) - len(todo)].label,
+        "forward_costs": costs.as_dict(),
         "time": time.time(),
     }
     return BenchResult(rows, meta)

@@ -317,10 +317,12 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     encoded = [encode_prompt(tok, p.text, ns.chat) for p in prompts]
     eos = getattr(tok, "eos_token_id", None)
     t0 = time.perf_counter()
+    # every M a verification can feed: each block length is charged its own measured T(ell + 1)
     measured = measure_candidates(candidates, specs, encoded, ns.new_tokens, proposer_length=ns.max_length,
-                                  repeats=ns.repeats, stop_ids=[] if eos is None else [int(eos)])
+                                  repeats=ns.repeats, stop_ids=[] if eos is None else [int(eos)],
+                                  block_sizes=range(1, ns.max_length + 2))
     elapsed = time.perf_counter() - t0
-    plan = plan_chain(specs, measured.forward_times, measured.alpha, proposers=measured.proposers,
+    plan = plan_chain(specs, measured.forward_costs, measured.alpha, proposers=measured.proposers,
                       max_length=ns.max_length, max_stages=ns.max_stages, top=ns.top)
     command = shlex.join(["pyramid", "generate", *plan.best.generate_args(),
                           *(["--device", ns.device] if ns.device else []),
@@ -330,7 +332,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
                           "new_tokens": ns.new_tokens, "measure_s": elapsed}))
         return 0
     print(plan.to_markdown())
-    print(f"Measured here in {elapsed:.1f} s: T = median single-token forward; α = greedy agreement along the "
+    print(f"Measured here in {elapsed:.1f} s: T(M) = median forward feeding M tokens, M = 1..{ns.max_length + 1} "
+          f"(a block of ℓ is verified at M = ℓ + 1); α = greedy agreement along the "
           f"verifier's own continuation ({len(prompts)} prompt(s) x {ns.new_tokens} tokens)"
           + (f"; proposers ({', '.join(measured.proposers)}): T = 0, effective α of a 2-stage run "
              f"at length {ns.max_length}" if measured.proposers else "") + ".")
@@ -440,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=16, help="longest block length considered (default 16)")
     p.add_argument("--max-stages", type=int, default=None, help="longest chain considered (default: all candidates)")
     p.add_argument("--top", type=int, default=10, help="chains in the ranking (default 10)")
-    p.add_argument("--repeats", type=int, default=10, help="timed forwards per model (default 10)")
+    p.add_argument("--repeats", type=int, default=10, help="timed forwards per model and tokens per forward M (default 10)")
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -16,13 +16,25 @@ independent coin with the same probability alpha_k (for exact rejection sampling
 E[1 - TV(p, q)] = E[sum_x min(p(x), q(x))], Leviathan et al. Sec. 3.1). Real text violates
 this (easy and hard stretches cluster), so predictions are first-order estimates; they are
 exact for stages with context-free tables (``pyramid_core.testing.TableModel``).
+
+Forward cost as a function of the tokens fed
+--------------------------------------------
+A stage's forward time is a function T(M) of M, the number of new tokens the forward feeds (the
+positions not yet in its KV cache), given as a ``ForwardCost``; a plain float is a flat T(M),
+the papers' model. On a GPU T(M) is nearly flat for small M; on a CPU it is not: a SmolLM2-135M
+forward costs ~71 ms at M = 1, 115 ms at M = 2, 142 ms at M = 3 and 98 ms at M = 5, because
+small-M GEMM is 2-3x slower than the M = 1 GEMV path (docs/algorithms.md). ``predict_chain``
+charges every forward at its own M (its docstring says which).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
+from typing import Any
 
 import attrs
 
@@ -35,6 +47,8 @@ __all__ = [
     "sd_throughput",
     "psd_throughput",
     "polybasic_time",
+    "ForwardCost",
+    "as_forward_cost",
     "Prediction",
     "predict_chain",
     "measure_alpha",
@@ -139,6 +153,112 @@ def polybasic_time(
     return lower + beta * n_tokens / accepted_lengths[-1] * forward_times[-1]
 
 
+def _real(value: Any) -> float:
+    """``value`` as a float, or NaN for anything that is not a real number (bools included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def _as_points(value: Iterable[Any]) -> tuple[tuple[int, float], ...]:
+    return tuple(tuple(p) for p in value)  # checked in __attrs_post_init__
+
+
+@attrs.frozen
+class ForwardCost:
+    """Seconds of one forward of a stage as a function of M, the number of new tokens the forward
+    feeds (the positions not yet in the stage's cache): T(M), from measured points.
+
+    points: (M, seconds) pairs, M strictly increasing integers >= 1, seconds finite and >= 0
+    name:   the stage, named in error messages and reports
+
+    Between two measured M, T is linear interpolation. Below the first measured M it is the
+    first value (flat). Above the last it continues the last segment's slope when that slope is
+    >= 0 (a compute-bound forward grows about linearly in M) and stays flat when it is negative:
+    a falling segment, as on the CPU GEMM profile of the module docstring, must not extrapolate
+    to ever cheaper (or negative) forwards. One point is a flat cost, T(M) = T for every M:
+    ``ForwardCost.flat(T)``, the model of the papers, which a plain float means everywhere.
+    """
+
+    points: tuple[tuple[int, float], ...] = attrs.field(converter=_as_points)
+    name: str = "stage"
+
+    def __attrs_post_init__(self) -> None:
+        who = f"forward cost of {self.name}"
+        if not self.points:
+            raise ConfigError(f"{who}: no measured points; give at least one (M, seconds) pair")
+        previous = 0
+        for point in self.points:
+            if len(point) != 2:
+                raise ConfigError(f"{who}: each point must be an (M, seconds) pair, got {point!r}")
+            m, seconds = point
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                raise ConfigError(f"{who}: M (tokens fed by one forward) must be an integer >= 1, got {m!r}")
+            if m <= previous:
+                raise ConfigError(f"{who}: M must be strictly increasing, got M = {m} after M = {previous}")
+            if not 0.0 <= _real(seconds) < math.inf:
+                raise ConfigError(f"{who}: T(M={m}) must be a finite number of seconds >= 0, got {seconds!r}")
+            previous = m
+
+    @classmethod
+    def flat(cls, seconds: float, name: str = "stage") -> ForwardCost:
+        """T(M) = ``seconds`` for every M (the old model; a GPU at small M)."""
+        return cls(((1, seconds),), name)
+
+    @classmethod
+    def from_table(cls, table: Mapping[int, float], name: str = "stage") -> ForwardCost:
+        """From ``{M: seconds}``, in any key order."""
+        return cls(sorted(table.items()), name)
+
+    def __call__(self, m: int) -> float:
+        """T(m) in seconds (class docstring: interpolation and extrapolation)."""
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ConfigError(f"{self.name}: a forward feeds an integer M >= 1 tokens, got {m!r}")
+        ms = [p[0] for p in self.points]
+        i = bisect.bisect_left(ms, m)
+        if i < len(ms) and ms[i] == m:
+            return float(self.points[i][1])
+        if i == 0:
+            return float(self.points[0][1])
+        if i == len(ms):
+            if len(ms) == 1:
+                return float(self.points[0][1])
+            (m0, t0), (m1, t1) = self.points[-2], self.points[-1]
+            return float(t1) + max(0.0, (float(t1) - float(t0)) / (m1 - m0)) * (m - m1)
+        (m0, t0), (m1, t1) = self.points[i - 1], self.points[i]
+        return float(t0) + (float(t1) - float(t0)) * (m - m0) / (m1 - m0)
+
+    @property
+    def decode(self) -> float:
+        """T(1): one decode step, the cost of the stage generating alone."""
+        return self(1)
+
+    @property
+    def is_flat(self) -> bool:
+        """Whether every M costs the same (then how many tokens a forward feeds is irrelevant)."""
+        return len({float(t) for _, t in self.points}) == 1
+
+    def as_list(self) -> list[list[float]]:
+        """``[[M, seconds], ...]`` for JSON."""
+        return [[m, float(t)] for m, t in self.points]
+
+    def format_ms(self) -> str:
+        """``"1: 71.0, 2: 115.0, ..."``: milliseconds per forward at each measured M."""
+        return ", ".join(f"{m}: {1000 * float(t):.1f}" for m, t in self.points)
+
+
+def as_forward_cost(value: float | ForwardCost, name: str) -> ForwardCost:
+    """``value`` as a ``ForwardCost``: a cost as it is, a number of seconds as a flat cost.
+    ``name`` (e.g. ``"stage 2"``) is named in the error for anything else."""
+    if isinstance(value, ForwardCost):
+        return value
+    if not 0.0 <= _real(value) < math.inf:
+        raise ConfigError(
+            f"forward time of {name} must be a finite number of seconds >= 0 or a ForwardCost, got {value!r}"
+        )
+    return ForwardCost.flat(float(value), name)
+
+
 @attrs.frozen
 class Prediction:
     """What the latency model predicts for a chain.
@@ -169,69 +289,134 @@ def _accept_pmf(alpha: float, m: int) -> list[float]:
     return [alpha**j * (1.0 - alpha) for j in range(m)] + [alpha**m]
 
 
+Unfed = tuple[int, ...]
+"""Per stage j = 1..k (0-based index j-1), a count of tokens at the end of a context that stage
+j has not fed yet (see ``_finite_horizon``)."""
+
+
+@attrs.frozen
+class _Call:
+    """Expected outcome of one ``propose(k, n)`` call: seconds, forwards per stage, and the
+    distribution of the unfed tails of its output (tail, probability)."""
+
+    seconds: float
+    forwards: tuple[float, ...]
+    tails: tuple[tuple[Unfed, float], ...]
+
+
 def _finite_horizon(
-    alphas: Sequence[float], lengths: Sequence[int], times: Sequence[float], new_tokens: int
+    alphas: Sequence[float], lengths: Sequence[int], costs: Sequence[ForwardCost], new_tokens: int
 ) -> tuple[float, list[float]]:
     """Expected (time, forwards per stage) for the chain to emit exactly ``new_tokens`` tokens,
-    following the pipeline's budget rule: a round of stage k+1 asks stage k for
-    min(ell_k, tokens still needed) tokens and the surplus bonus token is cut."""
-    n_stages = len(times)
+    following the pipeline's budget rule -- a round of stage k+1 asks stage k for
+    min(ell_k, tokens still needed) tokens and a bonus token beyond the request is cut -- with
+    every forward charged at T(M) for the exact number M of tokens it feeds.
+
+    How many tokens a forward feeds (``HFStage``: a stage is handed the full context, keeps the
+    longest cached prefix short of the last context token, and feeds the rest). Call ``u_j`` the
+    number of tokens at the end of the context that stage j has not fed; then a drafting step of
+    stage 1 feeds M = u_1 and a verification by stage k of a block of m tokens feeds
+    M = u_k + m. A stage has fed everything it was handed except what it emitted last: the last
+    token it drafted (stage 1), or the token it emitted at the end of its last round (k >= 2;
+    when that bonus token was cut by the budget, nothing). So, for the output of a round or call
+    of stage k, let ``tail_j`` = how many of its last tokens stage j <= k has not fed:
+
+        stage 1 drafting n tokens:          tail_1 = 1                 (the last token drafted)
+        stage k verifying a block of m tokens whose tails are t_j, accepting a of them:
+            piece = the accepted a tokens + the emitted one,
+            tail_j = max(0, a - m + t_j) + 1   (j < k: unfed tokens of the block it kept, + y)
+            tail_k = 1                          (y is not in stage k's cache)
+        ... except when a = m is the whole budget: the bonus is cut, tail_j = t_j, tail_k = 0.
+
+    After a round the next context ends with that piece, so ``u_j = tail_j`` for the next round;
+    the first round of a call inherits the caller's u. Hence the target always verifies at
+    M = ell + 1 (the block + the token it emitted last), a middle stage at m + 1 or m + 2 (the
+    latter when the stage above accepted all of its output, last emitted token included), and
+    stage 1 drafts its first token of a call at M = 1 .. N and the others at M = 1. The prompt is
+    taken as already cached (prefill excluded): every stage starts with u = 1.
+
+    The expectation runs over the acceptances (i.i.d., module docstring); u and the tails are
+    bounded by the number of stages, so the state (tokens still needed, u) stays small. A stage
+    with a flat cost keeps u = 1 (its M does not matter), which is the old recursion exactly."""
+    n_stages = len(costs)
+    flat = [c.is_flat for c in costs]
+
+    def merged(unfed: Unfed) -> Unfed:
+        return tuple(1 if flat[j] else u for j, u in enumerate(unfed))
 
     @cache
-    def cost(k: int, n: int) -> tuple[float, tuple[float, ...]]:
-        # stage k (0-based) producing n tokens: (expected time, expected forwards per stage)
-        if n <= 0:
-            return 0.0, (0.0,) * n_stages
+    def call(k: int, n: int, unfed: Unfed) -> _Call:
+        # propose(k + 1, n) in the 1-based notation above, starting with u = unfed
+        forwards = [0.0] * n_stages
         if k == 0:
-            bottom = [0.0] * n_stages
-            bottom[0] = float(n)
-            return n * times[0], tuple(bottom)
-        m = min(lengths[k - 1], n)
-        t, fw = cost(k - 1, m)
-        total_t = t + times[k]
-        total_fw = list(fw)
-        total_fw[k] += 1.0
-        for j, p in enumerate(_accept_pmf(alphas[k - 1], m)):
-            if p == 0.0:
-                continue
-            rt, rfw = cost(k, n - (j + 1))
-            total_t += p * rt
-            total_fw = [a + p * b for a, b in zip(total_fw, rfw)]
-        return total_t, tuple(total_fw)
+            forwards[0] = float(n)
+            seconds = costs[0](unfed[0]) + (n - 1) * costs[0](1)
+            return _Call(seconds, tuple(forwards), ((merged((1,)), 1.0),))
+        ell, cost_k, alpha = lengths[k - 1], costs[k], alphas[k - 1]
+        seconds = 0.0
+        tails: defaultdict[Unfed, float] = defaultdict(float)
+        todo: dict[int, defaultdict[Unfed, float]] = {n: defaultdict(float, {unfed: 1.0})}
+        for need in range(n, 0, -1):  # each round needs fewer tokens: one pass, no recursion
+            for u, prob in todo.pop(need, {}).items():
+                m = min(ell, need)
+                lower = call(k - 1, m, u[:k])
+                seconds += prob * (lower.seconds + cost_k(u[k] + m))
+                forwards = [f + prob * g for f, g in zip(forwards, lower.forwards)]
+                forwards[k] += prob
+                pmf = _accept_pmf(alpha, m)
+                for tail, p_tail in lower.tails:
+                    for a, p_a in enumerate(pmf):
+                        p = prob * p_tail * p_a
+                        if p == 0.0:
+                            continue
+                        if a == m == need:  # the bonus is over budget and cut
+                            tails[merged((*tail, 0))] += p
+                            continue
+                        piece = merged((*(max(0, a - m + t) + 1 for t in tail), 1))
+                        rest = need - a - 1
+                        if rest == 0:
+                            tails[piece] += p
+                        else:
+                            todo.setdefault(rest, defaultdict(float))[piece] += p
+        return _Call(seconds, tuple(forwards), tuple(tails.items()))
 
-    for n in range(1, new_tokens + 1):  # fill bottom-up: keeps the recursion shallow
-        cost(n_stages - 1, n)
-    t, fw = cost(n_stages - 1, new_tokens)
-    return t, list(fw)
+    top = call(n_stages - 1, new_tokens, (1,) * n_stages)
+    return top.seconds, list(top.forwards)
 
 
 def predict_chain(
     alphas: Sequence[float],
     block_lengths: Sequence[int],
-    forward_times: Sequence[float],
+    forward_times: Sequence[float | ForwardCost],
     *,
     new_tokens: int | None = None,
 ) -> Prediction:
     """Predict an N-stage exact chain (SPEC "Exact chain") from alpha and ell per boundary and
-    T per stage (seconds per forward; 0 for a model-free proposer such as ``ngram``).
+    the forward cost per stage: seconds per forward as a float (0 for a model-free proposer such
+    as ``ngram``), or a ``ForwardCost`` T(M) of the tokens M a forward feeds.
 
     Steady state (``new_tokens=None``), from the recursion of the pipeline: stage 1 samples
-    autoregressively, one forward per token; stage k >= 2 verifies blocks of ell_{k-1} tokens
-    from stage k-1 and, under the i.i.d. assumption (module docstring), emits
-    E_k = expected_tokens(alpha_{k-1}, ell_{k-1}) tokens per forward of its own. So the
+    autoregressively, one forward of one new token per drafted token; stage k >= 2 verifies
+    blocks of ell_{k-1} tokens from stage k-1 in one forward that feeds the block and the token
+    it emitted last, M = ell_{k-1} + 1, and, under the i.i.d. assumption (module docstring),
+    emits E_k = expected_tokens(alpha_{k-1}, ell_{k-1}) tokens per forward of its own. So the
     seconds per token tau_k and forwards f_k^{(j)} of stage j per token of stage k are::
 
-        tau_1 = T_1,                      f_1^{(1)} = 1
-        tau_k = (ell_{k-1} tau_{k-1} + T_k) / E_k
+        tau_1 = T_1(1),                   f_1^{(1)} = 1
+        tau_k = (ell_{k-1} tau_{k-1} + T_k(ell_{k-1} + 1)) / E_k
         f_k^{(j)} = ell_{k-1} f_{k-1}^{(j)} / E_k  (j < k),   f_k^{(k)} = 1 / E_k
 
     and the target emits E_N tokens per forward, at 1 / tau_N tokens/s; the speedup over the
-    target alone is T_N / tau_N (N = 2, T_1 = c T_2: ``pair_speedup``). The steady state
-    ignores that a lower stage asked for ell tokens discards the surplus of its last round.
+    target alone (one forward of one token per token) is T_N(1) / tau_N (N = 2 with flat costs,
+    T_1 = c T_2: ``pair_speedup``). The steady state ignores that a lower stage asked for ell
+    tokens discards the surplus of its last round, and that the first forward of a stage after
+    the stage above accepted all of its output feeds 1 .. N-1 tokens more (both cost extra).
 
     ``new_tokens=n`` instead computes the exact expectation (under the same i.i.d. assumption)
-    for one generation of n tokens with the pipeline's budget rule: each round asks the stage
-    below for min(ell, tokens still needed) tokens, and tokens beyond the request are cut.
+    for one generation of n tokens with the pipeline's budget rule -- each round asks the stage
+    below for min(ell, tokens still needed) tokens, and tokens beyond the request are cut -- and
+    with every forward charged at the exact number of tokens it feeds (``_finite_horizon``),
+    prefill excluded. With flat costs both reduce to the T-per-forward model of the papers.
     """
     n = len(forward_times)
     if n < 1:
@@ -245,21 +430,19 @@ def predict_chain(
     for k, ell in enumerate(block_lengths):
         if not isinstance(ell, int) or ell < 1:
             raise ConfigError(f"block length at boundary {k + 1} -> {k + 2} must be an integer >= 1, got {ell!r}")
-    for k, t in enumerate(forward_times):
-        if not t >= 0:
-            raise ConfigError(f"forward time of stage {k + 1} must be >= 0 seconds, got {t!r}")
-    t_target = float(forward_times[-1])
+    costs = [as_forward_cost(t, f"stage {k + 1}") for k, t in enumerate(forward_times)]
+    t_target = costs[-1].decode
     if new_tokens is not None:
         if not isinstance(new_tokens, int) or new_tokens < 1:
             raise ConfigError(f"new_tokens must be an integer >= 1, got {new_tokens!r}")
-        total, forwards = _finite_horizon(alphas, list(block_lengths), list(forward_times), new_tokens)
+        total, forwards = _finite_horizon(alphas, list(block_lengths), costs, new_tokens)
         per = tuple(f / new_tokens for f in forwards)
         return Prediction(1.0 / per[-1], total / new_tokens, per, t_target)
-    tau = float(forward_times[0])
+    tau = costs[0].decode
     f = [1.0]
     for k in range(1, n):
         ell, e = block_lengths[k - 1], expected_tokens(alphas[k - 1], block_lengths[k - 1])
-        tau = (ell * tau + forward_times[k]) / e
+        tau = (ell * tau + costs[k](ell + 1)) / e
         f = [ell * x / e for x in f] + [1.0 / e]
     return Prediction(1.0 / f[-1], tau, tuple(f), t_target)
 

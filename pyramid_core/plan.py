@@ -12,11 +12,13 @@ Why a shortest path
 -------------------
 Candidates are ordered by cost (model-free proposers first, the target last); a chain is a path
 through that order ending at the target. With seconds per token ``tau`` of the chain so far, a
-verifier j reached from drafter i with block length ell has (``predict_chain``)::
+verifier j reached from drafter i with block length ell has (``predict_chain``, steady state)::
 
-    tau_j = (ell tau_i + T_j) / E(alpha_ij, ell),      E = expected_tokens
+    tau_j = (ell tau_i + T_j(ell + 1)) / E(alpha_ij, ell),      E = expected_tokens
 
-which is strictly increasing in tau_i. So the fastest chain ending at j extends the fastest chain
+where T_j(M) is j's forward cost when it feeds M tokens (``latency.ForwardCost``; a verification
+feeds the block and the token j emitted last), and a chain starts at tau = T(1). tau_j is
+strictly increasing in tau_i. So the fastest chain ending at j extends the fastest chain
 ending at one of its predecessors (optimal substructure), and for each edge only the best ell
 given tau_i matters. Keeping the k fastest partial chains per (stages used, candidate) instead of
 one gives the k fastest chains overall by the same argument (up to exact ties), in
@@ -37,7 +39,13 @@ import attrs
 import torch
 
 from pyramid_core.errors import ConfigError
-from pyramid_core.latency import Prediction, expected_tokens, predict_chain
+from pyramid_core.latency import (
+    ForwardCost,
+    Prediction,
+    as_forward_cost,
+    expected_tokens,
+    predict_chain,
+)
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.protocols import Proposer, Stage
 from pyramid_core.types import Block, SamplingConfig
@@ -49,6 +57,8 @@ __all__ = [
     "measure_pairwise_alpha",
     "measure_proposer_alpha",
     "measure_stage_time",
+    "measure_stage_costs",
+    "DEFAULT_BLOCK_SIZES",
     "Measured",
     "measure_candidates",
 ]
@@ -61,19 +71,24 @@ class ChainPlan:
     names:           the stages, smallest first; the last is the target
     block_lengths:   ell per boundary k -> k+1
     alphas:          per-token acceptance per boundary (the measured alpha[draft][verifier])
-    forward_times:   T per stage, seconds per forward (0 for a model-free proposer)
+    forward_costs:   T(M) per stage, seconds per forward feeding M tokens (0 for a proposer)
     time_per_token:  tau, predicted seconds per output token (steady state)
     """
 
     names: tuple[str, ...]
     block_lengths: tuple[int, ...]
     alphas: tuple[float, ...]
-    forward_times: tuple[float, ...]
+    forward_costs: tuple[ForwardCost, ...]
     time_per_token: float
 
     @property
+    def forward_times(self) -> tuple[float, ...]:
+        """T(1) per stage: seconds of one single-token (decode) forward."""
+        return tuple(c.decode for c in self.forward_costs)
+
+    @property
     def target_time(self) -> float:
-        return self.forward_times[-1]
+        return self.forward_costs[-1].decode
 
     @property
     def tokens_per_s(self) -> float:
@@ -86,7 +101,7 @@ class ChainPlan:
 
     def prediction(self, new_tokens: int | None = None) -> Prediction:
         """The full ``predict_chain`` prediction (steady state, or ``new_tokens`` tokens)."""
-        return predict_chain(list(self.alphas), list(self.block_lengths), list(self.forward_times),
+        return predict_chain(list(self.alphas), list(self.block_lengths), list(self.forward_costs),
                              new_tokens=new_tokens)
 
     def generate_args(self) -> list[str]:
@@ -101,6 +116,7 @@ class ChainPlan:
     def as_dict(self) -> dict[str, Any]:
         return {"chain": list(self.names), "block_lengths": list(self.block_lengths),
                 "alphas": list(self.alphas), "forward_times": list(self.forward_times),
+                "forward_costs": [c.as_list() for c in self.forward_costs],
                 "time_per_token": self.time_per_token, "tokens_per_s": self.tokens_per_s,
                 "speedup": self.speedup}
 
@@ -110,11 +126,12 @@ class Plan:
     """The planner's answer: the fastest chain (``best``) and the ``ranked`` chains, fastest
     first, each with its own best block lengths (the target alone, speedup 1, is one chain).
 
-    candidates, forward_times, alpha, proposers: the inputs (alpha[i][j]: i drafts for j)
+    candidates, forward_costs, alpha, proposers: the inputs (alpha[i][j]: i drafts for j; a
+    plain float T is kept as the flat cost ``ForwardCost.flat(T)``)
     """
 
     candidates: tuple[str, ...]
-    forward_times: tuple[float, ...]
+    forward_costs: tuple[ForwardCost, ...]
     alpha: tuple[tuple[float, ...], ...]
     proposers: tuple[str, ...]
     max_length: int
@@ -123,6 +140,11 @@ class Plan:
     @property
     def best(self) -> ChainPlan:
         return self.ranked[0]
+
+    @property
+    def forward_times(self) -> tuple[float, ...]:
+        """T(1) per candidate: seconds of one single-token (decode) forward."""
+        return tuple(c.decode for c in self.forward_costs)
 
     @property
     def chain(self) -> tuple[str, ...]:
@@ -152,6 +174,7 @@ class Plan:
         return {
             "candidates": list(self.candidates),
             "forward_times": list(self.forward_times),
+            "forward_costs": [c.as_list() for c in self.forward_costs],
             "alpha": [list(row) for row in self.alpha],
             "proposers": list(self.proposers),
             "max_length": self.max_length,
@@ -160,19 +183,23 @@ class Plan:
         }
 
     def to_markdown(self) -> str:
-        """Candidates (T, pairwise alpha) and the ranked chains as Markdown tables."""
+        """Candidates (T(1), T(M), pairwise alpha) and the ranked chains as Markdown tables."""
         short = [f"#{i + 1}" for i in range(len(self.candidates))]
         is_proposer = [name in self.proposers for name in self.candidates]
         rank = {c: r for r, c in enumerate(_cost_order(self.forward_times, is_proposer))}
-        lines = ["| # | candidate | ms/forward | " + " | ".join(f"α → {s}" for s in short) + " |",
-                 "|" + "---|" * (3 + len(short))]
+        lines = ["| # | candidate | ms/forward | ms/forward by M | " + " | ".join(f"α → {s}" for s in short) + " |",
+                 "|" + "---|" * (4 + len(short))]
         for i, name in enumerate(self.candidates):
             kind = " (proposer)" if is_proposer[i] else ""
-            ms = "-" if is_proposer[i] and self.forward_times[i] == 0 else f"{1000 * self.forward_times[i]:.2f}"
+            free = is_proposer[i] and self.forward_times[i] == 0
+            ms = "-" if free else f"{1000 * self.forward_times[i]:.2f}"
+            by_m = "-" if free else self.forward_costs[i].format_ms()
             row = [f"{a:.2f}" if rank[i] < rank[j] and not is_proposer[j] else "-"
                    for j, a in enumerate(self.alpha[i])]
-            lines.append(f"| {short[i]} | {name}{kind} | {ms} | " + " | ".join(row) + " |")
-        lines += ["", "α → #j: per-token acceptance when the row's candidate drafts for candidate #j "
+            lines.append(f"| {short[i]} | {name}{kind} | {ms} | {by_m} | " + " | ".join(row) + " |")
+        lines += ["", "ms/forward: one decode forward (M = 1); by M -- M: ms of a forward feeding M new "
+                  "tokens (a verification of a block of ℓ feeds M = ℓ + 1; interpolated between measured M).",
+                  "", "α → #j: per-token acceptance when the row's candidate drafts for candidate #j "
                   "(only cheaper drafting for costlier is used)."]
         lines += ["", "| rank | chain | lengths | alphas | predicted tok/s | predicted speedup |",
                   "|---|---|---|---|---|---|"]
@@ -199,13 +226,14 @@ def _number(value: Any) -> float:
 
 def _validate(
     names: Sequence[str],
-    forward_times: Sequence[float],
+    forward_times: Sequence[float | ForwardCost],
     alpha: Sequence[Sequence[float]],
     proposers: Sequence[str],
     max_length: int,
     max_stages: int | None,
     top: int | None,
-) -> None:
+) -> list[ForwardCost]:
+    """Check every input (errors name the culprit) and return the forward cost per candidate."""
     n = len(names)
     if n < 1:
         raise ConfigError("plan_chain needs at least one candidate (the target, last)")
@@ -223,11 +251,10 @@ def _validate(
         raise ConfigError(f"the target {names[-1]!r} (the last candidate) must be a model, not a proposer")
     if len(forward_times) != n:
         raise ConfigError(f"{n} candidates need {n} forward times, got {len(forward_times)}")
-    for name, t in zip(names, forward_times):
-        if not 0 <= _number(t) < math.inf:
-            raise ConfigError(f"forward time of {name!r} must be a finite number of seconds >= 0, got {t!r}")
-    if not _number(forward_times[-1]) > 0:
-        raise ConfigError(f"the forward time of the target {names[-1]!r} must be > 0 seconds, got {forward_times[-1]!r}")
+    costs = [as_forward_cost(t, repr(name)) for name, t in zip(names, forward_times)]
+    if not costs[-1].decode > 0:
+        raise ConfigError(f"the forward time of the target {names[-1]!r} must be > 0 seconds, got "
+                          f"{forward_times[-1]!r}")
     if len(alpha) != n or any(len(row) != n for row in alpha):
         shape = f"{len(alpha)} rows of lengths {[len(row) for row in alpha]}"
         raise ConfigError(f"alpha must be a {n} x {n} matrix (alpha[i][j]: candidate i drafts for j), got {shape}")
@@ -244,17 +271,19 @@ def _validate(
         raise ConfigError(f"max_stages must be an integer >= 1 (1 = the target alone) or None, got {max_stages!r}")
     if top is not None and (not isinstance(top, int) or top < 1):
         raise ConfigError(f"top must be an integer >= 1 or None (every chain), got {top!r}")
+    return costs
 
 
 def _cost_order(times: Sequence[float], is_proposer: Sequence[bool]) -> list[int]:
-    """Candidate indices in the order a chain visits them: proposers, models by (T, index), target."""
+    """Candidate indices in the order a chain visits them: proposers, models by (T(1), index),
+    the target."""
     n = len(times)
     return sorted(range(n - 1), key=lambda i: (not is_proposer[i], times[i], i)) + [n - 1]
 
 
 def plan_chain(
     names: Sequence[str],
-    forward_times: Sequence[float],
+    forward_times: Sequence[float | ForwardCost],
     alpha: Sequence[Sequence[float]],
     *,
     proposers: Sequence[str] = (),
@@ -265,7 +294,9 @@ def plan_chain(
     """The fastest chain over candidate stages and its block lengths (module docstring).
 
     names:          candidate stages; the **last** is the target, which ends every chain
-    forward_times:  T per candidate, seconds per forward (0 allowed, e.g. for ``ngram``)
+    forward_times:  T per candidate: seconds per forward (0 allowed, e.g. for ``ngram``), or a
+                    ``ForwardCost`` T(M) (``measure_stage_costs``); a verification of a block
+                    of ell tokens is charged T(ell + 1), so the best ell follows the cost curve
     alpha:          ``alpha[i][j]`` = per-token acceptance when candidate i drafts for j; only
                     entries with i before j in cost order are read (they must be in [0, 1]);
                     the others may be NaN
@@ -274,15 +305,15 @@ def plan_chain(
     max_stages:     longest chain considered (default: every candidate)
     top:            how many chains ``Plan.ranked`` keeps (``None``: every chain, exponential)
 
-    Cost order: proposers first, then the models by (T, position in ``names``), the target last;
+    Cost order: proposers first, then the models by (T(1), position in ``names``), the target last;
     a chain visits candidates in this order. Ties in predicted time go to the shorter chain, and
     for an edge to the shorter block length.
     """
-    _validate(names, forward_times, alpha, proposers, max_length, max_stages, top)
+    costs = _validate(names, forward_times, alpha, proposers, max_length, max_stages, top)
     n = len(names)
     target = n - 1
     is_proposer = [name in proposers for name in names]
-    times = [float(t) for t in forward_times]
+    times = [c.decode for c in costs]
     order = _cost_order(times, is_proposer)
     rank = {c: r for r, c in enumerate(order)}
     for r, j in enumerate(order):
@@ -295,11 +326,14 @@ def plan_chain(
         for r, j in enumerate(order) if not is_proposer[j] for i in order[:r]
     }
 
+    # T_j(ell + 1): j verifying a block of ell tokens feeds them and the token it emitted last
+    verify = [[0.0] + [c(ell + 1) for ell in range(1, max_length + 1)] for c in costs]
+
     def extend(i: int, j: int, tau: float) -> tuple[float, int]:
-        e = e_table[(i, j)]
+        e, t_j = e_table[(i, j)], verify[j]
         best, best_ell = math.inf, 1
         for ell in range(1, max_length + 1):
-            t = (ell * tau + times[j]) / e[ell]
+            t = (ell * tau + t_j[ell]) / e[ell]
             if t < best:
                 best, best_ell = t, ell
         return best, best_ell
@@ -335,14 +369,14 @@ def plan_chain(
             names=tuple(names[c] for c in path),
             block_lengths=lengths,
             alphas=tuple(float(alpha[a][b]) for a, b in zip(path, path[1:])),
-            forward_times=tuple(times[c] for c in path),
+            forward_costs=tuple(costs[c] for c in path),
             time_per_token=tau,
         )
         for tau, path, lengths in keep(finished)
     )
     return Plan(
         candidates=tuple(names),
-        forward_times=tuple(times),
+        forward_costs=tuple(costs),
         alpha=tuple(tuple(float(a) for a in row) for row in alpha),
         proposers=tuple(proposers),
         max_length=max_length,
@@ -458,44 +492,84 @@ def measure_proposer_alpha(
     return _alpha_for_tokens_per_forward(tokens / forwards, block_length, per_prompt)
 
 
-def measure_stage_time(stage: Stage, context_len: int, repeats: int = 10, *, warmup: int = 2) -> float:
-    """Median seconds of one single-token decode forward of ``stage`` after ``context_len``
-    tokens: the context is fed once (prefill), ``warmup`` decode forwards are run untimed, then
-    ``repeats`` decode forwards are timed one by one (``time.perf_counter``, device synchronised).
-    The median resists a busy machine. The stage's cache is reset before and after."""
+DEFAULT_BLOCK_SIZES = (1, 2, 3, 4, 6, 8)
+"""Tokens per forward M at which ``measure_stage_costs`` times a stage by default."""
+
+
+def measure_stage_costs(
+    stage: Stage,
+    context_len: int,
+    block_sizes: Sequence[int] = DEFAULT_BLOCK_SIZES,
+    repeats: int = 10,
+    *,
+    warmup: int = 2,
+) -> ForwardCost:
+    """T(M): median seconds of a cached forward of ``stage`` that feeds M new tokens, for each M
+    in ``block_sizes``, as a ``ForwardCost`` (interpolated between them).
+
+    The context is fed once (prefill, ``context_len`` tokens); then ``warmup`` untimed and
+    ``repeats`` timed rounds, round r with a context of ``context_len + r + 1`` tokens, each run
+    one forward per M, interleaved (M = 1, 2, ... in turn, so a busy machine slows every M
+    alike). A forward is handed the round's context plus a block of M - 1 tokens
+    (``score(context, Block)``; M = 1 is a plain decode step, ``score(context)``): the stage
+    rolls its cache back to the context without its last token and feeds that token and the
+    block, M tokens -- exactly what a verification of a block of M - 1 tokens does after the
+    stage's previous round. Each forward is timed alone (``time.perf_counter``, device
+    synchronised); medians resist a busy machine. The stage's cache is reset before and after."""
     if not isinstance(context_len, int) or context_len < 1:
         raise ConfigError(f"context_len must be an integer >= 1, got {context_len!r}")
     if not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
-    total = context_len + warmup + repeats
+    sizes = list(block_sizes)
+    if not sizes:
+        raise ConfigError("block_sizes must name at least one M (tokens per forward), e.g. (1, 2, 4)")
+    for before, m in zip([0, *sizes], sizes):
+        if isinstance(m, bool) or not isinstance(m, int) or m <= before:
+            raise ConfigError(f"block_sizes must be strictly increasing integers >= 1, got {m!r} in {sizes}")
+    total = context_len + warmup + repeats + sizes[-1]
     ids = (torch.arange(total, dtype=torch.long) * 7919 + 13) % stage.vocab_size  # any valid tokens
     ids = ids.to(stage.device)
+    seconds: dict[int, list[float]] = {m: [] for m in sizes}
     stage.reset()
     stage.score(ids[:context_len])
-    for w in range(warmup):
-        stage.score(ids[: context_len + w + 1])
-    seconds: list[float] = []
-    for r in range(repeats):
-        end = context_len + warmup + r + 1
-        t0 = time.perf_counter()
-        rows = stage.score(ids[:end])
-        if rows.device.type == "cuda":
-            torch.cuda.synchronize(rows.device)
-        seconds.append(time.perf_counter() - t0)
+    for r in range(warmup + repeats):
+        end = context_len + r + 1
+        for m in sizes:
+            tokens = ids[end : end + m - 1]
+            block = None if m == 1 else Block(tokens, tokens.new_zeros((m - 1, 0), dtype=torch.float32))
+            t0 = time.perf_counter()
+            rows = stage.score(ids[:end], block)
+            if rows.device.type == "cuda":
+                torch.cuda.synchronize(rows.device)
+            if r >= warmup:
+                seconds[m].append(time.perf_counter() - t0)
     stage.reset()
-    return statistics.median(seconds)
+    return ForwardCost([(m, statistics.median(seconds[m])) for m in sizes], str(getattr(stage, "name", "stage")))
+
+
+def measure_stage_time(stage: Stage, context_len: int, repeats: int = 10, *, warmup: int = 2) -> float:
+    """Median seconds of one single-token decode forward of ``stage`` after ``context_len``
+    tokens: ``measure_stage_costs`` at M = 1 alone (prefill, ``warmup`` untimed decode forwards,
+    then ``repeats`` timed ones)."""
+    return measure_stage_costs(stage, context_len, (1,), repeats, warmup=warmup).decode
 
 
 @attrs.frozen
 class Measured:
-    """What ``measure_candidates`` found: T per candidate (0 for proposers), alpha[i][j] for
-    every ordered pair (NaN where not measured: proposers are never verifiers), the proposers."""
+    """What ``measure_candidates`` found: T(M) per candidate (flat 0 for proposers), alpha[i][j]
+    for every ordered pair (NaN where not measured: proposers are never verifiers), the
+    proposers."""
 
-    forward_times: tuple[float, ...]
+    forward_costs: tuple[ForwardCost, ...]
     alpha: tuple[tuple[float, ...], ...]
     proposers: tuple[str, ...]
+
+    @property
+    def forward_times(self) -> tuple[float, ...]:
+        """T(1) per candidate: seconds of one single-token (decode) forward."""
+        return tuple(c.decode for c in self.forward_costs)
 
 
 def measure_candidates(
@@ -507,11 +581,14 @@ def measure_candidates(
     proposer_length: int = 16,
     repeats: int = 10,
     stop_ids: Sequence[int] = (),
+    block_sizes: Sequence[int] = DEFAULT_BLOCK_SIZES,
 ) -> Measured:
-    """Measure everything ``plan_chain`` needs on this machine: ``measure_stage_time`` per model
-    stage (after a context of the mean prompt length), ``measure_pairwise_alpha`` between model
-    stages, and ``measure_proposer_alpha`` of every model-free proposer drafting for every model
-    stage with ``proposer_length`` (T = 0: a proposer's time is framework overhead)."""
+    """Measure everything ``plan_chain`` needs on this machine: ``measure_stage_costs`` per model
+    stage at each M of ``block_sizes`` (after a context of the mean prompt length; give every M
+    up to max_length + 1 to charge each block length its measured cost rather than an
+    interpolated one), ``measure_pairwise_alpha`` between model stages, and
+    ``measure_proposer_alpha`` of every model-free proposer drafting for every model stage with
+    ``proposer_length`` (T = 0: a proposer's time is framework overhead)."""
     if len(candidates) != len(names):
         raise ConfigError(f"{len(candidates)} candidates need {len(names)} names, one each")
     _check_prompts(prompts_token_ids, new_tokens)
@@ -523,9 +600,9 @@ def measure_candidates(
         else:
             free[i] = c
     context_len = max(1, round(statistics.mean(len(ids) for ids in prompts_token_ids)))
-    times = [0.0] * len(candidates)
+    costs = [ForwardCost.flat(0.0, names[i]) for i in range(len(candidates))]
     for i, stage in models.items():
-        times[i] = measure_stage_time(stage, context_len, repeats)
+        costs[i] = attrs.evolve(measure_stage_costs(stage, context_len, block_sizes, repeats), name=names[i])
     pairwise = measure_pairwise_alpha(list(models.values()), prompts_token_ids, new_tokens, stop_ids=stop_ids)
     alpha = [[math.nan] * len(candidates) for _ in candidates]
     for a, i in enumerate(models):
@@ -535,4 +612,4 @@ def measure_candidates(
         for j, stage in models.items():
             alpha[i][j] = measure_proposer_alpha(proposer, stage, prompts_token_ids, new_tokens,
                                                  block_length=proposer_length, stop_ids=stop_ids)
-    return Measured(tuple(times), tuple(tuple(row) for row in alpha), tuple(names[i] for i in free))
+    return Measured(tuple(costs), tuple(tuple(row) for row in alpha), tuple(names[i] for i in free))

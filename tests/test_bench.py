@@ -60,6 +60,10 @@ def test_bench_tiny_rows_identity_and_files(tiny_stages: tuple[HFStage, HFStage]
     assert all(f.stat().st_size > 0 for f in files)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["rows"]) == 9 and data["mismatches"]
+    # T(M) timed once per model stage, up to the longest block (8, ngram→draft→target) + 2
+    costs = data["meta"]["forward_costs"]
+    assert sorted(costs) == ["near", "target"]
+    assert [m for m, _ in costs["target"]] == list(range(1, 11)) and all(t > 0 for _, t in costs["target"])
 
 
 def test_bench_without_hf_uses_pyramid_reference(tiny_stages: tuple[HFStage, HFStage]) -> None:

@@ -19,11 +19,12 @@ from pyramid_core.cli import build_parser, main
 from pyramid_core.errors import ConfigError
 from pyramid_core.hf import HFStage
 from pyramid_core.hf.tiny import save_with_words, tiny_llama
-from pyramid_core.latency import expected_tokens, predict_chain
+from pyramid_core.latency import ForwardCost, as_forward_cost, expected_tokens, predict_chain
 from pyramid_core.plan import (
     _alpha_for_tokens_per_forward,
     measure_pairwise_alpha,
     measure_proposer_alpha,
+    measure_stage_costs,
     measure_stage_time,
     plan_chain,
 )
@@ -34,21 +35,25 @@ from pyramid_core.types import Block
 # --- the planner against brute force -------------------------------------------------------------
 
 
+Cost = float | ForwardCost
+
+
 def brute_force(
-    names: list[str], times: list[float], alpha: list[list[float]], proposers: set[str], max_length: int,
+    names: list[str], times: list[Cost], alpha: list[list[float]], proposers: set[str], max_length: int,
     max_stages: int,
 ) -> dict[tuple[str, ...], tuple[float, tuple[int, ...]]]:
     """Every chain (a proposer only first; the models before the target by strictly increasing
-    T; the target last) x every tuple of block lengths, scored with ``predict_chain``: the best
-    seconds per token and lengths of each chain."""
+    T(1); the target last) x every tuple of block lengths, scored with ``predict_chain``: the
+    best seconds per token and lengths of each chain."""
     n, target = len(names), len(names) - 1
+    decode = [as_forward_cost(t, name).decode for name, t in zip(names, times)]
     out: dict[tuple[str, ...], tuple[float, tuple[int, ...]]] = {}
     for size in range(0, min(max_stages, n) - 1 + 1):
         for lower in itertools.permutations(range(n - 1), size):
             if any(names[c] in proposers for c in lower[1:]):
                 continue
             models = [c for c in lower if names[c] not in proposers]
-            if any(times[a] >= times[b] for a, b in zip(models, models[1:])):
+            if any(decode[a] >= decode[b] for a, b in zip(models, models[1:])):
                 continue
             path = (*lower, target)
             alphas = [alpha[a][b] for a, b in zip(path, path[1:])]
@@ -61,7 +66,9 @@ def brute_force(
     return out
 
 
-def random_case(seed: int) -> tuple[list[str], list[float], list[list[float]], set[str]]:
+def random_case(seed: int, curves: bool = False) -> tuple[list[str], list[Cost], list[list[float]], set[str]]:
+    """Random candidates, alpha and T per candidate; with ``curves`` every model's T is a random
+    non-flat T(M) (rising, falling or both, as on a CPU) with the same T(1)."""
     rng = random.Random(seed)
     n_models = rng.randint(2, 4)
     names = [f"m{i}" for i in range(n_models)] + ["target"]
@@ -79,14 +86,19 @@ def random_case(seed: int) -> tuple[list[str], list[float], list[list[float]], s
     perm = list(range(n - 1))
     rng.shuffle(perm)
     perm.append(n - 1)
-    return ([names[p] for p in perm], [times[p] for p in perm],
+    costs: list[Cost] = list(times)
+    if curves:
+        costs = [ForwardCost.from_table({1: t, **{m: t * rng.uniform(0.7, 2.5) for m in (2, 3, 5, 8)}})
+                 if t > 0 else t for t in times]
+    return ([names[p] for p in perm], [costs[p] for p in perm],
             [[alpha[a][b] for b in perm] for a in perm], proposers)
 
 
+@pytest.mark.parametrize("curves", [False, True])
 @pytest.mark.parametrize("max_stages", [None, 2, 3])
 @pytest.mark.parametrize("seed", range(8))
-def test_dp_equals_brute_force(seed: int, max_stages: int | None) -> None:
-    names, times, alpha, proposers = random_case(seed)
+def test_dp_equals_brute_force(seed: int, max_stages: int | None, curves: bool) -> None:
+    names, times, alpha, proposers = random_case(seed, curves)
     max_length = 5
     plan = plan_chain(names, times, alpha, proposers=sorted(proposers), max_length=max_length,
                       max_stages=max_stages, top=None)
@@ -158,17 +170,54 @@ def test_a_proposer_only_starts_a_chain() -> None:
     assert sorted(c.names for c in plan.ranked) == [("lookup", "target"), ("ngram", "target"), ("target",)]
 
 
+# the CPU profile of docs/algorithms.md (SmolLM2-135M with a KV cache), seconds per forward
+CPU = ForwardCost.from_table({1: 0.071, 2: 0.115, 3: 0.142, 5: 0.098}, name="smollm2")
+
+
+def test_a_cpu_cost_curve_changes_the_block_length() -> None:
+    """Draft 10 ms, alpha 0.6, target 71 ms per decode forward. Flat T: tau(ell) = (0.01 ell +
+    0.071) / E(0.6, ell) = 0.0506, 0.0464, 0.0464 (ell = 3, just below ell = 2), 0.0481: ell = 3.
+    With the CPU curve a verification costs T(ell + 1) = 115, 142, 120, 98, 98 ms:
+    tau = 0.0781, 0.0827, 0.0689, 0.0599, 0.0621: ell = 4, where M = 5 is cheap."""
+    alpha = [[1.0, 0.6], [0.0, 1.0]]
+    flat = plan_chain(["draft", "target"], [0.010, 0.071], alpha, max_length=8)
+    assert flat.chain == ("draft", "target") and flat.block_lengths == (3,)
+    assert flat.time_per_token == pytest.approx(0.101 / expected_tokens(0.6, 3))
+    curve = plan_chain(["draft", "target"], [0.010, CPU], alpha, max_length=8)
+    assert curve.chain == ("draft", "target") and curve.block_lengths == (4,)
+    assert curve.time_per_token == pytest.approx((0.040 + 0.098) / expected_tokens(0.6, 4))
+    assert curve.speedup == pytest.approx(0.071 / curve.time_per_token)
+    assert curve.forward_times == (0.010, 0.071) and curve.forward_costs[1] is CPU
+    assert "1: 71.0, 2: 115.0, 3: 142.0, 5: 98.0" in curve.to_markdown()
+    assert curve.as_dict()["forward_costs"][1] == CPU.as_list()
+
+
+def test_a_cpu_cost_curve_can_rule_out_drafting() -> None:
+    """Draft 30 ms, alpha 0.5: flat, ell = 1 gives (0.030 + 0.071) / 1.5 = 0.0673 < 0.071, a
+    1.05x speedup; with the CPU curve the best block, ell = 1, costs (0.030 + 0.115) / 1.5 =
+    0.0967 > 0.071 (ell = 2, 3, 4: 0.1154, 0.1120, 0.1125): the target alone is faster."""
+    alpha = [[1.0, 0.5], [0.0, 1.0]]
+    assert plan_chain(["draft", "target"], [0.030, 0.071], alpha, max_length=8).chain == ("draft", "target")
+    curve = plan_chain(["draft", "target"], [0.030, CPU], alpha, max_length=8)
+    assert curve.chain == ("target",) and curve.speedup == 1.0
+    assert curve.ranked[1].block_lengths == (1,)
+    assert curve.ranked[1].time_per_token == pytest.approx(0.145 / 1.5)
+
+
+@pytest.mark.parametrize("curves", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_predicted_speedup_is_predict_chain(seed: int) -> None:
-    names, times, alpha, proposers = random_case(seed)
+def test_predicted_speedup_is_predict_chain(seed: int, curves: bool) -> None:
+    names, times, alpha, proposers = random_case(seed, curves)
     plan = plan_chain(names, times, alpha, proposers=sorted(proposers), max_length=6, top=None)
+    t_target = as_forward_cost(times[-1], "target").decode
     for c in plan.ranked:
-        pred = predict_chain(list(c.alphas), list(c.block_lengths), list(c.forward_times))
+        pred = predict_chain(list(c.alphas), list(c.block_lengths), list(c.forward_costs))
         assert c.speedup == pytest.approx(pred.speedup, rel=1e-12)
         assert c.tokens_per_s == pytest.approx(pred.tokens_per_s, rel=1e-12)
         assert c.prediction().speedup == pytest.approx(pred.speedup, rel=1e-12)
-        assert c.target_time == times[-1]
-    assert plan.speedup == pytest.approx(times[-1] / plan.time_per_token)
+        assert c.target_time == t_target
+        assert c.forward_times == tuple(f.decode for f in c.forward_costs)
+    assert plan.speedup == pytest.approx(t_target / plan.time_per_token)
     assert plan.speedup >= 1.0  # the target alone is always a candidate
 
 
@@ -323,6 +372,52 @@ def test_measure_stage_time_times_single_token_decodes() -> None:
         measure_stage_time(stage, context_len=3, repeats=0)
 
 
+class BlockSleeper(TableModel):
+    """A table stage whose forward sleeps 3 ms per token of the block + 2 ms; records
+    (context length, block length) of every call."""
+
+    def __init__(self) -> None:
+        super().__init__([0.25] * 4, name="sleeper")
+        self.seen: list[tuple[int, int]] = []
+
+    def score(self, context: torch.Tensor, block: Block | None = None) -> torch.Tensor:
+        import time
+
+        n = 0 if block is None else len(block)
+        self.seen.append((len(context), n))
+        time.sleep(0.002 + 0.003 * n)
+        return super().score(context, block)
+
+
+def test_measure_stage_costs_times_each_block_size() -> None:
+    stage = BlockSleeper()
+    cost = measure_stage_costs(stage, context_len=5, block_sizes=(1, 2, 4), repeats=3, warmup=1)
+    # prefill, then per round r (context 6 + r): one forward per M, a block of M - 1 tokens
+    assert stage.seen == [(5, 0)] + [(6 + r, m - 1) for r in range(4) for m in (1, 2, 4)]
+    assert [m for m, _ in cost.points] == [1, 2, 4] and cost.name == "sleeper"
+    assert 0.002 <= cost(1) < cost(2) < cost(4) < 0.5  # generous: the machine may be busy
+    assert cost(3) == pytest.approx((cost(2) + cost(4)) / 2)
+    bad: list[tuple[Any, str]] = [((), "at least one M"), ((2, 2), r"strictly increasing .* got 2 in \[2, 2\]"),
+                                  ((0, 1), "got 0"), ((1, 2.5), "got 2.5")]
+    for sizes, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            measure_stage_costs(stage, 3, sizes)
+
+
+def test_measure_stage_costs_feeds_m_tokens_to_the_model(tiny_models: dict[str, Any]) -> None:
+    """On an ``HFStage`` every timed forward feeds the model exactly M new tokens."""
+    stage = HFStage(tiny_models["near"], name="near")
+    lengths: list[int] = []
+    hook = stage.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(int(kwargs["input_ids"].shape[1])), with_kwargs=True)
+    try:
+        cost = measure_stage_costs(stage, context_len=7, block_sizes=(1, 3, 6), repeats=2, warmup=1)
+    finally:
+        hook.remove()
+    assert lengths == [7] + [1, 3, 6] * 3
+    assert all(t > 0 for _, t in cost.points) and stage.cached_tokens == ()
+
+
 @pytest.mark.parametrize(("alpha", "ell", "n"), [(0.6, 4, 32), (0.3, 16, 20), (0.95, 8, 64)])
 def test_effective_alpha_inverts_the_finite_horizon_model(alpha: float, ell: int, n: int) -> None:
     measured = predict_chain([alpha], [ell], [0.0, 1.0], new_tokens=n).tokens_per_target_forward
@@ -379,7 +474,7 @@ def test_cli_plan_end_to_end(saved_model: Path, prompt_file: Path, capsys: pytes
     assert main(["plan", *common]) == 0
     out = capsys.readouterr().out
     assert "| rank | chain | lengths | alphas | predicted tok/s | predicted speedup |" in out
-    assert "ngram (proposer)" in out
+    assert "ngram (proposer)" in out and "| ms/forward by M |" in out and " 5: " in out
     command = next(line for line in out.splitlines() if line.startswith("pyramid generate"))
     argv = shlex.split(command)[1:]
     ns = build_parser().parse_args(argv)
@@ -389,6 +484,9 @@ def test_cli_plan_end_to_end(saved_model: Path, prompt_file: Path, capsys: pytes
     data = json.loads(capsys.readouterr().out)
     assert data["candidates"] == stages and data["proposers"] == ["ngram"]
     assert data["forward_times"][0] == 0.0 and all(t > 0 for t in data["forward_times"][1:])
+    # T(M) measured at every M a verification can feed (max length 4: M = 1..5)
+    assert [[m for m, _ in c] for c in data["forward_costs"][1:]] == [[1, 2, 3, 4, 5]] * 2
+    assert data["forward_costs"][0] == [[1, 0.0]]
     alpha = data["alpha"]
     assert alpha[1][2] is not None and 0.0 <= alpha[1][2] <= 1.0 and alpha[2][2] == 1.0
     assert 0.0 <= alpha[0][1] <= 1.0 and 0.0 <= alpha[0][2] <= 1.0
