@@ -16,11 +16,11 @@ __all__ = ["main", "build_parser"]
 
 
 # The distilled SmolLM2 family shipped with pyramid (`pyramid distill all`), smallest first, and
-# block lengths per boundary for it: the latency model's best for the family's measured alpha
-# (draft->qualifier 0.49, qualifier->target 0.36) and T (5.5, 24.8, 61 ms) on the CPU it was
-# built on (`pyramid plan` measures and picks them on yours).
+# block lengths per boundary for it: the planner's best 3-stage chain for the family's measured
+# alpha (draft->qualifier 0.47, qualifier->target 0.54) and T(M) (T(1) = 6.3, 25.6, 64.6 ms) on
+# the 2-core CPU it was measured on (`pyramid plan` measures and picks them on yours).
 FAMILY = ["smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"]
-FAMILY_LENGTHS = [2, 1]
+FAMILY_LENGTHS = [3, 1]
 
 
 def _sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
