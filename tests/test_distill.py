@@ -629,3 +629,14 @@ def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path) -> None:
     expected = hf_greedy(target.model, prompt, 6)
     pipe = build_pipeline([draft, qualifier, target], ["exact", "exact"], [3, 2], sampling=SamplingConfig.greedy())
     assert pipe.generate(prompt, max_new_tokens=6).token_list == expected
+
+
+@pytest.mark.parametrize("device", ["nonsense-device", "cuda:97"])
+def test_an_unusable_device_is_named(device: str) -> None:
+    import argparse
+
+    from pyramid_core.distill_cli import _device
+
+    with pytest.raises(ConfigError, match=f"--device '{device}' is not usable here"):
+        _device(argparse.Namespace(device=device))
+    assert _device(argparse.Namespace(device=None)) == "cpu"
