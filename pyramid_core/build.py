@@ -14,7 +14,7 @@ from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage
 from pyramid_core.registry import parse_spec
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["build_pipeline", "make_stage", "make_policy", "check_same_tokenizer", "resolve_preset"]
+__all__ = ["build_pipeline", "make_stage", "make_stage_on", "make_policy", "check_same_tokenizer", "resolve_preset"]
 
 
 def _accepts(factory: Any, param: str) -> bool:
@@ -44,6 +44,14 @@ def make_stage(spec: str | Stage | Proposer, *, vocab_size: int | None = None, r
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise PluginError(f"unknown stage {name!r}{hint} (proposers: {', '.join(regs.proposers.names()) or 'none'}; "
                       f"backends: {', '.join(regs.backends.names()) or 'none'})")
+
+
+def make_stage_on(spec: str | Stage | Proposer, device: str | None, **overrides: Any) -> Stage | Proposer:
+    """``make_stage``, with a model backend placed on ``device`` (``None``: the backend's
+    default); proposers such as ``ngram`` run wherever their verifier is and take no device."""
+    if device and isinstance(spec, str) and parse_spec(spec)[0] in registries().backends:
+        overrides["device"] = device
+    return make_stage(spec, **overrides)
 
 
 def make_policy(spec: str | AcceptancePolicy, *, regs: Registries | None = None) -> AcceptancePolicy:

@@ -144,16 +144,17 @@ def cmd_check(ns: argparse.Namespace) -> int:
 def cmd_generate(ns: argparse.Namespace) -> int:
     import torch
 
-    from pyramid_core.build import build_pipeline, make_stage
+    from pyramid_core.build import build_pipeline, make_stage_on
     from pyramid_core.errors import ConfigError
 
     stage_specs = ns.stage or FAMILY
     n = len(stage_specs)
     if not ns.stage and not ns.length and not ns.preset:
         ns.length = FAMILY_LENGTHS
-    # load the target first: proposers need its vocabulary size
-    target = make_stage(stage_specs[-1], device=ns.device) if ns.device else make_stage(stage_specs[-1])
-    stages = [*stage_specs[:-1], target]
+    # load the target first: proposers need its vocabulary size; every model backend on --device
+    target = make_stage_on(stage_specs[-1], ns.device)
+    vocab = getattr(target, "vocab_size", None)
+    stages = [*(make_stage_on(s, ns.device, vocab_size=vocab) for s in stage_specs[:-1]), target]
     policies, lengths = _plan(ns, n, default_length=4)
     pipe = build_pipeline(stages, policies, lengths, sampling=_sampling(ns), tree=ns.tree)
     tok = getattr(pipe.target, "tokenizer", None)
@@ -282,13 +283,11 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     """Measure T per candidate and alpha per pair here, then pick the chain (pyramid_core.plan)."""
     import shlex
 
-    from pyramid_core.build import check_same_tokenizer, make_stage
+    from pyramid_core.build import check_same_tokenizer, make_stage_on
     from pyramid_core.errors import ConfigError
     from pyramid_core.plan import measure_candidates, plan_chain
-    from pyramid_core.plugins import registries
     from pyramid_core.prompts import load_prompts
     from pyramid_core.protocols import Stage
-    from pyramid_core.registry import parse_spec
     from pyramid_core.sweep import encode_prompt
 
     specs: list[str] = ns.stage or []
@@ -298,20 +297,13 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     twice = sorted({s for s in specs if specs.count(s) > 1})
     if twice:
         raise ConfigError(f"--stage {twice[0]!r} is given twice; each candidate once")
-    backends = registries().backends
-
-    def load(spec: str, **kw: Any) -> Any:
-        if ns.device and parse_spec(spec)[0] in backends:
-            kw["device"] = ns.device
-        return make_stage(spec, **kw)
-
-    target = load(specs[-1])
+    target = make_stage_on(specs[-1], ns.device)
     if not isinstance(target, Stage):
         raise ConfigError(f"the target (the last --stage, {specs[-1]!r}) must be a model backend, not a proposer")
     tok = getattr(target, "tokenizer", None)
     if tok is None:
         raise ConfigError(f"the target {specs[-1]!r} has no tokenizer; `plan` encodes text prompts")
-    candidates = [load(s, vocab_size=target.vocab_size) for s in specs[:-1]] + [target]
+    candidates = [make_stage_on(s, ns.device, vocab_size=target.vocab_size) for s in specs[:-1]] + [target]
     check_same_tokenizer(candidates)
     prompts = load_prompts(ns.prompts, per_kind=ns.per_kind)
     encoded = [encode_prompt(tok, p.text, ns.chat) for p in prompts]
@@ -363,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft token trees with the first stage, e.g. tree:branching=4-2-1,replacement=false "
                         "or tree:budget=16,branching=4 (verify them with the exact policy)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", help="device for the target when it is a backend (cpu, cuda, ...)")
+    p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the tokenizer's chat template (default on)")
     p.add_argument("--compare", action="store_true",

@@ -219,22 +219,15 @@ def _eval_specs(ns: argparse.Namespace) -> list[str]:
     return list(ns.stage) if ns.stage else ["smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"]
 
 
-def _is_backend(spec: str) -> bool:
-    from pyramid_core.plugins import registries
-    from pyramid_core.registry import parse_spec
-
-    return parse_spec(spec)[0] in registries().backends
-
-
 def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
-    from pyramid_core.build import check_same_tokenizer, make_stage
+    from pyramid_core.build import check_same_tokenizer, make_stage_on
     from pyramid_core.errors import ConfigError
     from pyramid_core.hf.distill import evaluate_stages
     from pyramid_core.prompts import load_prompts
     from pyramid_core.sweep import encode_prompt
 
     device = _device(ns)
-    stages = [make_stage(s, device=device) if _is_backend(s) else make_stage(s) for s in specs]
+    stages = [make_stage_on(s, device) for s in specs]
     for spec, stage in zip(specs, stages, strict=True):
         if not hasattr(stage, "model"):
             raise ConfigError(f"stage {spec!r} is not a model backend; `pyramid distill eval` compares models")
