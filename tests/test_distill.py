@@ -350,8 +350,25 @@ class StepClock:
         return 60.0 * self.steps
 
 
+def train_for_steps(steps: int, *args: Any, **kw: Any) -> tuple[dict[str, Any], int]:
+    """``train_student(*args, max_minutes=steps, **kw)`` on a ``StepClock``: the run stops after
+    exactly ``steps`` steps. Returns the report and the number of steps the clock counted."""
+    clock = StepClock()
+    real_loss = distill_mod._loss
+
+    def counting_loss(*loss_args: Any) -> Any:
+        clock.steps += 1
+        return real_loss(*loss_args)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(distill_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+        m.setattr(distill_mod, "_loss", counting_loss)
+        report = train_student(*args, max_minutes=steps, **kw)
+    return report, clock.steps
+
+
 def test_interrupted_run_resumes_to_the_same_weights(target: Any, saved_target: Path, corpus: list[TrainSequence],
-                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     tmp_path: Path) -> None:
     cfg = TrainConfig(layers=(1,), sub_vocab=40, steps=12, batch_tokens=96, lr=5e-3, warmup=2, save_every=5, seed=3)
     kw: dict[str, Any] = {"base": str(saved_target), "eos": [63], "progress": False}
 
@@ -363,18 +380,8 @@ def test_interrupted_run_resumes_to_the_same_weights(target: Any, saved_target: 
     assert stopped["finished"] is False and stopped["steps"] == 0
     assert not is_student_dir(split)  # nothing shipped before the run is finished
 
-    clock = StepClock()
-    real_loss = distill_mod._loss
-
-    def counting_loss(*args: Any) -> Any:
-        clock.steps += 1
-        return real_loss(*args)
-
-    with monkeypatch.context() as m:
-        m.setattr(distill_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
-        m.setattr(distill_mod, "_loss", counting_loss)
-        stopped = train_student(target, corpus, cfg, split, max_minutes=7, **kw)
-    assert stopped["finished"] is False and stopped["steps"] == 7 == clock.steps
+    stopped, counted = train_for_steps(7, target, corpus, cfg, split, **kw)
+    assert stopped["finished"] is False and stopped["steps"] == 7 == counted
     assert read_checkpoint(split)["step"] == 7
     resumed = train_student(target, corpus, cfg, split, **kw)
     assert resumed["finished"] and resumed["steps"] == 12
@@ -402,18 +409,8 @@ def test_training_and_resuming_on_each_device(target: Any, saved_target: Path, c
     here = copy.deepcopy(target).to(device)  # students share (and freeze) their target's embedding
     cfg = TrainConfig(layers=(0, 2), sub_vocab=40, steps=16, batch_tokens=128, lr=1e-2, warmup=2, save_every=4)
     kw: dict[str, Any] = {"base": str(saved_target), "eos": [63], "progress": False}
-    clock = StepClock()
-    real_loss = distill_mod._loss
-
-    def counting_loss(*args: Any) -> Any:
-        clock.steps += 1
-        return real_loss(*args)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(distill_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
-        m.setattr(distill_mod, "_loss", counting_loss)
-        stopped = train_student(here, corpus, cfg, tmp_path, max_minutes=6, **kw)
-    assert stopped["steps"] == 6 and not stopped["finished"]
+    stopped, counted = train_for_steps(6, here, corpus, cfg, tmp_path, **kw)
+    assert stopped["steps"] == 6 == counted and not stopped["finished"]
     report = train_student(here, corpus, cfg, tmp_path, **kw)  # resumes from the checkpoint on ``device``
     assert report["finished"] and report["steps"] == 16
     history = read_checkpoint(tmp_path)["history"]
