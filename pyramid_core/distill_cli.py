@@ -147,18 +147,17 @@ def add_distill_parser(sub: Any) -> None:
     a = dsub.add_parser("all", help="the whole recipe: corpus, draft, qualifier, evaluation, family folder")
     _common(a)
     _corpus_args(a, "--new-tokens-corpus")
-    a.add_argument("--draft-steps", type=int, help=f"draft optimiser steps (default {ROLES_STEPS['draft']})")
-    a.add_argument("--qualifier-steps", type=int, help=f"qualifier optimiser steps (default {ROLES_STEPS['qualifier']})")
+    a.add_argument("--draft-steps", type=int, help=f"draft optimiser steps (default {ROLES['draft']['steps']})")
+    a.add_argument("--qualifier-steps", type=int, help=f"qualifier optimiser steps (default {ROLES['qualifier']['steps']})")
     a.add_argument("--ship", metavar="DIR", help="family folder to write (default WORKDIR/family)")
     train_args(a)
     eval_args(a)
     a.set_defaults(func=cmd_all, corpus_sample=150)
 
-ROLES_STEPS = {"draft": 800, "qualifier": 300}
 ROLES: dict[str, dict[str, Any]] = {
     # layers of the target each student starts from, its head, and its learning rate
-    "draft": {"layers": "0,1", "sub_vocab": 8192, "lr": 1e-3, "steps": ROLES_STEPS["draft"], "greedy_repeats": 2},
-    "qualifier": {"layers": "0,1,2,3,26,27,28,29", "sub_vocab": 0, "lr": 1e-3, "steps": ROLES_STEPS["qualifier"], "greedy_repeats": 2},
+    "draft": {"layers": "0,1", "sub_vocab": 8192, "lr": 1e-3, "steps": 800, "greedy_repeats": 2},
+    "qualifier": {"layers": "0,1,2,3,26,27,28,29", "sub_vocab": 0, "lr": 1e-3, "steps": 300, "greedy_repeats": 2},
 }
 
 
