@@ -49,10 +49,10 @@ def perturb(model: Any, scale: float, seed: int) -> Any:
 
 
 def exactness_on_device(device: str) -> dict[str, Any]:
-    from pyramid_core.check import chi_square_p_value
     from pyramid_core.pipeline import Pipeline
     from pyramid_core.rng import Rng
     from pyramid_core.testing import TableModel
+    from pyramid_core.testing.exactness import chi_square_p_value
     from pyramid_plugins.exact import ExactPolicy
 
     tables = [[0.5, 0.3, 0.15, 0.05], [0.2, 0.45, 0.25, 0.1], [0.1, 0.3, 0.4, 0.2]]

@@ -1,6 +1,12 @@
 """pyramid: multi-stage speculative decoding with pluggable acceptance rules."""
 
-from pyramid_core.build import build_pipeline, check_same_tokenizer, make_policy, make_stage
+from pyramid_core.build import (
+    PipelineSpec,
+    build_pipeline,
+    check_same_tokenizer,
+    make_policy,
+    make_stage,
+)
 from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
 from pyramid_core.pipeline import Generation, Metrics, Pipeline
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, Verifier
@@ -17,6 +23,7 @@ __all__ = [
     "Generation",
     "Metrics",
     "Pipeline",
+    "PipelineSpec",
     "PluginError",
     "Proposer",
     "PyramidError",

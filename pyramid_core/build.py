@@ -1,81 +1,104 @@
-"""Build pipelines from spec strings through the plugin registries (what the CLI uses)."""
+"""From specs to a ``Pipeline``: the one place where stages, policies, block lengths, presets,
+stage wrappers, sampling and device are resolved through the plugin registries.
+
+``PipelineSpec`` is the frozen description a command builds from its arguments; ``resolve()``
+turns it into a ``Pipeline``. Nothing here names a plugin: what is used when the user names
+nothing comes from the plugins' declared defaults (``Registry.default``): the default chain of
+stages (``register_chains``) and the default policy (``register_policies``).
+"""
 
 from __future__ import annotations
 
-import inspect
+import difflib
 from collections.abc import Sequence
 from typing import Any
+
+import attrs
 
 from pyramid_core.errors import ConfigError, PluginError, TokenizerMismatchError
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.plugins import Registries, registries
-from pyramid_core.presets import Preset
-from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage
+from pyramid_core.presets import Chain, Preset
+from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, tokenizer_of
 from pyramid_core.registry import parse_spec
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["build_pipeline", "make_stage", "make_stage_on", "make_policy", "check_same_tokenizer", "resolve_preset"]
+__all__ = [
+    "PipelineSpec",
+    "build_pipeline",
+    "make_stage",
+    "make_policy",
+    "check_same_tokenizer",
+    "resolve_preset",
+    "default_chain",
+    "DEFAULT_BLOCK_LENGTH",
+]
+
+DEFAULT_BLOCK_LENGTH = 4
+"""Block length per boundary when neither the lengths, a preset nor the default chain give one."""
+
+StageLike = str | Stage | Proposer
+PolicyLike = str | AcceptancePolicy
 
 
-def _accepts(factory: Any, param: str) -> bool:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
-    return param in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def make_stage(spec: str | Stage | Proposer, *, vocab_size: int | None = None, regs: Registries | None = None, **overrides: Any) -> Stage | Proposer:
-    """A stage from ``"name:k=v"``: a registered proposer, else a registered backend."""
+def make_stage(spec: StageLike, *, regs: Registries | None = None, vocab_size: int | None = None,
+               device: str | None = None, **overrides: Any) -> Stage | Proposer:
+    """A stage from ``"name:k=v"``: a registered proposer (given ``vocab_size`` when it takes
+    one), else a registered model backend (placed on ``device`` when given; ``None``: the
+    backend's default). A loaded stage is returned as it is."""
     if not isinstance(spec, str):
         return spec
     regs = regs or registries()
     name, _ = parse_spec(spec)
     if name in regs.proposers:
-        if vocab_size is not None and _accepts(regs.proposers.get(name).factory, "vocab_size"):
+        if vocab_size is not None and regs.proposers.accepts(name, "vocab_size"):
             overrides.setdefault("vocab_size", vocab_size)
         return regs.proposers.create(spec, **overrides)
     if name in regs.backends:
+        if device:
+            overrides["device"] = device
         return regs.backends.create(spec, **overrides)
+    if name in regs.wrappers:
+        raise PluginError(f"{name!r} is a stage wrapper, not a stage: it wraps the bottom model stage of a "
+                          f"pipeline; give it as the tree (build_pipeline(..., tree={spec!r}) / --tree {spec})")
     names = regs.proposers.names() + regs.backends.names()
-    import difflib
-
     close = difflib.get_close_matches(name, names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise PluginError(f"unknown stage {name!r}{hint} (proposers: {', '.join(regs.proposers.names()) or 'none'}; "
                       f"backends: {', '.join(regs.backends.names()) or 'none'})")
 
 
-def make_stage_on(spec: str | Stage | Proposer, device: str | None, **overrides: Any) -> Stage | Proposer:
-    """``make_stage``, with a model backend placed on ``device`` (``None``: the backend's
-    default); proposers such as ``ngram`` run wherever their verifier is and take no device."""
-    if device and isinstance(spec, str) and parse_spec(spec)[0] in registries().backends:
-        overrides["device"] = device
-    return make_stage(spec, **overrides)
-
-
-def make_policy(spec: str | AcceptancePolicy, *, regs: Registries | None = None) -> AcceptancePolicy:
+def make_policy(spec: PolicyLike, *, regs: Registries | None = None) -> AcceptancePolicy:
     if not isinstance(spec, str):
         return spec
     return (regs or registries()).policies.create(spec)
 
 
-def resolve_preset(name: str, n_stages: int) -> Preset:
+def resolve_preset(name: str, n_stages: int, *, regs: Registries | None = None) -> Preset:
     """The registered preset ``name`` instantiated for ``n_stages`` stages."""
-    reg = registries().presets
-    entry = reg.get(name)
+    entry = (regs or registries()).presets.get(name)
     try:
         return entry.factory(n_stages)
     except ValueError as exc:
         raise ConfigError(f"preset {name!r} (from plugin {entry.plugin!r}): {exc}") from exc
 
 
+def default_chain(regs: Registries | None = None, *, purpose: str = "no stages were given") -> Chain:
+    """The chain a plugin declared the default (``register_chains(..., default=True)``)."""
+    regs = regs or registries()
+    entry = regs.chains.get(regs.chains.default_name(purpose))
+    chain = entry.factory()
+    if not isinstance(chain, Chain):
+        raise PluginError(f"chain {entry.name!r} (from plugin {entry.plugin!r}) is not a pyramid_core.presets.Chain")
+    return chain
+
+
 def check_same_tokenizer(stages: Sequence[object]) -> None:
     """Fail before any decoding if two stages carry different tokenizers (compared by their
-    vocabularies and special tokens). Stages without a ``tokenizer`` attribute are skipped."""
+    vocabularies and special tokens). Stages without a tokenizer (``HasTokenizer``) are skipped."""
     ref: tuple[int, str, Any] | None = None
     for i, stage in enumerate(stages):
-        tok = getattr(stage, "tokenizer", None)
+        tok = tokenizer_of(stage)
         if tok is None:
             continue
         name = getattr(stage, "name", f"stage {i + 1}")
@@ -97,52 +120,132 @@ def check_same_tokenizer(stages: Sequence[object]) -> None:
             )
 
 
+def _per_boundary(values: Sequence[Any], n: int, what: str) -> list[Any]:
+    if len(values) != n - 1:
+        raise ConfigError(f"{n} stages need {n - 1} {what} (one per boundary), got {len(values)}")
+    return list(values)
+
+
+def _tuple_or_none(value: Sequence[Any] | None) -> tuple[Any, ...] | None:
+    return None if value is None else tuple(value)
+
+
+def _stages(value: Sequence[StageLike]) -> tuple[StageLike, ...]:
+    return tuple(value)
+
+
+@attrs.frozen(eq=False)
+class PipelineSpec:
+    """Everything that defines a pipeline, before anything is loaded.
+
+    stages:         specs (``"smollm2:stage=draft"``, ``"ngram"``) or loaded stages, smallest
+                    first, the target last; empty: the default chain's stages (and its lengths)
+    policies:       one per boundary; ``None``: the preset's, else the default policy everywhere
+    block_lengths:  one per boundary; ``None``: the preset's, else the default chain's, else 4
+    preset:         a registered preset (policies and lengths); excludes ``policies``
+    tree:           a registered stage wrapper spec (``"tree:budget=8,branching=4"``) around the
+                    bottom model stage
+    sampling:       applied identically at every stage
+    device:         where model backends are placed (``None``: each backend's default)
+    stop_ids:       ``None``: the target tokenizer's end-of-sequence token, if any
+    """
+
+    stages: tuple[StageLike, ...] = attrs.field(default=(), converter=_stages)
+    policies: tuple[PolicyLike, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
+    block_lengths: tuple[int, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
+    preset: str | None = None
+    tree: str | None = None
+    sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
+    device: str | None = None
+    stop_ids: tuple[int, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
+
+    def __attrs_post_init__(self) -> None:
+        if self.preset is not None and self.policies is not None:
+            raise ConfigError(f"give either a preset ({self.preset!r}) or policies, not both")
+
+    def plan(self, regs: Registries | None = None) -> tuple[tuple[StageLike, ...], list[PolicyLike], list[int]]:
+        """(stages, a policy per boundary, a block length per boundary), defaults filled in and
+        counts checked, without loading anything."""
+        regs = regs or registries()
+        stages, chain_lengths = self.stages, None
+        if not stages:
+            chain = default_chain(regs, purpose="no stages were given")
+            stages, chain_lengths = chain.stages, chain.block_lengths
+        n = len(stages)
+        lengths = self.block_lengths
+        if self.preset is not None:
+            preset = resolve_preset(self.preset, n, regs=regs)
+            policies: Sequence[PolicyLike] = preset.policies
+            lengths = lengths if lengths is not None else preset.block_lengths
+        elif self.policies is not None:
+            policies = self.policies
+        else:
+            policies = [regs.policies.default_name("no policy was given")] * (n - 1) if n > 1 else []
+        if lengths is None:
+            lengths = chain_lengths if chain_lengths is not None else (DEFAULT_BLOCK_LENGTH,) * (n - 1)
+        return (tuple(stages), _per_boundary(policies, n, "acceptance policies"),
+                _per_boundary(lengths, n, "block lengths"))
+
+    def load_stages(self, regs: Registries | None = None) -> list[Stage | Proposer]:
+        """The stages, loaded: the target first (a proposer below it gets its vocabulary size),
+        every model backend on ``device``; tokenizers checked to agree."""
+        regs = regs or registries()
+        specs = self.plan(regs)[0]
+        target = make_stage(specs[-1], regs=regs, device=self.device)
+        if not isinstance(target, Stage):
+            raise ConfigError(f"the target (stage {len(specs)}, {specs[-1]!r}) must be a model stage, not a proposer")
+        resolved = [make_stage(s, regs=regs, vocab_size=target.vocab_size, device=self.device) for s in specs[:-1]]
+        resolved.append(target)
+        check_same_tokenizer(resolved)
+        return resolved
+
+    def loaded(self, regs: Registries | None = None) -> PipelineSpec:
+        """The same spec with its stages loaded (``load_stages``) -- to build several pipelines
+        over one load -- and, where they came from the default chain, its block lengths pinned."""
+        regs = regs or registries()
+        lengths = self.plan(regs)[2] if not self.stages and self.preset is None else self.block_lengths
+        return attrs.evolve(self, stages=tuple(self.load_stages(regs)), block_lengths=lengths)
+
+    def resolve(self, regs: Registries | None = None) -> Pipeline:
+        """The ``Pipeline`` this spec describes."""
+        regs = regs or registries()
+        specs, policy_specs, lengths = self.plan(regs)
+        resolved = self.load_stages(regs)
+        target = resolved[-1]
+        stop_ids = self.stop_ids
+        if stop_ids is None:
+            eos = getattr(tokenizer_of(target), "eos_token_id", None)
+            stop_ids = () if eos is None else (int(eos),)
+        policies = [make_policy(p, regs=regs) for p in policy_specs]
+        if self.tree is not None:
+            if len(resolved) < 2 or not isinstance(resolved[0], Stage):
+                raise ConfigError(
+                    f"tree={self.tree!r} wraps the bottom model stage of a pipeline of at least 2 stages; "
+                    f"stage 1 ({specs[0]!r}) is {'the target' if len(resolved) < 2 else 'not a model stage'}"
+                )
+            resolved[0] = regs.wrappers.create(self.tree, stage=resolved[0], sampling=self.sampling,
+                                               stop_ids=list(stop_ids))
+        return Pipeline(resolved, policies, lengths, self.sampling, list(stop_ids))
+
+
 def build_pipeline(
-    stages: Sequence[str | Stage | Proposer],
-    policies: Sequence[str | AcceptancePolicy] | None = None,
+    stages: Sequence[StageLike],
+    policies: Sequence[PolicyLike] | None = None,
     block_lengths: Sequence[int] | None = None,
     *,
     sampling: SamplingConfig | None = None,
     stop_ids: Sequence[int] | None = None,
     preset: str | None = None,
     tree: str | None = None,
+    device: str | None = None,
+    regs: Registries | None = None,
 ) -> Pipeline:
-    """Resolve specs and build a ``Pipeline``. Policies default to ``exact`` at every boundary and
-    block lengths to 4; a ``preset`` (e.g. ``"psd-f"``) supplies both instead (explicit
-    ``block_lengths`` still win). ``stop_ids`` default to the target's EOS token.
-
-    ``tree`` (e.g. ``"tree:branching=4-2-1,replacement=false"``) names a registered proposer that
-    wraps the bottom model stage and drafts token trees; it is created with the keywords
-    ``stage`` (the resolved bottom stage), ``sampling`` and ``stop_ids``."""
+    """``PipelineSpec(...).resolve(regs)``: policies default to the default policy (``exact``)
+    at every boundary and block lengths to 4; a ``preset`` (e.g. ``"psd-f"``) supplies both
+    instead (explicit ``block_lengths`` still win). ``stop_ids`` default to the target's EOS
+    token. ``tree`` (e.g. ``"tree:branching=4-2-1,replacement=false"``) names a registered stage
+    wrapper around the bottom model stage."""
     if not stages:
         raise ConfigError("a pipeline needs at least one stage (the target)")
-    n = len(stages)
-    if preset is not None:
-        if policies is not None:
-            raise ConfigError(f"give either a preset ({preset!r}) or policies, not both")
-        plan = resolve_preset(preset, n)
-        policies = list(plan.policies)
-        block_lengths = list(block_lengths) if block_lengths is not None else list(plan.block_lengths)
-    regs = registries() if any(isinstance(s, str) for s in [*stages, *(policies or [])]) or policies is None else None
-    target = make_stage(stages[-1], regs=regs)
-    if not isinstance(target, Stage):
-        raise ConfigError(f"the target (stage {n}, {stages[-1]!r}) must be a model stage, not a proposer")
-    resolved = [make_stage(s, vocab_size=target.vocab_size, regs=regs) for s in stages[:-1]] + [target]
-    check_same_tokenizer(resolved)
-    pols = [make_policy(p, regs=regs) for p in (policies if policies is not None else ["exact"] * (n - 1))]
-    lengths = list(block_lengths) if block_lengths is not None else [4] * (n - 1)
-    if stop_ids is None:
-        tok = getattr(target, "tokenizer", None)
-        eos = getattr(tok, "eos_token_id", None) if tok is not None else None
-        stop_ids = [] if eos is None else [int(eos)]
-    sampling = sampling or SamplingConfig()
-    if tree is not None:
-        if n < 2 or not isinstance(resolved[0], Stage):
-            raise ConfigError(
-                f"tree={tree!r} wraps the bottom model stage of a pipeline of at least 2 stages; "
-                f"stage 1 ({stages[0]!r}) is {'the target' if n < 2 else 'not a model stage'}"
-            )
-        resolved[0] = (regs or registries()).proposers.create(
-            tree, stage=resolved[0], sampling=sampling, stop_ids=list(stop_ids)
-        )
-    return Pipeline(resolved, pols, lengths, sampling, list(stop_ids))
+    spec = PipelineSpec(stages, policies, block_lengths, preset, tree, sampling or SamplingConfig(), device, stop_ids)
+    return spec.resolve(regs)

@@ -6,10 +6,15 @@ entry-point group ``pyramid_core``::
     [project.entry-points.pyramid_core]
     my_rules = "my_package.rules"
 
-Every hook receives a ``register(name, factory, description="")`` callback. ``factory`` is
-called with keyword parameters parsed from a spec such as ``"name:key=value,..."`` (values
-are converted using the factory's annotations). The built-in plugins use these hooks exactly
-like a third-party package does.
+Every hook receives a ``register(name, factory, description="", *, default=False)`` callback.
+``factory`` is called with keyword parameters parsed from a spec such as ``"name:key=value,..."``
+(values are converted using the factory's annotations; a parameter annotated with a registered
+kind such as ``AcceptancePolicy`` takes a nested spec, ``assisted:inner=(fuzzy:tau=0.3)``).
+``default=True`` declares the registration the default of its kind -- what the framework uses
+when the user names none (the built-in ``exact`` policy and the ``smollm2-family`` chain do);
+at most one plugin may declare a default per kind, and when that plugin is disabled the
+framework says so instead of falling back to a name of its own. The built-in plugins use these
+hooks exactly like a third-party package does.
 """
 
 from __future__ import annotations
@@ -71,4 +76,37 @@ def register_presets(register: Any) -> None:
     ``register(name, factory, description="")`` where ``factory(n_stages)`` returns a
     ``pyramid_core.presets.Preset`` (policy specs and block lengths, one per boundary) or raises
     ``ValueError`` naming the stage counts it supports, e.g. ``psd-f`` for three stages.
+    """
+
+
+@hookspec
+def register_wrappers(register: Any) -> None:
+    """Register stage wrappers: proposers built around the bottom model stage of a pipeline.
+
+    ``register(name, factory, description="")`` where ``factory(stage, *, sampling, stop_ids,
+    **params)`` receives the resolved bottom ``Stage``, the pipeline's ``SamplingConfig`` and
+    stop token ids, and returns a ``Proposer`` (e.g. ``tree``, which drafts token trees). Chosen
+    with ``PipelineSpec(tree=SPEC)`` / ``build_pipeline(..., tree=SPEC)`` / ``--tree SPEC``.
+    """
+
+
+@hookspec
+def register_chains(register: Any) -> None:
+    """Register named chains of stages: what ``generate``, ``bench`` and ``sweep`` run when no
+    ``--stage`` is given.
+
+    ``register(name, factory, description="", default=False)`` where ``factory()`` returns a
+    ``pyramid_core.presets.Chain`` (stage specs smallest first, the target last, and a block
+    length per boundary), e.g. ``smollm2-family``.
+    """
+
+
+@hookspec
+def register_commands(register: Any) -> None:
+    """Register ``pyramid`` subcommands.
+
+    ``register(name, configure, description="")`` where ``configure(parser)`` adds the
+    command's arguments to its ``argparse.ArgumentParser`` and returns the function
+    ``run(namespace) -> int`` (the exit status) that executes it. A ``PyramidError`` raised by
+    ``run`` is printed as ``pyramid NAME: error: ...`` with exit status 2.
     """

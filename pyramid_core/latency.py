@@ -1,5 +1,6 @@
 """The latency model of SPEC.md ("Latency model"): closed forms for planning and for comparing
-predicted with measured speedups (``pyramid bench``).
+predicted with measured speedups (``pyramid bench``). Pure maths, one job, hence its length:
+nothing here runs a stage (measuring is ``pyramid_core.measure``).
 
 References
 ----------
@@ -39,7 +40,6 @@ from typing import Any
 import attrs
 
 from pyramid_core.errors import ConfigError
-from pyramid_core.pipeline import Metrics
 
 __all__ = [
     "expected_tokens",
@@ -51,8 +51,7 @@ __all__ = [
     "as_forward_cost",
     "Prediction",
     "predict_chain",
-    "measure_alpha",
-    "measure_forward_time",
+    "iid_alpha",
 ]
 
 
@@ -447,64 +446,30 @@ def predict_chain(
     return Prediction(1.0 / f[-1], tau, tuple(f), t_target)
 
 
-def _as_list(metrics: Metrics | Sequence[Metrics]) -> list[Metrics]:
-    return [metrics] if isinstance(metrics, Metrics) else list(metrics)
-
-
-def measure_alpha(metrics: Metrics | Sequence[Metrics]) -> list[float]:
-    """Per-token acceptance alpha at each boundary, pooled over one or more runs.
+def iid_alpha(proposed_at: Sequence[int], accepted: int) -> float:
+    """The per-token acceptance alpha that explains ``accepted`` accepted tokens when
+    ``proposed_at[j]`` tokens were proposed at block position j, under the i.i.d. model.
 
     ``accepted / proposed`` underestimates alpha: positions after the first rejection are
     proposed but never tested. Under the i.i.d. model the token at block position j is accepted
     with probability alpha^(j+1), so alpha solves (by bisection; the left side is increasing)::
 
-        sum_j proposed_at[j] alpha^(j+1) = sum_j accepted_at[j]
+        sum_j proposed_at[j] alpha^(j+1) = accepted
 
     which holds whatever block lengths the rounds had (budget-truncated last rounds included).
-    A boundary that was never exercised gives NaN. For a tree boundary the counts are per depth
-    and the result is the chain-equivalent alpha."""
-    runs = _as_list(metrics)
-    if not runs:
-        raise ConfigError("measure_alpha needs at least one Metrics")
-    n_boundaries = len(runs[0].boundaries)
-    out: list[float] = []
-    for k in range(n_boundaries):
-        proposed_at: list[int] = []
-        accepted = 0
-        for m in runs:
-            b = m.boundaries[k]
-            accepted += sum(b.accepted_at)
-            for j, c in enumerate(b.proposed_at):
-                if j >= len(proposed_at):
-                    proposed_at.append(0)
-                proposed_at[j] += c
-        proposed = sum(proposed_at)
-        if proposed == 0:
-            out.append(math.nan)
-            continue
-        if accepted == 0 or accepted >= proposed:
-            out.append(0.0 if accepted == 0 else 1.0)
-            continue
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            if sum(c * mid ** (j + 1) for j, c in enumerate(proposed_at)) < accepted:
-                lo = mid
-            else:
-                hi = mid
-        out.append(0.5 * (lo + hi))
-    return out
-
-
-def measure_forward_time(metrics: Metrics | Sequence[Metrics]) -> list[float]:
-    """Seconds per forward T_k of each stage, pooled over runs (``forward_s / forwards``).
-    A stage without forwards (a model-free proposer) gives 0.0: its cost is in the overhead."""
-    runs = _as_list(metrics)
-    if not runs:
-        raise ConfigError("measure_forward_time needs at least one Metrics")
-    out = []
-    for k in range(len(runs[0].stages)):
-        forwards = sum(m.stages[k].forwards for m in runs)
-        seconds = sum(m.stages[k].forward_s for m in runs)
-        out.append(seconds / forwards if forwards else 0.0)
-    return out
+    Nothing proposed gives NaN."""
+    if any(c < 0 for c in proposed_at) or accepted < 0:
+        raise ConfigError(f"counts must be >= 0, got proposed_at={list(proposed_at)}, accepted={accepted}")
+    proposed = sum(proposed_at)
+    if proposed == 0:
+        return math.nan
+    if accepted == 0 or accepted >= proposed:
+        return 0.0 if accepted == 0 else 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if sum(c * mid ** (j + 1) for j, c in enumerate(proposed_at)) < accepted:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)

@@ -19,8 +19,17 @@ import attrs
 import torch
 from torch import Tensor
 
+from pyramid_core.devices import sync
 from pyramid_core.errors import ConfigError
-from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, Verifier
+from pyramid_core.protocols import (
+    AcceptancePolicy,
+    CountsForwards,
+    HasVocabulary,
+    Proposer,
+    Resettable,
+    Stage,
+    Verifier,
+)
 from pyramid_core.rng import Rng
 from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats
 
@@ -32,11 +41,6 @@ __all__ = [
     "Generation",
     "Metrics",
 ]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _cut_at_stop(tokens: Tensor, stop_ids: Tensor) -> tuple[int, bool]:
@@ -60,7 +64,7 @@ class StageVerifier:
     def verify(self, context: Tensor, block: Block) -> Tensor:
         t0 = time.perf_counter()
         rows = self.sampling.transform(self.stage.score(context, block))
-        _sync(rows.device)
+        sync(rows.device)
         self.stats.forwards += 1
         self.stats.positions += len(block) + 1
         self.stats.forward_s += time.perf_counter() - t0
@@ -151,6 +155,19 @@ class Metrics:
     new_tokens: int = 0
     wall_s: float = 0.0
 
+    @classmethod
+    def pool(cls, runs: Sequence[Metrics]) -> Metrics:
+        """One ``Metrics`` summing the counters of ``runs`` (generations of one pipeline):
+        boundary counts and histograms, per-stage forwards and times, tokens and wall time."""
+        if not runs:
+            raise ConfigError("Metrics.pool needs at least one run")
+        shape = (len(runs[0].boundaries), len(runs[0].stages))
+        if any((len(m.boundaries), len(m.stages)) != shape for m in runs):
+            raise ConfigError("Metrics.pool: the runs come from pipelines of different shapes")
+        boundaries = [BoundaryStats.pool([m.boundaries[k] for m in runs]) for k in range(shape[0])]
+        stages = [StageStats.pool([m.stages[k] for m in runs]) for k in range(shape[1])]
+        return cls(boundaries, stages, sum(m.new_tokens for m in runs), sum(m.wall_s for m in runs))
+
     @property
     def target_forwards(self) -> int:
         return self.stages[-1].forwards
@@ -212,6 +229,7 @@ class Pipeline:
     sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
     stop_ids: Sequence[int] = ()
     _bottom_is_stage: bool = attrs.field(init=False, default=False)
+    _resettable: list[Resettable] = attrs.field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.stages)
@@ -248,12 +266,14 @@ class Pipeline:
             if not isinstance(policy, AcceptancePolicy):
                 raise ConfigError(f"policy at boundary {k + 1} -> {k + 2} ({policy!r}) has no decide() method")
         # model stages always declare a vocabulary; a proposer may (ngram does: its one-hot rows)
-        declared = [(i, s, int(getattr(s, "vocab_size", 0) or 0)) for i, s in enumerate(self.stages)]
+        declared = [(i, s, int(s.vocab_size or 0)) for i, s in enumerate(self.stages) if isinstance(s, HasVocabulary)]
         declared = [(i, s, v) for i, s, v in declared if v > 0]
         if len({v for _, _, v in declared}) > 1:
             sizes = ", ".join(f"{_stage_name(s, i)}: {v}" for i, s, v in declared)
             raise ConfigError(f"stages disagree on the vocabulary size ({sizes})")
-        self._bottom_is_stage = isinstance(self.stages[0], Stage)  # isinstance on a Protocol is slow
+        # capabilities are checked here, once (isinstance on a Protocol is slow)
+        self._bottom_is_stage = isinstance(self.stages[0], Stage)
+        self._resettable = [s for s in self.stages if isinstance(s, Resettable)]
 
     @property
     def target(self) -> Stage:
@@ -269,9 +289,8 @@ class Pipeline:
             proposer = AutoregressiveProposer(bottom, self.sampling, stage_stats[0], stop)  # type: ignore[arg-type]
         else:
             proposer = bottom  # type: ignore[assignment]
-            own = getattr(bottom, "stats", None)  # a model-backed proposer (tree) counts its forwards
-            if isinstance(own, StageStats):
-                stage_stats[0] = own
+            if isinstance(bottom, CountsForwards):  # a model-backed proposer (tree) counts its forwards
+                stage_stats[0] = bottom.stats
         boundaries = []
         for k in range(1, len(self.stages)):
             stats = BoundaryStats()
@@ -292,10 +311,8 @@ class Pipeline:
         context = torch.as_tensor(prompt, dtype=torch.long).to(device).flatten()
         if context.numel() == 0:
             raise ConfigError("the prompt is empty: give at least one token (e.g. a BOS token)")
-        for s in self.stages:
-            reset = getattr(s, "reset", None)
-            if reset is not None:
-                reset()
+        for s in self._resettable:
+            s.reset()
         proposer, metrics = self.build()
         rng = Rng(seed)
         t0 = time.perf_counter()

@@ -30,13 +30,10 @@ from __future__ import annotations
 import difflib
 import heapq
 import math
-import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
-import torch
 
 from pyramid_core.errors import ConfigError
 from pyramid_core.latency import (
@@ -46,22 +43,8 @@ from pyramid_core.latency import (
     expected_tokens,
     predict_chain,
 )
-from pyramid_core.pipeline import Pipeline
-from pyramid_core.protocols import Proposer, Stage
-from pyramid_core.types import Block, SamplingConfig
 
-__all__ = [
-    "ChainPlan",
-    "Plan",
-    "plan_chain",
-    "measure_pairwise_alpha",
-    "measure_proposer_alpha",
-    "measure_stage_time",
-    "measure_stage_costs",
-    "DEFAULT_BLOCK_SIZES",
-    "Measured",
-    "measure_candidates",
-]
+__all__ = ["ChainPlan", "Plan", "plan_chain"]
 
 
 @attrs.frozen
@@ -209,9 +192,6 @@ class Plan:
                 f"{' / '.join(f'{a:.2f}' for a in c.alphas) or '-'} | {c.tokens_per_s:.1f} | {c.speedup:.2f}x |"
             )
         return "\n".join(lines) + "\n"
-
-
-# --- the planner --------------------------------------------------------------------------------
 
 
 def _number(value: Any) -> float:
@@ -382,234 +362,3 @@ def plan_chain(
         max_length=max_length,
         ranked=ranked,
     )
-
-
-# --- measurements -------------------------------------------------------------------------------
-
-
-def _check_prompts(prompts_token_ids: Sequence[Sequence[int]], new_tokens: int) -> None:
-    if not prompts_token_ids:
-        raise ConfigError("measuring needs at least one prompt (token ids)")
-    for k, ids in enumerate(prompts_token_ids):
-        if len(ids) == 0:
-            raise ConfigError(f"prompt #{k + 1} is empty: give at least one token")
-    if not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ConfigError(f"new_tokens must be an integer >= 1, got {new_tokens!r}")
-
-
-def _agreements(stage: Stage, prompt: Sequence[int], continuation: torch.Tensor) -> int:
-    """How many tokens of ``continuation`` are ``stage``'s argmax given the prompt and the
-    continuation before them (teacher forcing: one call, the continuation as the block)."""
-    context = torch.tensor(list(prompt), dtype=torch.long, device=stage.device)
-    tokens = continuation.to(stage.device)
-    rows = stage.score(context, Block(tokens, tokens.new_zeros((len(tokens), 0), dtype=torch.float32)))
-    return int((rows[:-1].argmax(dim=-1) == tokens).sum())
-
-
-def measure_pairwise_alpha(
-    stages: Sequence[Stage],
-    prompts_token_ids: Sequence[Sequence[int]],
-    new_tokens: int,
-    *,
-    stop_ids: Sequence[int] = (),
-) -> list[list[float]]:
-    """Greedy per-token acceptance ``alpha[i][j]`` of stage i drafting for stage j, for every
-    ordered pair, pooled over the prompts (``alpha[i][i] = 1``).
-
-    For each j: its greedy continuation (up to ``new_tokens`` tokens, stopping after a stop
-    token) is generated once per prompt; every other stage i scores it in one call and alpha[i][j]
-    is the fraction of positions where i's argmax is j's token. Under greedy decoding exact
-    rejection sampling accepts a drafted token iff it is the verifier's argmax, and the accepted
-    text is the verifier's continuation, so this agreement rate is the per-token acceptance (at
-    a middle boundary of a chain the context follows the target instead: a first-order proxy)."""
-    _check_prompts(prompts_token_ids, new_tokens)
-    n = len(stages)
-    agree = [[0] * n for _ in range(n)]
-    total = [0] * n
-    greedy = SamplingConfig.greedy()
-    for j, verifier in enumerate(stages):
-        alone = Pipeline([verifier], sampling=greedy, stop_ids=list(stop_ids))
-        for ids in prompts_token_ids:
-            continuation = alone.generate(list(ids), new_tokens).tokens
-            total[j] += len(continuation)
-            for i, drafter in enumerate(stages):
-                if i != j and len(continuation):
-                    agree[i][j] += _agreements(drafter, ids, continuation)
-    return [[1.0 if i == j else (agree[i][j] / total[j] if total[j] else math.nan) for j in range(n)]
-            for i in range(n)]
-
-
-def _alpha_for_tokens_per_forward(measured: float, block_length: int, new_tokens: int) -> float:
-    """The alpha at which the latency model (finite horizon, the pipeline's budget rule) gives
-    ``measured`` tokens per verifier forward for generations of ``new_tokens`` tokens."""
-
-    def model(a: float) -> float:
-        return predict_chain([a], [block_length], [0.0, 1.0], new_tokens=new_tokens).tokens_per_target_forward
-
-    if measured <= model(0.0):
-        return 0.0
-    if measured >= model(1.0):
-        return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(40):  # model() is increasing in alpha
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if model(mid) < measured else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-def measure_proposer_alpha(
-    proposer: str | Proposer,
-    stage: Stage,
-    prompts_token_ids: Sequence[Sequence[int]],
-    new_tokens: int,
-    *,
-    block_length: int,
-    stop_ids: Sequence[int] = (),
-) -> float:
-    """Effective per-token acceptance of a model-free proposer (e.g. ``"ngram"``) drafting for
-    ``stage``: run the greedy 2-stage pipeline proposer -> stage with ``block_length`` on every
-    prompt and find the alpha whose predicted tokens per verifier forward
-    (``predict_chain(..., new_tokens=...)``) equals the measured one.
-
-    Not ``latency.measure_alpha``: a proposer such as ``ngram`` often proposes nothing, and those
-    rounds (one token per forward) never enter the per-position counts, so the i.i.d. fit would
-    predict far more tokens per forward than the pipeline delivers. The effective alpha matches
-    the measured throughput at ``block_length`` (use the length the plan will choose: a free
-    proposer always gets the longest block)."""
-    from pyramid_core.build import build_pipeline
-
-    _check_prompts(prompts_token_ids, new_tokens)
-    pipe = build_pipeline([proposer, stage], ["exact"], [block_length], sampling=SamplingConfig.greedy(),
-                          stop_ids=list(stop_ids))
-    tokens = forwards = 0
-    for ids in prompts_token_ids:
-        m = pipe.generate(list(ids), new_tokens).metrics
-        tokens += m.new_tokens
-        forwards += m.target_forwards
-    if forwards == 0:
-        return math.nan
-    per_prompt = max(1, round(tokens / len(prompts_token_ids)))
-    return _alpha_for_tokens_per_forward(tokens / forwards, block_length, per_prompt)
-
-
-DEFAULT_BLOCK_SIZES = (1, 2, 3, 4, 6, 8)
-"""Tokens per forward M at which ``measure_stage_costs`` times a stage by default."""
-
-
-def measure_stage_costs(
-    stage: Stage,
-    context_len: int,
-    block_sizes: Sequence[int] = DEFAULT_BLOCK_SIZES,
-    repeats: int = 10,
-    *,
-    warmup: int = 2,
-) -> ForwardCost:
-    """T(M): median seconds of a cached forward of ``stage`` that feeds M new tokens, for each M
-    in ``block_sizes``, as a ``ForwardCost`` (interpolated between them).
-
-    The context is fed once (prefill, ``context_len`` tokens); then ``warmup`` untimed and
-    ``repeats`` timed rounds, round r with a context of ``context_len + r + 1`` tokens, each run
-    one forward per M, interleaved (M = 1, 2, ... in turn, so a busy machine slows every M
-    alike). A forward is handed the round's context plus a block of M - 1 tokens
-    (``score(context, Block)``; M = 1 is a plain decode step, ``score(context)``): the stage
-    rolls its cache back to the context without its last token and feeds that token and the
-    block, M tokens -- exactly what a verification of a block of M - 1 tokens does after the
-    stage's previous round. Each forward is timed alone (``time.perf_counter``, device
-    synchronised); medians resist a busy machine. The stage's cache is reset before and after."""
-    if not isinstance(context_len, int) or context_len < 1:
-        raise ConfigError(f"context_len must be an integer >= 1, got {context_len!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
-    sizes = list(block_sizes)
-    if not sizes:
-        raise ConfigError("block_sizes must name at least one M (tokens per forward), e.g. (1, 2, 4)")
-    for before, m in zip([0, *sizes], sizes):
-        if isinstance(m, bool) or not isinstance(m, int) or m <= before:
-            raise ConfigError(f"block_sizes must be strictly increasing integers >= 1, got {m!r} in {sizes}")
-    total = context_len + warmup + repeats + sizes[-1]
-    ids = (torch.arange(total, dtype=torch.long) * 7919 + 13) % stage.vocab_size  # any valid tokens
-    ids = ids.to(stage.device)
-    seconds: dict[int, list[float]] = {m: [] for m in sizes}
-    stage.reset()
-    stage.score(ids[:context_len])
-    for r in range(warmup + repeats):
-        end = context_len + r + 1
-        for m in sizes:
-            tokens = ids[end : end + m - 1]
-            block = None if m == 1 else Block(tokens, tokens.new_zeros((m - 1, 0), dtype=torch.float32))
-            t0 = time.perf_counter()
-            rows = stage.score(ids[:end], block)
-            if rows.device.type == "cuda":
-                torch.cuda.synchronize(rows.device)
-            if r >= warmup:
-                seconds[m].append(time.perf_counter() - t0)
-    stage.reset()
-    return ForwardCost([(m, statistics.median(seconds[m])) for m in sizes], str(getattr(stage, "name", "stage")))
-
-
-def measure_stage_time(stage: Stage, context_len: int, repeats: int = 10, *, warmup: int = 2) -> float:
-    """Median seconds of one single-token decode forward of ``stage`` after ``context_len``
-    tokens: ``measure_stage_costs`` at M = 1 alone (prefill, ``warmup`` untimed decode forwards,
-    then ``repeats`` timed ones)."""
-    return measure_stage_costs(stage, context_len, (1,), repeats, warmup=warmup).decode
-
-
-@attrs.frozen
-class Measured:
-    """What ``measure_candidates`` found: T(M) per candidate (flat 0 for proposers), alpha[i][j]
-    for every ordered pair (NaN where not measured: proposers are never verifiers), the
-    proposers."""
-
-    forward_costs: tuple[ForwardCost, ...]
-    alpha: tuple[tuple[float, ...], ...]
-    proposers: tuple[str, ...]
-
-    @property
-    def forward_times(self) -> tuple[float, ...]:
-        """T(1) per candidate: seconds of one single-token (decode) forward."""
-        return tuple(c.decode for c in self.forward_costs)
-
-
-def measure_candidates(
-    candidates: Sequence[Stage | Proposer],
-    names: Sequence[str],
-    prompts_token_ids: Sequence[Sequence[int]],
-    new_tokens: int,
-    *,
-    proposer_length: int = 16,
-    repeats: int = 10,
-    stop_ids: Sequence[int] = (),
-    block_sizes: Sequence[int] = DEFAULT_BLOCK_SIZES,
-) -> Measured:
-    """Measure everything ``plan_chain`` needs on this machine: ``measure_stage_costs`` per model
-    stage at each M of ``block_sizes`` (after a context of the mean prompt length; give every M
-    up to max_length + 1 to charge each block length its measured cost rather than an
-    interpolated one), ``measure_pairwise_alpha`` between model stages, and
-    ``measure_proposer_alpha`` of every model-free proposer drafting for every model stage with
-    ``proposer_length`` (T = 0: a proposer's time is framework overhead)."""
-    if len(candidates) != len(names):
-        raise ConfigError(f"{len(candidates)} candidates need {len(names)} names, one each")
-    _check_prompts(prompts_token_ids, new_tokens)
-    models: dict[int, Stage] = {}
-    free: dict[int, Proposer] = {}
-    for i, c in enumerate(candidates):
-        if isinstance(c, Stage):
-            models[i] = c
-        else:
-            free[i] = c
-    context_len = max(1, round(statistics.mean(len(ids) for ids in prompts_token_ids)))
-    costs = [ForwardCost.flat(0.0, names[i]) for i in range(len(candidates))]
-    for i, stage in models.items():
-        costs[i] = attrs.evolve(measure_stage_costs(stage, context_len, block_sizes, repeats), name=names[i])
-    pairwise = measure_pairwise_alpha(list(models.values()), prompts_token_ids, new_tokens, stop_ids=stop_ids)
-    alpha = [[math.nan] * len(candidates) for _ in candidates]
-    for a, i in enumerate(models):
-        for b, j in enumerate(models):
-            alpha[i][j] = pairwise[a][b]
-    for i, proposer in free.items():
-        for j, stage in models.items():
-            alpha[i][j] = measure_proposer_alpha(proposer, stage, prompts_token_ids, new_tokens,
-                                                 block_length=proposer_length, stop_ids=stop_ids)
-    return Measured(tuple(costs), tuple(tuple(row) for row in alpha), tuple(names[i] for i in free))

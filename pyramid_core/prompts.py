@@ -1,16 +1,18 @@
-"""The project's prompt set (``pyramid_core/data/prompts.jsonl``) and prompt-file loading."""
+"""The project's prompt set (``pyramid_core/data/prompts.jsonl``), prompt-file loading, and
+turning a prompt's text into token ids (``encode_prompt``)."""
 
 from __future__ import annotations
 
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from pyramid_core.errors import ConfigError
 
-__all__ = ["Prompt", "load_prompts", "default_prompts_path"]
+__all__ = ["Prompt", "load_prompts", "default_prompts_path", "encode_prompt"]
 
 
 @attrs.frozen
@@ -55,3 +57,12 @@ def load_prompts(path: str | Path | None = None, *, per_kind: int | None = None,
     if not prompts:
         raise ConfigError(f"prompt file {str(path)!r} holds no prompts (after filtering)")
     return prompts
+
+
+def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
+    """Token ids of ``text``: as one user turn of the tokenizer's chat template (with the
+    generation prompt) when ``chat`` and the tokenizer has a template, else plain encoding."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(ids if isinstance(ids, list) else ids["input_ids"])
+    return list(tokenizer(text)["input_ids"])

@@ -14,15 +14,26 @@ for proposed node i is row ``parents[i] + 1`` -- for a chain simply row i.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from pyramid_core.rng import Rng
-from pyramid_core.types import Block, Verdict
+from pyramid_core.types import Block, StageStats, Verdict
 
-__all__ = ["Stage", "Proposer", "Verifier", "AcceptancePolicy"]
+__all__ = [
+    "Stage",
+    "Proposer",
+    "Verifier",
+    "AcceptancePolicy",
+    "Divergence",
+    "Resettable",
+    "HasTokenizer",
+    "HasVocabulary",
+    "CountsForwards",
+    "tokenizer_of",
+]
 
 
 @runtime_checkable
@@ -79,3 +90,51 @@ class AcceptancePolicy(Protocol):
 
     def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
         ...
+
+
+@runtime_checkable
+class Divergence(Protocol):
+    """A divergence for divergence-threshold acceptance: verifier rows ``p`` and proposer rows
+    ``q`` (``Float[Tensor, "n vocab"]``) to ``Float[Tensor, "n"]``, in nats where logs appear."""
+
+    def __call__(self, p: Tensor, q: Tensor) -> Tensor:
+        ...
+
+
+# --- optional capabilities, each checked once when a pipeline is built (never per call) -------
+
+
+@runtime_checkable
+class Resettable(Protocol):
+    """Holds state across calls (a KV cache, counters) that a new generation must forget."""
+
+    def reset(self) -> None:
+        ...
+
+
+@runtime_checkable
+class HasVocabulary(Protocol):
+    """Declares its vocabulary size (model stages always do; a proposer may, e.g. ``ngram``)."""
+
+    vocab_size: int
+
+
+@runtime_checkable
+class HasTokenizer(Protocol):
+    """Carries a Hugging Face-style tokenizer (``get_vocab()``, ``eos_token_id``, ``decode``,
+    ``apply_chat_template``); ``None`` means the stage has none."""
+
+    tokenizer: Any
+
+
+@runtime_checkable
+class CountsForwards(Protocol):
+    """A model-backed proposer (e.g. a token-tree wrapper) that counts its own forwards; the
+    pipeline reports these counters as the bottom stage's."""
+
+    stats: StageStats
+
+
+def tokenizer_of(stage: object) -> Any:
+    """The stage's tokenizer, or ``None`` when it declares none (``HasTokenizer``)."""
+    return stage.tokenizer if isinstance(stage, HasTokenizer) else None

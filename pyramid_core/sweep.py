@@ -14,46 +14,30 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
-import torch
 
-from pyramid_core.build import build_pipeline, resolve_preset
-from pyramid_core.pipeline import Pipeline
-from pyramid_core.prompts import Prompt
-from pyramid_core.protocols import Proposer, Stage
-from pyramid_core.registry import parse_spec
-from pyramid_core.types import Block, SamplingConfig
+from pyramid_core.build import PipelineSpec, resolve_preset
+from pyramid_core.errors import ConfigError
+from pyramid_core.measure import target_nll
+from pyramid_core.pipeline import Metrics, Pipeline
+from pyramid_core.plugins import Registries, registries
+from pyramid_core.prompts import Prompt, encode_prompt
+from pyramid_core.protocols import Proposer, Stage, tokenizer_of
+from pyramid_core.registry import format_spec, parse_spec
+from pyramid_core.types import SamplingConfig
 
-__all__ = ["SweepPoint", "with_tau", "target_nll", "encode_prompt", "run_sweep", "write_sweep"]
+__all__ = ["SweepPoint", "with_tau", "run_sweep", "write_sweep"]
 
 
-def with_tau(spec: str, tau: float) -> str:
-    """The policy spec with ``tau`` replaced when it is a fuzzy policy, else unchanged."""
+def with_tau(spec: str, tau: float, regs: Registries) -> str:
+    """The policy spec with ``tau`` set when its policy takes a ``tau`` parameter (a
+    divergence threshold, e.g. ``fuzzy``), else unchanged."""
     name, params = parse_spec(spec)
-    if "tau" not in params and name != "fuzzy":
+    if not regs.policies.accepts(name, "tau"):
         return spec
     params["tau"] = repr(float(tau))
-    return name + ":" + ",".join(f"{k}={v}" for k, v in params.items())
-
-
-def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        return list(ids if isinstance(ids, list) else ids["input_ids"])
-    return list(tokenizer(text)["input_ids"])
-
-
-def target_nll(target: Stage, prompt: Sequence[int], tokens: Sequence[int]) -> float:
-    """Mean negative log-likelihood (nats/token) of ``tokens`` after ``prompt`` under ``target``."""
-    if not tokens:
-        return float("nan")
-    context = torch.tensor(list(prompt), dtype=torch.long, device=target.device)
-    toks = torch.tensor(list(tokens), dtype=torch.long, device=target.device)
-    logits = target.score(context, Block(toks, toks.new_zeros(len(toks), 0, dtype=torch.float32)))
-    logp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(-1, toks.unsqueeze(-1))
-    return float(-logp.mean())
+    return format_spec(name, params)
 
 
 @attrs.frozen
@@ -79,74 +63,69 @@ def _agreement(out: list[int], ref: list[int]) -> float:
 
 def _measure(label: str, tau: float | None, policies: Sequence[str], pipe: Pipeline, encoded: list[list[int]], refs: list[list[int]],
              max_new_tokens: int, seed: int) -> SweepPoint:
-    tokens = 0
-    wall = 0.0
-    forwards = 0
-    proposed = [0] * (len(pipe.stages) - 1)
-    accepted = [0] * (len(pipe.stages) - 1)
+    runs: list[Metrics] = []
     nlls: list[float] = []
     exact = 0
     agree = 0.0
     for i, (ids, ref) in enumerate(zip(encoded, refs)):
         gen = pipe.generate(ids, max_new_tokens, seed=seed + i)
-        m = gen.metrics
-        tokens += m.new_tokens
-        wall += m.wall_s
-        forwards += m.target_forwards
-        for k, b in enumerate(m.boundaries):
-            proposed[k] += b.proposed
-            accepted[k] += b.accepted
+        runs.append(gen.metrics)
         out = gen.token_list
         nlls.append(target_nll(pipe.target, ids, out))
         exact += out == ref
         agree += _agreement(out, ref)
+    m = Metrics.pool(runs)
     finite = [x for x in nlls if math.isfinite(x)]
     return SweepPoint(
         label=label, tau=tau, block_lengths=tuple(pipe.block_lengths),
-        policies=tuple(policies), tokens=tokens, wall_s=wall,
-        tokens_per_s=tokens / wall if wall > 0 else float("nan"),
-        tokens_per_target_forward=tokens / forwards if forwards else float("nan"),
-        acceptance=tuple(a / p if p else float("nan") for a, p in zip(accepted, proposed)),
+        policies=tuple(policies), tokens=m.new_tokens, wall_s=m.wall_s,
+        tokens_per_s=m.tokens_per_s, tokens_per_target_forward=m.tokens_per_target_forward,
+        acceptance=tuple(b.acceptance_rate for b in m.boundaries),
         nll=sum(finite) / len(finite) if finite else float("nan"),
         exact_match=exact / len(encoded), token_match=agree / len(encoded),
     )
 
 
 def run_sweep(
-    stages: Sequence[str | Stage | Proposer],
-    preset: str,
+    spec: PipelineSpec,
     taus: Sequence[float],
     prompts: Sequence[Prompt],
     *,
     length_grid: Sequence[Sequence[int]] | None = None,
     max_new_tokens: int = 32,
-    sampling: SamplingConfig | None = None,
     seed: int = 0,
     chat: bool = True,
     progress: bool = True,
+    regs: Registries | None = None,
 ) -> list[SweepPoint]:
-    """Measure the target alone, then ``preset`` at every (tau, block lengths) grid point."""
+    """Measure the target alone, then ``spec`` (which names a preset) at every (tau, block
+    lengths) grid point, every stage loaded once."""
     from tqdm import tqdm
 
-    sampling = sampling or SamplingConfig()
-    base = build_pipeline(stages, sampling=sampling, preset=preset)  # loads each stage once
-    loaded = list(base.stages)
+    regs = regs or registries()
+    preset = spec.preset
+    if preset is None:
+        raise ConfigError("a sweep runs a preset over its tau values: give the spec a preset")
+    spec = spec.loaded(regs)
+    base = spec.resolve(regs)
+    loaded: list[Stage | Proposer] = list(base.stages)
     target = base.target
-    tok = getattr(target, "tokenizer", None)
+    tok = tokenizer_of(target)
     if tok is None:
-        raise ValueError("sweep needs a target stage with a tokenizer")
+        raise ConfigError(f"sweep needs a target stage with a tokenizer; {target.name!r} has none")
     encoded = [encode_prompt(tok, p.text, chat) for p in prompts]
-    plan = resolve_preset(preset, len(loaded))
-    grids = [tuple(g) for g in length_grid] if length_grid else [plan.block_lengths]
+    plan = resolve_preset(preset, len(loaded), regs=regs)
+    grids = [tuple(g) for g in length_grid] if length_grid else [tuple(base.block_lengths)]
     greedy = Pipeline([target], sampling=SamplingConfig.greedy(), stop_ids=base.stop_ids)
     refs = [greedy.generate(ids, max_new_tokens).token_list for ids in encoded]
-    alone = Pipeline([target], sampling=sampling, stop_ids=base.stop_ids)
+    alone = Pipeline([target], sampling=spec.sampling, stop_ids=base.stop_ids)
     points = [_measure("target alone", None, (), alone, encoded, refs, max_new_tokens, seed)]
     jobs = [(tau, lengths) for lengths in grids for tau in taus]
     for tau, lengths in tqdm(jobs, desc=f"sweep {preset}", disable=not progress):
-        policies = [with_tau(s, tau) for s in plan.policies]
-        pipe = build_pipeline(loaded, policies, list(lengths), sampling=sampling, stop_ids=base.stop_ids)
-        points.append(_measure(preset, tau, policies, pipe, encoded, refs, max_new_tokens, seed))
+        policies = [with_tau(s, tau, regs) for s in plan.policies]
+        point = attrs.evolve(spec, stages=tuple(loaded), preset=None, policies=tuple(policies),
+                             block_lengths=tuple(lengths), stop_ids=tuple(base.stop_ids))
+        points.append(_measure(preset, tau, policies, point.resolve(regs), encoded, refs, max_new_tokens, seed))
     return points
 
 

@@ -8,6 +8,7 @@ see SPEC.md "Notation".
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -222,6 +223,23 @@ class BoundaryStats:
         for j in range(n_accepted):
             self.accepted_at[j] += 1
 
+    @classmethod
+    def pool(cls, parts: Sequence[BoundaryStats]) -> BoundaryStats:
+        """The counters of several runs at one boundary, summed (histograms position-wise)."""
+        out = cls()
+        for b in parts:
+            out.proposed += b.proposed
+            out.accepted += b.accepted
+            out.rounds += b.rounds
+            out.tree_rounds += b.tree_rounds
+            out.tree_nodes += b.tree_nodes
+            for mine, theirs in ((out.accepted_hist, b.accepted_hist), (out.accepted_at, b.accepted_at),
+                                 (out.proposed_at, b.proposed_at)):
+                mine.extend([0] * (len(theirs) - len(mine)))
+                for j, c in enumerate(theirs):
+                    mine[j] += c
+        return out
+
     def record_tree(self, n_nodes: int, depth: int, n_accepted: int) -> None:
         """A tree round counts as a chain of its depth (so ``accepted_hist`` and ``accepted_at``
         are per accepted *depth*) and adds its node count to ``tree_nodes``."""
@@ -265,6 +283,18 @@ class StageStats:
     forwards: int = 0
     positions: int = 0
     forward_s: float = 0.0
+
+    @classmethod
+    def pool(cls, parts: Sequence[StageStats]) -> StageStats:
+        """The counters of one stage over several runs, summed (named as the first)."""
+        return cls(parts[0].name, sum(s.forwards for s in parts), sum(s.positions for s in parts),
+                   sum(s.forward_s for s in parts))
+
+    @property
+    def seconds_per_forward(self) -> float:
+        """Mean seconds per forward (0.0 without forwards: a model-free proposer's time is
+        framework overhead)."""
+        return self.forward_s / self.forwards if self.forwards else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {

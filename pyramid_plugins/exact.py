@@ -107,4 +107,5 @@ class ExactPolicy:
 
 @hookimpl
 def register_policies(register: Any) -> None:
-    register("exact", ExactPolicy, "lossless rejection sampling of chains and token trees (greedy: accept while equal to the verifier's argmax)")
+    register("exact", ExactPolicy, "lossless rejection sampling of chains and token trees (greedy: accept while "
+             "equal to the verifier's argmax); the default policy", default=True)

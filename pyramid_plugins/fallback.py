@@ -57,12 +57,10 @@ class Fallback:
                 return Verdict(tuple(range(n)), rng.categorical(p[n]), p[n])
 
 
-def _assisted(inner: str = "") -> Fallback:
-    if not inner:
-        return Fallback()
-    from pyramid_core.plugins import registries
-
-    return Fallback(registries().policies.create(inner))
+def _assisted(inner: AcceptancePolicy | None = None) -> Fallback:
+    """``inner`` is a policy spec resolved by the registry: ``assisted:inner=exact`` or
+    ``assisted:inner=(fuzzy:div=tv,tau=0.3)``."""
+    return Fallback(inner)
 
 
 @hookimpl

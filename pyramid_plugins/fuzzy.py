@@ -16,7 +16,6 @@ Divergences, all in natural-log units where logarithms appear:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -24,12 +23,11 @@ import torch
 from torch import Tensor
 
 from pyramid_core.hookspecs import hookimpl
+from pyramid_core.protocols import Divergence
 from pyramid_core.rng import Rng
 from pyramid_core.types import Block, Verdict
 
-__all__ = ["FuzzyPolicy", "js", "kl_pq", "kl_qp", "tv", "Divergence"]
-
-Divergence = Callable[[Tensor, Tensor], Tensor]
+__all__ = ["FuzzyPolicy", "js", "kl_pq", "kl_qp", "tv", "BUILTIN_DIVERGENCES"]
 
 
 def _kl(a: Tensor, b: Tensor) -> Tensor:
@@ -57,40 +55,45 @@ def tv(p: Tensor, q: Tensor) -> Tensor:
     return 0.5 * (p - q).abs().sum(-1)
 
 
-def _resolve_divergence(div: str | Divergence) -> Divergence:
+BUILTIN_DIVERGENCES: dict[str, Divergence] = {"js": js, "kl_pq": kl_pq, "kl_qp": kl_qp, "tv": tv}
+
+
+def _divergence(div: str | Divergence) -> Divergence:
+    """A divergence function as it is, or one of this module's by name. Divergences registered
+    by other plugins are resolved by the registry (``fuzzy:div=NAME``), not here."""
     if callable(div):
         return div
-    from pyramid_core.plugins import registries
+    if div not in BUILTIN_DIVERGENCES:
+        raise ValueError(f"FuzzyPolicy(div={div!r}): a name here is one of the built-in divergences "
+                         f"({', '.join(BUILTIN_DIVERGENCES)}); a divergence registered by a plugin is "
+                         "chosen through the registry, e.g. the spec 'fuzzy:div=NAME'")
+    return BUILTIN_DIVERGENCES[div]
 
-    reg = registries().divergences
-    if div not in reg:
-        raise ValueError(reg.unknown_message(div))
-    fn: Divergence = reg.get(div).factory
-    return fn
+
+def _divergence_repr(div: Divergence) -> str:
+    return repr(getattr(div, "__name__", div))  # 'js', not <function js at 0x...>
 
 
 @attrs.frozen
 class FuzzyPolicy:
     """Accept while Div(p_j, q_j) <= tau; on rejection emit y ~ p_j."""
 
-    div: str | Divergence = "js"
+    div: Divergence = attrs.field(default=js, converter=_divergence, repr=_divergence_repr)
     tau: float = 0.4
-    _fn: Divergence = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.tau, int | float) or math.isnan(self.tau) or self.tau < 0:
             raise ValueError(f"tau must be a number >= 0, got {self.tau!r}")
-        object.__setattr__(self, "_fn", _resolve_divergence(self.div))
 
     def divergence(self, p: Tensor, q: Tensor) -> Tensor:
-        return self._fn(p, q)
+        return self.div(p, q)
 
     def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
         if block.parents is not None:
             raise ValueError("policy 'fuzzy' verifies chains, not token trees")
         n = len(block)
         if n:
-            d = self._fn(p[:n], block.rows.to(p.device))
+            d = self.div(p[:n], block.rows.to(p.device))
             rejected = (~(d <= self.tau)).nonzero()  # NaN divergences count as rejections
             j = int(rejected[0, 0].item()) if rejected.numel() else n
         else:
@@ -98,7 +101,8 @@ class FuzzyPolicy:
         return Verdict(tuple(range(j)), rng.categorical(p[j]), p[j])
 
 
-def _fuzzy(div: str = "js", tau: float = 0.4) -> FuzzyPolicy:
+def _fuzzy(div: Divergence = js, tau: float = 0.4) -> FuzzyPolicy:
+    """``div`` names a registered divergence (the registry resolves it)."""
     return FuzzyPolicy(div=div, tau=tau)
 
 

@@ -19,8 +19,9 @@ from pyramid_core.errors import ConfigError
 from pyramid_core.hf.smollm2 import family_dir, smollm2_dir, smollm2_ready
 from pyramid_core.hf.stage import HFStage
 from pyramid_core.hookspecs import hookimpl
+from pyramid_core.presets import Chain
 
-__all__ = ["hf_stage", "smollm2_stage"]
+__all__ = ["hf_stage", "smollm2_stage", "smollm2_family"]
 
 
 def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers: int = 0) -> HFStage:
@@ -59,3 +60,19 @@ def register_backends(register: Any) -> None:
     register("hf", hf_stage, "a local Hugging Face causal LM: hf:path=DIR,device=cpu,dtype=float32,num_layers=0")
     register("smollm2", smollm2_stage, "SmolLM2-135M-Instruct from `pyramid setup`, or its distilled family: "
              "smollm2:stage=target|qualifier|draft,device=cpu,num_layers=0")
+
+
+def smollm2_family() -> Chain:
+    """The distilled family shipped with pyramid, smallest first, with block lengths per
+    boundary: the planner's best 3-stage chain for the family's measured alpha (draft->qualifier
+    0.47, qualifier->target 0.54) and T(M) (T(1) = 6.3, 25.6, 64.6 ms) on the 2-core CPU it was
+    measured on (`pyramid plan` measures and picks them on yours)."""
+    return Chain("smollm2-family", ("smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"), (3, 1),
+                 "SmolLM2-135M with its distilled draft and qualifier")
+
+
+@hookimpl
+def register_chains(register: Any) -> None:
+    register("smollm2-family", smollm2_family,
+             "smollm2:stage=draft -> smollm2:stage=qualifier -> smollm2, block lengths 3,1; the default chain",
+             default=True)

@@ -27,7 +27,8 @@ Two shapes:
   path), each with up to branching[d] children (the last entry repeats below the schedule), until
   N nodes are spent; the rest of the frontier stays leaves.
 
-Stop tokens are never expanded. Spec for the builder / CLI, wrapping the bottom model stage::
+Stop tokens are never expanded. ``tree`` is registered as a stage *wrapper* (hook
+``register_wrappers``): the builder hands it the bottom model stage. Spec for the builder / CLI::
 
     build_pipeline([draft, qualifier, target], tree="tree:branching=4-2-1,replacement=false")
     pyramid generate --stage ... --tree tree:budget=16,branching=4
@@ -43,6 +44,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from pyramid_core.devices import sync
 from pyramid_core.hookspecs import hookimpl
 from pyramid_core.protocols import Stage
 from pyramid_core.rng import Rng
@@ -190,42 +192,33 @@ class TreeProposer:
                 step = probs[slot_index, new_tokens].log().tolist()
                 logpath += [base[i] + lp for i, lp in zip(slots, step, strict=True)]
             frontier = [first + j for j, x in enumerate(new) if x not in stop]
-            _sync(device)
+            sync(device)
             self.stats.forward_s += time.perf_counter() - t0
         return Block(torch.tensor(tokens, dtype=torch.long, device=device), rows,
                      torch.tensor(parents, dtype=torch.long, device=device),
                      without_replacement=not self.replacement and not greedy)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def tree_proposer(
-    stage: Stage | None = None,
+def tree_wrapper(
+    stage: Stage,
     branching: str = "4-2-1",
     replacement: bool = True,
     budget: int = 0,
-    sampling: SamplingConfig | None = None,
+    *,
+    sampling: SamplingConfig,
     stop_ids: Sequence[int] = (),
 ) -> TreeProposer:
-    """Factory behind the ``tree`` proposer: wraps the model ``stage`` given by the builder."""
-    if stage is None:
-        raise ValueError(
-            "the tree proposer wraps a model stage: pass it as build_pipeline(stages, tree='tree:...') "
-            "(CLI: --tree tree:branching=4-2-1), or build TreeProposer(stage, ...) directly"
-        )
+    """Factory behind the ``tree`` wrapper: wraps the bottom model ``stage`` given by the builder."""
     if not isinstance(stage, Stage):
-        raise ValueError(f"the tree proposer wraps a model Stage (with score()), got {stage!r}")
-    return TreeProposer(stage, branching, replacement, budget, sampling or SamplingConfig(), _long(list(stop_ids)))
+        raise ValueError(f"the tree wrapper wraps a model Stage (with score()), got {stage!r}")
+    return TreeProposer(stage, branching, replacement, budget, sampling, _long(list(stop_ids)))
 
 
 @hookimpl
-def register_proposers(register: Any) -> None:
+def register_wrappers(register: Any) -> None:
     register(
         "tree",
-        tree_proposer,
+        tree_wrapper,
         "token-tree drafting around the bottom model stage (SpecInfer / Sequoia); params branching=4-2-1, "
         "replacement=true|false, budget=N (0 = full schedule); use build_pipeline(tree=SPEC) / --tree SPEC",
     )

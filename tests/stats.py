@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from pyramid_core.check import chi_square_p_value
+from pyramid_core.testing.exactness import chi_square_p_value
 
 __all__ = [
     "ALPHA",
@@ -47,7 +47,7 @@ def counts(tokens: Sequence[int] | np.ndarray, vocab: int) -> np.ndarray:
 
 
 def chisquare_pvalue(observed: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray, *, min_expected: float = 5.0) -> float:
-    """``pyramid_core.check.chi_square_p_value`` (zero-probability cells and pooling of small
+    """``pyramid_core.testing.exactness.chi_square_p_value`` (zero-probability cells and pooling of small
     expected counts), after checking that ``probs`` is a distribution."""
     p = np.asarray(probs, dtype=float).ravel()
     if abs(p.sum() - 1.0) > 1e-6 or (p < 0).any():

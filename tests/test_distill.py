@@ -19,9 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pyramid_core import ConfigError, SamplingConfig, build_pipeline, make_stage
-from pyramid_core.hf import HFStage
-from pyramid_core.hf import distill as distill_mod
-from pyramid_core.hf.corpus import (
+from pyramid_core.distill import train as distill_mod
+from pyramid_core.distill.corpus import (
     TeacherRows,
     TrainSequence,
     corpus_hash,
@@ -29,13 +28,9 @@ from pyramid_core.hf.corpus import (
     self_instruct_prompts,
     training_prompts,
 )
-from pyramid_core.hf.distill import (
-    TrainConfig,
-    choose_sub_vocab,
-    corpus_agreement,
-    evaluate_stages,
-    train_student,
-)
+from pyramid_core.distill.evaluate import corpus_agreement, evaluate_stages
+from pyramid_core.distill.train import TrainConfig, choose_sub_vocab, train_student
+from pyramid_core.hf import HFStage
 from pyramid_core.hf.student import (
     STAGE_FILE,
     SubVocabHead,
@@ -544,7 +539,7 @@ class ScriptedWriter:
 
 
 def test_self_instruct_prompts_keep_finished_new_turns_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyramid_core.hf import corpus as corpus_mod
+    from pyramid_core.distill import corpus as corpus_mod
 
     monkeypatch.setattr(corpus_mod, "_OPENERS", {"chat": ("w40",), "qa": ("w41",)})  # kinds take turns
     tok = chat_words()
@@ -632,7 +627,7 @@ def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path) -> None:
 def test_an_unusable_device_is_named(device: str) -> None:
     import argparse
 
-    from pyramid_core.distill_cli import _device
+    from pyramid_core.distill.cli import _device
 
     with pytest.raises(ConfigError, match=f"--device '{device}' is not usable here"):
         _device(argparse.Namespace(device=device))

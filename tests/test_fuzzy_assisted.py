@@ -14,9 +14,9 @@ from scipy import stats as scipy_stats
 from scipy.spatial import distance
 
 from pyramid_core import ConfigError, Pipeline, PluginError, Rng, SamplingConfig, build_pipeline
-from pyramid_core.check import chi_square_p_value, run_check
 from pyramid_core.plugins import registries
 from pyramid_core.testing import TableModel
+from pyramid_core.testing.exactness import chi_square_p_value, run_check
 from pyramid_core.types import Block
 from pyramid_plugins.exact import ExactPolicy
 from pyramid_plugins.fallback import Fallback

@@ -358,13 +358,13 @@ def test_sampled_chain_runs_on_each_device(tiny_models: dict[str, Any], device: 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_make_stage_on_places_backends_and_leaves_proposers(saved_tiny: Path, device: str) -> None:
-    from pyramid_core.build import make_stage_on
+def test_make_stage_places_backends_and_leaves_proposers(saved_tiny: Path, device: str) -> None:
+    from pyramid_core.build import make_stage
 
-    stage = make_stage_on(f"hf:path={saved_tiny}", device)
+    stage = make_stage(f"hf:path={saved_tiny}", device=device)
     assert isinstance(stage, HFStage) and stage.device.type == device
-    assert not isinstance(make_stage_on("ngram", device, vocab_size=64), HFStage)  # no device for a proposer
-    assert isinstance(make_stage_on(f"hf:path={saved_tiny}", None), HFStage)
+    assert not isinstance(make_stage("ngram", device=device, vocab_size=64), HFStage)  # no device for a proposer
+    assert isinstance(make_stage(f"hf:path={saved_tiny}", device=None), HFStage)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -374,13 +374,13 @@ def test_generate_cli_puts_every_model_stage_on_the_device(saved_tiny: Path, dev
     from pyramid_core.cli import main
 
     built: list[Any] = []
-    real = build.make_stage_on
+    real = build.make_stage
 
     def spy(*args: Any, **kw: Any) -> Any:
         built.append(real(*args, **kw))
         return built[-1]
 
-    monkeypatch.setattr(build, "make_stage_on", spy)
+    monkeypatch.setattr(build, "make_stage", spy)
     spec = f"hf:path={saved_tiny}"
     argv = ["generate", "--stage", "ngram", "--stage", f"{spec},num_layers=1", "--stage", spec, "--device", device,
             "--prompt", "w3 w5 w7", "--max-new-tokens", "4", "--no-chat"]

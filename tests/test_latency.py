@@ -11,14 +11,13 @@ import torch
 from pyramid_core.errors import ConfigError
 from pyramid_core.latency import (
     expected_tokens,
-    measure_alpha,
-    measure_forward_time,
     pair_speedup,
     polybasic_time,
     predict_chain,
     psd_throughput,
     sd_throughput,
 )
+from pyramid_core.measure import measure_alpha, measure_forward_time
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.testing import TableModel
 from pyramid_plugins.exact import ExactPolicy

@@ -20,14 +20,14 @@ from pyramid_core.errors import ConfigError
 from pyramid_core.hf import HFStage
 from pyramid_core.hf.tiny import save_with_words, tiny_llama
 from pyramid_core.latency import ForwardCost, as_forward_cost, expected_tokens, predict_chain
-from pyramid_core.plan import (
+from pyramid_core.measure import (
     _alpha_for_tokens_per_forward,
     measure_pairwise_alpha,
     measure_proposer_alpha,
     measure_stage_costs,
     measure_stage_time,
-    plan_chain,
 )
+from pyramid_core.plan import plan_chain
 from pyramid_core.rng import Rng
 from pyramid_core.testing import TableModel
 from pyramid_core.types import Block

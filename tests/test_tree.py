@@ -19,10 +19,18 @@ import torch
 from scipy import stats as scipy_stats
 from stats import ALPHA, REJECT, chisquare_pvalue, counts, markov_marginal, tv
 
-from pyramid_core import Block, ConfigError, Pipeline, Rng, SamplingConfig, Verdict, build_pipeline
-from pyramid_core.check import run_check
-from pyramid_core.plugins import registries
+from pyramid_core import (
+    Block,
+    ConfigError,
+    Pipeline,
+    PluginError,
+    Rng,
+    SamplingConfig,
+    Verdict,
+    build_pipeline,
+)
 from pyramid_core.testing import TableModel
+from pyramid_core.testing.exactness import run_check
 from pyramid_plugins.exact import ExactPolicy, residual
 from pyramid_plugins.fallback import Fallback
 from pyramid_plugins.fuzzy import FuzzyPolicy
@@ -504,8 +512,8 @@ def test_build_pipeline_wraps_the_bottom_stage_in_a_tree() -> None:
     assert bottom.stats.forwards > 0
     with pytest.raises(ConfigError, match="wraps the bottom model stage"):
         build_pipeline([TableModel(P0)], tree="tree")
-    with pytest.raises(ConfigError, match="tree proposer wraps a model stage"):
-        registries().proposers.create("tree:branching=2")
+    with pytest.raises(PluginError, match="'tree' is a stage wrapper, not a stage"):
+        build_pipeline(["tree:branching=2", TableModel(P0)])
     with pytest.raises(ConfigError, match="branching"):
         build_pipeline(stages[1:], tree="tree:branching=0")
 

@@ -30,41 +30,20 @@ model without sliding-window layers.
 
 from __future__ import annotations
 
-import copy
 import inspect
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from pyramid_core.hf.layers import truncate_layers
+from pyramid_core.hf.loading import load_model, load_tokenizer
+from pyramid_core.hf.student import is_student_dir, student_base
 from pyramid_core.types import Block
 
-__all__ = ["HFStage", "truncate_layers", "resolve_dtype", "load_model", "load_tokenizer"]
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (clear error otherwise)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype.strip().lower().removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(sorted(_DTYPES))}") from None
-
+__all__ = ["HFStage"]
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     m = min(len(a), len(b))
@@ -100,63 +79,6 @@ def _tree_mask(parents: list[int], first: int, length: int, linear_from: int, dt
         allowed[row, lineage[node]] = True
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
-
-
-def _decoder_layers(model: Any) -> tuple[nn.Module, str, nn.ModuleList]:
-    """(module holding the decoder layers, attribute name, the layers) of a causal LM."""
-    config = model.config
-    n = int(config.num_hidden_layers)
-    base = getattr(model, "base_model", model)
-    for owner in (base, model):
-        for attr in ("layers", "h", "blocks", "block"):
-            layers = getattr(owner, attr, None)
-            if isinstance(layers, nn.ModuleList) and len(layers) == n:
-                return owner, attr, layers
-    for owner in base.modules():  # e.g. OPT: model.decoder.layers
-        for attr, child in owner.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) == n:
-                return owner, attr, child
-    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__} to truncate")
-
-
-def truncate_layers(model: Any, num_layers: int) -> Any:
-    """A view of ``model`` running only its first ``num_layers`` decoder layers (then the final
-    norm and LM head): an early-exit draft that shares every weight with ``model``, which is left
-    untouched. Only the modules on the path to the layer list are shallow-copied."""
-    config = model.config
-    total = int(config.num_hidden_layers)
-    if not 1 <= num_layers <= total:
-        raise ValueError(f"num_layers must be in 1..{total} for {type(model).__name__}, got {num_layers}")
-    if num_layers == total:
-        return model
-    owner, attr, layers = _decoder_layers(model)
-    new_config = copy.deepcopy(config)
-    new_config.num_hidden_layers = num_layers
-    layer_types = getattr(new_config, "layer_types", None)
-    if isinstance(layer_types, list):
-        new_config.layer_types = layer_types[:num_layers]
-
-    # path of submodule names from the model down to ``owner``
-    path: list[str] = []
-    if owner is not model:
-        names = {id(m): name for name, m in model.named_modules()}
-        path = names[id(owner)].split(".")
-
-    def clone(module: nn.Module) -> nn.Module:
-        new = copy.copy(module)
-        new._modules = dict(module._modules)  # so replacing a child does not touch the original
-        if hasattr(new, "config"):
-            new.config = new_config
-        return new
-
-    root = clone(model)
-    parent = root
-    for name in path:
-        child = clone(parent._modules[name])  # type: ignore[arg-type]
-        parent._modules[name] = child
-        parent = child
-    parent._modules[attr] = nn.ModuleList(list(layers)[:num_layers])
-    return root
 
 
 class HFStage:
@@ -234,8 +156,6 @@ class HFStage:
         """Load a local model directory (and its tokenizer, if it has one). Stages loaded from
         the same (path, device, dtype) share one model in memory, e.g. a layer-truncated draft
         and its target."""
-        from pyramid_core.hf.student import is_student_dir, student_base
-
         path = Path(path).expanduser()
         model = load_model(path, device=device, dtype=dtype)
         tokenizer_dir = student_base(path) if is_student_dir(path) else path
@@ -418,52 +338,3 @@ class HFStage:
             f"HFStage(name={self.name!r}, layers={self.num_layers}, vocab_size={self.vocab_size}, "
             f"device={self.device}, dtype={next(self.model.parameters()).dtype})"
         )
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
-    """``dtype=`` since transformers 4.56, ``torch_dtype=`` before."""
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: dtype}
-
-
-_LOADED: weakref.WeakValueDictionary[tuple[str, str, torch.dtype], Any] = weakref.WeakValueDictionary()
-
-
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> Any:
-    """``AutoModelForCausalLM`` from a local directory, in eval mode on ``device``; loaded once
-    per (path, device, dtype) while any stage still uses it."""
-    from pyramid_core.hf.student import is_student_dir, load_student
-
-    path = Path(path).expanduser().resolve()
-    student = is_student_dir(path)
-    if not student and not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a Hugging Face model directory (no config.json) nor a distilled stage (no stage.json)")
-    torch_dtype = resolve_dtype(dtype)
-    dev = torch.device(device)
-    key = (str(path), str(dev), torch_dtype)
-    model: Any = _LOADED.get(key)
-    if model is None and student:
-        model = load_student(path, device=dev, dtype=torch_dtype)[0]
-        _LOADED[key] = model
-    if model is None:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwarg(torch_dtype))
-        model.to(dev).eval()
-        _LOADED[key] = model
-    return model
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(path: Path) -> Any:
-    """The tokenizer saved next to a model, or ``None`` when the directory has none."""
-    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -25,7 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SubVocabHead", "build_student", "trainable_state", "save_student", "load_student", "is_student_dir", "student_base", "STAGE_FILE"]
+from pyramid_core.hf.layers import decoder_layers
+from pyramid_core.hf.smollm2 import smollm2_dir, smollm2_ready
+
+__all__ = ["SubVocabHead", "build_student", "trainable_state", "save_student", "is_student_dir", "student_base",
+           "STAGE_FILE", "WEIGHTS_FILE"]
 
 STAGE_FILE = "stage.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -58,9 +62,7 @@ class SubVocabHead(nn.Module):
 
 
 def _layers(model: Any) -> nn.ModuleList:
-    from pyramid_core.hf.stage import _decoder_layers
-
-    return _decoder_layers(model)[2]
+    return decoder_layers(model)[2]
 
 
 def build_student(target: Any, layers: Sequence[int], sub_vocab: Tensor | None = None) -> Any:
@@ -148,8 +150,6 @@ def student_base(path: str | Path) -> Path:
 
 
 def _base_dir(base: str, stage_dir: Path) -> Path:
-    from pyramid_core.hf.smollm2 import smollm2_dir, smollm2_ready
-
     if base == "smollm2":
         if not smollm2_ready():
             raise ValueError(f"the distilled stage {stage_dir} is built on SmolLM2-135M, which is not set up; "
@@ -157,29 +157,3 @@ def _base_dir(base: str, stage_dir: Path) -> Path:
         return smollm2_dir()
     path = Path(base).expanduser()
     return path if path.is_absolute() else (stage_dir / path).resolve()
-
-
-def load_student(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Path]:
-    """(student model, base directory) from a folder written by ``save_student``. The base model
-    (the target) is loaded through ``load_model`` and so shared with a target stage."""
-    from safetensors.torch import load_file
-
-    from pyramid_core.hf.stage import load_model
-
-    path = Path(path).expanduser().resolve()
-    base_dir = student_base(path)
-    info = json.loads((path / STAGE_FILE).read_text())
-    target = load_model(base_dir, device=device, dtype=dtype)
-    state = load_file(str(path / WEIGHTS_FILE))
-    sub = state.get("lm_head.token_ids")
-    student = build_student(target, info["layers"], sub)
-    expected = set(trainable_state(student))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match stage.json: missing {missing[:4]}, unexpected {extra[:4]}")
-    student.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
-    student.config.name_or_path = str(path)
-    # keep the base model alive (not as a submodule): a target stage loaded later from the same
-    # directory then reuses it, and with it the embedding this student shares
-    object.__setattr__(student, "_pyramid_base", target)
-    return student.to(device).eval(), base_dir

@@ -1,4 +1,5 @@
 """Conformance checks for acceptance policies: call them on a new rule before trusting it.
+(One job -- the checks a policy author runs -- in one file, hence its length.)
 
 Two checks, neither needs a model:
 
@@ -23,7 +24,7 @@ Two checks, neither needs a model:
 
 ``check_policy_lossless(policy)``
     Runs the real pipeline over ``TableModel`` stages with the policy at every boundary
-    (``pyramid_core.check.run_check``) and compares the generated tokens with the target's table
+    (``pyramid_core.testing.exactness.run_check``) and compares the generated tokens with the target's table
     by a chi-square test. Passing means "no detectable distortion at this sample size" -- a lossy
     rule such as ``fuzzy`` is reported with its p-value and total variation.
 
@@ -46,7 +47,7 @@ from pyramid_core.rng import Rng
 from pyramid_core.types import Block, SamplingConfig, Verdict
 
 if TYPE_CHECKING:
-    from pyramid_core.check import CheckResult
+    from pyramid_core.testing.exactness import CheckResult
 
 __all__ = [
     "CHAIN_KINDS",
@@ -458,7 +459,7 @@ def check_policy_lossless(
     ``summary()``. The chi-square test needs expected counts of about 5 or more: keep
     ``samples * new_tokens * p`` >= 5 for every non-zero target probability p. Cost: about 1 ms
     per run on a CPU (``samples * len(tables) * len(lengths)`` runs)."""
-    from pyramid_core.check import run_check
+    from pyramid_core.testing.exactness import run_check
 
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")

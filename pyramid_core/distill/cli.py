@@ -16,12 +16,13 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-__all__ = ["add_distill_parser"]
+__all__ = ["configure"]
 
 
 def _home(ns: argparse.Namespace) -> Path:
@@ -37,8 +38,8 @@ def _command_line() -> str:
 
 def _target(ns: argparse.Namespace) -> tuple[Any, Any]:
     from pyramid_core.errors import ConfigError
+    from pyramid_core.hf.loading import load_model, load_tokenizer
     from pyramid_core.hf.smollm2 import smollm2_dir, smollm2_ready
-    from pyramid_core.hf.stage import load_model, load_tokenizer
 
     if not smollm2_ready():
         raise ConfigError("distillation needs the target: run `pyramid setup` first")
@@ -59,7 +60,7 @@ def _device(ns: argparse.Namespace) -> str:
 
 
 def _corpus_config(ns: argparse.Namespace) -> Any:
-    from pyramid_core.hf.corpus import CorpusConfig
+    from pyramid_core.distill.corpus import CorpusConfig
 
     if ns.smoke:
         return CorpusConfig(prompts=4, new_tokens=8, python_chars=3000, window=64, batch_size=4, seed=ns.seed,
@@ -70,7 +71,7 @@ def _corpus_config(ns: argparse.Namespace) -> Any:
 
 
 def cmd_corpus(ns: argparse.Namespace) -> int:
-    from pyramid_core.hf.corpus import build_corpus
+    from pyramid_core.distill.corpus import build_corpus
     from pyramid_core.prompts import load_prompts
 
     model, tokenizer = _target(ns)
@@ -101,14 +102,14 @@ def _corpus_args(p: argparse.ArgumentParser, new_tokens_option: str) -> None:
     p.add_argument("--batch-size", type=int, default=48, help="sequences per target batch")
 
 
-def add_distill_parser(sub: Any) -> None:
-    p = sub.add_parser("distill", help="distil a draft and a qualifier from SmolLM2-135M (offline)")
+def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """The ``pyramid distill`` parser (its subcommands corpus | train | eval | all)."""
     dsub = p.add_subparsers(dest="distill_command", required=True)
 
     c = dsub.add_parser("corpus", help="the target answers training prompts and reads Python sources")
     _common(c)
     _corpus_args(c, "--new-tokens")
-    c.set_defaults(func=cmd_corpus)
+    c.set_defaults(distill_run=cmd_corpus)
 
     def train_args(t: argparse.ArgumentParser) -> None:
         t.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per step")
@@ -124,7 +125,7 @@ def add_distill_parser(sub: Any) -> None:
     t.add_argument("--steps", type=int, help="optimiser steps (default: draft 800, qualifier 300)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     train_args(t)
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(distill_run=cmd_train)
 
     def eval_args(e: argparse.ArgumentParser) -> None:
         e.add_argument("--per-kind", type=int, default=10, help="held-out prompts per task kind (default all 10)")
@@ -142,7 +143,7 @@ def add_distill_parser(sub: Any) -> None:
     e.add_argument("--out", metavar="FILE.json")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--device", help="where the stages run (cpu, cuda, ...; default cpu)")
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(distill_run=cmd_eval)
 
     a = dsub.add_parser("all", help="the whole recipe: corpus, draft, qualifier, evaluation, family folder")
     _common(a)
@@ -152,7 +153,13 @@ def add_distill_parser(sub: Any) -> None:
     a.add_argument("--ship", metavar="DIR", help="family folder to write (default WORKDIR/family)")
     train_args(a)
     eval_args(a)
-    a.set_defaults(func=cmd_all, corpus_sample=150)
+    a.set_defaults(distill_run=cmd_all, corpus_sample=150)
+    return run
+
+
+def run(ns: argparse.Namespace) -> int:
+    command: Callable[[argparse.Namespace], int] = ns.distill_run
+    return command(ns)
 
 ROLES: dict[str, dict[str, Any]] = {
     # layers of the target each student starts from, its head, and its learning rate
@@ -162,8 +169,8 @@ ROLES: dict[str, dict[str, Any]] = {
 
 
 def _train_config(ns: argparse.Namespace) -> Any:
+    from pyramid_core.distill.train import TrainConfig
     from pyramid_core.errors import ConfigError
-    from pyramid_core.hf.distill import TrainConfig
 
     role = ROLES[ns.role]
     layers_text = ns.layers or role["layers"]
@@ -180,8 +187,8 @@ def _train_config(ns: argparse.Namespace) -> Any:
 
 
 def _train(ns: argparse.Namespace, role: str, corpus_manifest: dict[str, Any]) -> dict[str, Any]:
-    from pyramid_core.hf.corpus import load_corpus
-    from pyramid_core.hf.distill import train_student
+    from pyramid_core.distill.corpus import load_corpus
+    from pyramid_core.distill.train import train_student
 
     model, tokenizer = _target(ns)
     ns.role = role
@@ -215,33 +222,37 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _eval_specs(ns: argparse.Namespace) -> list[str]:
-    return list(ns.stage) if ns.stage else ["smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"]
+    from pyramid_core.build import default_chain
+
+    return list(ns.stage) if ns.stage else list(default_chain(purpose="no --stage was given").stages)
 
 
 def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
-    from pyramid_core.build import check_same_tokenizer, make_stage_on
+    from pyramid_core.build import check_same_tokenizer, make_stage
+    from pyramid_core.distill.evaluate import evaluate_stages
     from pyramid_core.errors import ConfigError
-    from pyramid_core.hf.distill import evaluate_stages
-    from pyramid_core.prompts import load_prompts
-    from pyramid_core.sweep import encode_prompt
+    from pyramid_core.hf.stage import HFStage
+    from pyramid_core.prompts import encode_prompt, load_prompts
 
     device = _device(ns)
-    stages = [make_stage_on(s, device) for s in specs]
+    stages = [make_stage(s, device=device) for s in specs]
+    models: list[HFStage] = []
     for spec, stage in zip(specs, stages, strict=True):
-        if not hasattr(stage, "model"):
-            raise ConfigError(f"stage {spec!r} is not a model backend; `pyramid distill eval` compares models")
-    check_same_tokenizer(stages)
-    tokenizer = getattr(stages[-1], "tokenizer", None)
+        if not isinstance(stage, HFStage):
+            raise ConfigError(f"stage {spec!r} is not a Hugging Face model backend; `pyramid distill eval` compares models")
+        models.append(stage)
+    check_same_tokenizer(models)
+    tokenizer = models[-1].tokenizer
     prompts = load_prompts(per_kind=ns.per_kind)
     encoded = [(p.kind, encode_prompt(tokenizer, p.text, True)) for p in prompts]
-    reports = evaluate_stages(stages, encoded, ns.new_tokens, progress=not ns.quiet)
+    reports = evaluate_stages(models, encoded, ns.new_tokens, progress=not ns.quiet)
     result: dict[str, Any] = {
         "command": _command_line(), "stages": specs, "prompts": len(prompts), "new_tokens": ns.new_tokens,
         "held_out": "pyramid_core/data/prompts.jsonl (never trained on)",
         "results": [attrs.asdict(r) for r in reports]}
     if getattr(ns, "corpus_sample", 0):
-        from pyramid_core.hf.corpus import load_corpus
-        from pyramid_core.hf.distill import corpus_agreement
+        from pyramid_core.distill.corpus import load_corpus
+        from pyramid_core.distill.evaluate import corpus_agreement
 
         sequences = load_corpus(Path(ns.corpus or _home(ns) / "corpus"))
         result["corpus_sample"] = ns.corpus_sample
@@ -279,7 +290,7 @@ def cmd_all(ns: argparse.Namespace) -> int:
     """corpus -> draft -> qualifier -> held-out evaluation -> family folder with metadata."""
     import shutil
 
-    from pyramid_core.hf.corpus import build_corpus
+    from pyramid_core.distill.corpus import build_corpus
     from pyramid_core.prompts import load_prompts
 
     model, tokenizer = _target(ns)

@@ -1,5 +1,6 @@
-"""The exactness checker behind ``pyramid check``: run the real pipeline on explicit tables and
-compare the empirical distribution of the first generated token with the target's.
+"""The exactness checker behind ``pyramid check`` and ``check_policy_lossless``: run the real
+pipeline on explicit tables and compare the empirical distribution of the generated tokens with
+the target's.
 
 ``tree=K`` drafts a token tree at the bottom (K candidates per position: branching K at every
 depth up to the first block length; ``replacement=False`` for Sequoia-style draws). With
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 from scipy import stats as scipy_stats
 
+from pyramid_core.build import PipelineSpec
 from pyramid_core.errors import ConfigError
-from pyramid_core.pipeline import Pipeline
+from pyramid_core.plugins import Registries
 from pyramid_core.protocols import AcceptancePolicy
 from pyramid_core.rng import Rng
 from pyramid_core.testing.table import TableModel, validate_distribution
@@ -89,6 +91,8 @@ class CheckResult:
     mean_tree_nodes: float = float("nan")
     # generated tokens per forward of each verifying stage 2..N (the last: per target forward)
     tokens_per_forward: list[float] = attrs.field(factory=list)
+    policies: list[str] = attrs.field(factory=list)  # what ran at each boundary
+    block_lengths: list[int] = attrs.field(factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -96,18 +100,22 @@ class CheckResult:
 
 def run_check(
     dists: Sequence[Sequence[float]],
-    policies: Sequence[AcceptancePolicy],
-    lengths: Sequence[int],
+    policies: Sequence[str | AcceptancePolicy] | None = None,
+    lengths: Sequence[int] | None = None,
     *,
+    preset: str | None = None,
     samples: int = 20_000,
     seed: int = 0,
     sampling: SamplingConfig | None = None,
     tree: int = 0,
     replacement: bool = True,
     new_tokens: int = 1,
+    regs: Registries | None = None,
 ) -> CheckResult:
     """Sample the first ``new_tokens`` generated tokens ``samples`` times through the real
-    pipeline (``tree``, ``replacement``: see the module docstring)."""
+    pipeline over ``TableModel`` stages. ``policies`` / ``lengths`` / ``preset`` as in
+    ``PipelineSpec`` (``None``: the default policy at every boundary, block length 1); ``tree``,
+    ``replacement``: see the module docstring (the registered ``tree`` wrapper, from ``regs``)."""
     if len(dists) < 1:
         raise ConfigError("give one --dist per stage (at least the target)")
     if samples < 1:
@@ -123,26 +131,25 @@ def run_check(
         raise ConfigError(f"every --dist must have the same number of entries, got sizes {[len(d) for d in dists]}")
     sampling = sampling or SamplingConfig()
     stages: list[Any] = [TableModel(d, name=f"stage {i + 1}") for i, d in enumerate(dists)]
-    pipe = Pipeline(stages, list(policies), list(lengths), sampling)  # validates the lengths
-    if tree and sum(tree**d for d in range(1, lengths[0] + 1)) > MAX_TREE_NODES:
+    if lengths is None and preset is None:
+        lengths = [1] * (len(dists) - 1)
+    spec = PipelineSpec(stages, policies, lengths, preset, sampling=sampling, stop_ids=())
+    pipe = spec.resolve(regs)  # validates the lengths
+    ells = list(pipe.block_lengths)
+    if tree and sum(tree**d for d in range(1, ells[0] + 1)) > MAX_TREE_NODES:
         raise ConfigError(
-            f"--tree {tree} with block length {lengths[0]} at boundary 1 -> 2 makes trees of "
-            f"{sum(tree**d for d in range(1, lengths[0] + 1))} nodes (at most {MAX_TREE_NODES}); "
+            f"--tree {tree} with block length {ells[0]} at boundary 1 -> 2 makes trees of "
+            f"{sum(tree**d for d in range(1, ells[0] + 1))} nodes (at most {MAX_TREE_NODES}); "
             "use a smaller --tree or a shorter first --length"
         )
-    if tree:  # the registered tree proposer wraps the bottom table
-        from pyramid_core.plugins import registries
-
-        stages[0] = registries().proposers.create(
-            "tree", stage=stages[0], branching="-".join([str(tree)] * lengths[0]),
-            replacement=replacement, sampling=sampling,
-        )
-        pipe = Pipeline(stages, list(policies), list(lengths), sampling)
+    if tree:  # the registered tree wrapper around the bottom table
+        branching = "-".join([str(tree)] * ells[0])
+        pipe = attrs.evolve(spec, tree=f"tree:branching={branching},replacement={replacement}").resolve(regs)
     vocab = stages[-1].vocab_size
     counts = [0] * vocab
-    proposed = [0] * len(lengths)
-    accepted = [0] * len(lengths)
-    forwards = [0] * len(lengths)  # of stages 2..N
+    proposed = [0] * len(ells)
+    accepted = [0] * len(ells)
+    forwards = [0] * len(ells)  # of stages 2..N
     tree_nodes = tree_rounds = 0
     prompt = torch.zeros(1, dtype=torch.long)
     rng = Rng(seed)  # one stream for the whole check: independent samples, reproducible
@@ -180,4 +187,6 @@ def run_check(
         replacement=replacement,
         mean_tree_nodes=tree_nodes / tree_rounds if tree_rounds else float("nan"),
         tokens_per_forward=[drawn / f if f else float("nan") for f in forwards],
+        policies=[p if isinstance(p, str) else repr(p) for p in spec.plan(regs)[1]],
+        block_lengths=ells,
     )

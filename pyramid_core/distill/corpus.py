@@ -1,4 +1,5 @@
 """The offline distillation corpus: what the target says, with its next-token distributions.
+(One job, from prompts to stored shards, hence its length.)
 
 Two sources, both available on a machine without a model hub:
 
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.prompts import encode_prompt
 
 __all__ = [
     "CorpusConfig",
@@ -341,8 +343,6 @@ def build_corpus(model: Any, tokenizer: Any, out_dir: str | Path, cfg: CorpusCon
     """Build (or finish building: finished shards are kept) the corpus in ``out_dir``; return
     the manifest. ``model`` is the target (``AutoModelForCausalLM``)."""
     from tqdm.auto import tqdm
-
-    from pyramid_core.sweep import encode_prompt
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

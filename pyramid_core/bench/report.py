@@ -1,0 +1,210 @@
+"""What ``pyramid bench`` reports: a row per configuration (``BenchRow``), the run
+(``BenchResult``: Markdown table, goal ratios, JSON) and the files it writes (``write_bench``:
+bench.json, bench.md and a bar plot)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from pyramid_core.hf.baseline import HF_GENERATE
+
+__all__ = ["BenchRow", "BenchResult", "write_bench", "HF_BASELINE"]
+
+HF_BASELINE = HF_GENERATE
+
+
+@attrs.define
+class BenchRow:
+    """Measured (and, for chains, predicted) numbers of one configuration over all prompts."""
+
+    label: str
+    framework: str  # "hf" or "pyramid"
+    tokens: int = 0
+    wall_s: float = 0.0
+    speedup: float = math.nan  # tokens/s over HF generate of the target alone
+    target_forwards: int = 0
+    acceptance: list[float] = attrs.field(factory=list)  # accepted / proposed per boundary
+    alpha: list[float] = attrs.field(factory=list)  # per-token alpha (latency.measure_alpha)
+    block_lengths: list[int] = attrs.field(factory=list)
+    stages: list[dict[str, Any]] = attrs.field(factory=list)  # name, forwards, forward_s, ms_per_forward
+    overhead_fraction: float = math.nan
+    predicted_speedup: float | None = None  # T_N / tau_N from the latency model
+    predicted_tokens_per_target_forward: float | None = None
+    lossless: bool = True
+    identical: bool | None = None
+    mismatched_prompts: list[str] = attrs.field(factory=list)
+    note: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else math.nan
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.tokens / self.target_forwards if self.target_forwards else math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["tokens_per_s"] = self.tokens_per_s
+        out["tokens_per_target_forward"] = self.tokens_per_target_forward
+        return out
+
+
+@attrs.define
+class BenchResult:
+    rows: list[BenchRow]
+    meta: dict[str, Any]
+
+    @property
+    def mismatches(self) -> list[str]:
+        """Lossless rows whose greedy output differs from the target's, with the prompts."""
+        return [f"{r.label}: prompts {', '.join(r.mismatched_prompts)}" for r in self.rows
+                if r.lossless and r.identical is False]
+
+    def row(self, label: str) -> BenchRow:
+        for r in self.rows:
+            if r.label == label:
+                return r
+        raise KeyError(f"no bench row {label!r}; rows: {[r.label for r in self.rows]}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "rows": [r.as_dict() for r in self.rows], "mismatches": self.mismatches,
+                "goals": self.goals()}
+
+    def goals(self) -> dict[str, Any]:
+        """The issue's performance goals as ratios of this run's rows: the 3-stage ``sd`` chain
+        over the target alone (goal >= 2.0), the best pyramid row over the best HF assisted row
+        (goal >= 1.25; lossless rows, and any row), framework overhead of the pyramid rows
+        (goal <= 5%)."""
+        ran = [r for r in self.rows if r.tokens]
+        ours = [r for r in ran if r.framework == "pyramid" and len(r.stages) > 1]
+        lossless = [r for r in ours if r.lossless and r.identical is not False]
+        assisted = [r for r in ran if r.label.startswith("HF assisted")]
+        sd = next((r for r in ran if r.label.startswith("sd:")), None)
+
+        def best(rows: list[BenchRow]) -> BenchRow | None:
+            return max(rows, key=lambda r: r.tokens_per_s) if rows else None
+
+        b_hf, b_ll, b_any = best(assisted), best(lossless), best(ours)
+
+        def ratio(a: BenchRow | None, b: BenchRow | None) -> float | None:
+            return a.tokens_per_s / b.tokens_per_s if a is not None and b is not None else None
+
+        return {
+            "sd_3stage_speedup": sd.speedup if sd is not None else None,
+            "best_hf_assisted": b_hf.label if b_hf else None,
+            "best_lossless_pipeline": b_ll.label if b_ll else None,
+            "best_lossless_over_hf_assisted": ratio(b_ll, b_hf),
+            "best_pipeline": b_any.label if b_any else None,
+            "best_over_hf_assisted": ratio(b_any, b_hf),
+            "max_overhead_fraction": max((r.overhead_fraction for r in ours), default=None),
+            "best_lossless_overhead_fraction": b_ll.overhead_fraction if b_ll else None,
+        }
+
+    def goals_markdown(self) -> str:
+        g = self.goals()
+
+        def fmt(x: float | None, goal: str, ok: bool | None) -> str:
+            if x is None:
+                return "not measured"
+            return f"{x:.2f}× ({goal}: {'met' if ok else 'NOT met'})"
+
+        sd, ll, anyr, oh = (g["sd_3stage_speedup"], g["best_lossless_over_hf_assisted"], g["best_over_hf_assisted"],
+                            g["max_overhead_fraction"])
+        lines = [
+            "Goals (ratios from this run):",
+            f"- sd 3-stage over the target alone: {fmt(sd, 'goal ≥ 2.0', sd is not None and sd >= 2.0)}",
+            f"- best lossless pipeline ({g['best_lossless_pipeline']}) over the best HF assisted "
+            f"({g['best_hf_assisted']}): {fmt(ll, 'goal ≥ 1.25', ll is not None and ll >= 1.25)}",
+            f"- best pipeline of any kind ({g['best_pipeline']}): {fmt(anyr, 'goal ≥ 1.25', anyr is not None and anyr >= 1.25)}",
+        ]
+        if oh is not None:
+            lines.append(f"- framework overhead, worst pyramid row: {100 * oh:.1f}% (goal ≤ 5%: "
+                         f"{'met' if oh <= 0.05 else 'NOT met'}); best lossless row: "
+                         f"{100 * (g['best_lossless_overhead_fraction'] or 0):.1f}%")
+        return "\n".join(lines) + "\n"
+
+    def to_markdown(self) -> str:
+        def num(x: float | None, fmt: str) -> str:
+            return "-" if x is None or not math.isfinite(x) else format(x, fmt)
+
+        head = ("| config | tok/s | speedup | predicted | tok/target fwd | acceptance | alpha | "
+                "ms/forward per stage | overhead | identical |")
+        lines = [head, "|" + "---|" * 10]
+        for r in self.rows:
+            stage_ms = " / ".join(
+                f"{s['name']} {num(s['ms_per_forward'], '.1f')}" if s["forwards"] else f"{s['name']} -"
+                for s in r.stages
+            ) or "-"
+            ident = "-" if r.identical is None else ("yes" if r.identical else "**NO**")
+            if r.identical is False and not r.lossless:
+                ident = "no (lossy)"
+            lines.append(
+                f"| {r.label} | {num(r.tokens_per_s, '.1f')} | {num(r.speedup, '.2f')}x | "
+                f"{num(r.predicted_speedup, '.2f') + ('x' if r.predicted_speedup is not None else '')} | "
+                f"{num(r.tokens_per_target_forward, '.2f')} | "
+                f"{' / '.join(num(a, '.2f') for a in r.acceptance) or '-'} | "
+                f"{' / '.join(num(a, '.2f') for a in r.alpha) or '-'} | {stage_ms} | "
+                f"{num(100 * r.overhead_fraction, '.0f') + ('%' if math.isfinite(r.overhead_fraction) else '')} | "
+                f"{ident} |"
+            )
+        notes = [f"- {r.label}: {r.note}" for r in self.rows if r.note]
+        m = self.meta
+        lines += [
+            "",
+            f"{m['prompts']} prompts, greedy, up to {m['max_new_tokens']} new tokens each; {m['device']}. "
+            f"speedup: tokens/s over {HF_BASELINE!r}; predicted: T_target(1) / tau from the latency model "
+            "(alpha per boundary from this run, T(M) per stage timed in this run at each number M of tokens "
+            "a forward feeds; forward time only, no framework overhead, no prefill); "
+            "acceptance: accepted/proposed per boundary; alpha: per-token acceptance (i.i.d. fit).",
+        ]
+        if notes:
+            lines += ["", *notes]
+        lines += ["", self.goals_markdown().rstrip()]
+        if self.mismatches:
+            lines += ["", "**GREEDY OUTPUT MISMATCH** (lossless rows differing from the target): "
+                      + "; ".join(self.mismatches)]
+        return "\n".join(lines) + "\n"
+
+
+def write_bench(result: BenchResult, out_dir: str | Path) -> list[Path]:
+    """bench.json, bench.md and (with matplotlib) bench.png in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "bench.json", out / "bench.md"]
+    written[0].write_text(json.dumps(result.as_dict(), indent=2, default=str))
+    written[1].write_text(result.to_markdown())
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    rows = [r for r in result.rows if r.tokens]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
+    xs = range(len(rows))
+    measured = [r.speedup for r in rows]
+    predicted = [r.predicted_speedup if r.predicted_speedup is not None else math.nan for r in rows]
+    colors = ["tab:gray" if r.framework == "hf" else ("tab:red" if r.identical is False else "tab:blue") for r in rows]
+    ax.bar([x - 0.2 for x in xs], measured, width=0.4, color=colors, label="measured (HF: gray)")
+    ax.bar([x + 0.2 for x in xs], predicted, width=0.4, color="tab:orange", alpha=0.7, label="predicted (latency model)")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r.label for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"speedup over {result.meta.get('baseline', HF_BASELINE)}")
+    ax.set_title(f"pyramid bench: {result.meta.get('target', '')}, draft {result.meta.get('draft', '')}, "
+                 f"{result.meta.get('prompts')} prompts x {result.meta.get('max_new_tokens')} tokens", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    png = out / "bench.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    written.append(png)
+    return written

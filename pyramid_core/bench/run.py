@@ -1,0 +1,263 @@
+"""``pyramid bench``: our pipelines next to Hugging Face decoding, same prompts, same machine,
+greedy, one run.
+
+Rows: the target alone with HF ``generate`` (the baseline every speedup is relative to), HF
+assisted generation (``assistant_model=`` the draft model) and HF prompt-lookup decoding, when
+the installed transformers supports them; then pyramid pipelines: the target alone (N = 1),
+``ngram -> target``, ``draft -> target``, ``ngram -> draft -> target`` and a token-tree draft.
+
+Every lossless row's greedy output is compared, prompt by prompt, with the target's greedy
+output from HF ``generate``; a mismatch is recorded in the result (and the CLI exits non-zero).
+For chain pipelines the latency model (``pyramid_core.latency.predict_chain``, finite horizon)
+predicts the speedup from alpha per boundary and the forward cost T(M) per stage measured in the
+same run, M being the number of tokens a forward feeds.
+
+Why T(M) is timed rather than taken from the pipeline metrics: the metrics count forwards and
+positions per stage, not the tokens each forward fed nor the time per M, and nearly all of a
+row's verifications feed the same M = ell + 1 -- one point of a curve that on a CPU is far from
+flat (docs/algorithms.md). So each model stage is timed once per run, the first time a row needs
+it, at every M = 1 .. (longest block length + 2) that ``predict_chain`` may charge
+(``measure.measure_stage_costs``: warm-up + 5 timed forwards per M, after a context of the mean
+prompt length + half the new tokens), and reused by every row with that stage. A model-free
+first stage keeps the time the metrics measured (0: its cost is framework overhead).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from pyramid_core.bench.report import HF_BASELINE, BenchResult, BenchRow
+from pyramid_core.build import PipelineSpec
+from pyramid_core.errors import ConfigError, PyramidError
+from pyramid_core.hf.baseline import run_baselines, versions
+from pyramid_core.hf.stage import HFStage
+from pyramid_core.latency import ForwardCost, predict_chain
+from pyramid_core.measure import measure_alpha, measure_stage_costs
+from pyramid_core.pipeline import Metrics, Pipeline
+from pyramid_core.plugins import Registries, registries
+from pyramid_core.prompts import Prompt, encode_prompt
+from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, tokenizer_of
+from pyramid_core.types import SamplingConfig
+
+__all__ = ["BenchConfig", "default_configs", "run_bench"]
+
+
+@attrs.frozen
+class BenchConfig:
+    """One pyramid pipeline to benchmark: stages smallest first (specs or loaded stages), a
+    policy and a block length per boundary (or a preset), an optional stage wrapper spec
+    (``tree``). ``lossless`` configurations are asserted token-identical to the target's greedy
+    output."""
+
+    label: str
+    stages: tuple[str | Stage | Proposer, ...]
+    policies: tuple[str | AcceptancePolicy, ...] = ()
+    block_lengths: tuple[int, ...] = ()
+    tree: str | None = None
+    lossless: bool = True
+    preset: str | None = None
+
+    def spec(self, sampling: SamplingConfig, stop_ids: Sequence[int]) -> PipelineSpec:
+        return PipelineSpec(self.stages, self.policies or None, self.block_lengths or None, self.preset, self.tree,
+                            sampling, stop_ids=tuple(stop_ids))
+
+
+def default_configs(
+    target: Stage,
+    draft: Stage,
+    *,
+    qualifier: Stage | None = None,
+    ngram: str = "ngram",
+    tree: str = "tree:budget=8,branching=4",
+    lengths2: Sequence[int] | None = None,
+    lengths3: Sequence[int] | None = None,
+    qualifier_length: int | None = None,
+) -> list[BenchConfig]:
+    """The pyramid rows: target alone, ngram -> target, 2-stage exact with each draft, then with a
+    qualifier the 3-stage ``sd`` chain, ``psd-a`` and ``psd-f`` (lossy: PyramidSD's policies at
+    the ``sd`` row's block lengths) and token trees at the bottom of the 2- and 3-stage chains;
+    without one, ngram -> draft -> target and a tree draft -> target. Rows name the plugins
+    they benchmark; a row whose plugin is not loaded is reported as not run."""
+    ell2 = tuple(lengths2) if lengths2 else (4,)
+    ell3 = tuple(lengths3) if lengths3 else (4, 8)
+    rows = [
+        BenchConfig("pyramid target (N=1)", (target,)),
+        BenchConfig("ngram→target", (ngram, target), ("exact",), ell2),
+        BenchConfig("draft→target", (draft, target), ("exact",), ell2),
+    ]
+    if qualifier is None:
+        return rows + [
+            BenchConfig("ngram→draft→target", (ngram, draft, target), ("exact", "exact"), ell3),
+            BenchConfig("tree draft→target", (draft, target), ("exact",), ell2, tree=tree),
+        ]
+    rows.append(BenchConfig("qualifier→target", (qualifier, target), ("exact",), (qualifier_length or ell3[1],)))
+    rows.append(BenchConfig("sd: draft→qualifier→target", (draft, qualifier, target), ("exact", "exact"), ell3))
+    for name in ("psd-a", "psd-f"):
+        rows.append(BenchConfig(f"{name}: draft→qualifier→target", (draft, qualifier, target), block_lengths=ell3,
+                                preset=name, lossless=False))
+    rows.append(BenchConfig("tree draft→target", (draft, target), ("exact",), ell2, tree=tree))
+    rows.append(BenchConfig("tree draft→qualifier→target", (draft, qualifier, target), ("exact", "exact"), ell3, tree=tree))
+    return rows
+
+
+@attrs.define
+class _ForwardCosts:
+    """T(M) per model stage, timed once per run (module docstring) and shared by the rows."""
+
+    context_len: int
+    repeats: int = 5
+    measured: dict[int, tuple[Stage, ForwardCost]] = attrs.field(factory=dict)  # id -> (kept alive, T)
+
+    def __call__(self, stage: Stage, max_m: int) -> ForwardCost:
+        """T(M) of ``stage`` measured at least at M = 1 .. ``max_m`` (timed now if not yet)."""
+        got = self.measured.get(id(stage))
+        if got is None or got[1].points[-1][0] < max_m:
+            got = (stage, measure_stage_costs(stage, self.context_len, range(1, max_m + 1), self.repeats))
+            self.measured[id(stage)] = got
+        return got[1]
+
+    def as_dict(self) -> dict[str, list[list[float]]]:
+        """``{stage name: [[M, seconds], ...]}`` for the JSON report."""
+        return {cost.name: cost.as_list() for _, cost in self.measured.values()}
+
+
+def _pyramid_row(
+    cfg: BenchConfig,
+    pipe: Pipeline,
+    encoded: list[list[int]],
+    prompt_ids: list[str],
+    refs: list[list[int]] | None,
+    max_new_tokens: int,
+    costs: _ForwardCosts,
+) -> BenchRow:
+    pipe.generate(encoded[0], min(2, max_new_tokens))  # warm-up (first-call allocations)
+    runs: list[Metrics] = []
+    bad: list[str] = []
+    for i, ids in enumerate(encoded):
+        gen = pipe.generate(ids, max_new_tokens, seed=i)
+        runs.append(gen.metrics)
+        if refs is not None and gen.token_list != refs[i]:
+            bad.append(prompt_ids[i])
+    m = Metrics.pool(runs)
+    row = BenchRow(cfg.label, "pyramid", lossless=cfg.lossless, block_lengths=list(pipe.block_lengths))
+    row.tokens, row.wall_s, row.target_forwards = m.new_tokens, m.wall_s, m.target_forwards
+    row.acceptance = [b.acceptance_rate for b in m.boundaries]
+    alphas = measure_alpha(m) if m.boundaries else []
+    row.alpha = alphas
+    for st in m.stages:
+        row.stages.append({"name": st.name, "forwards": st.forwards, "forward_s": st.forward_s,
+                           "ms_per_forward": 1000 * st.seconds_per_forward if st.forwards else math.nan})
+    row.overhead_fraction = m.overhead_s / m.wall_s if m.wall_s > 0 else math.nan
+    if refs is not None:
+        row.identical, row.mismatched_prompts = not bad, bad
+    if cfg.tree is not None:
+        row.note = "token tree: the chain latency model does not apply (no prediction)"
+    elif all(math.isfinite(a) for a in alphas) and row.tokens:
+        per_prompt = max(1, round(row.tokens / len(encoded)))
+        # a verification feeds at most ell + 2 tokens, stage 1's first draft step at most N
+        max_m = max([len(pipe.stages), *(ell + 2 for ell in pipe.block_lengths)])
+        stage_costs: list[float | ForwardCost] = [
+            costs(s, max_m) if isinstance(s, Stage) else st.seconds_per_forward for s, st in zip(pipe.stages, m.stages)]
+        pred = predict_chain(alphas, list(pipe.block_lengths), stage_costs, new_tokens=per_prompt)
+        row.predicted_speedup = pred.speedup
+        row.predicted_tokens_per_target_forward = pred.tokens_per_target_forward
+    if m.boundaries and m.stages[0].forwards == 0:
+        row.note = (row.note + "; " if row.note else "") + "model-free first stage: its time counts as overhead (T_1 = 0)"
+    return row
+
+
+def run_bench(
+    target: Stage,
+    draft: Stage,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 64,
+    ngram: str = "ngram",
+    tree: str = "tree:budget=8,branching=4",
+    lengths2: Sequence[int] | None = None,
+    lengths3: Sequence[int] | None = None,
+    prompt_lookup_tokens: int = 10,
+    qualifier: Stage | None = None,
+    qualifier_length: int | None = None,
+    configs: Sequence[BenchConfig] | None = None,
+    extra: Sequence[BenchConfig] = (),
+    chat: bool = True,
+    hf: bool = True,
+    progress: bool = True,
+    regs: Registries | None = None,
+) -> BenchResult:
+    """Benchmark greedy decoding of ``prompts`` with HF and pyramid configurations (module
+    docstring). ``target`` and ``draft`` are loaded model stages (``HFStage`` for the HF rows);
+    ``configs`` replaces the default pyramid rows, ``extra`` adds rows after them."""
+    from tqdm import tqdm
+
+    regs = regs or registries()
+    tok = tokenizer_of(target)
+    if tok is None:
+        raise ConfigError(f"bench needs a target stage with a tokenizer (to encode the prompts); {target.name!r} has none")
+    encoded = [encode_prompt(tok, p.text, chat) for p in prompts]
+    prompt_ids = [p.id for p in prompts]
+    greedy = SamplingConfig.greedy()
+    base = PipelineSpec((target,), sampling=greedy).resolve(regs)
+    stop_ids = list(base.stop_ids)
+    rows: list[BenchRow] = []
+    refs: list[list[int]] | None = None
+    if hf and isinstance(target, HFStage):
+        # each assistant drafts as many tokens per round as our 2-stage row with the same draft
+        assistants: list[tuple[str, HFStage, int]] = []
+        if isinstance(draft, HFStage):
+            assistants.append(("draft", draft, lengths2[0] if lengths2 else 4))
+        if isinstance(qualifier, HFStage):
+            assistants.append(("qualifier", qualifier, qualifier_length or (lengths3[1] if lengths3 else 8)))
+        for run in run_baselines(target, encoded, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                 assistants=assistants, prompt_lookup_tokens=prompt_lookup_tokens, progress=progress):
+            row = BenchRow(run.label, "hf", tokens=sum(len(o) for o in run.outputs), wall_s=run.wall_s,
+                           target_forwards=run.target_forwards, note=run.note)
+            if run.label == HF_BASELINE and run.ran:
+                refs = [list(o) for o in run.outputs]
+                row.identical = True
+            elif run.ran and refs is not None:
+                bad = [pid for pid, o, r in zip(prompt_ids, run.outputs, refs) if list(o) != r]
+                row.identical, row.mismatched_prompts = not bad, bad
+            rows.append(row)
+    if refs is None:  # no HF baseline: the reference is the target alone through pyramid
+        refs = [base.generate(ids, max_new_tokens).token_list for ids in encoded]
+    todo = list(configs) if configs is not None else default_configs(
+        target, draft, qualifier=qualifier, ngram=ngram, tree=tree, lengths2=lengths2, lengths3=lengths3,
+        qualifier_length=qualifier_length)
+    todo += list(extra)
+    mean_prompt = sum(len(ids) for ids in encoded) / max(1, len(encoded))
+    costs = _ForwardCosts(max(1, round(mean_prompt + max_new_tokens / 2)))
+    for cfg in tqdm(todo, desc="bench pyramid", disable=not progress):
+        try:
+            pipe = cfg.spec(greedy, stop_ids).resolve(regs)
+        except PyramidError as exc:
+            rows.append(BenchRow(cfg.label, "pyramid", lossless=cfg.lossless,
+                                 note=f"not run: {type(exc).__name__}: {exc}"[:200]))
+            continue
+        rows.append(_pyramid_row(cfg, pipe, encoded, prompt_ids, refs, max_new_tokens, costs))
+    hf_base = next((r for r in rows if r.label == HF_BASELINE and r.tokens), None)
+    ref_tps = hf_base.tokens_per_s if hf_base is not None else rows[len(rows) - len(todo)].tokens_per_s
+    for r in rows:
+        r.speedup = r.tokens_per_s / ref_tps if r.tokens and ref_tps > 0 else math.nan
+    meta = {
+        "prompts": len(prompts),
+        "prompt_ids": prompt_ids,
+        "max_new_tokens": max_new_tokens,
+        "target": target.name,
+        "draft": draft.name,
+        "qualifier": qualifier.name if qualifier is not None else None,
+        "device": f"{target.device}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                  f"{versions() if isinstance(target, HFStage) else 'no HF backend'}, "
+                  f"{platform.processor() or platform.machine()}",
+        "baseline": HF_BASELINE if hf_base is not None else rows[len(rows) - len(todo)].label,
+        "forward_costs": costs.as_dict(),
+        "time": time.time(),
+    }
+    return BenchResult(rows, meta)

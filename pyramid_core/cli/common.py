@@ -1,0 +1,46 @@
+"""What the commands share: the sampling options and turning ``--stage`` / ``--policy`` /
+``--length`` / ``--preset`` / ``--tree`` / ``--device`` into a ``PipelineSpec``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from pyramid_core.build import PipelineSpec
+from pyramid_core.types import SamplingConfig
+
+__all__ = ["sampling_args", "sampling", "pipeline_args", "pipeline_spec"]
+
+
+def sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
+    g = p.add_argument_group("sampling (applied identically at every stage)")
+    g.add_argument("--temperature", type=float, default=default_temperature,
+                   help=f"0 = greedy (default {default_temperature})")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=0, help="makes the run reproducible")
+
+
+def sampling(ns: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p)
+
+
+def pipeline_args(p: argparse.ArgumentParser, *, default_length: str) -> None:
+    """``--policy``, ``--length`` and ``--preset`` (per boundary, smallest first)."""
+    p.add_argument("--policy", action="append", metavar="SPEC",
+                   help="one per boundary, smallest first (default: the default policy, exact)")
+    p.add_argument("--length", action="append", type=int, metavar="L",
+                   help=f"block length per boundary, smallest first (default {default_length})")
+    p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths")
+
+
+def pipeline_spec(ns: argparse.Namespace, stages: Sequence[Any], *, default_length: int | None = None,
+                  tree: str | None = None, device: str | None = None) -> PipelineSpec:
+    """The spec of ``stages`` from the parsed options. ``default_length`` (when given) is the
+    block length at every boundary unless ``--length`` or ``--preset`` say otherwise; without it
+    the spec's own defaults apply (the default chain's lengths when ``stages`` is empty)."""
+    lengths = ns.length
+    if lengths is None and default_length is not None and ns.preset is None and stages:
+        lengths = [default_length] * (len(stages) - 1)
+    return PipelineSpec(tuple(stages), ns.policy, lengths, ns.preset, tree, sampling(ns), device)

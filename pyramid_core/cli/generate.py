@@ -1,0 +1,105 @@
+"""``pyramid generate``: one generation with a multi-stage pipeline, optionally next to plain HF
+``generate`` of the target."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pyramid_core.cli.common import pipeline_args, pipeline_spec, sampling_args
+
+__all__ = ["configure"]
+
+
+def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--stage", action="append", metavar="SPEC",
+                   help="a stage, smallest first, repeated; NAME[:key=value,...] naming a proposer "
+                        "(e.g. ngram) or a backend (e.g. smollm2, hf:path=DIR). Default: the default chain "
+                        "(the distilled family smollm2:stage=draft, smollm2:stage=qualifier, smollm2)")
+    pipeline_args(p, default_length="4; the default chain's own without --stage")
+    p.add_argument("--tree", metavar="SPEC",
+                   help="draft token trees with the first stage, e.g. tree:branching=4-2-1,replacement=false "
+                        "or tree:budget=16,branching=4 (verify them with the exact policy)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the tokenizer's chat template (default on)")
+    p.add_argument("--compare", action="store_true",
+                   help="also time plain HF generate of the target alone (and check greedy identity)")
+    p.add_argument("--metrics", metavar="FILE.json", help="write metrics as JSON")
+    sampling_args(p, default_temperature=0.0)
+    return run
+
+
+def run(ns: argparse.Namespace) -> int:
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.plugins import registries
+    from pyramid_core.prompts import encode_prompt
+    from pyramid_core.protocols import tokenizer_of
+
+    regs = registries()
+    spec = pipeline_spec(ns, ns.stage or (), tree=ns.tree, device=ns.device)
+    stage_specs = [str(s) for s in spec.plan(regs)[0]]
+    pipe = spec.resolve(regs)
+    tok = tokenizer_of(pipe.target)
+    if tok is None:
+        raise ConfigError(f"the target stage {stage_specs[-1]!r} has no tokenizer; `generate` needs text")
+    ids = encode_prompt(tok, ns.prompt, ns.chat)
+    if not ids:
+        raise ConfigError("the prompt is empty after tokenisation")
+    gen = pipe.generate(ids, ns.max_new_tokens, seed=ns.seed)
+    m = gen.metrics
+    print(tok.decode(gen.token_list, skip_special_tokens=True))
+    print()
+    print(f"{m.new_tokens} tokens in {m.wall_s:.2f} s = {m.tokens_per_s:.1f} tokens/s; "
+          f"{m.tokens_per_target_forward:.2f} tokens per target forward; "
+          f"framework overhead {100 * m.overhead_s / m.wall_s:.1f}% of wall time")
+    for k, b in enumerate(m.boundaries):
+        print(f"boundary {k + 1}->{k + 2} ({stage_specs[k]} -> {stage_specs[k + 1]}): proposed {b.proposed}, "
+              f"accepted {b.accepted} ({100 * b.acceptance_rate:.1f}%), mean accepted length {b.mean_accepted:.2f}")
+        if b.tree_rounds:
+            print(f"  token trees: {b.tree_nodes / b.tree_rounds:.1f} nodes per tree, proposed/accepted count "
+                  f"depths; {100 * b.accepted / b.tree_nodes:.1f}% of the nodes were used")
+    for s in m.stages:
+        if s.forwards == 0 and s is m.stages[0]:
+            print(f"stage {s.name}: model-free proposer (no forwards)")
+        else:
+            print(f"stage {s.name}: {s.forwards} forwards, {s.forward_s:.2f} s")
+    report: dict[str, Any] = {"stages": stage_specs, "metrics": m.as_dict(), "tokens": gen.token_list}
+    rc = 0
+    if ns.compare:
+        report["hf_generate"], rc = _compare(pipe, ids, gen.token_list, m.tokens_per_s, ns)
+    if ns.metrics:
+        Path(ns.metrics).write_text(json.dumps(report, indent=2))
+    return rc
+
+
+def _compare(pipe: Any, ids: list[int], tokens: list[int], tokens_per_s: float,
+             ns: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """Plain HF ``generate`` of the target on the same prompt: timing and greedy identity."""
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.hf.baseline import run_baselines
+    from pyramid_core.hf.stage import HFStage
+
+    if not isinstance(pipe.target, HFStage):
+        raise ConfigError("--compare needs a Hugging Face target stage")
+    hf = run_baselines(pipe.target, [ids], max_new_tokens=ns.max_new_tokens, stop_ids=pipe.stop_ids,
+                       sampling=pipe.sampling, seed=ns.seed)[0]
+    if not hf.ran:
+        raise ConfigError(f"HF generate of the target failed: {hf.note}")
+    ref = list(hf.outputs[0])
+    hf_tps = len(ref) / hf.wall_s
+    print(f"\nplain HF generate (target alone): {len(ref)} tokens in {hf.wall_s:.2f} s = {hf_tps:.1f} tokens/s; "
+          f"pipeline speedup {tokens_per_s / hf_tps:.2f}x")
+    out: dict[str, Any] = {"tokens": len(ref), "wall_s": hf.wall_s, "tokens_per_s": hf_tps,
+                           "speedup": tokens_per_s / hf_tps}
+    if not pipe.sampling.is_greedy:
+        return out, 0
+    same = ref == tokens
+    print("greedy output token-identical to HF generate: " + ("yes" if same else "NO"))
+    out["identical"] = same
+    return out, 0 if same else 3

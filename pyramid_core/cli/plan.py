@@ -1,0 +1,86 @@
+"""``pyramid plan``: measure candidates on this machine and pick the chain and block lengths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from collections.abc import Callable
+
+__all__ = ["configure"]
+
+
+def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("--stage", action="append", metavar="SPEC",
+                   help="a candidate, repeated; the last is the target. Model backends (e.g. "
+                        "smollm2:num_layers=12, hf:path=DIR) or model-free proposers (e.g. ngram)")
+    p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
+    p.add_argument("--per-kind", type=int, default=1, help="prompts per task kind (default 1)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt to measure alpha (default 32)")
+    p.add_argument("--max-length", type=int, default=16, help="longest block length considered (default 16)")
+    p.add_argument("--max-stages", type=int, default=None, help="longest chain considered (default: all candidates)")
+    p.add_argument("--top", type=int, default=10, help="chains in the ranking (default 10)")
+    p.add_argument("--repeats", type=int, default=10, help="timed forwards per model and tokens per forward M (default 10)")
+    p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return run
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Measure T per candidate and alpha per pair here, then pick the chain (pyramid_core.plan)."""
+    from pyramid_core.build import PipelineSpec
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.measure import measure_candidates
+    from pyramid_core.plan import plan_chain
+    from pyramid_core.plugins import registries
+    from pyramid_core.prompts import encode_prompt, load_prompts
+    from pyramid_core.protocols import Stage, tokenizer_of
+    from pyramid_core.registry import parse_spec
+
+    specs: list[str] = ns.stage or []
+    if not specs:
+        raise ConfigError("give the candidates as --stage SPEC, repeated, the target last "
+                          "(e.g. --stage ngram --stage smollm2:num_layers=12 --stage smollm2)")
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        raise ConfigError(f"--stage {twice[0]!r} is given twice; each candidate once")
+    regs = registries()
+    if parse_spec(specs[-1])[0] in regs.proposers:
+        raise ConfigError(f"the target (the last --stage, {specs[-1]!r}) must be a model backend, not a proposer")
+    # loaded as one pipeline's stages are: the target first, every model on --device
+    candidates = PipelineSpec(tuple(specs), device=ns.device).load_stages(regs)
+    target = candidates[-1]
+    assert isinstance(target, Stage)
+    tok = tokenizer_of(target)
+    if tok is None:
+        raise ConfigError(f"the target {specs[-1]!r} has no tokenizer; `plan` encodes text prompts")
+    prompts = load_prompts(ns.prompts, per_kind=ns.per_kind)
+    encoded = [encode_prompt(tok, p.text, ns.chat) for p in prompts]
+    eos = getattr(tok, "eos_token_id", None)
+    t0 = time.perf_counter()
+    # every M a verification can feed: each block length is charged its own measured T(ell + 1)
+    measured = measure_candidates(candidates, specs, encoded, ns.new_tokens, proposer_length=ns.max_length,
+                                  repeats=ns.repeats, stop_ids=[] if eos is None else [int(eos)],
+                                  block_sizes=range(1, ns.max_length + 2), regs=regs)
+    elapsed = time.perf_counter() - t0
+    plan = plan_chain(specs, measured.forward_costs, measured.alpha, proposers=measured.proposers,
+                      max_length=ns.max_length, max_stages=ns.max_stages, top=ns.top)
+    command = shlex.join(["pyramid", "generate", *plan.best.generate_args(),
+                          *(["--device", ns.device] if ns.device else []),
+                          *([] if ns.chat else ["--no-chat"]), "--prompt", "YOUR PROMPT"])
+    if ns.json:
+        print(json.dumps({**plan.as_dict(), "command": command, "prompts": len(prompts),
+                          "new_tokens": ns.new_tokens, "measure_s": elapsed}))
+        return 0
+    print(plan.to_markdown())
+    print(f"Measured here in {elapsed:.1f} s: T(M) = median forward feeding M tokens, M = 1..{ns.max_length + 1} "
+          f"(a block of ℓ is verified at M = ℓ + 1); α = greedy agreement along the "
+          f"verifier's own continuation ({len(prompts)} prompt(s) x {ns.new_tokens} tokens)"
+          + (f"; proposers ({', '.join(measured.proposers)}): T = 0, effective α of a 2-stage run "
+             f"at length {ns.max_length}" if measured.proposers else "") + ".")
+    print(f"\nbest: {' → '.join(plan.chain)}, lengths {list(plan.block_lengths)}: predicted "
+          f"{plan.tokens_per_s:.1f} tokens/s, {plan.speedup:.2f}x the target alone")
+    print(command)
+    return 0

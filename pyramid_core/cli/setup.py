@@ -1,0 +1,60 @@
+"""``pyramid setup`` and ``pyramid plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+__all__ = ["configure_setup", "configure_plugins"]
+
+
+def configure_setup(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("--quiet", action="store_true")
+    return run_setup
+
+
+def run_setup(ns: argparse.Namespace) -> int:
+    from pyramid_core.hf.smollm2 import ensure_smollm2
+
+    path = ensure_smollm2(progress=not ns.quiet)
+    print(f"SmolLM2-135M (float32 safetensors) ready at {path}")
+    return 0
+
+
+def configure_plugins(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("--json", action="store_true")
+    return run_plugins
+
+
+def run_plugins(ns: argparse.Namespace) -> int:
+    from pyramid_core.plugins import registries
+
+    regs = registries()
+    if ns.json:
+        print(json.dumps([
+            {"name": p.name, "package": p.package, "version": p.version,
+             "registered": [{"kind": k, "name": n} for k, n in p.registered]}
+            for p in regs.plugins
+        ], indent=2))
+        return 0
+    for p in regs.plugins:
+        what = ", ".join(f"{k} {n}" for k, n in p.registered) or "nothing"
+        print(f"{p.name:<14} {p.package} {p.version}".rstrip() + f"  -> {what}")
+    for kind, reg in (("policies", regs.policies), ("proposers", regs.proposers), ("backends", regs.backends),
+                      ("wrappers", regs.wrappers), ("chains", regs.chains), ("commands", regs.commands)):
+        if not len(reg) and kind == "commands":
+            continue
+        print(f"\n{kind}:")
+        for r in reg:
+            mark = " [default]" if reg.default is not None and reg.default.name == r.name else ""
+            print(f"  {r.name:<14} ({r.plugin}){mark} {r.description}")
+    print("\ndefaults:")
+    for kind, reg, used in (("policy", regs.policies, "at every boundary a --policy does not name"),
+                            ("chain", regs.chains, "the stages when no --stage is given")):
+        if reg.default is None:
+            print(f"  {kind}: none -- no loaded plugin declares a default {kind}, so commands that need "
+                  f"one ({used}) ask for it explicitly (is its plugin disabled by PYRAMID_CORE_DISABLE_PLUGINS?)")
+        else:
+            print(f"  {kind}: {reg.default.name} (plugin {reg.default.plugin}), {used}")
+    return 0

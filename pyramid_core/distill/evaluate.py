@@ -1,0 +1,122 @@
+"""Evaluation of distilled stages on held-out prompts.
+
+``evaluate_stages`` measures what a pipeline cares about: along the target's own greedy
+continuation, how often each stage's argmax equals the target's (and the next stage's), which is
+the per-token acceptance of greedy speculative decoding; and each stage's forward time when
+decoding one token with its KV cache (the cost ratios c). ``corpus_agreement`` measures the
+same agreement on training text, to show memorisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from pyramid_core.distill.corpus import TrainSequence
+from pyramid_core.errors import ConfigError
+from pyramid_core.measure import measure_stage_time
+
+__all__ = ["StageReport", "evaluate_stages", "corpus_agreement"]
+
+
+@attrs.define
+class StageReport:
+    name: str
+    agreement_with_target: float
+    agreement_with_next: float | None  # with the stage above it (None for the top stage)
+    by_kind: dict[str, float]
+    ms_per_forward: float
+    cost_vs_next: float | None
+    cost_vs_target: float
+
+
+@torch.inference_mode()
+def _argmax_along(stage: Any, prompt: list[int], continuation: list[int]) -> list[int]:
+    """The stage's argmax after ``prompt + continuation[:i]`` for every i (one forward, no cache)."""
+    ids = torch.tensor([prompt + continuation[:-1]], device=stage.device)
+    logits = stage.model(input_ids=ids).logits[0, len(prompt) - 1:, : stage.vocab_size]
+    return [int(i) for i in logits.argmax(-1).tolist()]
+
+
+def evaluate_stages(stages: Sequence[Any], prompts: Sequence[tuple[str, list[int]]], new_tokens: int, *,
+                    timing_repeats: int = 30, progress: bool = True) -> list[StageReport]:
+    """``stages`` smallest first, the target last (``HFStage``s); ``prompts`` (kind, token ids)
+    held out from training. Agreement = fraction of positions of the target's greedy
+    continuation where a stage's argmax equals the target's token (resp. the next stage's
+    argmax)."""
+    from tqdm.auto import tqdm
+
+    if len(stages) < 2:
+        raise ConfigError("evaluate_stages needs at least one stage and the target")
+    target = stages[-1]
+    hits_t = [0] * len(stages)
+    hits_n = [0] * len(stages)
+    kind_hits: list[dict[str, list[int]]] = [{} for _ in stages]
+    total = 0
+    for kind, prompt in tqdm(prompts, desc="held-out agreement", disable=not progress):
+        cont = _greedy(target, prompt, new_tokens)
+        if not cont:
+            continue
+        argmaxes = [_argmax_along(s, prompt, cont) for s in stages]
+        total += len(cont)
+        for i, am in enumerate(argmaxes):
+            same_t = sum(a == b for a, b in zip(am, cont))
+            hits_t[i] += same_t
+            k = kind_hits[i].setdefault(kind, [0, 0])
+            k[0] += same_t
+            k[1] += len(cont)
+            if i + 1 < len(stages):
+                hits_n[i] += sum(a == b for a, b in zip(am, argmaxes[i + 1]))
+    if total == 0:
+        raise ConfigError("the target produced no tokens on the evaluation prompts")
+    context_len = len(prompts[0][1]) + min(32, new_tokens)
+    ms = [1000 * measure_stage_time(s, context_len, timing_repeats, warmup=3) for s in stages]
+    reports = []
+    for i, s in enumerate(stages):
+        top = i + 1 == len(stages)
+        reports.append(StageReport(
+            name=str(getattr(s, "name", f"stage {i + 1}")),
+            agreement_with_target=hits_t[i] / total,
+            agreement_with_next=None if top else hits_n[i] / total,
+            by_kind={k: v[0] / v[1] for k, v in kind_hits[i].items()},
+            ms_per_forward=ms[i],
+            cost_vs_next=None if top else ms[i] / ms[i + 1],
+            cost_vs_target=ms[i] / ms[-1],
+        ))
+    return reports
+
+
+@torch.inference_mode()
+def _greedy(target: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    """The target's greedy continuation (stops after an end-of-sequence token)."""
+    model = target.model
+    ids = torch.tensor([prompt], device=target.device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                         temperature=None, top_k=None, top_p=None, pad_token_id=0)
+    cont = [int(t) for t in out[0, len(prompt):].tolist()]
+    eos = getattr(getattr(target, "tokenizer", None), "eos_token_id", None)
+    if eos is not None and eos in cont:
+        cont = cont[: cont.index(eos) + 1]
+    return cont
+
+
+@torch.inference_mode()
+def corpus_agreement(stage: Any, sequences: Sequence[TrainSequence], sample: int, seed: int = 0) -> dict[str, float]:
+    """Top-1 agreement of ``stage`` with the target's stored argmax on ``sample`` corpus
+    sequences drawn with ``seed``, per source ("greedy", "sampled", "python"). Next to the
+    held-out agreement it shows how much a student memorised instead of generalising."""
+    g = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(sequences), generator=g)[:sample].tolist()
+    hits: dict[str, list[int]] = {}
+    for i in picked:
+        s = sequences[i]
+        ids = torch.tensor([s.tokens], device=stage.device)
+        logits = stage.model(input_ids=ids).logits[0, s.start: s.start + s.n_targets, : stage.vocab_size]
+        same = int((logits.argmax(-1).cpu() == s.rows.ids[:, 0].long()).sum())
+        h = hits.setdefault(s.source, [0, 0])
+        h[0] += same
+        h[1] += s.n_targets
+    return {src: h[0] / h[1] for src, h in sorted(hits.items())}

@@ -1,0 +1,139 @@
+"""The Hugging Face baselines every speedup is measured against: plain ``generate`` of the
+target, assisted generation (``assistant_model=``) and prompt-lookup decoding, each timed on
+the same prompts and counting the target's forwards. ``pyramid bench`` and
+``pyramid generate --compare`` both run them from here.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from pyramid_core.devices import sync
+from pyramid_core.hf.stage import HFStage
+from pyramid_core.types import SamplingConfig
+
+__all__ = ["BaselineRun", "HF_GENERATE", "run_baselines", "versions"]
+
+HF_GENERATE = "HF generate (target)"
+
+
+@attrs.frozen
+class BaselineRun:
+    """One HF decoding mode over the prompts: the new tokens per prompt, the summed wall time,
+    the target's forwards; ``note`` says why it did not run (then ``outputs`` is empty)."""
+
+    label: str
+    outputs: tuple[tuple[int, ...], ...] = ()
+    wall_s: float = 0.0
+    target_forwards: int = 0
+    note: str = ""
+
+    @property
+    def ran(self) -> bool:
+        return not self.note
+
+
+class _ForwardCounter:
+    """Counts forwards of one module (a pre-hook; layer-truncated views of the same model share
+    hook dicts, so the module is checked by identity)."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.count = 0
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: Any, args: Any) -> None:
+        if module is self.module:
+            self.count += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _assistant(model: Any, tokens: int) -> Any:
+    """A shallow copy of ``model`` with its own generation config: HF tunes it in place. Drafts
+    ``tokens`` tokens per round, constant (HF's default schedule starts at 20 and adapts)."""
+    assistant = copy.copy(model)
+    assistant.generation_config = copy.deepcopy(model.generation_config)
+    assistant.generation_config.num_assistant_tokens = tokens
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    return assistant
+
+
+def _sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
+    if sampling.is_greedy:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k or None,
+            "top_p": sampling.top_p}
+
+
+def run_baselines(
+    target: HFStage,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    sampling: SamplingConfig | None = None,
+    assistants: Sequence[tuple[str, HFStage, int]] = (),
+    prompt_lookup_tokens: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[BaselineRun]:
+    """HF ``generate`` of the target alone (first), then assisted generation with each
+    ``(name, stage, tokens per round)`` of ``assistants``, then prompt lookup with
+    ``prompt_lookup_tokens`` tokens (``None``: not run). Each mode is warmed up on the first
+    prompt, then timed prompt by prompt (prompt i seeded with ``seed + i`` when sampling). A mode
+    this transformers version does not support is returned with a ``note``."""
+    from tqdm import tqdm
+
+    sampling = sampling or SamplingConfig.greedy()
+    model = target.model
+    device = target.device
+    base_kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": stop_ids[0] if stop_ids else 0,
+                               **_sampling_kwargs(sampling)}
+    if stop_ids:
+        base_kw["eos_token_id"] = list(stop_ids)
+    variants: list[tuple[str, dict[str, Any]]] = [(HF_GENERATE, {})]
+    for name, stage, tokens in assistants:
+        variants.append((f"HF assisted ({name}, {tokens})", {"assistant_model": _assistant(stage.model, tokens)}))
+    if prompt_lookup_tokens is not None:
+        variants.append((f"HF prompt lookup ({prompt_lookup_tokens})", {"prompt_lookup_num_tokens": prompt_lookup_tokens}))
+    runs: list[BaselineRun] = []
+    for label, extra in tqdm(variants, desc="bench HF", disable=not progress):
+        counter = _ForwardCounter(model)
+        outs: list[tuple[int, ...]] = []
+        wall = 0.0
+        try:
+            with torch.inference_mode():
+                x = torch.tensor([list(prompts[0])], dtype=torch.long, device=device)
+                model.generate(x, attention_mask=torch.ones_like(x), **{**base_kw, "max_new_tokens": 2}, **extra)
+                counter.count = 0
+                for i, ids in enumerate(prompts):
+                    x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+                    torch.manual_seed(seed + i)
+                    t0 = time.perf_counter()
+                    out = model.generate(x, attention_mask=torch.ones_like(x), **base_kw, **extra)
+                    sync(device)
+                    wall += time.perf_counter() - t0
+                    outs.append(tuple(int(t) for t in out[0, len(ids):].tolist()))
+        except Exception as exc:  # an unsupported mode of this transformers version: note it
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            runs.append(BaselineRun(label, note=f"not run: {type(exc).__name__}: {first}"[:200]))
+            continue
+        finally:
+            counter.remove()
+        runs.append(BaselineRun(label, tuple(outs), wall, counter.count))
+    return runs
+
+
+def versions() -> str:
+    """``"transformers X.Y.Z"``, for reports."""
+    import transformers
+
+    return f"transformers {transformers.__version__}"

@@ -1,0 +1,115 @@
+"""Loading models and tokenizers from local directories: plain Hugging Face model folders and
+the distilled stages written by ``pyramid distill`` (``hf.student``). The bottom of ``hf/``: it
+imports nothing of pyramid but the student format, and every loader above shares its cache."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyramid_core.hf.student import (
+    STAGE_FILE,
+    WEIGHTS_FILE,
+    build_student,
+    is_student_dir,
+    student_base,
+    trainable_state,
+)
+
+__all__ = ["resolve_dtype", "load_model", "load_tokenizer"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (clear error otherwise)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.strip().lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(sorted(_DTYPES))}") from None
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+    """``dtype=`` since transformers 4.56, ``torch_dtype=`` before."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
+_LOADED: weakref.WeakValueDictionary[tuple[str, str, torch.dtype], Any] = weakref.WeakValueDictionary()
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> Any:
+    """``AutoModelForCausalLM`` from a local directory, in eval mode on ``device``; loaded once
+    per (path, device, dtype) while any stage still uses it."""
+    path = Path(path).expanduser().resolve()
+    student = is_student_dir(path)
+    if not student and not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a Hugging Face model directory (no config.json) nor a distilled stage (no stage.json)")
+    torch_dtype = resolve_dtype(dtype)
+    dev = torch.device(device)
+    key = (str(path), str(dev), torch_dtype)
+    model: Any = _LOADED.get(key)
+    if model is None and student:
+        model = _load_student(path, device=dev, dtype=torch_dtype)
+        _LOADED[key] = model
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwarg(torch_dtype))
+        model.to(dev).eval()
+        _LOADED[key] = model
+    return model
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved next to a model, or ``None`` when the directory has none."""
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _load_student(path: Path, *, device: torch.device, dtype: torch.dtype) -> Any:
+    """The student model in a folder written by ``student.save_student``. Its base model (the
+    target, whose embedding it shares) is loaded through ``load_model`` and so shared with a
+    target stage."""
+    from safetensors.torch import load_file
+
+    base_dir = student_base(path)
+    info = json.loads((path / STAGE_FILE).read_text())
+    target = load_model(base_dir, device=device, dtype=dtype)
+    state = load_file(str(path / WEIGHTS_FILE))
+    sub = state.get("lm_head.token_ids")
+    student = build_student(target, info["layers"], sub)
+    expected = set(trainable_state(student))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{path / WEIGHTS_FILE} does not match stage.json: missing {missing[:4]}, unexpected {extra[:4]}")
+    student.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    student.config.name_or_path = str(path)
+    # keep the base model alive (not as a submodule): a target stage loaded later from the same
+    # directory then reuses it, and with it the embedding this student shares
+    object.__setattr__(student, "_pyramid_base", target)
+    return student.to(device).eval()
