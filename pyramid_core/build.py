@@ -42,10 +42,11 @@ PolicyLike = str | AcceptancePolicy
 
 
 def make_stage(spec: StageLike, *, regs: Registries | None = None, vocab_size: int | None = None,
-               device: str | None = None, **overrides: Any) -> Stage | Proposer:
+               device: str | None = None, compile: bool | str | None = None, **overrides: Any) -> Stage | Proposer:
     """A stage from ``"name:k=v"``: a registered proposer (given ``vocab_size`` when it takes
-    one), else a registered model backend (placed on ``device`` when given; ``None``: the
-    backend's default). A loaded stage is returned as it is."""
+    one), else a registered model backend (placed on ``device`` when given, and given
+    ``compile`` -- true, false or auto -- when given and the backend takes it, unless the spec
+    sets it; ``None``: the backend's defaults). A loaded stage is returned as it is."""
     if not isinstance(spec, str):
         return spec
     regs = regs or registries()
@@ -57,6 +58,8 @@ def make_stage(spec: StageLike, *, regs: Registries | None = None, vocab_size: i
     if name in regs.backends:
         if device:
             overrides["device"] = device
+        if compile is not None and regs.backends.accepts(name, "compile") and "compile" not in parse_spec(spec)[1]:
+            overrides["compile"] = str(compile).lower()
         return regs.backends.create(spec, **overrides)
     if name in regs.wrappers:
         raise PluginError(f"{name!r} is a stage wrapper, not a stage: it wraps the bottom model stage of a "
@@ -148,6 +151,9 @@ class PipelineSpec:
     sampling:       applied identically at every stage
     device:         where model backends are placed (``None``: each backend's default)
     stop_ids:       ``None``: the target tokenizer's end-of-sequence token, if any
+    compile:        the execution mode of model backends that have one: ``True``, ``False`` or
+                    ``"auto"`` (fast where supported); ``None``: each backend's default
+                    (a stage spec's own ``compile=`` wins)
     """
 
     stages: tuple[StageLike, ...] = attrs.field(default=(), converter=_stages)
@@ -158,6 +164,7 @@ class PipelineSpec:
     sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
     device: str | None = None
     stop_ids: tuple[int, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
+    compile: bool | str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.preset is not None and self.policies is not None:
@@ -191,10 +198,11 @@ class PipelineSpec:
         every model backend on ``device``; tokenizers checked to agree."""
         regs = regs or registries()
         specs = self.plan(regs)[0]
-        target = make_stage(specs[-1], regs=regs, device=self.device)
+        target = make_stage(specs[-1], regs=regs, device=self.device, compile=self.compile)
         if not isinstance(target, Stage):
             raise ConfigError(f"the target (stage {len(specs)}, {specs[-1]!r}) must be a model stage, not a proposer")
-        resolved = [make_stage(s, regs=regs, vocab_size=target.vocab_size, device=self.device) for s in specs[:-1]]
+        resolved = [make_stage(s, regs=regs, vocab_size=target.vocab_size, device=self.device, compile=self.compile)
+                    for s in specs[:-1]]
         resolved.append(target)
         check_same_tokenizer(resolved)
         return resolved

@@ -24,17 +24,33 @@ from pyramid_core.presets import Chain
 __all__ = ["hf_stage", "smollm2_stage", "smollm2_family"]
 
 
-def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers: int = 0) -> HFStage:
-    """A local Hugging Face causal-LM directory as a stage."""
+COMPILE = ("auto", "true", "false")
+
+
+def _compile(value: str | bool) -> bool | str:
+    text = str(value).lower()
+    if text not in COMPILE:
+        raise ConfigError(f"compile must be one of {', '.join(COMPILE)}, got {value!r}")
+    return text if text == "auto" else text == "true"
+
+
+def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers: int = 0,
+             compile: str = "false") -> HFStage:
+    """A local Hugging Face causal-LM directory as a stage. ``compile=true`` runs its forwards in
+    the fast execution mode (``pyramid_core.hf.fast``: oneDNN pre-packed weights on CPU),
+    ``false`` (default) eagerly, ``auto`` fast wherever that mode is supported (the commands'
+    default: ``--compile`` / ``--no-compile``)."""
     if num_layers < 0:
         raise ConfigError(f"num_layers must be >= 0 (0 = all layers), got {num_layers}")
-    return HFStage.from_pretrained(path, device=device, dtype=dtype, num_layers=num_layers or None)
+    return HFStage.from_pretrained(path, device=device, dtype=dtype, num_layers=num_layers or None,
+                                   compile=_compile(compile))
 
 
 SMOLLM2_STAGES = ("target", "qualifier", "draft")
 
 
-def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int = 0, stage: str = "target") -> HFStage:
+def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int = 0, stage: str = "target",
+                  compile: str = "false") -> HFStage:
     """SmolLM2-135M-Instruct, converted once by `pyramid setup` (``stage=target``), or a stage
     of the distilled family shipped with pyramid (``stage=draft`` / ``stage=qualifier``)."""
     directory = smollm2_dir()
@@ -51,15 +67,16 @@ def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int =
         path = family_dir() / stage
         if not (path / "stage.json").is_file():
             raise ConfigError(f"smollm2: the distilled {stage} is missing from {path}; build it with `pyramid distill all`")
-        return hf_stage(str(path), device=device, dtype=dtype)
-    return hf_stage(str(directory), device=device, dtype=dtype, num_layers=num_layers)
+        return hf_stage(str(path), device=device, dtype=dtype, compile=compile)
+    return hf_stage(str(directory), device=device, dtype=dtype, num_layers=num_layers, compile=compile)
 
 
 @hookimpl
 def register_backends(register: Any) -> None:
-    register("hf", hf_stage, "a local Hugging Face causal LM: hf:path=DIR,device=cpu,dtype=float32,num_layers=0")
+    register("hf", hf_stage, "a local Hugging Face causal LM: hf:path=DIR,device=cpu,dtype=float32,num_layers=0,"
+             "compile=false|true|auto")
     register("smollm2", smollm2_stage, "SmolLM2-135M-Instruct from `pyramid setup`, or its distilled family: "
-             "smollm2:stage=target|qualifier|draft,device=cpu,num_layers=0")
+             "smollm2:stage=target|qualifier|draft,device=cpu,num_layers=0,compile=false|true|auto")
 
 
 def smollm2_family() -> Chain:

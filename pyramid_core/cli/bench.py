@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from pyramid_core.cli.common import pipeline_spec, sampling_args
+from pyramid_core.cli.common import compile_arg, pipeline_spec, sampling_args
 
 __all__ = ["configure_bench", "configure_sweep"]
 
@@ -33,6 +33,10 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (24 with --quick)")
     p.add_argument("--quick", action="store_true", help="2 prompts, 24 new tokens")
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
+    compile_arg(p)
+    p.add_argument("--hf-compile", action="store_true",
+                   help="also time HF generate with its static cache and torch.compile (as transformers documents "
+                        "it; on a CPU compiling takes about a minute per distinct prompt length)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default="out/bench", help="output folder for bench.json, bench.md, bench.png")
     return run_bench
@@ -80,7 +84,7 @@ def run_bench(ns: argparse.Namespace) -> int:
                 raise ConfigError(f"give {flag}: the default chain has no stage for it")
             loaded[flag] = None
             continue
-        stage = make_stage(spec, regs=regs, device=ns.device)
+        stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile)
         if not isinstance(stage, Stage):
             raise ConfigError(f"{flag} ({spec}) must be a model backend, not a proposer")
         loaded[flag] = stage
@@ -91,7 +95,8 @@ def run_bench(ns: argparse.Namespace) -> int:
                        lengths2=_lengths(ns.lengths2, 1, "--lengths-2") or chain_lengths[:1] or None,
                        lengths3=_lengths(ns.lengths3, 2, "--lengths-3") or (chain_lengths if len(chain_lengths) == 2 else None),
                        qualifier=loaded["--qualifier"], qualifier_length=ns.qualifier_length,
-                       prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat, regs=regs)
+                       prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat, hf_compile=ns.hf_compile,
+                       regs=regs)
     files = write_bench(result, ns.out)
     print(result.to_markdown())
     print("wrote " + ", ".join(str(f) for f in files))
@@ -112,6 +117,8 @@ def configure_sweep(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     p.add_argument("--per-kind", type=int, default=2, help="prompts per task kind (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
+    compile_arg(p)
     p.add_argument("--out", default="out/sweep", help="output folder for sweep.json, sweep.csv, sweep.png")
     sampling_args(p, default_temperature=1.0)
     return run_sweep
@@ -131,7 +138,7 @@ def run_sweep(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--taus takes comma-separated numbers and --length-grid comma-separated integers ({exc})") from None
     ns.policy, ns.length = None, None
-    spec = pipeline_spec(ns, ns.stage or ())
+    spec = pipeline_spec(ns, ns.stage or (), device=ns.device)
     points = run_sweep(spec, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
                        chat=ns.chat, regs=regs)
     stages = [str(s) for s in spec.plan(regs)[0]]

@@ -10,7 +10,7 @@ from typing import Any
 from pyramid_core.build import PipelineSpec
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["sampling_args", "sampling", "pipeline_args", "pipeline_spec"]
+__all__ = ["sampling_args", "sampling", "pipeline_args", "pipeline_spec", "compile_arg"]
 
 
 def sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
@@ -35,6 +35,14 @@ def pipeline_args(p: argparse.ArgumentParser, *, default_length: str) -> None:
     p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths")
 
 
+def compile_arg(p: argparse.ArgumentParser) -> None:
+    """``--compile`` / ``--no-compile``: the model stages' execution mode (default: the fast
+    compiled mode wherever it is supported, eager elsewhere)."""
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default="auto",
+                   help="run model stages in the fast execution mode (oneDNN pre-packed weights on CPU); "
+                        "default: wherever it is supported; --no-compile: eager")
+
+
 def pipeline_spec(ns: argparse.Namespace, stages: Sequence[Any], *, default_length: int | None = None,
                   tree: str | None = None, device: str | None = None) -> PipelineSpec:
     """The spec of ``stages`` from the parsed options. ``default_length`` (when given) is the
@@ -43,4 +51,5 @@ def pipeline_spec(ns: argparse.Namespace, stages: Sequence[Any], *, default_leng
     lengths = ns.length
     if lengths is None and default_length is not None and ns.preset is None and stages:
         lengths = [default_length] * (len(stages) - 1)
-    return PipelineSpec(tuple(stages), ns.policy, lengths, ns.preset, tree, sampling(ns), device)
+    return PipelineSpec(tuple(stages), ns.policy, lengths, ns.preset, tree, sampling(ns), device,
+                        compile=getattr(ns, "compile", None))

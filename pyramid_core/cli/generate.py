@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pyramid_core.cli.common import pipeline_args, pipeline_spec, sampling_args
+from pyramid_core.cli.common import compile_arg, pipeline_args, pipeline_spec, sampling_args
 
 __all__ = ["configure"]
 
@@ -26,6 +26,7 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
                         "or tree:budget=16,branching=4 (verify them with the exact policy)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
+    compile_arg(p)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the tokenizer's chat template (default on)")
     p.add_argument("--compare", action="store_true",

@@ -8,6 +8,8 @@ import shlex
 import time
 from collections.abc import Callable
 
+from pyramid_core.cli.common import compile_arg
+
 __all__ = ["configure"]
 
 
@@ -23,6 +25,7 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     p.add_argument("--top", type=int, default=10, help="chains in the ranking (default 10)")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards per model and tokens per forward M (default 10)")
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
+    compile_arg(p)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return run
@@ -50,7 +53,7 @@ def run(ns: argparse.Namespace) -> int:
     if parse_spec(specs[-1])[0] in regs.proposers:
         raise ConfigError(f"the target (the last --stage, {specs[-1]!r}) must be a model backend, not a proposer")
     # loaded as one pipeline's stages are: the target first, every model on --device
-    candidates = PipelineSpec(tuple(specs), device=ns.device).load_stages(regs)
+    candidates = PipelineSpec(tuple(specs), device=ns.device, compile=ns.compile).load_stages(regs)
     target = candidates[-1]
     assert isinstance(target, Stage)
     tok = tokenizer_of(target)

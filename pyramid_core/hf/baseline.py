@@ -18,9 +18,11 @@ from pyramid_core.devices import sync
 from pyramid_core.hf.stage import HFStage
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["BaselineRun", "HF_GENERATE", "run_baselines", "versions"]
+__all__ = ["BaselineRun", "HF_GENERATE", "HF_GENERATE_COMPILED", "HF_GENERATE_STATIC", "run_baselines", "versions"]
 
 HF_GENERATE = "HF generate (target)"
+HF_GENERATE_COMPILED = "HF generate (target, compiled stage)"
+HF_GENERATE_STATIC = "HF generate (static cache + torch.compile)"
 
 
 @attrs.frozen
@@ -33,6 +35,7 @@ class BaselineRun:
     wall_s: float = 0.0
     target_forwards: int = 0
     note: str = ""
+    plain: bool = True  # HF generate of the target alone (not assisted, not prompt lookup)
 
     @property
     def ran(self) -> bool:
@@ -73,6 +76,15 @@ def _sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
             "top_p": sampling.top_p}
 
 
+def _static_compiled(model: Any) -> Any:
+    """A view of ``model`` whose forward is ``torch.compile``d, for generation with a static
+    cache -- transformers' documented fast configuration (CUDA graphs on a GPU)."""
+    view = copy.copy(model)
+    mode = "reduce-overhead" if model.device.type == "cuda" else "default"
+    view.forward = torch.compile(model.forward, fullgraph=True, mode=mode)
+    return view
+
+
 def run_baselines(
     target: HFStage,
     prompts: Sequence[Sequence[int]],
@@ -82,14 +94,20 @@ def run_baselines(
     sampling: SamplingConfig | None = None,
     assistants: Sequence[tuple[str, HFStage, int]] = (),
     prompt_lookup_tokens: int | None = None,
+    compiled: bool = False,
+    static_compile: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> list[BaselineRun]:
-    """HF ``generate`` of the target alone (first), then assisted generation with each
-    ``(name, stage, tokens per round)`` of ``assistants``, then prompt lookup with
-    ``prompt_lookup_tokens`` tokens (``None``: not run). Each mode is warmed up on the first
-    prompt, then timed prompt by prompt (prompt i seeded with ``seed + i`` when sampling). A mode
-    this transformers version does not support is returned with a ``note``."""
+    """HF ``generate`` of the target alone (first, eager); with ``compiled``, the same over the
+    compiled stage's runner (``target.runner``: HF's loop over exactly what a compiled pyramid
+    stage runs); with ``static_compile``, with a static cache and a ``torch.compile``d forward
+    (every prompt is run once untimed first: each prompt length compiles); then assisted
+    generation with each ``(name, stage, tokens per round)`` of ``assistants``, then prompt
+    lookup with ``prompt_lookup_tokens`` tokens (``None``: not run). Each mode is warmed up on
+    the first prompt, then timed prompt by prompt (prompt i seeded with ``seed + i`` when
+    sampling). A mode this transformers version (or device) does not support is returned with
+    a ``note``."""
     from tqdm import tqdm
 
     sampling = sampling or SamplingConfig.greedy()
@@ -99,36 +117,45 @@ def run_baselines(
                                **_sampling_kwargs(sampling)}
     if stop_ids:
         base_kw["eos_token_id"] = list(stop_ids)
-    variants: list[tuple[str, dict[str, Any]]] = [(HF_GENERATE, {})]
+    # (label, the module generate runs, extra generate kwargs, prompts to warm up on, plain)
+    variants: list[tuple[str, Any, dict[str, Any], int, bool]] = [(HF_GENERATE, model, {}, 1, True)]
+    if compiled and target.compiled:
+        variants.append((HF_GENERATE_COMPILED, target.runner, {}, 1, True))
+    if static_compile:
+        variants.append((HF_GENERATE_STATIC, _static_compiled(model), {"cache_implementation": "static"},
+                         len(prompts), True))
     for name, stage, tokens in assistants:
-        variants.append((f"HF assisted ({name}, {tokens})", {"assistant_model": _assistant(stage.model, tokens)}))
+        variants.append((f"HF assisted ({name}, {tokens})", model,
+                         {"assistant_model": _assistant(stage.model, tokens)}, 1, False))
     if prompt_lookup_tokens is not None:
-        variants.append((f"HF prompt lookup ({prompt_lookup_tokens})", {"prompt_lookup_num_tokens": prompt_lookup_tokens}))
+        variants.append((f"HF prompt lookup ({prompt_lookup_tokens})", model,
+                         {"prompt_lookup_num_tokens": prompt_lookup_tokens}, 1, False))
     runs: list[BaselineRun] = []
-    for label, extra in tqdm(variants, desc="bench HF", disable=not progress):
-        counter = _ForwardCounter(model)
+    for label, module, extra, warm, plain in tqdm(variants, desc="bench HF", disable=not progress):
+        counter = _ForwardCounter(module)
         outs: list[tuple[int, ...]] = []
         wall = 0.0
         try:
             with torch.inference_mode():
-                x = torch.tensor([list(prompts[0])], dtype=torch.long, device=device)
-                model.generate(x, attention_mask=torch.ones_like(x), **{**base_kw, "max_new_tokens": 2}, **extra)
+                for ids in prompts[:warm]:
+                    x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+                    module.generate(x, attention_mask=torch.ones_like(x), **{**base_kw, "max_new_tokens": 2}, **extra)
                 counter.count = 0
                 for i, ids in enumerate(prompts):
                     x = torch.tensor([list(ids)], dtype=torch.long, device=device)
                     torch.manual_seed(seed + i)
                     t0 = time.perf_counter()
-                    out = model.generate(x, attention_mask=torch.ones_like(x), **base_kw, **extra)
+                    out = module.generate(x, attention_mask=torch.ones_like(x), **base_kw, **extra)
                     sync(device)
                     wall += time.perf_counter() - t0
                     outs.append(tuple(int(t) for t in out[0, len(ids):].tolist()))
         except Exception as exc:  # an unsupported mode of this transformers version: note it
             first = str(exc).splitlines()[0] if str(exc) else ""
-            runs.append(BaselineRun(label, note=f"not run: {type(exc).__name__}: {first}"[:200]))
+            runs.append(BaselineRun(label, note=f"not run: {type(exc).__name__}: {first}"[:200], plain=plain))
             continue
         finally:
             counter.remove()
-        runs.append(BaselineRun(label, tuple(outs), wall, counter.count))
+        runs.append(BaselineRun(label, tuple(outs), wall, counter.count, plain=plain))
     return runs
 
 

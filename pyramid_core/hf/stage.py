@@ -98,6 +98,7 @@ class HFStage:
         name: str | None = None,
         vocab_size: int | None = None,
         num_layers: int | None = None,
+        compile: bool | str = False,
     ) -> None:
         total = int(model.config.num_hidden_layers)
         self.source = model  # kept alive: a truncated view shares its weights
@@ -126,11 +127,47 @@ class HFStage:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-        self._cache: Any = None
+        # what score() runs: the model itself, or its fast view (compile=True, hf.fast); ``model``
+        # stays the plain module (what HF generate runs)
+        self.compiled = self._wants_compile(compile)
+        self.runner: Any = model
+        self._new_cache: Any = lambda: None  # None: the model makes its own cache
+        if self.compiled:
+            self._compile()
+        self._cache: Any = self._new_cache()
         self._ids: list[int] = []
         # a token tree cached after ``_ids`` (tokens, parents), and the rows its score returned
         self._tree: tuple[list[int], list[int]] | None = None
         self._tree_rows: Tensor | None = None
+
+    def _wants_compile(self, compile: bool | str) -> bool:
+        """``True`` / ``False``, or ``"auto"``: the fast mode wherever it is supported (a float32
+        stage on a CPU with oneDNN)."""
+        if isinstance(compile, bool):
+            return compile
+        if compile != "auto":
+            raise ValueError(f"stage {self.name!r}: compile must be true, false or auto, got {compile!r}")
+        from pyramid_core.hf.fast import packing_available
+
+        dtype = next(self.model.parameters()).dtype
+        return self.device.type == "cpu" and dtype == torch.float32 and packing_available()
+
+    def _compile(self) -> None:
+        """The fast execution mode (``compile=True``): on CPU, oneDNN pre-packed linears and a
+        buffer KV cache (``hf.fast``)."""
+        from pyramid_core.hf.fast import buffer_cache, packed_view, packing_available
+
+        if self.device.type != "cpu":
+            raise ValueError(f"stage {self.name!r}: compile=true is implemented for CPU stages (oneDNN pre-packed "
+                             f"weights); this stage is on {self.device} -- use compile=false there")
+        if not packing_available():
+            raise ValueError(f"stage {self.name!r}: compile=true needs a torch build with oneDNN (mkldnn), "
+                             "which this one lacks; use compile=false")
+        dtype = next(self.model.parameters()).dtype
+        if dtype != torch.float32:
+            raise ValueError(f"stage {self.name!r}: compile=true on CPU runs float32 weights, got {dtype}")
+        self.runner = packed_view(self.model)
+        self._new_cache = lambda: buffer_cache(self.num_layers)
 
     @staticmethod
     def _logit_width(model: Any) -> int:
@@ -152,6 +189,7 @@ class HFStage:
         num_layers: int | None = None,
         name: str | None = None,
         vocab_size: int | None = None,
+        compile: bool | str = False,
     ) -> HFStage:
         """Load a local model directory (and its tokenizer, if it has one). Stages loaded from
         the same (path, device, dtype) share one model in memory, e.g. a layer-truncated draft
@@ -161,7 +199,8 @@ class HFStage:
         tokenizer_dir = student_base(path) if is_student_dir(path) else path
         if name is None and is_student_dir(path):
             name = path.name
-        return cls(model, load_tokenizer(tokenizer_dir), name=name, vocab_size=vocab_size, num_layers=num_layers)
+        return cls(model, load_tokenizer(tokenizer_dir), name=name, vocab_size=vocab_size, num_layers=num_layers,
+                   compile=compile)
 
     @property
     def cached_tokens(self) -> tuple[int, ...]:
@@ -183,7 +222,10 @@ class HFStage:
         return None if self._tree is None else (tuple(self._tree[0]), tuple(self._tree[1]))
 
     def reset(self) -> None:
-        self._cache = None
+        if self.compiled and self._cache is not None:
+            self._cache.reset()  # keeps the buffers for the next generation
+        else:
+            self._cache = self._new_cache()
         self._ids = []
         self._tree = None
         self._tree_rows = None
@@ -193,7 +235,7 @@ class HFStage:
         have = len(self._ids)
         if keep >= have:
             return
-        if keep == 0 or not getattr(self._cache, "is_croppable", True):
+        if keep == 0 or not all(getattr(layer, "is_croppable", True) for layer in getattr(self._cache, "layers", ())):
             self.reset()
         else:
             self._cache.crop(keep - have)  # negative = number of positions to drop
@@ -203,14 +245,16 @@ class HFStage:
         """Keep only the cache positions ``index``, in this order, in every layer (False if
         this cache cannot be gathered; the caller then resets it)."""
         layers = getattr(self._cache, "layers", None)
-        if layers is None or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+        kinds = {type(layer).__name__ for layer in layers or ()}
+        if layers is None or not kinds <= {"DynamicLayer", "BufferLayer"}:
             return False
+        where = torch.tensor(index, device=self.device)
         for layer in layers:
-            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-                continue
-            where = torch.tensor(index, device=layer.keys.device)
-            layer.keys = layer.keys.index_select(-2, where)
-            layer.values = layer.values.index_select(-2, where)
+            if type(layer).__name__ == "BufferLayer":
+                layer.keep(where)
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(-2, where)
+                layer.values = layer.values.index_select(-2, where)
         return True
 
     def _settle_tree(self, ids: list[int], limit: int) -> None:
@@ -277,7 +321,7 @@ class HFStage:
         if self._keep_kw is not None:
             kwargs[self._keep_kw] = rows
         try:
-            out = self.model(input_ids=feed, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
+            out = self.runner(input_ids=feed, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
         except BaseException:
             self.reset()
             raise
@@ -322,7 +366,7 @@ class HFStage:
         if self._keep_kw is not None:
             kwargs[self._keep_kw] = n + 1
         try:
-            out = self.model(input_ids=feed, position_ids=positions, use_cache=True, **kwargs)
+            out = self.runner(input_ids=feed, position_ids=positions, use_cache=True, **kwargs)
         except BaseException:
             self.reset()  # the cache may hold part of this forward
             raise
@@ -336,5 +380,5 @@ class HFStage:
     def __repr__(self) -> str:
         return (
             f"HFStage(name={self.name!r}, layers={self.num_layers}, vocab_size={self.vocab_size}, "
-            f"device={self.device}, dtype={next(self.model.parameters()).dtype})"
+            f"device={self.device}, dtype={next(self.model.parameters()).dtype}, compiled={self.compiled})"
         )

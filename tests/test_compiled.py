@@ -1,0 +1,201 @@
+"""The compiled (fast) execution mode of model stages on CPU (``pyramid_core.hf.fast``): oneDNN
+pre-packed linears and the buffer KV cache, on tiny random models (seconds).
+
+Tolerances: a packed linear sums in another order than eager ``F.linear``, so logits may differ
+in the last bits. On these models (logits of magnitude ~10-30) compiled and eager logits agree
+within ``ATOL = 1e-3`` absolute; a rolled-back or tree-compacted compiled cache must reproduce a
+fresh compiled recompute of the same context within ``TIGHT = 1e-4``. Greedy identity is asserted
+against the compiled target's own greedy decoding (SPEC "Compiled stages").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from pyramid_core import (
+    Block,
+    ConfigError,
+    PipelineSpec,
+    SamplingConfig,
+    build_pipeline,
+    make_stage,
+)
+from pyramid_core.hf import HFStage
+from pyramid_core.hf.fast import PackedLinear, buffer_cache, packed_view, packing_available
+from pyramid_core.hf.student import build_student
+from pyramid_core.hf.tiny import save_with_words
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
+
+ATOL = 1e-3
+TIGHT = 1e-4
+PROMPT = [3, 5, 7, 11, 13, 5, 7]
+
+
+def ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def chain(tokens: list[int]) -> Block:
+    t = torch.tensor(tokens)
+    return Block(t, torch.zeros(len(tokens), 0))
+
+
+def tree(tokens: list[int], parents: list[int]) -> Block:
+    t = torch.tensor(tokens)
+    return Block(t, torch.zeros(len(tokens), 0), torch.tensor(parents))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 9, 16, 33])
+@pytest.mark.parametrize("shape", [(32, 64), (576, 1536), (64, 5)])
+def test_packed_linear_matches_eager(shape: tuple[int, int], m: int) -> None:
+    k, n = shape
+    gen = torch.Generator().manual_seed(m)
+    lin = nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        lin.weight.normal_(generator=gen)
+        lin.bias.normal_(generator=gen)
+    x = torch.randn(2, m, k, generator=gen)
+    packed = PackedLinear(lin.weight, lin.bias)
+    with torch.inference_mode():
+        ref, out = lin(x), packed(x)
+    assert out.shape == ref.shape
+    # relative to the size of the dot products (sqrt(k) standard normal terms)
+    assert (out - ref).abs().max() <= 1e-5 * k
+
+
+def test_packed_view_leaves_the_model_untouched(tiny_models: dict[str, Any]) -> None:
+    model = tiny_models["target"]
+    view = packed_view(model)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in view.modules()) == 7 * 2 + 1  # 7 per layer + head
+    assert view.get_input_embeddings().weight is model.get_input_embeddings().weight  # shared, not copied
+    x = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        assert (view(x).logits - model(x).logits).abs().max() < ATOL
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_models: dict[str, Any]) -> tuple[HFStage, HFStage]:
+    model = tiny_models["target"]
+    return HFStage(model, name="eager"), HFStage(model, name="compiled", compile=True)
+
+
+def test_compiled_stage_scores_like_eager(stages: tuple[HFStage, HFStage]) -> None:
+    eager, fast = stages
+    assert fast.compiled and not eager.compiled and fast.model is eager.model
+    for stage in stages:
+        stage.reset()
+    context = ids(40)
+    for block in (None, chain([5, 9, 2]), chain(list(range(12))), tree([4, 8, 1, 6], [-1, -1, 0, 0])):
+        a, b = eager.score(context, block), fast.score(context, block)
+        assert a.shape == b.shape and (a - b).abs().max() < ATOL
+        context = torch.cat([context, ids(3, seed=len(context))])
+
+
+def test_rollback_of_the_buffer_cache_matches_a_fresh_recompute(stages: tuple[HFStage, HFStage]) -> None:
+    _, fast = stages
+    fresh = HFStage(fast.model, name="fresh", compile=True)
+    full = ids(300, seed=3)  # beyond the buffer's first capacity (256): it must grow
+    fast.reset()
+    fast.score(full[:290], chain(full[290:296].tolist()))
+    for cut in (250, 120, 121, 5):  # roll back, then grow again
+        got = fast.score(full[:cut], chain(full[cut : cut + 4].tolist()))
+        assert fast.cached_tokens == tuple(full[: cut + 4].tolist())
+        fresh.reset()
+        want = fresh.score(full[:cut], chain(full[cut : cut + 4].tolist()))
+        assert (got - want).abs().max() < TIGHT
+    keys = fast.kv_state()[0][0]
+    assert keys.shape[-2] == len(fast.cached_tokens)  # the views cover exactly the cached tokens
+
+
+def test_tree_compaction_of_the_buffer_cache(stages: tuple[HFStage, HFStage]) -> None:
+    eager, fast = stages
+    context = ids(30, seed=4)
+    t = tree([4, 8, 1, 6, 2, 9], [-1, -1, 0, 0, 2, 3])
+    for stage in stages:
+        stage.reset()
+        stage.score(context, t)
+    # the next context follows the path 4 -> 1 -> 2 (nodes 0, 2, 4): compaction keeps it
+    follow = torch.cat([context, torch.tensor([4, 1, 2, 7])])
+    a, b = eager.score(follow), fast.score(follow)
+    assert fast.cached_tokens[: len(follow) - 1] == tuple(follow[:-1].tolist())
+    fresh = HFStage(fast.model, compile=True)
+    assert (b - fresh.score(follow)).abs().max() < TIGHT and (a - b).abs().max() < ATOL
+
+
+def test_sub_vocabulary_head_compiled(tiny_models: dict[str, Any]) -> None:
+    target = tiny_models["target"]
+    sub = torch.tensor([0, 3, 5, 7, 11, 13, 20, 33, 63])
+    student = build_student(target, [0], sub)
+    eager, fast = HFStage(student, name="sub"), HFStage(student, name="sub-fast", compile=True)
+    assert any(isinstance(m, PackedLinear) for m in fast.runner.modules())
+    a, b = eager.score(ids(20), chain([3, 5])), fast.score(ids(20), chain([3, 5]))
+    off = torch.ones(64, dtype=torch.bool)
+    off[sub] = False
+    assert (b[:, off] == torch.finfo(b.dtype).min).all()  # never proposes outside its rows
+    assert (a[:, sub] - b[:, sub]).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("ell", [1, 4])
+def test_compiled_pipeline_is_greedy_identical_to_the_compiled_target(tiny_models: dict[str, Any], ell: int) -> None:
+    target = HFStage(tiny_models["target"], name="target", compile=True)
+    draft = HFStage(tiny_models["near"], name="near", compile=True)
+    greedy = SamplingConfig.greedy()
+    alone = build_pipeline([target], sampling=greedy, stop_ids=[]).generate(PROMPT, 40).token_list
+    for stages in ([draft, target], ["ngram", target], [draft, draft, target]):
+        n = len(stages)
+        pipe = build_pipeline(stages, ["exact"] * (n - 1), [ell] * (n - 1), sampling=greedy, stop_ids=[])
+        assert pipe.generate(PROMPT, 40).token_list == alone
+    # HF's own loop over the compiled stage decodes the same tokens (the bench's reference)
+    x = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        out = target.runner.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=40)
+    assert out[0, len(PROMPT):].tolist() == alone
+
+
+def test_compile_option_through_specs(tmp_path: Path, tiny_models: dict[str, Any]) -> None:
+    path = save_with_words(tiny_models["target"], tmp_path / "m")
+    assert make_stage(f"hf:path={path},compile=true").compiled  # type: ignore[union-attr]
+    assert not make_stage(f"hf:path={path}").compiled  # type: ignore[union-attr]
+    assert make_stage(f"hf:path={path},compile=auto").compiled  # type: ignore[union-attr]
+    assert not make_stage(f"hf:path={path},dtype=bfloat16,compile=auto").compiled  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"compile must be one of auto, true, false, got 'fast'"):
+        make_stage(f"hf:path={path},compile=fast")
+    with pytest.raises(ConfigError, match=r"compile=true on CPU runs float32 weights"):
+        make_stage(f"hf:path={path},dtype=bfloat16,compile=true")
+    # PipelineSpec.compile reaches every model backend; a stage spec's own compile= wins
+    spec = PipelineSpec(("ngram", f"hf:path={path},compile=false", f"hf:path={path}"), compile=True)
+    stages = spec.load_stages()
+    assert [getattr(s, "compiled", None) for s in stages] == [None, False, True]
+
+
+def test_buffer_cache_is_a_cache_of_buffer_layers() -> None:
+    cache = buffer_cache(3)
+    assert len(cache.layers) == 3 and {type(layer).__name__ for layer in cache.layers} == {"BufferLayer"}
+    layer = cache.layers[0]
+    k = torch.arange(2 * 300 * 4, dtype=torch.float32).reshape(1, 2, 300, 4)
+    keys, values = layer.update(k[:, :, :200], -k[:, :, :200])
+    keys, values = layer.update(k[:, :, 200:], -k[:, :, 200:])
+    assert torch.equal(keys, k) and torch.equal(values, -k) and layer.get_seq_length() == 300
+    layer.crop(-100)
+    assert torch.equal(layer.keys, k[:, :, :200])
+    layer.keep(torch.tensor([5, 1, 7]))
+    assert torch.equal(layer.keys, k[:, :, [5, 1, 7]]) and layer.get_seq_length() == 3
+    with pytest.raises(ValueError, match="negative"):
+        layer.crop(2)
+
+
+def test_cli_compile_flags() -> None:
+    from pyramid_core.cli import build_parser
+
+    parser = build_parser()
+    for command in (["generate", "--prompt", "x"], ["bench"], ["plan", "--stage", "ngram"], ["sweep", "--preset", "sd"]):
+        assert parser.parse_args(command).compile == "auto"
+        assert parser.parse_args([*command, "--no-compile"]).compile is False
+        assert parser.parse_args([*command, "--compile"]).compile is True
