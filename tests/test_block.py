@@ -395,9 +395,10 @@ TRAP_RUNS = 2000
 
 
 def trap_samples(policy: Any, g: int) -> np.ndarray:
-    """TRAP_RUNS = 2000 seeded runs of 2 tokens, draft TRAP_DRAFT -> target TRAP_TARGET, block length g."""
+    """TRAP_RUNS = 2000 seeded runs of g tokens (so the first block has all g tokens), draft
+    TRAP_DRAFT -> target TRAP_TARGET, block length g."""
     pipe = Pipeline(markov_stages([TRAP_DRAFT, TRAP_TARGET]), [policy], [g])
-    return sample_positions(lambda s: pipe.generate(TRAP_PROMPT, 2, seed=s).tokens, TRAP_RUNS, 2)
+    return sample_positions(lambda s: pipe.generate(TRAP_PROMPT, g, seed=s).tokens, TRAP_RUNS, g)
 
 
 def test_the_controls_differ_from_the_library_only_by_their_bug() -> None:
@@ -412,7 +413,7 @@ def test_the_controls_differ_from_the_library_only_by_their_bug() -> None:
 
 @pytest.mark.parametrize("g", [2, 3])
 def test_the_three_tempting_mistakes_are_detected(g: int) -> None:
-    """Two stages over the trap tables, block length g, 2000 runs x 2 tokens, chi-square of the
+    """Two stages over the trap tables, block length g, 2000 runs x g tokens, chi-square of the
     first two tokens against the target's pair law (``pair_pvalue``). The library passes at ALPHA;
     stopping at the first failed eta (analytic TV 0.19 / 0.21), at the first success (0.13) and
     the correction without the weight w_tau (0.07) are each rejected at 1e-6 by the same test on
