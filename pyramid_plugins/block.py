@@ -111,22 +111,19 @@ class BlockPolicy:
             )
         if n == 0:
             return Verdict((), rng.categorical(p[0]), p[0])
-        q = block.rows.to(p.device)
+        q = block.rows.to(device=p.device, dtype=p.dtype)
         x = block.tokens.to(p.device).unsqueeze(-1)
         w = path_weights(p[:n].gather(-1, x).squeeze(-1), q.gather(-1, x).squeeze(-1))  # w_1..w_n
-        w_before = torch.cat([w.new_ones(1), w[:-1]])  # w_0..w_{n-1}, the weight ahead of row j
-        work = torch.promote_types(p.dtype, q.dtype)
+        w_before = torch.nn.functional.pad(w[:-1], (1, 0), value=1.0)  # w_0..w_{n-1}
         # row j: max(w_j p_{j+1} - q_{j+1}, 0), the correction after keeping j tokens; Z_j its mass
-        excess = (w_before.to(work).unsqueeze(-1) * p[:n].to(work) - q.to(work)).clamp_(min=0.0)
+        excess = (w_before.to(p.dtype).unsqueeze(-1) * p[:n] - q).clamp_(min=0.0)
         mass = excess.sum(-1)
         h = stop_probabilities(w, mass)
-        eta = rng.uniform(n, p.device).to(h.dtype)
-        positions = torch.arange(1, n + 1, device=p.device)
-        tau = torch.where(eta < h, positions, 0).max()  # the largest success (0 if none)
+        passed = rng.uniform(n, p.device) < h  # float32 eta against float64 h (promoted exactly)
+        tau = torch.where(passed, torch.arange(1, n + 1, device=p.device), 0).max()  # the largest success, or 0
         # what to draw y from after keeping tau tokens: the weighted residual, or the bonus row;
         # a residual without mass falls back to the verifier's row (module docstring, 0/0 case)
-        candidates = torch.cat([torch.where((mass > 0).unsqueeze(-1), excess, p[:n].to(work)),
-                                p[n:].to(work)])
+        candidates = torch.cat([torch.where(mass.unsqueeze(-1) > 0, excess, p[:n]), p[n:]])
         token = rng.categorical(candidates.index_select(0, tau.view(1))[0])  # synchronises the device
         j = int(tau)  # already computed: a copy, not another wait
         return Verdict(tuple(range(j)), token, p[j])
