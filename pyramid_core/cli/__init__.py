@@ -1,5 +1,5 @@
 """The ``pyramid`` command line: setup | generate | check | sweep | bench | distill | plan |
-plugins, and the commands plugins add (hook ``register_commands``).
+profile | plugins, and the commands plugins add (hook ``register_commands``).
 
 Every command is a ``configure(parser) -> run`` pair: ``configure`` adds the command's
 arguments, ``run(namespace) -> int`` executes it -- the built-ins below exactly as a plugin's.
@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from pyramid_core.cli import bench, check, generate, plan, setup
+from pyramid_core.cli import bench, check, generate, plan, profile, setup
 from pyramid_core.errors import PyramidError
 
 __all__ = ["main", "build_parser", "BUILTIN_COMMANDS"]
@@ -36,6 +36,7 @@ BUILTIN_COMMANDS: tuple[tuple[str, Configure, str], ...] = (
     ("bench", bench.configure_bench, "benchmark pipelines next to HF generate / assisted / prompt lookup (greedy)"),
     ("distill", _distill, "distil a draft and a qualifier from SmolLM2-135M (offline)"),
     ("plan", plan.configure, "measure candidates here and pick the chain and block lengths (HSD planner)"),
+    ("profile", profile.configure, "T(M): ms per forward feeding M tokens, per stage, eager or compiled"),
     ("plugins", setup.configure_plugins, "list loaded plugins and what they register"),
 )
 

@@ -15,6 +15,12 @@ measured slower than this and took minutes to compile (docs/compile.md).
 - ``packed_view(model)``: a view of ``model`` in which every ``nn.Linear`` (and a sub-vocabulary
   head's matrix) is a ``PackedLinear``; everything else is shared with ``model``, which is left
   untouched (the HF baseline keeps running the original).
+- ``ATTENTION``: scaled-dot-product attention that keeps grouped-query attention grouped when a
+  mask is needed. Hugging Face's ``sdpa`` repeats every cached key and value head for each query
+  group (a copy of the whole cache, per layer, per forward) whenever a forward feeds more than
+  one token with a mask -- every verification forward; torch's SDPA takes ``enable_gqa`` with a
+  mask on CPU, so the view uses it (registered as an attention implementation of its own, set on
+  the view's copy of the config only).
 - ``BufferLayer`` / ``buffer_cache``: a KV cache layer that writes new keys and values into a
   preallocated buffer (doubling when full) and hands attention views of the filled part, where
   Hugging Face's ``DynamicLayer`` concatenates -- copying the whole cache -- at every forward.
@@ -84,12 +90,49 @@ class _PackedSubVocab(nn.Module):
         return result
 
 
+ATTENTION = "pyramid_sdpa_gqa"
+"""The attention implementation of the fast view (module docstring)."""
+
+
+def _gqa_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+              dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
+              **kwargs: Any) -> tuple[Tensor, None]:
+    """Hugging Face's ``sdpa`` attention without ``repeat_kv``: grouped heads stay grouped."""
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    causal = query.shape[2] > 1 and attention_mask is None and causal
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _register_attention() -> bool:
+    """Register ``ATTENTION`` with transformers (masks as for ``sdpa``); False if this version
+    has no attention registry (the view then keeps the model's own attention)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:  # pragma: no cover
+        return False
+    AttentionInterface.register(ATTENTION, _gqa_sdpa)
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return True
+
+
 def packed_view(model: nn.Module) -> nn.Module:
-    """A view of ``model`` whose linear layers are ``PackedLinear`` (module docstring). Modules on
-    the way to a linear are shallow-copied; parameters elsewhere stay shared with ``model``."""
+    """A view of ``model`` whose linear layers are ``PackedLinear`` and whose ``sdpa`` attention
+    keeps grouped-query heads grouped (module docstring). Modules on the way to a linear are
+    shallow-copied; parameters elsewhere stay shared with ``model``, which is left untouched."""
     if not packing_available():
         raise ValueError("this torch build cannot pre-pack linear weights (oneDNN is unavailable)")
     from pyramid_core.hf.student import SubVocabHead
+
+    config: Any = getattr(model, "config", None)
+    view_config = copy.deepcopy(config) if config is not None else None
+    if view_config is not None and getattr(config, "_attn_implementation", None) == "sdpa" and _register_attention():
+        view_config._attn_implementation = ATTENTION
 
     def rebuild(module: nn.Module) -> nn.Module:
         if isinstance(module, nn.Linear):
@@ -98,6 +141,8 @@ def packed_view(model: nn.Module) -> nn.Module:
             return _PackedSubVocab(module)
         new = copy.copy(module)
         new._modules = {name: None if child is None else rebuild(child) for name, child in module._modules.items()}
+        if config is not None and getattr(new, "config", None) is config:
+            new.config = view_config  # the view's own config: the model's keeps its attention
         return new
 
     return rebuild(model)
