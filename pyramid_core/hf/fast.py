@@ -142,7 +142,7 @@ def packed_view(model: nn.Module) -> nn.Module:
         new = copy.copy(module)
         new._modules = {name: None if child is None else rebuild(child) for name, child in module._modules.items()}
         if config is not None and getattr(new, "config", None) is config:
-            new.config = view_config  # the view's own config: the model's keeps its attention
+            object.__setattr__(new, "config", view_config)  # the view's own: the model's keeps its attention
         return new
 
     return rebuild(model)
