@@ -35,6 +35,7 @@ from pyramid_core.types import Block, SamplingConfig
 
 __all__ = [
     "DEFAULT_BLOCK_SIZES",
+    "alpha_for_tokens_per_forward",
     "Measured",
     "measure_alpha",
     "measure_candidates",
@@ -133,7 +134,7 @@ def measure_pairwise_alpha(
             for i in range(n)]
 
 
-def _alpha_for_tokens_per_forward(measured: float, block_length: int, new_tokens: int) -> float:
+def alpha_for_tokens_per_forward(measured: float, block_length: int, new_tokens: int) -> float:
     """The alpha at which the latency model (finite horizon, the pipeline's budget rule) gives
     ``measured`` tokens per verifier forward for generations of ``new_tokens`` tokens."""
 
@@ -183,7 +184,7 @@ def measure_proposer_alpha(
     if forwards == 0:
         return math.nan
     per_prompt = max(1, round(tokens / len(prompts_token_ids)))
-    return _alpha_for_tokens_per_forward(tokens / forwards, block_length, per_prompt)
+    return alpha_for_tokens_per_forward(tokens / forwards, block_length, per_prompt)
 
 
 DEFAULT_BLOCK_SIZES = (1, 2, 3, 4, 6, 8)

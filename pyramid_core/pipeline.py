@@ -65,9 +65,7 @@ class StageVerifier:
         t0 = time.perf_counter()
         rows = self.sampling.transform(self.stage.score(context, block))
         sync(rows.device)
-        self.stats.forwards += 1
-        self.stats.positions += len(block) + 1
-        self.stats.forward_s += time.perf_counter() - t0
+        self.stats.record(time.perf_counter() - t0, len(block) + 1)
         return rows
 
 
@@ -89,9 +87,7 @@ class AutoregressiveProposer:
             t0 = time.perf_counter()
             row = self.sampling.transform(self.stage.score(ctx))[0]
             token = rng.categorical(row)  # .item() inside: also syncs the device
-            self.stats.forwards += 1
-            self.stats.positions += 1
-            self.stats.forward_s += time.perf_counter() - t0
+            self.stats.record(time.perf_counter() - t0, 1)
             tokens.append(token)
             rows.append(row)
             if token in stop:

@@ -283,12 +283,22 @@ class StageStats:
     forwards: int = 0
     positions: int = 0
     forward_s: float = 0.0
+    # the first forward of a generation (it feeds the prompt: the prefill), included in forward_s
+    prefill_s: float = 0.0
+
+    def record(self, seconds: float, positions: int) -> None:
+        """One forward that took ``seconds`` and returned rows for ``positions`` positions."""
+        if self.forwards == 0:
+            self.prefill_s += seconds
+        self.forwards += 1
+        self.positions += positions
+        self.forward_s += seconds
 
     @classmethod
     def pool(cls, parts: Sequence[StageStats]) -> StageStats:
         """The counters of one stage over several runs, summed (named as the first)."""
         return cls(parts[0].name, sum(s.forwards for s in parts), sum(s.positions for s in parts),
-                   sum(s.forward_s for s in parts))
+                   sum(s.forward_s for s in parts), sum(s.prefill_s for s in parts))
 
     @property
     def seconds_per_forward(self) -> float:
@@ -302,4 +312,5 @@ class StageStats:
             "forwards": self.forwards,
             "positions": self.positions,
             "forward_s": self.forward_s,
+            "prefill_s": self.prefill_s,
         }

@@ -150,8 +150,7 @@ class TreeProposer:
                 logits = self.stage.score(context, partial)[torch.tensor(frontier, device=device) + 1]
             logits = logits.float()  # the frontier's rows: Float[Tensor, "m vocab"]
             q = self.sampling.transform(logits)
-            self.stats.forwards += 1
-            self.stats.positions += len(frontier)
+            scored = len(frontier)
             # children per frontier node: a function of depth, budget and q only (exactness)
             support = ((logits > -torch.inf) if greedy else (q > 0)).sum(-1).tolist()
             k = [min(self._width(depth), int(s)) for s in support]
@@ -161,7 +160,8 @@ class TreeProposer:
                     k[i] = min(k[i], room)
                     room -= k[i]
             width = max(k)
-            if width == 0:
+            if width == 0:  # nothing left to draw: the forward still counts
+                self.stats.record(time.perf_counter() - t0, scored)
                 break
             if greedy:  # top-k of the untransformed distribution, deterministic proposals
                 child = logits.topk(width, dim=-1).indices
@@ -193,7 +193,7 @@ class TreeProposer:
                 logpath += [base[i] + lp for i, lp in zip(slots, step, strict=True)]
             frontier = [first + j for j, x in enumerate(new) if x not in stop]
             sync(device)
-            self.stats.forward_s += time.perf_counter() - t0
+            self.stats.record(time.perf_counter() - t0, scored)
         return Block(torch.tensor(tokens, dtype=torch.long, device=device), rows,
                      torch.tensor(parents, dtype=torch.long, device=device),
                      without_replacement=not self.replacement and not greedy)

@@ -21,7 +21,7 @@ from pyramid_core.hf import HFStage
 from pyramid_core.hf.tiny import save_with_words, tiny_llama
 from pyramid_core.latency import ForwardCost, as_forward_cost, expected_tokens, predict_chain
 from pyramid_core.measure import (
-    _alpha_for_tokens_per_forward,
+    alpha_for_tokens_per_forward,
     measure_pairwise_alpha,
     measure_proposer_alpha,
     measure_stage_costs,
@@ -421,9 +421,9 @@ def test_measure_stage_costs_feeds_m_tokens_to_the_model(tiny_models: dict[str, 
 @pytest.mark.parametrize(("alpha", "ell", "n"), [(0.6, 4, 32), (0.3, 16, 20), (0.95, 8, 64)])
 def test_effective_alpha_inverts_the_finite_horizon_model(alpha: float, ell: int, n: int) -> None:
     measured = predict_chain([alpha], [ell], [0.0, 1.0], new_tokens=n).tokens_per_target_forward
-    assert _alpha_for_tokens_per_forward(measured, ell, n) == pytest.approx(alpha, abs=1e-6)
-    assert _alpha_for_tokens_per_forward(1.0, ell, n) == 0.0
-    assert _alpha_for_tokens_per_forward(ell + 1.0, ell, n) == 1.0
+    assert alpha_for_tokens_per_forward(measured, ell, n) == pytest.approx(alpha, abs=1e-6)
+    assert alpha_for_tokens_per_forward(1.0, ell, n) == 0.0
+    assert alpha_for_tokens_per_forward(ell + 1.0, ell, n) == 1.0
 
 
 class Oracle:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
-from pyramid_core.bench.report import BenchResult, BenchRow
+from pyramid_core.bench.report import TARGET_ALONE, BenchResult, BenchRow
 from pyramid_core.build import PipelineSpec
 from pyramid_core.errors import ConfigError, PyramidError
 from pyramid_core.hf.baseline import (
@@ -44,7 +44,7 @@ from pyramid_core.hf.baseline import (
 )
 from pyramid_core.hf.stage import HFStage
 from pyramid_core.latency import ForwardCost, predict_chain
-from pyramid_core.measure import measure_alpha, measure_stage_costs
+from pyramid_core.measure import alpha_for_tokens_per_forward, measure_alpha, measure_stage_costs
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.prompts import Prompt, encode_prompt
@@ -93,7 +93,7 @@ def default_configs(
     ell2 = tuple(lengths2) if lengths2 else (4,)
     ell3 = tuple(lengths3) if lengths3 else (4, 8)
     rows = [
-        BenchConfig("pyramid target (N=1)", (target,)),
+        BenchConfig(TARGET_ALONE, (target,)),
         BenchConfig("ngram→target", (ngram, target), ("exact",), ell2),
         BenchConfig("draft→target", (draft, target), ("exact",), ell2),
     ]
@@ -165,17 +165,33 @@ def _pyramid_row(
     if cfg.tree is not None:
         row.note = "token tree: the chain latency model does not apply (no prediction)"
     elif all(math.isfinite(a) for a in alphas) and row.tokens:
-        per_prompt = max(1, round(row.tokens / len(encoded)))
-        # a verification feeds at most ell + 2 tokens, stage 1's first draft step at most N
-        max_m = max([len(pipe.stages), *(ell + 2 for ell in pipe.block_lengths)])
-        stage_costs: list[float | ForwardCost] = [
-            costs(s, max_m) if isinstance(s, Stage) else st.seconds_per_forward for s, st in zip(pipe.stages, m.stages)]
-        pred = predict_chain(alphas, list(pipe.block_lengths), stage_costs, new_tokens=per_prompt)
-        row.predicted_speedup = pred.speedup
-        row.predicted_tokens_per_target_forward = pred.tokens_per_target_forward
+        _predict(row, pipe, m, alphas, len(encoded), costs)
     if m.boundaries and m.stages[0].forwards == 0:
         row.note = (row.note + "; " if row.note else "") + "model-free first stage: its time counts as overhead (T_1 = 0)"
     return row
+
+
+def _predict(row: BenchRow, pipe: Pipeline, m: Metrics, alphas: list[float], prompts: int,
+             costs: _ForwardCosts) -> None:
+    """The latency model's speedup over the target alone for ``row``: per prompt, the prefill of
+    every stage as measured in the run, plus the finite-horizon decode time of ``predict_chain``
+    for the mean number of new tokens, with T(M) per stage timed in this run; against the
+    target's own prefill plus one T(1) per token. A model-free first stage of a 2-stage chain
+    gets its effective alpha (the one that reproduces its measured tokens per target forward,
+    as the planner measures it: ``measure.measure_proposer_alpha``), since rounds where it
+    proposes nothing never enter the per-position counts."""
+    per_prompt = max(1, round(row.tokens / prompts))
+    if len(pipe.stages) == 2 and m.stages[0].forwards == 0 and m.target_forwards:
+        alphas = [alpha_for_tokens_per_forward(m.tokens_per_target_forward, pipe.block_lengths[0], per_prompt)]
+    # a verification feeds at most ell + 2 tokens, stage 1's first draft step at most N
+    max_m = max([len(pipe.stages), *(ell + 2 for ell in pipe.block_lengths)])
+    stage_costs: list[float | ForwardCost] = [
+        costs(s, max_m) if isinstance(s, Stage) else st.seconds_per_forward for s, st in zip(pipe.stages, m.stages)]
+    pred = predict_chain(alphas, list(pipe.block_lengths), stage_costs, new_tokens=per_prompt)
+    prefill = sum(st.prefill_s for st in m.stages) / prompts
+    alone = m.stages[-1].prefill_s / prompts + per_prompt * pred.target_time_per_token
+    row.predicted_speedup = alone / (prefill + per_prompt * pred.time_per_token)
+    row.predicted_tokens_per_target_forward = pred.tokens_per_target_forward
 
 
 PLAIN_HF = (HF_GENERATE, HF_GENERATE_COMPILED, HF_GENERATE_STATIC)
