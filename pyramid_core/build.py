@@ -154,6 +154,10 @@ class PipelineSpec:
     compile:        the execution mode of model backends that have one: ``True``, ``False`` or
                     ``"auto"`` (fast where supported); ``None``: each backend's default
                     (a stage spec's own ``compile=`` wins)
+    length_schedule: ``"fixed"`` block lengths, or ``"adaptive"`` (+2 after a fully accepted
+                    block, -1 otherwise; ``pyramid_core.schedule``), at every boundary
+    confidence_stop: > 0: a model bottom stage ends its block after a token whose row's largest
+                    probability is below this (0: off)
     """
 
     stages: tuple[StageLike, ...] = attrs.field(default=(), converter=_stages)
@@ -165,6 +169,8 @@ class PipelineSpec:
     device: str | None = None
     stop_ids: tuple[int, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
     compile: bool | str | None = None
+    length_schedule: str = "fixed"
+    confidence_stop: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         if self.preset is not None and self.policies is not None:
@@ -233,7 +239,8 @@ class PipelineSpec:
                 )
             resolved[0] = regs.wrappers.create(self.tree, stage=resolved[0], sampling=self.sampling,
                                                stop_ids=list(stop_ids))
-        return Pipeline(resolved, policies, lengths, self.sampling, list(stop_ids))
+        return Pipeline(resolved, policies, lengths, self.sampling, list(stop_ids), self.length_schedule,
+                        self.confidence_stop)
 
 
 def build_pipeline(
@@ -246,14 +253,19 @@ def build_pipeline(
     preset: str | None = None,
     tree: str | None = None,
     device: str | None = None,
+    compile: bool | str | None = None,
+    length_schedule: str = "fixed",
+    confidence_stop: float = 0.0,
     regs: Registries | None = None,
 ) -> Pipeline:
     """``PipelineSpec(...).resolve(regs)``: policies default to the default policy (``exact``)
     at every boundary and block lengths to 4; a ``preset`` (e.g. ``"psd-f"``) supplies both
     instead (explicit ``block_lengths`` still win). ``stop_ids`` default to the target's EOS
     token. ``tree`` (e.g. ``"tree:branching=4-2-1,replacement=false"``) names a registered stage
-    wrapper around the bottom model stage."""
+    wrapper around the bottom model stage; ``compile``, ``length_schedule`` and
+    ``confidence_stop`` as in ``PipelineSpec``."""
     if not stages:
         raise ConfigError("a pipeline needs at least one stage (the target)")
-    spec = PipelineSpec(stages, policies, block_lengths, preset, tree, sampling or SamplingConfig(), device, stop_ids)
+    spec = PipelineSpec(stages, policies, block_lengths, preset, tree, sampling or SamplingConfig(), device, stop_ids,
+                        compile, length_schedule, confidence_stop)
     return spec.resolve(regs)

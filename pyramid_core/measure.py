@@ -36,6 +36,7 @@ from pyramid_core.types import Block, SamplingConfig
 __all__ = [
     "DEFAULT_BLOCK_SIZES",
     "alpha_for_tokens_per_forward",
+    "length_distributions",
     "Measured",
     "measure_alpha",
     "measure_candidates",
@@ -62,6 +63,18 @@ def measure_alpha(metrics: Metrics | Sequence[Metrics]) -> list[float]:
     chain-equivalent alpha."""
     pooled = _pooled(metrics, "measure_alpha")
     return [iid_alpha(b.proposed_at, sum(b.accepted_at)) for b in pooled.boundaries]
+
+
+def length_distributions(metrics: Metrics | Sequence[Metrics]) -> list[dict[int, float]]:
+    """The realised block length of each boundary's rounds, pooled over runs: ``{ell: share of
+    rounds}`` (ell = 0: the proposer proposed nothing), for ``latency.predict_chain``. For a
+    tree boundary the length is the tree's depth."""
+    out = []
+    for b in _pooled(metrics, "length_distributions").boundaries:
+        at = [b.rounds, *b.proposed_at]  # at[m] = rounds that proposed at least m tokens
+        counts = {m: at[m] - (at[m + 1] if m + 1 < len(at) else 0) for m in range(len(at))}
+        out.append({m: c / b.rounds for m, c in counts.items() if c} if b.rounds else {1: 1.0})
+    return out
 
 
 def measure_forward_time(metrics: Metrics | Sequence[Metrics]) -> list[float]:

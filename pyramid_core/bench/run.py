@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import platform
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -44,7 +45,13 @@ from pyramid_core.hf.baseline import (
 )
 from pyramid_core.hf.stage import HFStage
 from pyramid_core.latency import ForwardCost, predict_chain
-from pyramid_core.measure import alpha_for_tokens_per_forward, measure_alpha, measure_stage_costs
+from pyramid_core.measure import (
+    alpha_for_tokens_per_forward,
+    length_distributions,
+    measure_alpha,
+    measure_stage_costs,
+    target_nll,
+)
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.prompts import Prompt, encode_prompt
@@ -68,10 +75,13 @@ class BenchConfig:
     tree: str | None = None
     lossless: bool = True
     preset: str | None = None
+    length_schedule: str = "fixed"
+    confidence_stop: float = 0.0
 
     def spec(self, sampling: SamplingConfig, stop_ids: Sequence[int]) -> PipelineSpec:
         return PipelineSpec(self.stages, self.policies or None, self.block_lengths or None, self.preset, self.tree,
-                            sampling, stop_ids=tuple(stop_ids))
+                            sampling, stop_ids=tuple(stop_ids), length_schedule=self.length_schedule,
+                            confidence_stop=self.confidence_stop)
 
 
 def default_configs(
@@ -85,10 +95,12 @@ def default_configs(
     lengths3: Sequence[int] | None = None,
     qualifier_length: int | None = None,
 ) -> list[BenchConfig]:
-    """The pyramid rows: target alone, ngram -> target, 2-stage exact with each draft, then with a
-    qualifier the 3-stage ``sd`` chain, ``psd-a`` and ``psd-f`` (lossy: PyramidSD's policies at
-    the ``sd`` row's block lengths) and token trees at the bottom of the 2- and 3-stage chains;
-    without one, ngram -> draft -> target and a tree draft -> target. Rows name the plugins
+    """The pyramid rows: target alone, ngram -> target, 2-stage exact with each draft (and the
+    draft with the adaptive length schedule and a confidence stop), then with a qualifier the
+    3-stage ``sd`` chain, the same with block verification at both boundaries, ``psd-a`` and
+    ``psd-f`` (lossy: PyramidSD's policies at the ``sd`` row's block lengths) and token trees at
+    the bottom of the 2- and 3-stage chains; without one, ngram -> draft -> target and a tree
+    draft -> target. Rows name the plugins
     they benchmark; a row whose plugin is not loaded is reported as not run."""
     ell2 = tuple(lengths2) if lengths2 else (4,)
     ell3 = tuple(lengths3) if lengths3 else (4, 8)
@@ -96,6 +108,8 @@ def default_configs(
         BenchConfig(TARGET_ALONE, (target,)),
         BenchConfig("ngram→target", (ngram, target), ("exact",), ell2),
         BenchConfig("draft→target", (draft, target), ("exact",), ell2),
+        BenchConfig("draft→target, adaptive ℓ, stop < 0.4", (draft, target), ("exact",), ell2,
+                    length_schedule="adaptive", confidence_stop=0.4),
     ]
     if qualifier is None:
         return rows + [
@@ -104,6 +118,7 @@ def default_configs(
         ]
     rows.append(BenchConfig("qualifier→target", (qualifier, target), ("exact",), (qualifier_length or ell3[1],)))
     rows.append(BenchConfig("sd: draft→qualifier→target", (draft, qualifier, target), ("exact", "exact"), ell3))
+    rows.append(BenchConfig("sd, block: draft→qualifier→target", (draft, qualifier, target), ("block", "block"), ell3))
     for name in ("psd-a", "psd-f"):
         rows.append(BenchConfig(f"{name}: draft→qualifier→target", (draft, qualifier, target), block_lengths=ell3,
                                 preset=name, lossless=False))
@@ -133,21 +148,28 @@ class _ForwardCosts:
         return {cost.name: cost.as_list() for _, cost in self.measured.values()}
 
 
+Job = tuple[int, list[int], int]
+"""(prompt index, prompt token ids, seed): one generation of a row."""
+
+
 def _pyramid_row(
     cfg: BenchConfig,
     pipe: Pipeline,
-    encoded: list[list[int]],
+    jobs: list[Job],
     prompt_ids: list[str],
     refs: list[list[int]] | None,
     max_new_tokens: int,
     costs: _ForwardCosts,
+    quality: _Quality | None,
 ) -> BenchRow:
-    pipe.generate(encoded[0], min(2, max_new_tokens))  # warm-up (first-call allocations)
+    pipe.generate(jobs[0][1], min(2, max_new_tokens))  # warm-up (first-call allocations)
     runs: list[Metrics] = []
+    outputs: list[list[int]] = []
     bad: list[str] = []
-    for i, ids in enumerate(encoded):
-        gen = pipe.generate(ids, max_new_tokens, seed=i)
+    for i, ids, seed in jobs:
+        gen = pipe.generate(ids, max_new_tokens, seed=seed)
         runs.append(gen.metrics)
+        outputs.append(gen.token_list)
         if refs is not None and gen.token_list != refs[i]:
             bad.append(prompt_ids[i])
     m = Metrics.pool(runs)
@@ -165,10 +187,35 @@ def _pyramid_row(
     if cfg.tree is not None:
         row.note = "token tree: the chain latency model does not apply (no prediction)"
     elif all(math.isfinite(a) for a in alphas) and row.tokens:
-        _predict(row, pipe, m, alphas, len(encoded), costs)
+        _predict(row, pipe, m, alphas, len(jobs), costs)
     if m.boundaries and m.stages[0].forwards == 0:
         row.note = (row.note + "; " if row.note else "") + "model-free first stage: its time counts as overhead (T_1 = 0)"
+    if quality is not None:  # after the timing: the NLL forwards are not part of the row's time
+        quality.score(row, [(ids, out) for (_, ids, _), out in zip(jobs, outputs)])
     return row
+
+
+@attrs.define
+class _Quality:
+    """Sampled benches: the mean NLL of each row's text under the target, and its difference
+    from the target's own samples (the first row scored, the target alone) with a 95% interval
+    (normal approximation over the generations: 1.96 sqrt(var_a / n_a + var_b / n_b))."""
+
+    target: Stage
+    reference: list[float] | None = None
+
+    def score(self, row: BenchRow, texts: list[tuple[list[int], list[int]]]) -> None:
+        values = [v for ids, out in texts if math.isfinite(v := target_nll(self.target, ids, out))]
+        if not values:
+            return
+        row.nll = statistics.fmean(values)
+        if self.reference is None:
+            self.reference = values
+        ref = self.reference
+        row.nll_delta = row.nll - statistics.fmean(ref)
+        spread = (statistics.variance(values) / len(values) if len(values) > 1 else 0.0) + \
+                 (statistics.variance(ref) / len(ref) if len(ref) > 1 else 0.0)
+        row.nll_delta_ci95 = 1.96 * math.sqrt(spread)
 
 
 def _predict(row: BenchRow, pipe: Pipeline, m: Metrics, alphas: list[float], prompts: int,
@@ -181,13 +228,18 @@ def _predict(row: BenchRow, pipe: Pipeline, m: Metrics, alphas: list[float], pro
     as the planner measures it: ``measure.measure_proposer_alpha``), since rounds where it
     proposes nothing never enter the per-position counts."""
     per_prompt = max(1, round(row.tokens / prompts))
+    lengths: list[int | dict[int, float]] = list(pipe.block_lengths)
+    if pipe.length_schedule != "fixed":  # the lengths the schedule chose, as realised
+        lengths = list(length_distributions(m))
+    elif pipe.confidence_stop and m.stages[0].forwards:  # the bottom's blocks ended by its confidence
+        lengths[0] = length_distributions(m)[0]
     if len(pipe.stages) == 2 and m.stages[0].forwards == 0 and m.target_forwards:
         alphas = [alpha_for_tokens_per_forward(m.tokens_per_target_forward, pipe.block_lengths[0], per_prompt)]
     # a verification feeds at most ell + 2 tokens, stage 1's first draft step at most N
     max_m = max([len(pipe.stages), *(ell + 2 for ell in pipe.block_lengths)])
     stage_costs: list[float | ForwardCost] = [
         costs(s, max_m) if isinstance(s, Stage) else st.seconds_per_forward for s, st in zip(pipe.stages, m.stages)]
-    pred = predict_chain(alphas, list(pipe.block_lengths), stage_costs, new_tokens=per_prompt)
+    pred = predict_chain(alphas, lengths, stage_costs, new_tokens=per_prompt)
     prefill = sum(st.prefill_s for st in m.stages) / prompts
     alone = m.stages[-1].prefill_s / prompts + per_prompt * pred.target_time_per_token
     row.predicted_speedup = alone / (prefill + per_prompt * pred.time_per_token)
@@ -210,6 +262,7 @@ def _hf_rows(
     qualifier_length: int | None,
     prompt_lookup_tokens: int,
     hf_compile: bool,
+    sampling: SamplingConfig,
     progress: bool,
 ) -> tuple[list[BenchRow], list[list[int]] | None]:
     """The HF rows, and the greedy reference of the pyramid rows: the target's own greedy output
@@ -225,9 +278,9 @@ def _hf_rows(
         assistants.append(("qualifier", qualifier, qualifier_length or (lengths3[1] if lengths3 else 8)))
     runs = run_baselines(target, encoded, max_new_tokens=max_new_tokens, stop_ids=stop_ids, assistants=assistants,
                          prompt_lookup_tokens=prompt_lookup_tokens, compiled=target.compiled,
-                         static_compile=hf_compile, progress=progress)
+                         static_compile=hf_compile, sampling=sampling, progress=progress)
     outputs = {r.label: [list(o) for o in r.outputs] for r in runs if r.ran}
-    eager = outputs.get(HF_GENERATE)
+    eager = outputs.get(HF_GENERATE) if sampling.is_greedy else None  # sampled text is compared by quality
     rows = []
     for run in runs:
         row = BenchRow(run.label, "hf", tokens=sum(len(o) for o in run.outputs), wall_s=run.wall_s,
@@ -241,6 +294,8 @@ def _hf_rows(
             else:
                 row.identical, row.mismatched_prompts = not bad, bad
         rows.append(row)
+    if not sampling.is_greedy:
+        return rows, None
     refs = outputs.get(HF_GENERATE_COMPILED) if target.compiled else eager
     return rows, refs
 
@@ -263,13 +318,18 @@ def run_bench(
     chat: bool = True,
     hf: bool = True,
     hf_compile: bool = False,
+    sampling: SamplingConfig | None = None,
+    seeds: int = 1,
     progress: bool = True,
     regs: Registries | None = None,
 ) -> BenchResult:
-    """Benchmark greedy decoding of ``prompts`` with HF and pyramid configurations (module
-    docstring). ``target`` and ``draft`` are loaded model stages (``HFStage`` for the HF rows);
-    ``configs`` replaces the default pyramid rows, ``extra`` adds rows after them;
-    ``hf_compile`` adds HF generate with a static cache and ``torch.compile``."""
+    """Benchmark decoding of ``prompts`` with HF and pyramid configurations (module docstring).
+    ``target`` and ``draft`` are loaded model stages (``HFStage`` for the HF rows); ``configs``
+    replaces the default pyramid rows, ``extra`` adds rows after them; ``hf_compile`` adds HF
+    generate with a static cache and ``torch.compile``. Greedy by default (every lossless row
+    asserted token-identical to the target); with a sampling ``sampling``, every prompt is run
+    with ``seeds`` seeds and every row reports the NLL of its text under the target next to the
+    target's own samples (``BenchRow.nll_delta``)."""
     from tqdm import tqdm
 
     regs = regs or registries()
@@ -278,19 +338,26 @@ def run_bench(
         raise ConfigError(f"bench needs a target stage with a tokenizer (to encode the prompts); {target.name!r} has none")
     encoded = [encode_prompt(tok, p.text, chat) for p in prompts]
     prompt_ids = [p.id for p in prompts]
-    greedy = SamplingConfig.greedy()
-    base = PipelineSpec((target,), sampling=greedy).resolve(regs)
+    sampling = sampling or SamplingConfig.greedy()
+    if seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {seeds}")
+    greedy = sampling.is_greedy
+    seeds = 1 if greedy else seeds
+    jobs: list[Job] = [(i, ids, s * 1000 + i) for s in range(seeds) for i, ids in enumerate(encoded)]
+    base = PipelineSpec((target,), sampling=sampling).resolve(regs)
     stop_ids = list(base.stop_ids)
     rows: list[BenchRow] = []
     baselines: list[BenchRow] = []  # HF generate of the target alone, each configuration
     refs: list[list[int]] | None = None
     if hf and isinstance(target, HFStage):
-        hf_rows, refs = _hf_rows(target, draft, qualifier, encoded, prompt_ids, max_new_tokens, stop_ids,
-                                 lengths2, lengths3, qualifier_length, prompt_lookup_tokens, hf_compile, progress)
+        hf_rows, refs = _hf_rows(target, draft, qualifier, [ids for _, ids, _ in jobs], prompt_ids, max_new_tokens,
+                                 stop_ids, lengths2, lengths3, qualifier_length, prompt_lookup_tokens, hf_compile,
+                                 sampling, progress)
         rows += hf_rows
         baselines = [r for r in hf_rows if r.label in PLAIN_HF and r.tokens]
-    if refs is None:  # no HF baseline: the reference is the target alone through pyramid
+    if refs is None and greedy:  # no HF baseline: the reference is the target alone through pyramid
         refs = [base.generate(ids, max_new_tokens).token_list for ids in encoded]
+    quality = None if greedy else _Quality(target)
     todo = list(configs) if configs is not None else default_configs(
         target, draft, qualifier=qualifier, ngram=ngram, tree=tree, lengths2=lengths2, lengths3=lengths3,
         qualifier_length=qualifier_length)
@@ -299,12 +366,13 @@ def run_bench(
     costs = _ForwardCosts(max(1, round(mean_prompt + max_new_tokens / 2)))
     for cfg in tqdm(todo, desc="bench pyramid", disable=not progress):
         try:
-            pipe = cfg.spec(greedy, stop_ids).resolve(regs)
+            pipe = cfg.spec(sampling, stop_ids).resolve(regs)
         except PyramidError as exc:
             rows.append(BenchRow(cfg.label, "pyramid", lossless=cfg.lossless,
                                  note=f"not run: {type(exc).__name__}: {exc}"[:200]))
             continue
-        rows.append(_pyramid_row(cfg, pipe, encoded, prompt_ids, refs, max_new_tokens, costs))
+        rows.append(_pyramid_row(cfg, pipe, jobs, prompt_ids, refs if greedy else None, max_new_tokens, costs,
+                                 quality))
     # every speedup is over the fastest baseline configuration measured in this run
     fastest = max(baselines, key=lambda r: r.tokens_per_s) if baselines else rows[len(rows) - len(todo)]
     ref_tps = fastest.tokens_per_s
@@ -312,6 +380,8 @@ def run_bench(
         r.speedup = r.tokens_per_s / ref_tps if r.tokens and ref_tps > 0 else math.nan
     meta = {
         "prompts": len(prompts),
+        "sampling": attrs.asdict(sampling),
+        "seeds": seeds,
         "prompt_ids": prompt_ids,
         "max_new_tokens": max_new_tokens,
         "target": target.name,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from pyramid_core.cli.common import compile_arg, pipeline_spec, sampling_args
+from pyramid_core.cli.common import compile_arg, pipeline_spec, sampling, sampling_args
 
 __all__ = ["configure_bench", "configure_sweep"]
 
@@ -38,6 +38,11 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
                    help="also time HF generate with its static cache and torch.compile (as transformers documents "
                         "it; on a CPU compiling takes about a minute per distinct prompt length)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    g = p.add_argument_group("sampling (default greedy, with greedy identity asserted)")
+    g.add_argument("--temperature", type=float, default=0.0, help="> 0: a sampled bench with quality (NLL vs target)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seeds", type=int, default=3, help="seeds per prompt when sampling (default 3)")
     p.add_argument("--out", default="out/bench", help="output folder for bench.json, bench.md, bench.png")
     return run_bench
 
@@ -96,7 +101,7 @@ def run_bench(ns: argparse.Namespace) -> int:
                        lengths3=_lengths(ns.lengths3, 2, "--lengths-3") or (chain_lengths if len(chain_lengths) == 2 else None),
                        qualifier=loaded["--qualifier"], qualifier_length=ns.qualifier_length,
                        prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat, hf_compile=ns.hf_compile,
-                       regs=regs)
+                       sampling=sampling(ns), seeds=ns.seeds, regs=regs)
     files = write_bench(result, ns.out)
     print(result.to_markdown())
     print("wrote " + ", ".join(str(f) for f in files))
