@@ -2,6 +2,14 @@
 and what it reports (``report``)."""
 
 from pyramid_core.bench.report import HF_BASELINE, BenchResult, BenchRow, write_bench
-from pyramid_core.bench.run import BenchConfig, default_configs, run_bench
+from pyramid_core.bench.run import (
+           SPEC_BENCH_ROWS,
+           BenchConfig,
+           SpecBenchResult,
+           default_configs,
+           run_bench,
+           run_specbench,
+)
 
-__all__ = ["HF_BASELINE", "BenchConfig", "BenchResult", "BenchRow", "default_configs", "run_bench", "write_bench"]
+__all__ = ["HF_BASELINE", "SPEC_BENCH_ROWS", "BenchConfig", "BenchResult", "BenchRow", "SpecBenchResult",
+           "default_configs", "run_bench", "run_specbench", "write_bench"]

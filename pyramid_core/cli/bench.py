@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from pyramid_core.cli.common import compile_arg, pipeline_spec, sampling, sampling_args
 
@@ -28,8 +29,15 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     p.add_argument("--qualifier-length", type=int, metavar="L",
                    help="block length of the qualifier->target row (default: the 3-stage rows' second length)")
     p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens (default 10)")
-    p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
+    p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set), or a Spec-Bench "
+                                     "question file (data/spec_bench/question.jsonl): then every method answers its "
+                                     "questions turn by turn and Spec-Bench answer files are written")
     p.add_argument("--per-kind", type=int, default=1, help="prompts per task kind (default 1)")
+    p.add_argument("--per-group", type=int, default=None, metavar="N",
+                   help="Spec-Bench: the first N questions of each group (mt_bench, translation, summarization, qa, "
+                        "math_reasoning, rag); default all 480")
+    p.add_argument("--on-too-long", choices=("error", "skip"), default="error",
+                   help="Spec-Bench: a question beyond the target's context length is an error (default) or skipped")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (24 with --quick)")
     p.add_argument("--quick", action="store_true", help="2 prompts, 24 new tokens")
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
@@ -68,13 +76,16 @@ def run_bench(ns: argparse.Namespace) -> int:
     from pyramid_core.plugins import registries
     from pyramid_core.prompts import load_prompts
     from pyramid_core.protocols import Stage
+    from pyramid_core.specbench import is_specbench_file
 
     regs = registries()
-    per_kind, max_new = (1, 24) if ns.quick else (ns.per_kind, 64)
+    specbench = bool(ns.prompts) and is_specbench_file(ns.prompts)
+    per_kind, max_new = (1, 24) if ns.quick else (ns.per_kind, 128 if specbench else 64)
     max_new = ns.max_new_tokens if ns.max_new_tokens is not None else max_new
-    prompts = load_prompts(ns.prompts, per_kind=per_kind)
-    if ns.quick:
-        prompts = prompts[:2]
+    if not specbench:
+        prompts = load_prompts(ns.prompts, per_kind=per_kind)
+        if ns.quick:
+            prompts = prompts[:2]
     needs_chain = not (ns.target and ns.draft and ns.qualifier and ns.lengths2 and ns.lengths3)
     chain = default_chain(regs, purpose="`pyramid bench` takes the stages and lengths not given from it") \
         if needs_chain else None
@@ -96,9 +107,12 @@ def run_bench(ns: argparse.Namespace) -> int:
     target, draft = loaded["--target"], loaded["--draft"]
     assert target is not None and draft is not None
     chain_lengths = list(chain.block_lengths) if chain is not None else []
+    lengths2 = _lengths(ns.lengths2, 1, "--lengths-2") or chain_lengths[:1] or None
+    lengths3 = _lengths(ns.lengths3, 2, "--lengths-3") or (chain_lengths if len(chain_lengths) == 2 else None)
+    if specbench:
+        return _specbench(ns, target, draft, loaded["--qualifier"], max_new, lengths2, lengths3, regs)
     result = run_bench(target, draft, prompts, max_new_tokens=max_new, ngram=ns.ngram, tree=ns.tree,
-                       lengths2=_lengths(ns.lengths2, 1, "--lengths-2") or chain_lengths[:1] or None,
-                       lengths3=_lengths(ns.lengths3, 2, "--lengths-3") or (chain_lengths if len(chain_lengths) == 2 else None),
+                       lengths2=lengths2, lengths3=lengths3,
                        qualifier=loaded["--qualifier"], qualifier_length=ns.qualifier_length,
                        prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat, hf_compile=ns.hf_compile,
                        sampling=sampling(ns), seeds=ns.seeds, regs=regs)
@@ -108,6 +122,29 @@ def run_bench(ns: argparse.Namespace) -> int:
     if result.mismatches:
         print("pyramid bench: GREEDY OUTPUT MISMATCH: " + "; ".join(result.mismatches), file=sys.stderr)
         return 3
+    return 0
+
+
+def _specbench(ns: argparse.Namespace, target: Any, draft: Any, qualifier: Any, max_new: int,
+               lengths2: list[int] | None, lengths3: list[int] | None, regs: Any) -> int:
+    """``pyramid bench --prompts question.jsonl``: the Spec-Bench run (``bench.run_specbench``)."""
+    import json
+    from pathlib import Path
+
+    from pyramid_core.bench import run_specbench
+    from pyramid_core.specbench import load_questions
+
+    questions = load_questions(ns.prompts, per_group=1 if ns.quick else ns.per_group)
+    out = Path(ns.out)
+    result = run_specbench(target, draft, questions, out / "specbench", qualifier=qualifier, max_new_tokens=max_new,
+                           lengths2=lengths2, lengths3=lengths3, tree=ns.tree, on_too_long=ns.on_too_long, regs=regs)
+    md = result.to_markdown()
+    (out / "specbench.md").write_text(md)
+    (out / "specbench.json").write_text(json.dumps({"baseline": result.baseline, "report": result.report,
+                                                    "skipped": list(result.skipped),
+                                                    "answer_files": [str(f) for f in result.files]}, indent=2))
+    print(md)
+    print("wrote " + ", ".join(str(f) for f in [out / "specbench.md", out / "specbench.json", *result.files]))
     return 0
 
 
