@@ -149,7 +149,8 @@ def _specbench(ns: argparse.Namespace, target: Any, draft: Any, qualifier: Any, 
 
 
 def configure_sweep(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument("--preset", required=True, help="fsd | psd-a | psd-f | sd (or a plugin's)")
+    p.add_argument("--preset", required=True, action="append",
+                   help="fsd | psd-a | psd-f | sd (or a plugin's); repeat to plot several presets' frontiers")
     p.add_argument("--stage", action="append", metavar="SPEC",
                    help="stages smallest first (default: the default chain, the distilled SmolLM2 family)")
     p.add_argument("--taus", default="0.1,0.3,0.5,0.7", help="comma-separated tau values (every fuzzy boundary)")
@@ -179,12 +180,13 @@ def run_sweep(ns: argparse.Namespace) -> int:
         grid = [[int(v) for v in g.split(",")] for g in ns.length_grid] if ns.length_grid else None
     except ValueError as exc:
         raise ConfigError(f"--taus takes comma-separated numbers and --length-grid comma-separated integers ({exc})") from None
-    ns.policy, ns.length = None, None
+    presets = list(ns.preset)
+    ns.policy, ns.length, ns.preset = None, None, presets[0]
     spec = pipeline_spec(ns, ns.stage or (), device=ns.device)
     points = run_sweep(spec, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
-                       chat=ns.chat, regs=regs)
+                       chat=ns.chat, presets=presets, regs=regs)
     stages = [str(s) for s in spec.plan(regs)[0]]
-    files = write_sweep(points, ns.out, title=f"{ns.preset}: {' -> '.join(stages)}")
+    files = write_sweep(points, ns.out, title=f"{', '.join(presets)}: {' -> '.join(stages)}")
     print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'exact':>6} {'agree':>6}  acceptance")
     for p in points:
         tau = "-" if p.tau is None else f"{p.tau:g}"
