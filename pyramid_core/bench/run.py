@@ -29,22 +29,15 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import attrs
 import torch
 
+from pyramid_core.bench.baselines import PLAIN_HF, hf_rows
 from pyramid_core.bench.report import TARGET_ALONE, BenchResult, BenchRow
 from pyramid_core.build import PipelineSpec
 from pyramid_core.errors import ConfigError, PyramidError
-from pyramid_core.hf.baseline import (
-    HF_GENERATE,
-    HF_GENERATE_COMPILED,
-    HF_GENERATE_STATIC,
-    run_baselines,
-    versions,
-)
+from pyramid_core.hf.baseline import versions
 from pyramid_core.hf.stage import HFStage
 from pyramid_core.latency import ForwardCost, predict_chain
 from pyramid_core.measure import (
@@ -60,7 +53,7 @@ from pyramid_core.prompts import Prompt, encode_prompt
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, tokenizer_of
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["BenchConfig", "default_configs", "run_bench", "run_specbench", "SpecBenchResult", "SPEC_BENCH_ROWS"]
+__all__ = ["BenchConfig", "default_configs", "run_bench"]
 
 
 @attrs.frozen
@@ -248,60 +241,6 @@ def _predict(row: BenchRow, pipe: Pipeline, m: Metrics, alphas: list[float], pro
     row.predicted_tokens_per_target_forward = pred.tokens_per_target_forward
 
 
-PLAIN_HF = (HF_GENERATE, HF_GENERATE_COMPILED, HF_GENERATE_STATIC)
-
-
-def _hf_rows(
-    target: HFStage,
-    draft: Stage,
-    qualifier: Stage | None,
-    encoded: list[list[int]],
-    prompt_ids: list[str],
-    max_new_tokens: int,
-    stop_ids: list[int],
-    lengths2: Sequence[int] | None,
-    lengths3: Sequence[int] | None,
-    qualifier_length: int | None,
-    prompt_lookup_tokens: int,
-    hf_compile: bool,
-    sampling: SamplingConfig,
-    progress: bool,
-) -> tuple[list[BenchRow], list[list[int]] | None]:
-    """The HF rows, and the greedy reference of the pyramid rows: the target's own greedy output
-    in the pyramid rows' execution mode -- HF generate over the compiled stage when the target
-    is compiled, plain HF generate otherwise (SPEC "Compiled stages"). Eager HF rows (assisted,
-    prompt lookup) are checked against plain HF generate; the other compiled rows say on how
-    many prompts they agree with it."""
-    # each assistant drafts as many tokens per round as our 2-stage row with the same draft
-    assistants: list[tuple[str, HFStage, int]] = []
-    if isinstance(draft, HFStage):
-        assistants.append(("draft", draft, lengths2[0] if lengths2 else 4))
-    if isinstance(qualifier, HFStage):
-        assistants.append(("qualifier", qualifier, qualifier_length or (lengths3[1] if lengths3 else 8)))
-    runs = run_baselines(target, encoded, max_new_tokens=max_new_tokens, stop_ids=stop_ids, assistants=assistants,
-                         prompt_lookup_tokens=prompt_lookup_tokens, compiled=target.compiled,
-                         static_compile=hf_compile, sampling=sampling, progress=progress)
-    outputs = {r.label: [list(o) for o in r.outputs] for r in runs if r.ran}
-    eager = outputs.get(HF_GENERATE) if sampling.is_greedy else None  # sampled text is compared by quality
-    rows = []
-    for run in runs:
-        row = BenchRow(run.label, "hf", tokens=sum(len(o) for o in run.outputs), wall_s=run.wall_s,
-                       target_forwards=run.target_forwards, note=run.note)
-        if run.ran and eager is not None:
-            bad = [pid for pid, o, r in zip(prompt_ids, outputs[run.label], eager) if o != r]
-            if run.label in (HF_GENERATE_COMPILED, HF_GENERATE_STATIC):  # another execution mode
-                row.note = (f"compiled: greedy output equal to eager HF generate on {len(encoded) - len(bad)} of "
-                            f"{len(encoded)} prompts (float rounding may flip near-ties)")
-                row.identical = True if run.label == HF_GENERATE_COMPILED else None
-            else:
-                row.identical, row.mismatched_prompts = not bad, bad
-        rows.append(row)
-    if not sampling.is_greedy:
-        return rows, None
-    refs = outputs.get(HF_GENERATE_COMPILED) if target.compiled else eager
-    return rows, refs
-
-
 def run_bench(
     target: Stage,
     draft: Stage,
@@ -352,11 +291,11 @@ def run_bench(
     baselines: list[BenchRow] = []  # HF generate of the target alone, each configuration
     refs: list[list[int]] | None = None
     if hf and isinstance(target, HFStage):
-        hf_rows, refs = _hf_rows(target, draft, qualifier, [ids for _, ids, _ in jobs], prompt_ids, max_new_tokens,
+        hf_row_list, refs = hf_rows(target, draft, qualifier, [ids for _, ids, _ in jobs], prompt_ids, max_new_tokens,
                                  stop_ids, lengths2, lengths3, qualifier_length, prompt_lookup_tokens, hf_compile,
                                  sampling, progress)
-        rows += hf_rows
-        baselines = [r for r in hf_rows if r.label in PLAIN_HF and r.tokens]
+        rows += hf_row_list
+        baselines = [r for r in hf_row_list if r.label in PLAIN_HF and r.tokens]
     if refs is None and greedy:  # no HF baseline: the reference is the target alone through pyramid
         refs = [base.generate(ids, max_new_tokens).token_list for ids in encoded]
     quality = None if greedy else _Quality(target)
@@ -399,98 +338,3 @@ def run_bench(
     }
     return BenchResult(rows, meta)
 
-
-SPEC_BENCH_ROWS = (TARGET_ALONE, "ngram→target", "draft→target", "sd: draft→qualifier→target", "tree draft→target")
-"""The pyramid rows a Spec-Bench run answers every question with (each costs a full pass)."""
-
-
-@attrs.frozen
-class SpecBenchResult:
-    """Per method the answers, the per-group report, the answer files, skipped questions."""
-
-    answers: dict[str, list[Any]]
-    report: dict[str, dict[str, dict[str, float]]]
-    baseline: str
-    files: tuple[Path, ...]
-    skipped: tuple[Any, ...]
-
-    def to_markdown(self) -> str:
-        from pyramid_core.specbench import report_markdown
-
-        text = report_markdown(self.report, self.baseline)
-        if self.skipped:
-            text += f"\nSkipped (beyond the context length): {len(self.skipped)} question(s): {list(self.skipped)}\n"
-        return text
-
-
-def run_specbench(
-    target: Stage,
-    draft: Stage,
-    questions: Sequence[Any],
-    out_dir: str | Path,
-    *,
-    qualifier: Stage | None = None,
-    max_new_tokens: int = 256,
-    lengths2: Sequence[int] | None = None,
-    lengths3: Sequence[int] | None = None,
-    tree: str = "tree:budget=8,branching=4",
-    on_too_long: str = "error",
-    progress: bool = True,
-    regs: Registries | None = None,
-) -> SpecBenchResult:
-    """Answer Spec-Bench ``questions`` (``pyramid_core.specbench``) greedily with HF generate of
-    the target (the baseline; over the compiled stage when the target is compiled, the fastest
-    HF configuration here) and the ``SPEC_BENCH_ROWS`` pipelines; write one Spec-Bench answer file
-    per method under ``out_dir`` and report speedup and accept length per group."""
-    import torch
-
-    from pyramid_core.specbench import answer_questions, group_report, model_id, write_answers
-
-    regs = regs or registries()
-    tok = tokenizer_of(target)
-    if tok is None or not isinstance(target, HFStage):
-        raise ConfigError("a Spec-Bench run needs a Hugging Face target with a tokenizer")
-    greedy = SamplingConfig.greedy()
-    base = PipelineSpec((target,), sampling=greedy).resolve(regs)
-    stop_ids = list(base.stop_ids)
-    limit = getattr(target.model.config, "max_position_embeddings", None)
-    module = target.runner
-
-    def hf_generate(ids: list[int], seed: int) -> tuple[list[int], float, int, list[int]]:
-        x = torch.tensor([ids], dtype=torch.long, device=target.device)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = module.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=stop_ids[0] if stop_ids else 0,
-                                  eos_token_id=stop_ids or None)
-            seconds = time.perf_counter() - t0
-        tokens = [int(t) for t in out[0, len(ids):].tolist()]
-        return tokens, seconds, len(tokens), [1] * len(tokens)
-
-    methods: dict[str, Any] = {HF_GENERATE_COMPILED if target.compiled else HF_GENERATE: hf_generate}
-    configs = [c for c in default_configs(target, draft, qualifier=qualifier, tree=tree, lengths2=lengths2,
-                                          lengths3=lengths3) if c.label in SPEC_BENCH_ROWS]
-    for cfg in configs:
-        pipe = cfg.spec(greedy, stop_ids).resolve(regs)
-
-        def pyramid_generate(ids: list[int], seed: int, pipe: Pipeline = pipe) -> tuple[list[int], float, int, list[int]]:
-            gen = pipe.generate(ids, max_new_tokens, seed=seed)
-            m = gen.metrics
-            top = m.boundaries[-1] if m.boundaries else None
-            accepts = [a + 1 for a, c in enumerate(top.accepted_hist) for _ in range(c)] if top else [1] * m.new_tokens
-            return gen.token_list, m.wall_s, m.target_forwards, accepts
-
-        methods[cfg.label] = pyramid_generate
-    answers: dict[str, list[Any]] = {}
-    skipped: set[Any] = set()
-    for name, generate in methods.items():
-        generate(encode_prompt(tok, "Hello.", True), 0)  # warm-up
-        answers[name], skip = answer_questions(generate, tok, questions, max_new_tokens=max_new_tokens,
-                                               context_limit=limit, on_too_long=on_too_long, progress=progress,
-                                               label=name)
-        skipped |= set(skip)
-    baseline = next(iter(methods))
-    out = Path(out_dir)
-    files = tuple(write_answers(out / f"{model_id(target.name, name)}.jsonl", model_id(target.name, name), a)
-                  for name, a in answers.items())
-    return SpecBenchResult(answers, group_report(answers, baseline), baseline, files, tuple(sorted(skipped, key=str)))
