@@ -21,6 +21,7 @@ from torch import Tensor
 
 from pyramid_core.devices import sync
 from pyramid_core.errors import ConfigError
+from pyramid_core.features import FeatureLinks, feature_links
 from pyramid_core.protocols import (
     AcceptancePolicy,
     CountsForwards,
@@ -237,6 +238,7 @@ class Pipeline:
     confidence_stop: float = 0.0
     _bottom_is_stage: bool = attrs.field(init=False, default=False)
     _resettable: list[Resettable] = attrs.field(init=False, factory=list)
+    _features: FeatureLinks = attrs.field(init=False, factory=lambda: FeatureLinks((), ()))
 
     def __attrs_post_init__(self) -> None:
         n = len(self.stages)
@@ -284,6 +286,7 @@ class Pipeline:
         # capabilities are checked here, once (isinstance on a Protocol is slow)
         self._bottom_is_stage = isinstance(self.stages[0], Stage)
         self._resettable = [s for s in self.stages if isinstance(s, Resettable)]
+        self._features = feature_links(self.stages, _stage_name)  # feature readers and their sources
 
     @property
     def target(self) -> Stage:
@@ -321,6 +324,7 @@ class Pipeline:
         context = torch.as_tensor(prompt, dtype=torch.long).to(device).flatten()
         if context.numel() == 0:
             raise ConfigError("the prompt is empty: give at least one token (e.g. a BOS token)")
+        self._features.connect()
         for s in self._resettable:
             s.reset()
         proposer, metrics = self.build()

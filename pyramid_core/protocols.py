@@ -32,6 +32,10 @@ __all__ = [
     "HasTokenizer",
     "HasVocabulary",
     "CountsForwards",
+    "WrapsStage",
+    "FeatureSource",
+    "FeatureReader",
+    "FEATURE_FROM",
     "tokenizer_of",
 ]
 
@@ -133,6 +137,62 @@ class CountsForwards(Protocol):
     pipeline reports these counters as the bottom stage's."""
 
     stats: StageStats
+
+
+@runtime_checkable
+class WrapsStage(Protocol):
+    """A proposer built around a model stage (e.g. the token-tree wrapper): ``stage`` is the
+    wrapped one, so capabilities of the stage (a ``FeatureReader``) are found through it."""
+
+    stage: Stage
+
+
+# --- the feature channel (SPEC "Feature-level drafts") ------------------------------------------
+
+FEATURE_FROM = ("next", "target")
+"""Where a ``FeatureReader`` reads from: the stage it hands its blocks to, or the target."""
+
+
+@runtime_checkable
+class FeatureSource(Protocol):
+    """A stage that exposes the hidden states it computed in the forwards it already ran.
+
+    The feature of position t is the hidden state after consuming token t (what the LM head
+    reads to predict token t+1); layer ``-1`` is the final-normed state, ``i >= 0`` the output
+    of decoder layer i. Features are kept and rolled back with the stage's cache."""
+
+    name: str
+    feature_size: int  # the width of one layer's feature (the hidden size)
+
+    def enable_features(self, layers: tuple[int, ...]) -> None:
+        """Keep the features of ``layers`` from now on (``()``: keep none). A layer the stage
+        does not have is a ``ValueError`` naming the valid ones."""
+        ...
+
+    def features(self, context: Tensor, start: int = 0, layers: tuple[int, ...] | None = None) -> Tensor:
+        """``Float[Tensor, "m-start len(layers)*feature_size"]``: the features of ``layers``
+        (enabled ones, in this order; ``None``: all enabled) at positions ``start .. m-1`` of
+        ``context``, where m is the length of the longest prefix of ``context`` this stage has
+        consumed (its cache holds exactly these tokens, a cached token tree's path included).
+        Features of tokens not in ``context`` are never returned."""
+        ...
+
+
+@runtime_checkable
+class FeatureReader(Protocol):
+    """A stage that conditions on the features of a stage above it (an EAGLE-style draft).
+
+    ``feature_from`` is one of ``FEATURE_FROM``; the pipeline checks once, when it is built,
+    that the stage named there is a ``FeatureSource`` with ``feature_layers``, and attaches it
+    before every generation."""
+
+    feature_layers: tuple[int, ...]
+    feature_from: str
+    feature_width: int  # len(feature_layers) x the source's feature_size
+
+
+    def attach(self, source: FeatureSource) -> None:
+        ...
 
 
 def tokenizer_of(stage: object) -> Any:

@@ -16,10 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.hf.feature_head import is_feature_dir
+from pyramid_core.hf.feature_stage import FeatureStage
 from pyramid_core.hf.smollm2 import family_dir, smollm2_dir, smollm2_ready
 from pyramid_core.hf.stage import HFStage
 from pyramid_core.hookspecs import hookimpl
 from pyramid_core.presets import Chain
+from pyramid_plugins.feature import feature_stage
 
 __all__ = ["hf_stage", "smollm2_stage", "smollm2_family"]
 
@@ -35,24 +38,32 @@ def _compile(value: str | bool) -> bool | str:
 
 
 def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers: int = 0,
-             compile: str = "false") -> HFStage:
+             compile: str = "false", features_from: str = "next") -> HFStage | FeatureStage:
     """A local Hugging Face causal-LM directory as a stage. ``compile=true`` runs its forwards in
     the fast execution mode (``pyramid_core.hf.fast``: oneDNN pre-packed weights on CPU),
     ``false`` (default) eagerly, ``auto`` fast wherever that mode is supported (the commands'
-    default: ``--compile`` / ``--no-compile``)."""
+    default: ``--compile`` / ``--no-compile``). A folder written by `pyramid distill feature`
+    loads as a feature draft (``features_from=next|target``, the ``feature`` backend)."""
+    if is_feature_dir(path):
+        if num_layers:
+            raise ConfigError(f"hf: {path} is a feature head; num_layers does not apply to it")
+        return feature_stage(path=path, device=device, dtype=dtype, compile=compile, features_from=features_from)
+    if features_from != "next":
+        raise ConfigError(f"hf: features_from applies to feature heads only; {path} is a model")
     if num_layers < 0:
         raise ConfigError(f"num_layers must be >= 0 (0 = all layers), got {num_layers}")
     return HFStage.from_pretrained(path, device=device, dtype=dtype, num_layers=num_layers or None,
                                    compile=_compile(compile))
 
 
-SMOLLM2_STAGES = ("target", "qualifier", "draft")
+SMOLLM2_STAGES = ("target", "qualifier", "draft", "feature")
 
 
 def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int = 0, stage: str = "target",
-                  compile: str = "false") -> HFStage:
+                  compile: str = "false", features_from: str = "next") -> HFStage | FeatureStage:
     """SmolLM2-135M-Instruct, converted once by `pyramid setup` (``stage=target``), or a stage
-    of the distilled family shipped with pyramid (``stage=draft`` / ``stage=qualifier``)."""
+    of the distilled family shipped with pyramid (``stage=draft`` / ``stage=qualifier``, and
+    ``stage=feature``: the feature-level draft, reading ``features_from=next|target``)."""
     directory = smollm2_dir()
     if not smollm2_ready(directory):
         raise ConfigError(
@@ -66,8 +77,9 @@ def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int =
             raise ConfigError(f"smollm2: num_layers applies to the target only, not to stage={stage}")
         path = family_dir() / stage
         if not (path / "stage.json").is_file():
-            raise ConfigError(f"smollm2: the distilled {stage} is missing from {path}; build it with `pyramid distill all`")
-        return hf_stage(str(path), device=device, dtype=dtype, compile=compile)
+            how = "pyramid distill feature" if stage == "feature" else "pyramid distill all"
+        raise ConfigError(f"smollm2: the distilled {stage} is missing from {path}; build it with `{how}`")
+        return hf_stage(str(path), device=device, dtype=dtype, compile=compile, features_from=features_from)
     return hf_stage(str(directory), device=device, dtype=dtype, num_layers=num_layers, compile=compile)
 
 
@@ -76,7 +88,7 @@ def register_backends(register: Any) -> None:
     register("hf", hf_stage, "a local Hugging Face causal LM: hf:path=DIR,device=cpu,dtype=float32,num_layers=0,"
              "compile=false|true|auto")
     register("smollm2", smollm2_stage, "SmolLM2-135M-Instruct from `pyramid setup`, or its distilled family: "
-             "smollm2:stage=target|qualifier|draft,device=cpu,num_layers=0,compile=false|true|auto")
+             "smollm2:stage=target|qualifier|draft|feature,device=cpu,num_layers=0,compile=false|true|auto")
 
 
 def smollm2_family() -> Chain:

@@ -5,6 +5,8 @@
     pyramid distill train       trains one student stage on the corpus (resumable checkpoints)
     pyramid distill eval        greedy top-1 agreement on the held-out prompt set, and cost ratios
     pyramid distill all         the whole recipe, then writes the family's metadata
+    pyramid distill feature     trains a feature-level draft (EAGLE family) on the corpus, with
+                                the target's features computed once (``distill.feature``)
 
 Everything defaults to ``$PYRAMID_HOME/distill``; ``--smoke`` shrinks every step to seconds
 (what CI runs).
@@ -154,6 +156,29 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     train_args(a)
     eval_args(a)
     a.set_defaults(distill_run=cmd_all, corpus_sample=150)
+
+    f = dsub.add_parser("feature", help="train a feature-level draft (EAGLE family) that reads the target's hidden states")
+    _common(f)
+    f.add_argument("--variant", choices=("eagle1", "eagle3"), default="eagle1",
+                   help="eagle1: the final-normed feature, regressed (default); eagle3: several layers fused")
+    f.add_argument("--layers", help="target layers read (-1 = final-normed; default: eagle1 -1, eagle3 2,14,-1)")
+    f.add_argument("--depth", type=int, default=1, help="decoder layers in the head (default 1)")
+    f.add_argument("--sub-vocab", type=int, default=8192, help="rows of its own sub-vocabulary head; 0 = the target's head")
+    f.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
+    f.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    f.add_argument("--unroll", type=int, default=2, help="training-time test: passes over its own predictions (default 2)")
+    f.add_argument("--ce-weight", type=float, default=0.1, help="eagle1: weight of the token loss (default 0.1)")
+    f.add_argument("--max-positions", type=int, default=400_000,
+                   help="bound on the corpus positions whose target features are computed and cached (default 400000)")
+    f.add_argument("--no-autocast", action="store_true", help="compute features and train in float32 (default bfloat16 autocast)")
+    f.add_argument("--partial-corpus", action="store_true",
+                   help="train on the shards of a corpus still being built (its hash is then over the shards used)")
+    f.add_argument("--out", help="output folder (default WORKDIR/feature)")
+    f.add_argument("--ship", metavar="DIR", help="also copy the trained head to DIR and write its held-out evaluation "
+                                                 "into DIR/stage.json (e.g. the family's feature/ folder)")
+    train_args(f)
+    eval_args(f)
+    f.set_defaults(distill_run=cmd_feature)
     return run
 
 
@@ -231,14 +256,15 @@ def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
     from pyramid_core.build import check_same_tokenizer, make_stage
     from pyramid_core.distill.evaluate import evaluate_stages
     from pyramid_core.errors import ConfigError
+    from pyramid_core.hf.feature_stage import FeatureStage
     from pyramid_core.hf.stage import HFStage
     from pyramid_core.prompts import encode_prompt, load_prompts
 
     device = _device(ns)
     stages = [make_stage(s, device=device) for s in specs]
-    models: list[HFStage] = []
+    models: list[Any] = []
     for spec, stage in zip(specs, stages, strict=True):
-        if not isinstance(stage, HFStage):
+        if not isinstance(stage, HFStage | FeatureStage):
             raise ConfigError(f"stage {spec!r} is not a Hugging Face model backend; `pyramid distill eval` compares models")
         models.append(stage)
     check_same_tokenizer(models)
@@ -257,7 +283,8 @@ def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
         sequences = load_corpus(Path(ns.corpus or _home(ns) / "corpus"))
         result["corpus_sample"] = ns.corpus_sample
         for r, stage in zip(result["results"][:-1], stages[:-1], strict=True):
-            r["corpus_agreement"] = corpus_agreement(stage, sequences, ns.corpus_sample)
+            if isinstance(stage, HFStage):  # a feature draft's agreement needs its source's features
+                r["corpus_agreement"] = corpus_agreement(stage, sequences, ns.corpus_sample)
     return result
 
 
@@ -272,6 +299,14 @@ def _eval_markdown(result: dict[str, Any]) -> str:
         seen_text = " / ".join(f"{seen.get(k, float('nan')):.3f}" for k in ("greedy", "sampled", "python")) if seen else "–"
         lines.append(f"| {spec} | {r['agreement_with_target']:.3f} | {nxt} | {r['ms_per_forward']:.1f} | {cn} "
                      f"| {r['cost_vs_target']:.3f} | {seen_text} |")
+    kinds = sorted({k for r in result["results"] for k in r["by_kind"]})
+    lines += ["", "| stage | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines += [f"| {spec} | " + " | ".join(f"{r['by_kind'].get(k, float('nan')):.3f}" for k in kinds) + " |"
+              for spec, r in zip(result["stages"], result["results"], strict=True)]
+    for spec, r in zip(result["stages"], result["results"], strict=True):
+        if r.get("by_depth"):
+            depths = ", ".join(f"{d + 1}: {a:.3f}" for d, a in enumerate(r["by_depth"]))
+            lines.append(f"\n{spec}: agreement with the target by draft depth ({depths})")
     return "\n".join(lines) + "\n"
 
 
@@ -326,4 +361,70 @@ def cmd_all(ns: argparse.Namespace) -> int:
     (ship / "family.json").write_text(json.dumps(family, indent=2) + "\n")
     print(_eval_markdown(evaluation))
     print(f"family written to {ship}")
+    return 0
+
+
+def _feature_config(ns: argparse.Namespace) -> Any:
+    from pyramid_core.distill.feature import FeatureTrainConfig
+    from pyramid_core.errors import ConfigError
+
+    text = ns.layers or ("-1" if ns.variant == "eagle1" else "2,14,-1")
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--layers must be comma-separated layer numbers, got {text!r}") from None
+    if ns.smoke:
+        return FeatureTrainConfig(layers=layers, variant=ns.variant, depth=ns.depth, sub_vocab=min(ns.sub_vocab, 512),
+                                  steps=3, batch_tokens=256, warmup=1, unroll=ns.unroll, max_positions=2000,
+                                  seed=ns.seed, save_every=2)
+    return FeatureTrainConfig(layers=layers, variant=ns.variant, depth=ns.depth, sub_vocab=ns.sub_vocab, steps=ns.steps,
+                              batch_tokens=ns.batch_tokens, lr=ns.lr, unroll=ns.unroll, ce_weight=ns.ce_weight,
+                              max_positions=ns.max_positions, seed=ns.seed)
+
+
+def cmd_feature(ns: argparse.Namespace) -> int:
+    """Train (or resume) a feature head on the corpus; with --ship, copy it and evaluate it."""
+    import shutil
+
+    from pyramid_core.distill.corpus import corpus_hash, load_corpus
+    from pyramid_core.distill.feature import train_feature_head
+    from pyramid_core.errors import ConfigError
+
+    model, tokenizer = _target(ns)
+    corpus_dir = Path(ns.corpus or _home(ns) / "corpus")
+    if ns.partial_corpus:
+        sequences = load_corpus(corpus_dir, require_manifest=False)
+        shards = len(list(corpus_dir.glob("shard-*.pt")))
+        manifest: dict[str, Any] = {"sha256": corpus_hash(sequences), "partial_shards": shards,
+                                    "target_positions": sum(s.n_targets for s in sequences)}
+    else:
+        manifest = _corpus_manifest(ns)
+        sequences = load_corpus(corpus_dir)
+    if not sequences:
+        raise ConfigError(f"no corpus sequences in {corpus_dir}; run `pyramid distill corpus` first")
+    cfg = _feature_config(ns)
+    out = Path(ns.out or _home(ns) / ("smoke-feature" if ns.smoke else "feature"))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    metadata = {"role": "feature", "command": _command_line(), "seed": cfg.seed,
+                "corpus_sha256": manifest.get("sha256"), "corpus_positions": manifest.get("target_positions"),
+                "corpus_partial_shards": manifest.get("partial_shards")}
+    report = train_feature_head(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
+                                max_minutes=ns.max_minutes, autocast=not ns.no_autocast,
+                                corpus_sha256=manifest.get("sha256"), progress=not ns.quiet)
+    print(json.dumps(report, indent=2))
+    if not report["finished"]:
+        print(f"stopped after {report['steps']} steps (--max-minutes); run the same command to resume", file=sys.stderr)
+        return 0
+    if ns.ship:
+        ship = Path(ns.ship)
+        ship.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "stage.json"):
+            shutil.copy2(out / name, ship / name)
+        ns.stage = [f"hf:path={ship}", "smollm2"]
+        evaluation = _evaluate(ns.stage, ns)
+        info = json.loads((ship / "stage.json").read_text())
+        info["evaluation"] = evaluation
+        (ship / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(_eval_markdown(evaluation))
+        print(f"feature head written to {ship}")
     return 0

@@ -16,8 +16,10 @@ import attrs
 import torch
 
 from pyramid_core.distill.corpus import TrainSequence
+from pyramid_core.distill.feature import feature_argmax_along
 from pyramid_core.errors import ConfigError
 from pyramid_core.measure import measure_stage_time
+from pyramid_core.protocols import FeatureReader
 
 __all__ = ["StageReport", "evaluate_stages", "corpus_agreement"]
 
@@ -31,6 +33,17 @@ class StageReport:
     ms_per_forward: float
     cost_vs_next: float | None
     cost_vs_target: float
+    # feature drafts: agreement with the target at draft depth 1, 2, ... (depth d read its own
+    # predicted features for the last d-1 positions), i.e. the per-position acceptance
+    by_depth: list[float] | None = None
+
+
+FEATURE_DEPTHS = 4  # draft depths at which a feature draft's agreement is reported
+
+
+def _feature_source(stages: Sequence[Any], i: int) -> Any:
+    """The stage a feature draft at index ``i`` reads (``FeatureReader.feature_from``)."""
+    return stages[-1] if stages[i].feature_from == "target" else stages[i + 1]
 
 
 @torch.inference_mode()
@@ -43,8 +56,9 @@ def _argmax_along(stage: Any, prompt: list[int], continuation: list[int]) -> lis
 
 def evaluate_stages(stages: Sequence[Any], prompts: Sequence[tuple[str, list[int]]], new_tokens: int, *,
                     timing_repeats: int = 30, progress: bool = True) -> list[StageReport]:
-    """``stages`` smallest first, the target last (``HFStage``s); ``prompts`` (kind, token ids)
-    held out from training. Agreement = fraction of positions of the target's greedy
+    """``stages`` smallest first, the target last (``HFStage``s, or feature drafts: evaluated
+    on the features of the stage they read, ``feature_argmax_along``); ``prompts`` (kind, token
+    ids) held out from training. Agreement = fraction of positions of the target's greedy
     continuation where a stage's argmax equals the target's token (resp. the next stage's
     argmax)."""
     from tqdm.auto import tqdm
@@ -55,12 +69,22 @@ def evaluate_stages(stages: Sequence[Any], prompts: Sequence[tuple[str, list[int
     hits_t = [0] * len(stages)
     hits_n = [0] * len(stages)
     kind_hits: list[dict[str, list[int]]] = [{} for _ in stages]
+    depth_hits: dict[int, list[int]] = {}
     total = 0
     for kind, prompt in tqdm(prompts, desc="held-out agreement", disable=not progress):
         cont = _greedy(target, prompt, new_tokens)
         if not cont:
             continue
-        argmaxes = [_argmax_along(s, prompt, cont) for s in stages]
+        argmaxes = []
+        for i, s in enumerate(stages):
+            if isinstance(s, FeatureReader):  # teacher forcing needs its source's features
+                per_depth = feature_argmax_along(s, _feature_source(stages, i), prompt, cont, FEATURE_DEPTHS)
+                argmaxes.append(per_depth[0])
+                hits = depth_hits.setdefault(i, [0] * FEATURE_DEPTHS)
+                for d, am_d in enumerate(per_depth):
+                    hits[d] += sum(a == b for a, b in zip(am_d, cont))
+            else:
+                argmaxes.append(_argmax_along(s, prompt, cont))
         total += len(cont)
         for i, am in enumerate(argmaxes):
             same_t = sum(a == b for a, b in zip(am, cont))
@@ -85,6 +109,7 @@ def evaluate_stages(stages: Sequence[Any], prompts: Sequence[tuple[str, list[int
             ms_per_forward=ms[i],
             cost_vs_next=None if top else ms[i] / ms[i + 1],
             cost_vs_target=ms[i] / ms[-1],
+            by_depth=[h / total for h in depth_hits[i]] if i in depth_hits else None,
         ))
     return reports
 

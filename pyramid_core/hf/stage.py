@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyramid_core.hf.features import FeatureBuffer
 from pyramid_core.hf.layers import truncate_layers
 from pyramid_core.hf.loading import load_model, load_tokenizer
 from pyramid_core.hf.student import is_student_dir, student_base
@@ -139,6 +140,43 @@ class HFStage:
         # a token tree cached after ``_ids`` (tokens, parents), and the rows its score returned
         self._tree: tuple[list[int], list[int]] | None = None
         self._tree_rows: Tensor | None = None
+        # hidden states of chosen layers for the cached positions (``enable_features``, hf.features)
+        self.feature_size = int(model.config.hidden_size)
+        self._features = FeatureBuffer(self.num_layers, self.feature_size, self.name)
+
+    def enable_features(self, layers: tuple[int, ...]) -> None:
+        """Keep the hidden states of ``layers`` (``hf.features`` numbering; ``()``: none) for
+        every position the forwards feed from now on; a change forgets the cache."""
+        if tuple(layers) != self._features.layers:
+            self._features.set_layers(tuple(layers))
+            self.reset()
+
+    @property
+    def feature_layers_kept(self) -> tuple[int, ...]:
+        return self._features.layers
+
+    def features(self, context: Tensor, start: int = 0, layers: tuple[int, ...] | None = None) -> Tensor:
+        """``Float[Tensor, "m-start width"]``: features of positions ``start .. m-1`` of
+        ``context``, m = the longest prefix of ``context`` whose tokens this stage has consumed
+        (cached positions, then the path of a cached token tree that ``context`` follows)."""
+        buf = self._features
+        if not buf.enabled:
+            raise ValueError(f"stage {self.name!r}: features are not enabled (enable_features(layers) first)")
+        ids: list[int] = context.tolist()
+        linear = min(_common_prefix(self._ids, ids), buf.n)
+        nodes: list[int] = []
+        if self._tree is not None and linear == len(self._ids) and buf.tree is not None:
+            tokens, parents = self._tree
+            children: dict[int, dict[int, int]] = {}
+            for node in range(len(tokens)):
+                children.setdefault(parents[node], {}).setdefault(tokens[node], node)
+            node = -1
+            for token in ids[linear:]:
+                node = children.get(node, {}).get(token, -1)
+                if node < 0:
+                    break
+                nodes.append(node)
+        return buf.gather(linear, nodes, start, buf.layers if layers is None else tuple(layers))
 
     def _wants_compile(self, compile: bool | str) -> bool:
         """``True`` / ``False``, or ``"auto"``: the fast mode wherever it is supported (a float32
@@ -229,6 +267,7 @@ class HFStage:
         self._ids = []
         self._tree = None
         self._tree_rows = None
+        self._features.reset()
 
     def _rollback(self, keep: int) -> None:
         """Crop the cache to its first ``keep`` positions."""
@@ -240,6 +279,7 @@ class HFStage:
         else:
             self._cache.crop(keep - have)  # negative = number of positions to drop
             del self._ids[keep:]
+            self._features.crop(keep)
 
     def _gather(self, index: list[int]) -> bool:
         """Keep only the cache positions ``index``, in this order, in every layer (False if
@@ -277,6 +317,7 @@ class HFStage:
         self._tree = self._tree_rows = None
         if self._gather(list(range(base)) + [base + node for node in path]):
             self._ids += [tokens[node] for node in path]
+            self._features.settle(base, path)
         else:
             self.reset()
 
@@ -320,11 +361,17 @@ class HFStage:
         kwargs: dict[str, Any] = {self._cache_kw: self._cache}
         if self._keep_kw is not None:
             kwargs[self._keep_kw] = rows
+        if self._features.enabled:
+            kwargs["output_hidden_states"] = True
         try:
             out = self.runner(input_ids=feed, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
         except BaseException:
             self.reset()
             raise
+        if self._features.enabled:
+            linear = length - linear_from
+            self._features.write(linear_from, out.hidden_states, linear)
+            self._features.write_tree(first, out.hidden_states, linear, n - first)
         if self._cache is None:
             cache = out.get("cache")
             self._cache = cache if cache is not None else out.get("past_key_values")
@@ -365,11 +412,15 @@ class HFStage:
         kwargs: dict[str, Any] = {self._cache_kw: self._cache}
         if self._keep_kw is not None:
             kwargs[self._keep_kw] = n + 1
+        if self._features.enabled:
+            kwargs["output_hidden_states"] = True
         try:
             out = self.runner(input_ids=feed, position_ids=positions, use_cache=True, **kwargs)
         except BaseException:
             self.reset()  # the cache may hold part of this forward
             raise
+        if self._features.enabled:
+            self._features.write(keep, out.hidden_states, feed.shape[1])
         if self._cache is None:
             cache = out.get("cache")
             self._cache = cache if cache is not None else out.get("past_key_values")

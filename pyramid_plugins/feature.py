@@ -1,0 +1,99 @@
+"""``feature``: feature-level drafts (EAGLE family) as a model backend -- a draft that reads the
+hidden states of a stage above it (``pyramid_core.hf.feature_stage``; SPEC "Feature-level
+drafts")::
+
+    feature:path=DIR                          a head trained by `pyramid distill feature`
+    feature:path=DIR,features_from=target     read the target's features instead of the next stage's
+    feature:base=DIR,variant=eagle3,layers=(0,1,-1),depth=1,seed=0
+                                              an untrained head on the model in DIR (tests, demos)
+    smollm2:stage=feature                     the head shipped with the SmolLM2 family
+
+The stage is a ``Stage``, so it drafts chains through the pipeline's autoregressive proposer and
+token trees through ``tree`` (``--tree tree:budget=16,branching=4``: the most probable nodes
+expanded first, as EAGLE-2's dynamic trees); the pipeline attaches its feature source when it is
+built, and a source that cannot provide features is a build error naming both stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pyramid_core.errors import ConfigError
+from pyramid_core.hf.feature_head import FeatureHead, FeatureHeadConfig, is_feature_dir
+from pyramid_core.hf.feature_stage import FeatureStage, load_feature_stage
+from pyramid_core.hookspecs import hookimpl
+
+__all__ = ["feature_stage", "untrained_feature_stage"]
+
+
+def _compile(value: str | bool) -> bool:
+    text = str(value).lower()
+    if text not in ("true", "false", "auto"):
+        raise ConfigError(f"feature: compile must be one of true, false, auto, got {value!r}")
+    if text == "auto":
+        from pyramid_core.hf.fast import packing_available
+
+        return packing_available()
+    return text == "true"
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    """``"-1"`` or ``"2,14,-1"`` (in a spec: ``layers=(2,14,-1)``)."""
+    try:
+        out = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise ConfigError(f"feature: layers must be comma-separated layer numbers like (2,14,-1), got {text!r}") from None
+    if not out:
+        raise ConfigError(f"feature: layers must name at least one layer, got {text!r}")
+    return out
+
+
+def feature_stage(path: str = "", base: str = "", features_from: str = "next", device: str = "cpu",
+                  dtype: str = "float32", compile: str = "false", variant: str = "eagle1", layers: str = "-1",
+                  depth: int = 1, sub_vocab: int = 0, seed: int = 0) -> FeatureStage:
+    """A trained head (``path=``) or an untrained one on a Hugging Face model (``base=``)."""
+    if bool(path) == bool(base):
+        raise ConfigError("feature: give path=DIR (a head trained by `pyramid distill feature`) or base=DIR "
+                          "(an untrained head on that model), not both or neither")
+    if path:
+        if not is_feature_dir(path):
+            raise ConfigError(f"feature: {path} holds no feature head (no stage.json of format pyramid-feature-stage/1)")
+        try:
+            return load_feature_stage(path, device=device, dtype=dtype, features_from=features_from,
+                                      compile=_compile(compile))
+        except ValueError as exc:
+            raise ConfigError(f"feature:path={path}: {exc}") from None
+    if sub_vocab:
+        raise ConfigError("feature: an untrained head takes the base model's LM head (sub_vocab=0); "
+                          "a sub-vocabulary head comes from training (`pyramid distill feature --sub-vocab K`)")
+    return untrained_feature_stage(base, variant=variant, layers=_layers(layers), depth=depth, seed=seed,
+                                   features_from=features_from, device=device, dtype=dtype, compile=_compile(compile))
+
+
+def untrained_feature_stage(base: str, *, variant: str = "eagle1", layers: tuple[int, ...] = (-1,), depth: int = 1,
+                            seed: int = 0, features_from: str = "next", device: str = "cpu", dtype: str = "float32",
+                            compile: bool = False) -> FeatureStage:
+    """A freshly initialised head (seeded) on the model in directory ``base``."""
+    from pathlib import Path
+
+    from pyramid_core.hf.loading import load_model, load_tokenizer
+
+    try:
+        cfg = FeatureHeadConfig(layers=layers, variant=variant, depth=depth)
+        model = load_model(base, device=device, dtype=dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = FeatureHead(model, cfg)
+        return FeatureStage(head, load_tokenizer(Path(base).expanduser()), name=f"feature[{variant},untrained]",
+                            features_from=features_from, compile=compile)
+    except ValueError as exc:
+        raise ConfigError(f"feature:base={base}: {exc}") from None
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register("feature", feature_stage,
+             "a feature-level draft (EAGLE family) reading a stage above it: feature:path=DIR (trained by `pyramid "
+             "distill feature`) or base=DIR (untrained); features_from=next|target, device=, compile=false|true|auto")
