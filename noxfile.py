@@ -1,4 +1,5 @@
-"""Test matrix: `nox -s tests`, `nox -s typecheck`, `nox -s lint` (`nox -l` lists them)."""
+"""Test matrix: `nox -s tests`, `nox -s typecheck`, `nox -s lint`, and `nox -s stress` (the
+property-based suite with ten times the examples; `nox -l` lists them)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def tests(session: nox.Session, suite: str) -> None:
         session.run("pytest", "-q", "-m", "slow", *session.posargs)
     else:
         session.run("pytest", "-q", "-m", "not slow", *session.posargs)
+
+
+@nox.session(python="3.11")
+def stress(session: nox.Session) -> None:
+    """tests/test_properties.py under the hypothesis profile "stress" (random, 10x the examples of
+    the CI profile the test sessions use; several minutes on a 2-core CPU)."""
+    session.install(TORCH, "-e", ".[dev]")
+    session.run("pytest", "-q", "tests/test_properties.py", "--hypothesis-show-statistics", *session.posargs,
+                env={"PYRAMID_HYPOTHESIS_PROFILE": "stress"})
 
 
 @nox.session(python="3.11")

@@ -40,6 +40,7 @@ from typing import Any
 import attrs
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.validate import check_block_lengths
 
 __all__ = [
     "expected_tokens",
@@ -416,6 +417,10 @@ def predict_chain(
     below for min(ell, tokens still needed) tokens, and tokens beyond the request are cut -- and
     with every forward charged at the exact number of tokens it feeds (``_finite_horizon``),
     prefill excluded. With flat costs both reduce to the T-per-forward model of the papers.
+
+    Block lengths must not decrease from the bottom boundary up, as in ``Pipeline``: a lower
+    length larger than the one above it cannot take effect (``validate.check_block_lengths``),
+    and predicting a cost for it would describe a pipeline that does not run.
     """
     n = len(forward_times)
     if n < 1:
@@ -426,9 +431,7 @@ def predict_chain(
             f"{len(alphas)} and {len(block_lengths)}"
         )
     alphas = [_check_alpha(a, f"alpha at boundary {k + 1} -> {k + 2}") for k, a in enumerate(alphas)]
-    for k, ell in enumerate(block_lengths):
-        if not isinstance(ell, int) or ell < 1:
-            raise ConfigError(f"block length at boundary {k + 1} -> {k + 2} must be an integer >= 1, got {ell!r}")
+    block_lengths = check_block_lengths(block_lengths)  # the pipeline's rule: none can be capped
     costs = [as_forward_cost(t, f"stage {k + 1}") for k, t in enumerate(forward_times)]
     t_target = costs[-1].decode
     if new_tokens is not None:

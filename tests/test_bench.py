@@ -53,13 +53,19 @@ def test_bench_tiny_rows_identity_and_files(tiny_stages: tuple[HFStage, HFStage]
     assert result.mismatches and lossy.label in result.mismatches[0]
     md = result.to_markdown()
     table = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + len(result.rows) and all(line.count("|") == 11 for line in table)
+    assert len(table) == 2 + len(result.rows) and all(line.count("|") == 12 for line in table)
+    assert "| acceptance per try | accepted/proposed |" in table[0] and "| acceptance |" not in table[0]
     assert "MISMATCH" in md
     files = write_bench(result, tmp_path)
     assert {f.name for f in files} == {"bench.json", "bench.md", "bench.png"}
     assert all(f.stat().st_size > 0 for f in files)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["rows"]) == 9 and data["mismatches"]
+    rows = {r["label"]: r for r in data["rows"]}
+    chain_row = rows["ngram→draft→target"]
+    assert len(chain_row["acceptance_per_try"]) == len(chain_row["accepted_per_proposed"]) == 2
+    assert chain_row["accepted_per_proposed"] == chain_row["acceptance"]  # the old key, kept
+    assert all(t >= a for t, a in zip(chain_row["acceptance_per_try"], chain_row["accepted_per_proposed"]))
     # T(M) timed once per model stage, up to the longest block (8, ngram→draft→target) + 2
     costs = data["meta"]["forward_costs"]
     assert sorted(costs) == ["near", "target"]

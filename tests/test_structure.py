@@ -268,7 +268,7 @@ LAYERS = {  # a module may import its own layer and the layers below (lower numb
     "core": 0, "hf": 1, "plugins": 2, "tools": 3, "cli": 4,
 }
 CORE = {"errors", "types", "rng", "devices", "protocols", "hookspecs", "registry", "presets", "plugins", "pipeline",
-        "build", "latency", "prompts", "__init__"}
+        "build", "latency", "prompts", "validate", "outputs", "__init__"}
 
 
 def _layer(module: str) -> str:
