@@ -80,7 +80,8 @@ def hooks_page(module: types.ModuleType | None = None, regs: Any = None) -> str:
     ]
     for name, fn in hookspecs(module).items():
         parts.append(f"## `{name}`\n")
-        parts.append(f"```python\n@hookimpl\ndef {name}{inspect.signature(fn)}: ...\n```\n")
+        signature = str(inspect.signature(fn)).replace("'", "")  # string annotations (__future__), unquoted
+        parts.append(f"```python\n@hookimpl\ndef {name}{signature}: ...\n```\n")
         parts.append(markdown_text(fn.__doc__ or "(no docstring)"))
         registry = by_kind.get(kind_of.get(name, ""))
         if registry is None:
