@@ -90,6 +90,8 @@ def test_the_staleness_check_fails_stale_outputs_and_ignores_timing_noise(tmp_pa
         # outputs identical but for wall-clock figures: passes
         "timing_noise": notebook('print("tokens: 4; took 0.12 s, 3.5 ms per forward, 123.4 tokens/s (1.07x HF)")',
                                  "tokens: 4; took 9.81 s, 12 ms per forward, 7.0 tokens/s (0.93x HF)\n"),
+        # a right-aligned figure whose width changed: passes
+        "padded_timing": notebook('print("draft" + " " * 4 + "1.25 ms per token")', "draft  11.25 ms per token\n"),
         # the code changed, the committed output did not: fails
         "stale": notebook('print("tokens:", 2 + 3)', "tokens: 4\n"),
         # a count is not a timing, even next to one: fails
@@ -102,7 +104,7 @@ def test_the_staleness_check_fails_stale_outputs_and_ignores_timing_noise(tmp_pa
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(tmp_path)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     outcomes = {nb: outcome for outcome, nb in re.findall(r"^(PASSED|FAILED) (\w+)\.ipynb::", run.stdout, flags=re.MULTILINE)}
-    assert outcomes == {"timing_noise": "PASSED", "stale": "FAILED", "stale_count": "FAILED",
+    assert outcomes == {"timing_noise": "PASSED", "padded_timing": "PASSED", "stale": "FAILED", "stale_count": "FAILED",
                         "never_executed": "FAILED"}, run.stdout + run.stderr
 
 
