@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers
 
 from pyramid_core.bench import HF_BASELINE, BenchConfig, run_bench, write_bench
 from pyramid_core.hf import HFStage
 from pyramid_core.prompts import Prompt
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 WORDS = ["<unk>"] + [f"w{i}" for i in range(63)]
 PROMPTS = [
@@ -40,6 +43,11 @@ def test_bench_tiny_rows_identity_and_files(tiny_stages: tuple[HFStage, HFStage]
     assert base.tokens == 32 and base.speedup == pytest.approx(1.0)
     for label in labels[:-1]:  # every lossless configuration reproduces the target's greedy output
         row = result.row(label)
+        if label.startswith("HF prompt lookup") and TRANSFORMERS_MAJOR < 5:
+            # transformers 4.x prompt lookup calls isin(ids, eos_token_id) and fails for a model
+            # without an eos token (these tiny ones); the bench reports the mode as not run
+            assert row.tokens == 0 and row.note.startswith("not run: TypeError"), (label, row.note)
+            continue
         assert row.tokens == 32, (label, row.note)
         assert row.identical is True, (label, row.mismatched_prompts, row.note)
         assert row.speedup > 0
