@@ -157,6 +157,10 @@ class PipelineSpec:
     compile:        the execution mode of model backends that have one: ``True``, ``False`` or
                     ``"auto"`` (fast where supported); ``None``: each backend's default
                     (a stage spec's own ``compile=`` wins)
+    length_schedule: ``"fixed"`` block lengths, or ``"adaptive"`` (+2 after a fully accepted
+                    block, -1 otherwise; ``pyramid_core.schedule``), at every boundary
+    confidence_stop: > 0: a model bottom stage ends its block after a token whose row's largest
+                    probability is below this (0: off)
     on_nonfinite:   ``"raise"`` (default) or ``"warn"``: what a NaN / +inf logit does
                     (``Pipeline``)
 
@@ -174,6 +178,8 @@ class PipelineSpec:
     device: str | None = None
     stop_ids: tuple[int, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
     compile: bool | str | None = None
+    length_schedule: str = "fixed"
+    confidence_stop: float = 0.0
     on_nonfinite: str = "raise"
 
     def __attrs_post_init__(self) -> None:
@@ -251,8 +257,8 @@ class PipelineSpec:
                 extra["on_nonfinite"] = self.on_nonfinite
             resolved[0] = regs.wrappers.create(self.tree, stage=resolved[0], sampling=self.sampling,
                                                stop_ids=list(stop_ids), **extra)
-        return Pipeline(resolved, policies, lengths, self.sampling, list(stop_ids),
-                        check_nonfinite_mode(self.on_nonfinite))
+        return Pipeline(resolved, policies, lengths, self.sampling, list(stop_ids), self.length_schedule,
+                        self.confidence_stop, check_nonfinite_mode(self.on_nonfinite))
 
 
 def _check_wrapper(tree: str, regs: Registries) -> None:
@@ -296,6 +302,9 @@ def build_pipeline(
     preset: str | None = None,
     tree: str | None = None,
     device: str | None = None,
+    compile: bool | str | None = None,
+    length_schedule: str = "fixed",
+    confidence_stop: float = 0.0,
     regs: Registries | None = None,
     on_nonfinite: str = "raise",
 ) -> Pipeline:
@@ -303,9 +312,10 @@ def build_pipeline(
     at every boundary and block lengths to 4; a ``preset`` (e.g. ``"psd-f"``) supplies both
     instead (explicit ``block_lengths`` still win). ``stop_ids`` default to the target's EOS
     token. ``tree`` (e.g. ``"tree:branching=4-2-1,replacement=false"``) names a registered stage
-    wrapper around the bottom model stage. ``on_nonfinite``: ``"raise"`` or ``"warn"`` (``Pipeline``)."""
+    wrapper around the bottom model stage; ``compile``, ``length_schedule`` and
+    ``confidence_stop`` as in ``PipelineSpec``; ``on_nonfinite``: ``"raise"`` or ``"warn"`` (``Pipeline``)."""
     if not stages:
         raise ConfigError("a pipeline needs at least one stage (the target)")
     spec = PipelineSpec(stages, policies, block_lengths, preset, tree, sampling or SamplingConfig(), device, stop_ids,
-                        on_nonfinite=on_nonfinite)
+                        compile, length_schedule, confidence_stop, on_nonfinite)
     return spec.resolve(regs)

@@ -305,7 +305,7 @@ class _Call:
 
 
 def _finite_horizon(
-    alphas: Sequence[float], lengths: Sequence[int], costs: Sequence[ForwardCost], new_tokens: int
+    alphas: Sequence[float], lengths: Sequence[Lengths], costs: Sequence[ForwardCost], new_tokens: int
 ) -> tuple[float, list[float]]:
     """Expected (time, forwards per stage) for the chain to emit exactly ``new_tokens`` tokens,
     following the pipeline's budget rule -- a round of stage k+1 asks stage k for
@@ -335,6 +335,11 @@ def _finite_horizon(
     stage 1 drafts its first token of a call at M = 1 .. N and the others at M = 1. The prompt is
     taken as already cached (prefill excluded): every stage starts with u = 1.
 
+    A boundary given a length distribution (``lengths[k]`` = ((ell, probability), ...), e.g. the
+    realised lengths of an adaptive schedule) asks for min(ell, tokens still needed) with ell
+    drawn from it independently each round (a first-order model of a schedule that follows the
+    acceptances); ell = 0 is a round whose proposer proposed nothing (a model-free draft).
+
     The expectation runs over the acceptances (i.i.d., module docstring); u and the tails are
     bounded by the number of stages, so the state (tokens still needed, u) stays small. A stage
     with a flat cost keeps u = 1 (its M does not matter), which is the old recursion exactly."""
@@ -348,45 +353,70 @@ def _finite_horizon(
     def call(k: int, n: int, unfed: Unfed) -> _Call:
         # propose(k + 1, n) in the 1-based notation above, starting with u = unfed
         forwards = [0.0] * n_stages
+        if n == 0:  # nothing asked: nothing fed, nothing emitted
+            return _Call(0.0, tuple(forwards), ((merged(unfed), 1.0),))
         if k == 0:
             forwards[0] = float(n)
             seconds = costs[0](unfed[0]) + (n - 1) * costs[0](1)
             return _Call(seconds, tuple(forwards), ((merged((1,)), 1.0),))
-        ell, cost_k, alpha = lengths[k - 1], costs[k], alphas[k - 1]
+        dist, cost_k, alpha = lengths[k - 1], costs[k], alphas[k - 1]
         seconds = 0.0
         tails: defaultdict[Unfed, float] = defaultdict(float)
         todo: dict[int, defaultdict[Unfed, float]] = {n: defaultdict(float, {unfed: 1.0})}
         for need in range(n, 0, -1):  # each round needs fewer tokens: one pass, no recursion
-            for u, prob in todo.pop(need, {}).items():
-                m = min(ell, need)
-                lower = call(k - 1, m, u[:k])
-                seconds += prob * (lower.seconds + cost_k(u[k] + m))
-                forwards = [f + prob * g for f, g in zip(forwards, lower.forwards)]
-                forwards[k] += prob
-                pmf = _accept_pmf(alpha, m)
-                for tail, p_tail in lower.tails:
-                    for a, p_a in enumerate(pmf):
-                        p = prob * p_tail * p_a
-                        if p == 0.0:
-                            continue
-                        if a == m == need:  # the bonus is over budget and cut
-                            tails[merged((*tail, 0))] += p
-                            continue
-                        piece = merged((*(max(0, a - m + t) + 1 for t in tail), 1))
-                        rest = need - a - 1
-                        if rest == 0:
-                            tails[piece] += p
-                        else:
-                            todo.setdefault(rest, defaultdict(float))[piece] += p
+            for u, prob_u in todo.pop(need, {}).items():
+                for ell, p_ell in dist:
+                    prob = prob_u * p_ell
+                    m = min(ell, need)
+                    lower = call(k - 1, m, u[:k])
+                    seconds += prob * (lower.seconds + cost_k(u[k] + m))
+                    forwards = [f + prob * g for f, g in zip(forwards, lower.forwards)]
+                    forwards[k] += prob
+                    pmf = _accept_pmf(alpha, m)
+                    for tail, p_tail in lower.tails:
+                        for a, p_a in enumerate(pmf):
+                            p = prob * p_tail * p_a
+                            if p == 0.0:
+                                continue
+                            if a == m == need:  # the bonus is over budget and cut
+                                tails[merged((*tail, 0))] += p
+                                continue
+                            piece = merged((*(max(0, a - m + t) + 1 for t in tail), 1))
+                            rest = need - a - 1
+                            if rest == 0:
+                                tails[piece] += p
+                            else:
+                                todo.setdefault(rest, defaultdict(float))[piece] += p
         return _Call(seconds, tuple(forwards), tuple(tails.items()))
 
     top = call(n_stages - 1, new_tokens, (1,) * n_stages)
     return top.seconds, list(top.forwards)
 
 
+Lengths = tuple[tuple[int, float], ...]
+"""A block-length distribution: ((ell, probability), ...), probabilities summing to 1."""
+
+
+def _lengths(ell: int | Mapping[int, float], k: int) -> Lengths:
+    """A block length, or a distribution of lengths {ell: weight}, as a normalised distribution."""
+    where = f"block length at boundary {k + 1} -> {k + 2}"
+    if isinstance(ell, Mapping):
+        items = [(m, _real(w)) for m, w in ell.items()]
+        bad = [(m, w) for m, w in items if isinstance(m, bool) or not isinstance(m, int) or m < 0 or not w >= 0]
+        if bad or not items:
+            raise ConfigError(f"{where}: a length distribution maps integer lengths >= 0 to weights >= 0, got {dict(ell)}")
+        total = sum(w for _, w in items)
+        if not 0 < total < math.inf:
+            raise ConfigError(f"{where}: the length distribution has no mass ({dict(ell)})")
+        return tuple((m, w / total) for m, w in sorted(items) if w > 0)
+    if isinstance(ell, bool) or not isinstance(ell, int) or ell < 1:
+        raise ConfigError(f"{where} must be an integer >= 1 (or a distribution of lengths), got {ell!r}")
+    return ((ell, 1.0),)
+
+
 def predict_chain(
     alphas: Sequence[float],
-    block_lengths: Sequence[int],
+    block_lengths: Sequence[int | Mapping[int, float]],
     forward_times: Sequence[float | ForwardCost],
     *,
     new_tokens: int | None = None,
@@ -418,7 +448,12 @@ def predict_chain(
     with every forward charged at the exact number of tokens it feeds (``_finite_horizon``),
     prefill excluded. With flat costs both reduce to the T-per-forward model of the papers.
 
-    Block lengths must not decrease from the bottom boundary up, as in ``Pipeline``: a lower
+    A block length may also be a distribution ``{ell: probability}`` (e.g. the realised lengths of
+    an adaptive schedule, ``measure.length_distributions``): the steady state then averages
+    tokens per round E(alpha, ell), tokens asked ell and the verification's T(ell + 1) over it,
+    and the finite horizon draws ell per round (``_finite_horizon``).
+
+    Fixed block lengths must not decrease from the bottom boundary up, as in ``Pipeline``: a lower
     length larger than the one above it cannot take effect (``validate.check_block_lengths``),
     and predicting a cost for it would describe a pipeline that does not run.
     """
@@ -431,20 +466,24 @@ def predict_chain(
             f"{len(alphas)} and {len(block_lengths)}"
         )
     alphas = [_check_alpha(a, f"alpha at boundary {k + 1} -> {k + 2}") for k, a in enumerate(alphas)]
-    block_lengths = check_block_lengths(block_lengths)  # the pipeline's rule: none can be capped
+    if all(isinstance(ell, int) for ell in block_lengths):
+        block_lengths = check_block_lengths(block_lengths)  # the pipeline's rule: none can be capped
+    dists = [_lengths(ell, k) for k, ell in enumerate(block_lengths)]
     costs = [as_forward_cost(t, f"stage {k + 1}") for k, t in enumerate(forward_times)]
     t_target = costs[-1].decode
     if new_tokens is not None:
         if not isinstance(new_tokens, int) or new_tokens < 1:
             raise ConfigError(f"new_tokens must be an integer >= 1, got {new_tokens!r}")
-        total, forwards = _finite_horizon(alphas, list(block_lengths), costs, new_tokens)
+        total, forwards = _finite_horizon(alphas, dists, costs, new_tokens)
         per = tuple(f / new_tokens for f in forwards)
         return Prediction(1.0 / per[-1], total / new_tokens, per, t_target)
     tau = costs[0].decode
     f = [1.0]
-    for k in range(1, n):
-        ell, e = block_lengths[k - 1], expected_tokens(alphas[k - 1], block_lengths[k - 1])
-        tau = (ell * tau + costs[k](ell + 1)) / e
+    for k in range(1, n):  # means over the boundary's length distribution (one length: the fixed case)
+        dist = dists[k - 1]
+        ell = sum(p * m for m, p in dist)
+        e = sum(p * expected_tokens(alphas[k - 1], m) for m, p in dist)
+        tau = (ell * tau + sum(p * costs[k](m + 1) for m, p in dist)) / e
         f = [ell * x / e for x in f] + [1.0 / e]
     return Prediction(1.0 / f[-1], tau, tuple(f), t_target)
 

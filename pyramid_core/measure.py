@@ -36,6 +36,7 @@ from pyramid_core.types import Block, SamplingConfig
 __all__ = [
     "DEFAULT_BLOCK_SIZES",
     "alpha_for_tokens_per_forward",
+    "length_distributions",
     "Measured",
     "measure_alpha",
     "measure_candidates",
@@ -62,6 +63,18 @@ def measure_alpha(metrics: Metrics | Sequence[Metrics]) -> list[float]:
     chain-equivalent alpha."""
     pooled = _pooled(metrics, "measure_alpha")
     return [iid_alpha(b.proposed_at, sum(b.accepted_at)) for b in pooled.boundaries]
+
+
+def length_distributions(metrics: Metrics | Sequence[Metrics]) -> list[dict[int, float]]:
+    """The realised block length of each boundary's rounds, pooled over runs: ``{ell: share of
+    rounds}`` (ell = 0: the proposer proposed nothing), for ``latency.predict_chain``. For a
+    tree boundary the length is the tree's depth."""
+    out = []
+    for b in _pooled(metrics, "length_distributions").boundaries:
+        at = [b.rounds, *b.proposed_at]  # at[m] = rounds that proposed at least m tokens
+        counts = {m: at[m] - (at[m + 1] if m + 1 < len(at) else 0) for m in range(len(at))}
+        out.append({m: c / b.rounds for m, c in counts.items() if c} if b.rounds else {1: 1.0})
+    return out
 
 
 def measure_forward_time(metrics: Metrics | Sequence[Metrics]) -> list[float]:
@@ -112,7 +125,7 @@ def measure_pairwise_alpha(
     ordered pair, pooled over the prompts (``alpha[i][i] = 1``).
 
     For each j: its greedy continuation (up to ``new_tokens`` tokens, stopping after a stop
-    token) is generated once per prompt; every other stage i scores it in one call and alpha[i][j]
+    token) is generated once per prompt; every other stage i scores it in one call and ``alpha[i][j]``
     is the fraction of positions where i's argmax is j's token. Under greedy decoding exact
     rejection sampling accepts a drafted token iff it is the verifier's argmax, and the accepted
     text is the verifier's continuation, so this agreement rate is the per-token acceptance (at
@@ -252,7 +265,7 @@ def measure_stage_time(stage: Stage, context_len: int, repeats: int = 10, *, war
 
 @attrs.frozen
 class Measured:
-    """What ``measure_candidates`` found: T(M) per candidate (flat 0 for proposers), alpha[i][j]
+    """What ``measure_candidates`` found: T(M) per candidate (flat 0 for proposers), ``alpha[i][j]``
     for every ordered pair (NaN where not measured: proposers are never verifiers), the
     proposers."""
 

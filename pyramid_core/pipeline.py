@@ -32,6 +32,7 @@ from pyramid_core.protocols import (
     Verifier,
 )
 from pyramid_core.rng import Rng
+from pyramid_core.schedule import LengthSchedule, make_schedule
 from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats
 from pyramid_core.validate import (
     NonFiniteMode,
@@ -81,12 +82,18 @@ class StageVerifier:
 
 @attrs.define(eq=False)
 class AutoregressiveProposer:
-    """propose(1, n): sample n tokens from a model stage one at a time, keeping every row."""
+    """propose(1, n): sample n tokens from a model stage one at a time, keeping every row.
+
+    ``confidence_stop`` > 0 ends a block early, after a token whose row's largest probability
+    is below it (the draft is unsure what comes next): whether token j+1 is drawn depends only
+    on row j, known before it is drawn -- a stopping time, so the chain stays exact (SPEC
+    trap 2)."""
 
     stage: Stage
     sampling: SamplingConfig
     stats: StageStats
     stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
+    confidence_stop: float = 0.0
     on_nonfinite: NonFiniteMode = "raise"
 
     def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
@@ -102,7 +109,7 @@ class AutoregressiveProposer:
             self.stats.record(time.perf_counter() - t0, 1)
             tokens.append(token)
             rows.append(row)
-            if token in stop:
+            if token in stop or (self.confidence_stop and float(row.max()) < self.confidence_stop):
                 break
             ctx = torch.cat([ctx, ctx.new_tensor([token])])
         if not tokens:
@@ -117,22 +124,24 @@ class SpeculativeProposer:
     lower: Proposer
     verifier: Verifier
     policy: AcceptancePolicy
-    block_length: int
+    schedule: LengthSchedule
     stats: BoundaryStats
     stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
 
     def round(self, context: Tensor, budget: int, rng: Rng) -> Block:
         """One verification: a block from below, one forward of this stage, one verdict.
         Returns the accepted tokens plus the emitted one, each with this stage's row."""
-        block = self.lower.propose(context, min(self.block_length, budget), rng)
+        block = self.lower.propose(context, min(self.schedule.length(), budget), rng)
         p = self.verifier.verify(context, block)
         verdict = self.policy.decide(block, p, rng)
         accepted = list(verdict.accepted)
         if block.parents is None:
             self.stats.record(len(block), verdict.n_accepted)
+            self.schedule.update(len(block), verdict.n_accepted)
             row_index = accepted  # chain: node i was drawn from row i
         else:
             self.stats.record_tree(len(block), block.depth, verdict.n_accepted)
+            self.schedule.update(block.depth, verdict.n_accepted)
             row_index = [int(block.parents[i]) + 1 for i in accepted]
         tokens = torch.cat([block.tokens[accepted].to(p.device), p.new_tensor([verdict.token], dtype=torch.long)])
         rows = torch.cat([p[row_index], verdict.row.unsqueeze(0)])
@@ -240,6 +249,8 @@ class Pipeline:
     block_lengths: Sequence[int] = ()
     sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
     stop_ids: Sequence[int] = ()
+    length_schedule: str = "fixed"
+    confidence_stop: float = 0.0
     on_nonfinite: NonFiniteMode = "raise"
     _bottom_is_stage: bool = attrs.field(init=False, default=False)
     _resettable: list[Resettable] = attrs.field(init=False, factory=list)
@@ -259,6 +270,9 @@ class Pipeline:
             )
         check_block_lengths(self.block_lengths)
         check_nonfinite_mode(self.on_nonfinite)
+        make_schedule(self.length_schedule, 1)  # a valid name, or the error that lists them
+        if not 0.0 <= self.confidence_stop < 1.0:
+            raise ConfigError(f"confidence_stop must be in [0, 1) (0 = off), got {self.confidence_stop!r}")
         if n == 1 and not isinstance(self.stages[0], Stage):
             raise ConfigError(
                 f"the target ({_stage_name(self.stages[0], 0)}) must be a model Stage; "
@@ -302,7 +316,7 @@ class Pipeline:
         proposer: Proposer
         if self._bottom_is_stage:
             proposer = AutoregressiveProposer(bottom, self.sampling, stage_stats[0], stop,  # type: ignore[arg-type]
-                                              self.on_nonfinite)
+                                              self.confidence_stop, self.on_nonfinite)
         else:
             proposer = bottom  # type: ignore[assignment]
             if isinstance(bottom, CountsForwards):  # a model-backed proposer (tree) counts its forwards
@@ -312,9 +326,8 @@ class Pipeline:
             stats = BoundaryStats()
             boundaries.append(stats)
             verifier = StageVerifier(self.stages[k], self.sampling, stage_stats[k], self.on_nonfinite)  # type: ignore[arg-type]
-            proposer = SpeculativeProposer(
-                proposer, verifier, self.policies[k - 1], self.block_lengths[k - 1], stats, stop
-            )
+            schedule = make_schedule(self.length_schedule, self.block_lengths[k - 1])
+            proposer = SpeculativeProposer(proposer, verifier, self.policies[k - 1], schedule, stats, stop)
         return proposer, Metrics(boundaries, stage_stats)
 
     def generate(

@@ -60,7 +60,7 @@ class ChainPlan:
 
     names:           the stages, smallest first; the last is the target
     block_lengths:   ell per boundary k -> k+1
-    alphas:          per-token acceptance per boundary (the measured alpha[draft][verifier])
+    alphas:          per-token acceptance per boundary (the measured ``alpha[draft][verifier]``)
     forward_costs:   T(M) per stage, seconds per forward feeding M tokens (0 for a proposer)
     time_per_token:  tau, predicted seconds per output token (steady state)
     """
@@ -116,7 +116,7 @@ class Plan:
     """The planner's answer: the fastest chain (``best``) and the ``ranked`` chains, fastest
     first, each with its own best block lengths (the target alone, speedup 1, is one chain).
 
-    candidates, forward_costs, alpha, proposers: the inputs (alpha[i][j]: i drafts for j; a
+    candidates, forward_costs, alpha, proposers: the inputs (``alpha[i][j]``: i drafts for j; a
     plain float T is kept as the flat cost ``ForwardCost.flat(T)``)
     """
 

@@ -21,7 +21,7 @@ import attrs
 
 from pyramid_core.errors import ConfigError, PluginError
 
-__all__ = ["Registration", "Registry", "parse_spec", "format_spec"]
+__all__ = ["Registration", "Registry", "parse_spec", "format_spec", "split_top"]
 
 T = TypeVar("T")
 
@@ -37,8 +37,9 @@ class Registration(Generic[T]):
     description: str = ""
 
 
-def _split_top(text: str, sep: str, spec: str) -> list[str]:
-    """``text`` split at ``sep`` outside parentheses."""
+def split_top(text: str, sep: str = ",", spec: str | None = None) -> list[str]:
+    """``text`` split at ``sep`` outside parentheses (``spec`` names the whole in errors)."""
+    spec = text if spec is None else spec
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(text):
         if ch == "(":
@@ -69,7 +70,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         raise ConfigError(f"invalid name {name!r} in spec {spec!r}; expected NAME or NAME:key=value,...")
     params: dict[str, str] = {}
     if rest.strip():
-        for item in _split_top(rest, ",", spec):
+        for item in split_top(rest, ",", spec):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ConfigError(f"{name!r}: parameter {item!r} is not of the form key=value (in {spec!r})")

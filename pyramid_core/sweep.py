@@ -108,20 +108,22 @@ def run_sweep(
     seed: int = 0,
     chat: bool = True,
     progress: bool = True,
+    presets: Sequence[str] | None = None,
     regs: Registries | None = None,
     log: RecordLog | None = None,
 ) -> list[SweepPoint]:
-    """Measure the target alone, then ``spec`` (which names a preset) at every (tau, block
-    lengths) grid point, every stage loaded once. ``log``: the greedy references and each point
-    are appended as soon as they are measured, and what the log already holds (a rerun after an
-    interruption, same arguments) is taken from it."""
+    """Measure the target alone, then each preset (``presets``, default the spec's own) at every
+    (tau, block lengths) grid point -- the speed-quality frontier of each -- every stage loaded
+    once. Without a ``length_grid`` each preset runs at its own block lengths. ``log``: the
+    greedy references and each point are appended as soon as they are measured, and what the log
+    already holds (a rerun after an interruption, same arguments) is taken from it."""
     from tqdm import tqdm
 
     regs = regs or registries()
-    preset = spec.preset
-    if preset is None:
-        raise ConfigError("a sweep runs a preset over its tau values: give the spec a preset")
-    spec = spec.loaded(regs)
+    names = list(presets) if presets else ([spec.preset] if spec.preset else [])
+    if not names:
+        raise ConfigError("a sweep runs presets over their tau values: give one or more presets")
+    spec = spec.loaded(regs) if spec.preset else attrs.evolve(spec, preset=names[0]).loaded(regs)
     base = spec.resolve(regs)
     loaded: list[Stage | Proposer] = list(base.stages)
     target = base.target
@@ -129,8 +131,6 @@ def run_sweep(
     if tok is None:
         raise ConfigError(f"sweep needs a target stage with a tokenizer; {target.name!r} has none")
     encoded = [encode_prompt(tok, p.text, chat) for p in prompts]
-    plan = resolve_preset(preset, len(loaded), regs=regs)
-    grids = [tuple(g) for g in length_grid] if length_grid else [tuple(base.block_lengths)]
     done = log.get("refs") if log is not None else None
     if done is not None:
         refs: list[list[int]] = done["refs"]
@@ -153,9 +153,13 @@ def run_sweep(
     first = recorded("target alone") or keep(
         "target alone", _measure("target alone", None, (), alone, encoded, refs, max_new_tokens, seed))
     points = [first]
-    jobs = [(tau, lengths) for lengths in grids for tau in taus]
-    for tau, lengths in tqdm(jobs, desc=f"sweep {preset}", disable=not progress):
-        key = f"tau={tau!r} lengths={','.join(map(str, lengths))}"
+    jobs = []
+    for name in names:
+        plan = resolve_preset(name, len(loaded), regs=regs)
+        grids = [tuple(g) for g in length_grid] if length_grid else [tuple(plan.block_lengths)]
+        jobs += [(name, plan, tau, lengths) for lengths in grids for tau in taus]
+    for name, plan, tau, lengths in tqdm(jobs, desc=f"sweep {', '.join(names)}", disable=not progress):
+        key = f"{name} tau={tau!r} lengths={','.join(map(str, lengths))}"
         done_point = recorded(key)
         if done_point is not None:
             points.append(done_point)
@@ -163,7 +167,7 @@ def run_sweep(
         policies = [with_tau(s, tau, regs) for s in plan.policies]
         point = attrs.evolve(spec, stages=tuple(loaded), preset=None, policies=tuple(policies),
                              block_lengths=tuple(lengths), stop_ids=tuple(base.stop_ids))
-        points.append(keep(key, _measure(preset, tau, policies, point.resolve(regs), encoded, refs,
+        points.append(keep(key, _measure(name, tau, policies, point.resolve(regs), encoded, refs,
                                          max_new_tokens, seed)))
     return points
 
@@ -190,9 +194,9 @@ def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     base = points[0]
     swept = [p for p in points if p.tau is not None]
-    for lengths in sorted({p.block_lengths for p in swept}):
-        sel = [p for p in swept if p.block_lengths == lengths]
-        lab = "l=" + ",".join(map(str, lengths))
+    for label, lengths in sorted({(p.label, p.block_lengths) for p in swept}):
+        sel = [p for p in swept if p.block_lengths == lengths and p.label == label]
+        lab = f"{label}, l=" + ",".join(map(str, lengths))
         a1.plot([p.tau for p in sel], [p.tokens_per_s for p in sel], "o-", label=lab)
         a2.plot([p.tokens_per_s for p in sel], [p.nll for p in sel], "o-", label=lab)
         for p in sel:
@@ -200,7 +204,7 @@ def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str
     a1.axhline(base.tokens_per_s, color="gray", ls="--", label="target alone")
     a2.scatter([base.tokens_per_s], [base.nll], color="gray", marker="s", label="target alone")
     a1.set(xlabel="τ (divergence threshold)", ylabel="tokens/s", title="throughput vs τ")
-    a2.set(xlabel="tokens/s", ylabel="NLL under target (nats/token)", title="quality vs throughput")
+    a2.set(xlabel="tokens/s", ylabel="NLL under target (nats/token)", title="speed-quality frontier per preset")
     for a in (a1, a2):
         a.legend(fontsize=8)
         a.grid(alpha=0.3)

@@ -32,6 +32,7 @@ from stats import (
 from pyramid_core import Block, Pipeline, Rng, SamplingConfig, build_pipeline
 from pyramid_core.pipeline import AutoregressiveProposer, SpeculativeProposer, StageVerifier
 from pyramid_core.protocols import Proposer
+from pyramid_core.schedule import FixedLength
 from pyramid_core.testing import TableModel
 from pyramid_core.types import BoundaryStats, StageStats
 from pyramid_plugins.exact import ExactPolicy
@@ -199,7 +200,7 @@ class DraftRowsProposer(SpeculativeProposer):
     the stage below, ultimately P_1) instead of the rows of the stage that accepted them."""
 
     def round(self, context: torch.Tensor, budget: int, rng: Rng) -> Block:
-        block = self.lower.propose(context, min(self.block_length, budget), rng)
+        block = self.lower.propose(context, min(self.schedule.length(), budget), rng)
         p = self.verifier.verify(context, block)
         verdict = self.policy.decide(block, p, rng)
         self.stats.record(len(block), verdict.n_accepted)
@@ -216,7 +217,7 @@ class AcceptedOnlyBuffering(SpeculativeProposer):
     accepted draft token than an exact sample of this stage."""
 
     def round(self, context: torch.Tensor, budget: int, rng: Rng) -> Block:
-        block = self.lower.propose(context, min(self.block_length, budget), rng)
+        block = self.lower.propose(context, min(self.schedule.length(), budget), rng)
         p = self.verifier.verify(context, block)
         verdict = self.policy.decide(block, p, rng)
         self.stats.record(len(block), verdict.n_accepted)
@@ -237,7 +238,7 @@ def hand_built(stages: Sequence[TableModel], ells: Sequence[int], middle: type[S
         for k in range(1, len(stages)):
             cls = SpeculativeProposer if k == len(stages) - 1 else middle
             verifier = StageVerifier(stages[k], sampling, StageStats(f"M{k + 1}"))
-            proposer = cls(proposer, verifier, ExactPolicy(), ells[k - 1], BoundaryStats())
+            proposer = cls(proposer, verifier, ExactPolicy(), FixedLength(ells[k - 1]), BoundaryStats())
         return proposer.propose(torch.tensor(PROMPT), n, Rng(seed)).tokens
 
     return generate

@@ -43,6 +43,11 @@ class BenchRow:
     identical: bool | None = None
     mismatched_prompts: list[str] = attrs.field(factory=list)
     note: str = ""
+    # sampled benches: mean NLL (nats/token) of the emitted text under the target, and its
+    # difference from the target's own samples with the half-width of a 95% confidence interval
+    nll: float | None = None
+    nll_delta: float | None = None
+    nll_delta_ci95: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -161,12 +166,32 @@ class BenchResult:
                  g["best_over_hf_assisted"], 1.25),
         ]) + "\n"
 
+    @property
+    def sampled(self) -> bool:
+        return float(self.meta.get("sampling", {}).get("temperature", 0.0)) > 0
+
+    def _mode(self) -> str:
+        if not self.sampled:
+            return "greedy"
+        s = self.meta["sampling"]
+        extra = "".join(f", {k} {s[k]}" for k, off in (("top_k", 0), ("top_p", 1.0)) if s.get(k, off) != off)
+        return (f"sampled at temperature {s['temperature']}{extra}, {self.meta.get('seeds', 1)} seed(s) per prompt "
+                "(NLL Δ: mean NLL of the text under the target minus that of the target's own samples, nats/token)")
+
+    @staticmethod
+    def _quality(r: BenchRow) -> str:
+        if r.nll_delta is None or r.nll_delta_ci95 is None:
+            return "-"
+        return f"{r.nll_delta:+.3f} ± {r.nll_delta_ci95:.3f}"
+
     def to_markdown(self) -> str:
         def num(x: float | None, fmt: str) -> str:
             return "-" if x is None or not math.isfinite(x) else format(x, fmt)
 
+        sampled = self.sampled
         head = ("| config | tok/s | speedup | predicted | tok/target fwd | acceptance per try | accepted/proposed | "
-                "alpha | ms/forward per stage | overhead | identical |")
+                "alpha | ms/forward per stage | overhead | "
+                + ("NLL Δ vs target (95% CI) |" if sampled else "identical |"))
         lines = [head, "|" + "---|" * 11]
         for r in self.rows:
             stage_ms = " / ".join(
@@ -184,13 +209,13 @@ class BenchResult:
                 f"{' / '.join(num(a, '.2f') for a in r.accepted_per_proposed) or '-'} | "
                 f"{' / '.join(num(a, '.2f') for a in r.alpha) or '-'} | {stage_ms} | "
                 f"{num(100 * r.overhead_fraction, '.0f') + ('%' if math.isfinite(r.overhead_fraction) else '')} | "
-                f"{ident} |"
+                f"{self._quality(r) if sampled else ident} |"
             )
         notes = [f"- {r.label}: {r.note}" for r in self.rows if r.note]
         m = self.meta
         lines += [
             "",
-            f"{m['prompts']} prompts, greedy, up to {m['max_new_tokens']} new tokens each; {m['device']}. "
+            f"{m['prompts']} prompts, {self._mode()}, up to {m['max_new_tokens']} new tokens each; {m['device']}. "
             f"speedup: tokens/s over {m['baseline']!r} (the fastest HF generate configuration measured); "
             "predicted: speedup over the target alone from the latency model (alpha per boundary from this "
             "run, T(M) per stage timed in this run at each number M of tokens a forward feeds, each stage's "

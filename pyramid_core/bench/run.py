@@ -26,25 +26,27 @@ from __future__ import annotations
 
 import math
 import platform
+import statistics
 import time
 from collections.abc import Sequence
 
 import attrs
 import torch
 
+from pyramid_core.bench.baselines import PLAIN_HF, hf_rows
 from pyramid_core.bench.report import TARGET_ALONE, BenchResult, BenchRow
 from pyramid_core.build import PipelineSpec
 from pyramid_core.errors import ConfigError, PyramidError
-from pyramid_core.hf.baseline import (
-    HF_GENERATE,
-    HF_GENERATE_COMPILED,
-    HF_GENERATE_STATIC,
-    run_baselines,
-    versions,
-)
+from pyramid_core.hf.baseline import versions
 from pyramid_core.hf.stage import HFStage
 from pyramid_core.latency import ForwardCost, predict_chain
-from pyramid_core.measure import alpha_for_tokens_per_forward, measure_alpha, measure_stage_costs
+from pyramid_core.measure import (
+    alpha_for_tokens_per_forward,
+    length_distributions,
+    measure_alpha,
+    measure_stage_costs,
+    target_nll,
+)
 from pyramid_core.outputs import RecordLog
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
@@ -69,10 +71,13 @@ class BenchConfig:
     tree: str | None = None
     lossless: bool = True
     preset: str | None = None
+    length_schedule: str = "fixed"
+    confidence_stop: float = 0.0
 
     def spec(self, sampling: SamplingConfig, stop_ids: Sequence[int]) -> PipelineSpec:
         return PipelineSpec(self.stages, self.policies or None, self.block_lengths or None, self.preset, self.tree,
-                            sampling, stop_ids=tuple(stop_ids))
+                            sampling, stop_ids=tuple(stop_ids), length_schedule=self.length_schedule,
+                            confidence_stop=self.confidence_stop)
 
 
 def default_configs(
@@ -86,10 +91,12 @@ def default_configs(
     lengths3: Sequence[int] | None = None,
     qualifier_length: int | None = None,
 ) -> list[BenchConfig]:
-    """The pyramid rows: target alone, ngram -> target, 2-stage exact with each draft, then with a
-    qualifier the 3-stage ``sd`` chain, ``psd-a`` and ``psd-f`` (lossy: PyramidSD's policies at
-    the ``sd`` row's block lengths) and token trees at the bottom of the 2- and 3-stage chains;
-    without one, ngram -> draft -> target and a tree draft -> target. Rows name the plugins
+    """The pyramid rows: target alone, ngram -> target, 2-stage exact with each draft (and the
+    draft with the adaptive length schedule and a confidence stop), then with a qualifier the
+    3-stage ``sd`` chain, the same with block verification at both boundaries, ``psd-a`` and
+    ``psd-f`` (lossy: PyramidSD's policies at the ``sd`` row's block lengths) and token trees at
+    the bottom of the 2- and 3-stage chains; without one, ngram -> draft -> target and a tree
+    draft -> target. Rows name the plugins
     they benchmark; a row whose plugin is not loaded is reported as not run."""
     ell2 = tuple(lengths2) if lengths2 else (4,)
     ell3 = tuple(lengths3) if lengths3 else (4, 8)
@@ -97,6 +104,8 @@ def default_configs(
         BenchConfig(TARGET_ALONE, (target,)),
         BenchConfig("ngram→target", (ngram, target), ("exact",), ell2),
         BenchConfig("draft→target", (draft, target), ("exact",), ell2),
+        BenchConfig("draft→target, adaptive ℓ, stop < 0.4", (draft, target), ("exact",), ell2,
+                    length_schedule="adaptive", confidence_stop=0.4),
     ]
     if qualifier is None:
         return rows + [
@@ -105,6 +114,7 @@ def default_configs(
         ]
     rows.append(BenchConfig("qualifier→target", (qualifier, target), ("exact",), (qualifier_length or ell3[1],)))
     rows.append(BenchConfig("sd: draft→qualifier→target", (draft, qualifier, target), ("exact", "exact"), ell3))
+    rows.append(BenchConfig("sd, block: draft→qualifier→target", (draft, qualifier, target), ("block", "block"), ell3))
     for name in ("psd-a", "psd-f"):
         rows.append(BenchConfig(f"{name}: draft→qualifier→target", (draft, qualifier, target), block_lengths=ell3,
                                 preset=name, lossless=False))
@@ -147,21 +157,28 @@ class _ForwardCosts:
         return out
 
 
+Job = tuple[int, list[int], int]
+"""(prompt index, prompt token ids, seed): one generation of a row."""
+
+
 def _pyramid_row(
     cfg: BenchConfig,
     pipe: Pipeline,
-    encoded: list[list[int]],
+    jobs: list[Job],
     prompt_ids: list[str],
     refs: list[list[int]] | None,
     max_new_tokens: int,
     costs: _ForwardCosts,
+    quality: _Quality | None,
 ) -> BenchRow:
-    pipe.generate(encoded[0], min(2, max_new_tokens))  # warm-up (first-call allocations)
+    pipe.generate(jobs[0][1], min(2, max_new_tokens))  # warm-up (first-call allocations)
     runs: list[Metrics] = []
+    outputs: list[list[int]] = []
     bad: list[str] = []
-    for i, ids in enumerate(encoded):
-        gen = pipe.generate(ids, max_new_tokens, seed=i)
+    for i, ids, seed in jobs:
+        gen = pipe.generate(ids, max_new_tokens, seed=seed)
         runs.append(gen.metrics)
+        outputs.append(gen.token_list)
         if refs is not None and gen.token_list != refs[i]:
             bad.append(prompt_ids[i])
     m = Metrics.pool(runs)
@@ -181,10 +198,35 @@ def _pyramid_row(
     if cfg.tree is not None:
         row.note = "token tree: the chain latency model does not apply (no prediction)"
     elif all(math.isfinite(a) for a in alphas) and row.tokens:
-        _predict(row, pipe, m, alphas, len(encoded), costs)
+        _predict(row, pipe, m, alphas, len(jobs), costs)
     if m.boundaries and m.stages[0].forwards == 0:
         row.note = (row.note + "; " if row.note else "") + "model-free first stage: its time counts as overhead (T_1 = 0)"
+    if quality is not None:  # after the timing: the NLL forwards are not part of the row's time
+        quality.score(row, [(ids, out) for (_, ids, _), out in zip(jobs, outputs)])
     return row
+
+
+@attrs.define
+class _Quality:
+    """Sampled benches: the mean NLL of each row's text under the target, and its difference
+    from the target's own samples (the first row scored, the target alone) with a 95% interval
+    (normal approximation over the generations: 1.96 sqrt(var_a / n_a + var_b / n_b))."""
+
+    target: Stage
+    reference: list[float] | None = None
+
+    def score(self, row: BenchRow, texts: list[tuple[list[int], list[int]]]) -> None:
+        values = [v for ids, out in texts if math.isfinite(v := target_nll(self.target, ids, out))]
+        if not values:
+            return
+        row.nll = statistics.fmean(values)
+        if self.reference is None:
+            self.reference = values
+        ref = self.reference
+        row.nll_delta = row.nll - statistics.fmean(ref)
+        spread = (statistics.variance(values) / len(values) if len(values) > 1 else 0.0) + \
+                 (statistics.variance(ref) / len(ref) if len(ref) > 1 else 0.0)
+        row.nll_delta_ci95 = 1.96 * math.sqrt(spread)
 
 
 def _predict(row: BenchRow, pipe: Pipeline, m: Metrics, alphas: list[float], prompts: int,
@@ -197,68 +239,22 @@ def _predict(row: BenchRow, pipe: Pipeline, m: Metrics, alphas: list[float], pro
     as the planner measures it: ``measure.measure_proposer_alpha``), since rounds where it
     proposes nothing never enter the per-position counts."""
     per_prompt = max(1, round(row.tokens / prompts))
+    lengths: list[int | dict[int, float]] = list(pipe.block_lengths)
+    if pipe.length_schedule != "fixed":  # the lengths the schedule chose, as realised
+        lengths = list(length_distributions(m))
+    elif pipe.confidence_stop and m.stages[0].forwards:  # the bottom's blocks ended by its confidence
+        lengths[0] = length_distributions(m)[0]
     if len(pipe.stages) == 2 and m.stages[0].forwards == 0 and m.target_forwards:
         alphas = [alpha_for_tokens_per_forward(m.tokens_per_target_forward, pipe.block_lengths[0], per_prompt)]
     # a verification feeds at most ell + 2 tokens, stage 1's first draft step at most N
     max_m = max([len(pipe.stages), *(ell + 2 for ell in pipe.block_lengths)])
     stage_costs: list[float | ForwardCost] = [
         costs(s, max_m) if isinstance(s, Stage) else st.seconds_per_forward for s, st in zip(pipe.stages, m.stages)]
-    pred = predict_chain(alphas, list(pipe.block_lengths), stage_costs, new_tokens=per_prompt)
+    pred = predict_chain(alphas, lengths, stage_costs, new_tokens=per_prompt)
     prefill = sum(st.prefill_s for st in m.stages) / prompts
     alone = m.stages[-1].prefill_s / prompts + per_prompt * pred.target_time_per_token
     row.predicted_speedup = alone / (prefill + per_prompt * pred.time_per_token)
     row.predicted_tokens_per_target_forward = pred.tokens_per_target_forward
-
-
-PLAIN_HF = (HF_GENERATE, HF_GENERATE_COMPILED, HF_GENERATE_STATIC)
-
-
-def _hf_rows(
-    target: HFStage,
-    draft: Stage,
-    qualifier: Stage | None,
-    encoded: list[list[int]],
-    prompt_ids: list[str],
-    max_new_tokens: int,
-    stop_ids: list[int],
-    lengths2: Sequence[int] | None,
-    lengths3: Sequence[int] | None,
-    qualifier_length: int | None,
-    prompt_lookup_tokens: int,
-    hf_compile: bool,
-    progress: bool,
-) -> tuple[list[BenchRow], list[list[int]] | None]:
-    """The HF rows, and the greedy reference of the pyramid rows: the target's own greedy output
-    in the pyramid rows' execution mode -- HF generate over the compiled stage when the target
-    is compiled, plain HF generate otherwise (SPEC "Compiled stages"). Eager HF rows (assisted,
-    prompt lookup) are checked against plain HF generate; the other compiled rows say on how
-    many prompts they agree with it."""
-    # each assistant drafts as many tokens per round as our 2-stage row with the same draft
-    assistants: list[tuple[str, HFStage, int]] = []
-    if isinstance(draft, HFStage):
-        assistants.append(("draft", draft, lengths2[0] if lengths2 else 4))
-    if isinstance(qualifier, HFStage):
-        assistants.append(("qualifier", qualifier, qualifier_length or (lengths3[1] if lengths3 else 8)))
-    runs = run_baselines(target, encoded, max_new_tokens=max_new_tokens, stop_ids=stop_ids, assistants=assistants,
-                         prompt_lookup_tokens=prompt_lookup_tokens, compiled=target.compiled,
-                         static_compile=hf_compile, progress=progress)
-    outputs = {r.label: [list(o) for o in r.outputs] for r in runs if r.ran}
-    eager = outputs.get(HF_GENERATE)
-    rows = []
-    for run in runs:
-        row = BenchRow(run.label, "hf", tokens=sum(len(o) for o in run.outputs), wall_s=run.wall_s,
-                       target_forwards=run.target_forwards, note=run.note)
-        if run.ran and eager is not None:
-            bad = [pid for pid, o, r in zip(prompt_ids, outputs[run.label], eager) if o != r]
-            if run.label in (HF_GENERATE_COMPILED, HF_GENERATE_STATIC):  # another execution mode
-                row.note = (f"compiled: greedy output equal to eager HF generate on {len(encoded) - len(bad)} of "
-                            f"{len(encoded)} prompts (float rounding may flip near-ties)")
-                row.identical = True if run.label == HF_GENERATE_COMPILED else None
-            else:
-                row.identical, row.mismatched_prompts = not bad, bad
-        rows.append(row)
-    refs = outputs.get(HF_GENERATE_COMPILED) if target.compiled else eager
-    return rows, refs
 
 
 def run_bench(
@@ -279,14 +275,19 @@ def run_bench(
     chat: bool = True,
     hf: bool = True,
     hf_compile: bool = False,
+    sampling: SamplingConfig | None = None,
+    seeds: int = 1,
     progress: bool = True,
     regs: Registries | None = None,
     log: RecordLog | None = None,
 ) -> BenchResult:
-    """Benchmark greedy decoding of ``prompts`` with HF and pyramid configurations (module
-    docstring). ``target`` and ``draft`` are loaded model stages (``HFStage`` for the HF rows);
-    ``configs`` replaces the default pyramid rows, ``extra`` adds rows after them;
-    ``hf_compile`` adds HF generate with a static cache and ``torch.compile``.
+    """Benchmark decoding of ``prompts`` with HF and pyramid configurations (module docstring).
+    ``target`` and ``draft`` are loaded model stages (``HFStage`` for the HF rows); ``configs``
+    replaces the default pyramid rows, ``extra`` adds rows after them; ``hf_compile`` adds HF
+    generate with a static cache and ``torch.compile``. Greedy by default (every lossless row
+    asserted token-identical to the target); with a sampling ``sampling``, every prompt is run
+    with ``seeds`` seeds and every row reports the NLL of its text under the target next to the
+    target's own samples (``BenchRow.nll_delta``).
 
     ``log``: each finished piece -- the HF rows with the greedy reference, then each pyramid
     row with the T(M) measured so far -- is appended as soon as it is measured, and pieces the
@@ -300,26 +301,33 @@ def run_bench(
         raise ConfigError(f"bench needs a target stage with a tokenizer (to encode the prompts); {target.name!r} has none")
     encoded = [encode_prompt(tok, p.text, chat) for p in prompts]
     prompt_ids = [p.id for p in prompts]
-    greedy = SamplingConfig.greedy()
-    base = PipelineSpec((target,), sampling=greedy).resolve(regs)
+    sampling = sampling or SamplingConfig.greedy()
+    if seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {seeds}")
+    greedy = sampling.is_greedy
+    seeds = 1 if greedy else seeds
+    jobs: list[Job] = [(i, ids, s * 1000 + i) for s in range(seeds) for i, ids in enumerate(encoded)]
+    base = PipelineSpec((target,), sampling=sampling).resolve(regs)
     stop_ids = list(base.stop_ids)
     rows: list[BenchRow] = []
     baselines: list[BenchRow] = []  # HF generate of the target alone, each configuration
     refs: list[list[int]] | None = None
     done = log.get("reference") if log is not None else None
     if done is not None:  # a resumed run: the HF rows and the reference as measured before
-        hf_rows, refs = [BenchRow.from_dict(r) for r in done["hf_rows"]], done["refs"]
+        hf_row_list, refs = [BenchRow.from_dict(r) for r in done["hf_rows"]], done["refs"]
     else:
-        hf_rows = []
+        hf_row_list = []
         if hf and isinstance(target, HFStage):
-            hf_rows, refs = _hf_rows(target, draft, qualifier, encoded, prompt_ids, max_new_tokens, stop_ids,
-                                     lengths2, lengths3, qualifier_length, prompt_lookup_tokens, hf_compile, progress)
-        if refs is None:  # no HF baseline: the reference is the target alone through pyramid
+            hf_row_list, refs = hf_rows(target, draft, qualifier, [ids for _, ids, _ in jobs], prompt_ids,
+                                        max_new_tokens, stop_ids, lengths2, lengths3, qualifier_length,
+                                        prompt_lookup_tokens, hf_compile, sampling, progress)
+        if refs is None and greedy:  # no HF baseline: the reference is the target alone through pyramid
             refs = [base.generate(ids, max_new_tokens).token_list for ids in encoded]
         if log is not None:
-            log.append("reference", {"hf_rows": [r.as_dict() for r in hf_rows], "refs": refs})
-    rows += hf_rows
-    baselines = [r for r in hf_rows if r.label in PLAIN_HF and r.tokens]
+            log.append("reference", {"hf_rows": [r.as_dict() for r in hf_row_list], "refs": refs})
+    rows += hf_row_list
+    baselines = [r for r in hf_row_list if r.label in PLAIN_HF and r.tokens]
+    quality = None if greedy else _Quality(target)
     todo = list(configs) if configs is not None else default_configs(
         target, draft, qualifier=qualifier, ngram=ngram, tree=tree, lengths2=lengths2, lengths3=lengths3,
         qualifier_length=qualifier_length)
@@ -334,12 +342,12 @@ def run_bench(
             costs.restore(done["forward_costs"])
             continue
         try:
-            pipe = cfg.spec(greedy, stop_ids).resolve(regs)
+            pipe = cfg.spec(sampling, stop_ids).resolve(regs)
         except PyramidError as exc:
             row = BenchRow(cfg.label, "pyramid", lossless=cfg.lossless,
                            note=f"not run: {type(exc).__name__}: {exc}"[:200])
         else:
-            row = _pyramid_row(cfg, pipe, encoded, prompt_ids, refs, max_new_tokens, costs)
+            row = _pyramid_row(cfg, pipe, jobs, prompt_ids, refs if greedy else None, max_new_tokens, costs, quality)
         rows.append(row)
         if log is not None:
             log.append(key, {"row": row.as_dict(), "forward_costs": costs.as_dict()})
@@ -350,6 +358,8 @@ def run_bench(
         r.speedup = r.tokens_per_s / ref_tps if r.tokens and ref_tps > 0 else math.nan
     meta = {
         "prompts": len(prompts),
+        "sampling": attrs.asdict(sampling),
+        "seeds": seeds,
         "prompt_ids": prompt_ids,
         "max_new_tokens": max_new_tokens,
         "target": target.name,
@@ -364,3 +374,4 @@ def run_bench(
         "time": time.time(),
     }
     return BenchResult(rows, meta)
+

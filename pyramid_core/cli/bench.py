@@ -6,14 +6,16 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyramid_core.cli.common import (
+    _sampling_field,
     block_length,
     compile_arg,
     int_at_least,
     nonfinite_arg,
     pipeline_spec,
+    sampling,
     sampling_args,
 )
 
@@ -41,8 +43,15 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
                    help="block length of the qualifier->target row (default: the 3-stage rows' second length)")
     p.add_argument("--prompt-lookup-tokens", type=int_at_least(1), default=10,
                    help="HF prompt_lookup_num_tokens (default 10)")
-    p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
+    p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set), or a Spec-Bench "
+                                     "question file (data/spec_bench/question.jsonl): then every method answers its "
+                                     "questions turn by turn and Spec-Bench answer files are written")
     p.add_argument("--per-kind", type=int_at_least(1), default=1, help="prompts per task kind (default 1)")
+    p.add_argument("--per-group", type=int_at_least(1), default=None, metavar="N",
+                   help="Spec-Bench: the first N questions of each group (mt_bench, translation, summarization, qa, "
+                        "math_reasoning, rag); default all 480")
+    p.add_argument("--on-too-long", choices=("error", "skip"), default="error",
+                   help="Spec-Bench: a question beyond the target's context length is an error (default) or skipped")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="default 64 (24 with --quick)")
     p.add_argument("--quick", action="store_true", help="2 prompts, 24 new tokens")
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
@@ -51,6 +60,12 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
                    help="also time HF generate with its static cache and torch.compile (as transformers documents "
                         "it; on a CPU compiling takes about a minute per distinct prompt length)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    g = p.add_argument_group("sampling (default greedy, with greedy identity asserted)")
+    g.add_argument("--temperature", type=_sampling_field("temperature"), default=0.0,
+                   help="> 0: a sampled bench with quality (NLL vs target)")
+    g.add_argument("--top-k", type=int_at_least(0, " (0 = off)"), default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=_sampling_field("top_p"), default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    g.add_argument("--seeds", type=int_at_least(1), default=3, help="seeds per prompt when sampling (default 3)")
     p.add_argument("--out", default="out/bench",
                    help="output folder for bench.json, bench.md, bench.png; checked before anything runs. Each "
                         "finished configuration is also appended to bench.partial.jsonl there, and a rerun with the "
@@ -85,17 +100,20 @@ def run_bench(ns: argparse.Namespace) -> int:
     from pyramid_core.plugins import registries
     from pyramid_core.prompts import load_prompts
     from pyramid_core.protocols import Stage
+    from pyramid_core.specbench import is_specbench_file
 
     out = output_dir(ns.out, "--out")  # before anything runs
     lengths2, lengths3 = _lengths(ns.lengths2, 1, "--lengths-2"), _lengths(ns.lengths3, 2, "--lengths-3")
     if ns.device:
         check_device(ns.device)
     regs = registries()
-    per_kind, max_new = (1, 24) if ns.quick else (ns.per_kind, 64)
+    specbench = bool(ns.prompts) and is_specbench_file(ns.prompts)
+    per_kind, max_new = (1, 24) if ns.quick else (ns.per_kind, 128 if specbench else 64)
     max_new = ns.max_new_tokens if ns.max_new_tokens is not None else max_new
-    prompts = load_prompts(ns.prompts, per_kind=per_kind)
-    if ns.quick:
-        prompts = prompts[:2]
+    if not specbench:
+        prompts = load_prompts(ns.prompts, per_kind=per_kind)
+        if ns.quick:
+            prompts = prompts[:2]
     needs_chain = not (ns.target and ns.draft and ns.qualifier and ns.lengths2 and ns.lengths3)
     chain = default_chain(regs, purpose="`pyramid bench` takes the stages and lengths not given from it") \
         if needs_chain else None
@@ -117,13 +135,16 @@ def run_bench(ns: argparse.Namespace) -> int:
     target, draft = loaded["--target"], loaded["--draft"]
     assert target is not None and draft is not None
     chain_lengths = list(chain.block_lengths) if chain is not None else []
+    lengths2 = lengths2 or chain_lengths[:1] or None
+    lengths3 = lengths3 or (chain_lengths if len(chain_lengths) == 2 else None)
+    if specbench:
+        return _specbench(ns, out, target, draft, loaded["--qualifier"], max_new, lengths2, lengths3, regs)
     log = _open_log(out / "bench.partial.jsonl", ns, "bench")
     result = run_bench(target, draft, prompts, max_new_tokens=max_new, ngram=ns.ngram, tree=ns.tree,
-                       lengths2=lengths2 or chain_lengths[:1] or None,
-                       lengths3=lengths3 or (chain_lengths if len(chain_lengths) == 2 else None),
+                       lengths2=lengths2, lengths3=lengths3,
                        qualifier=loaded["--qualifier"], qualifier_length=ns.qualifier_length,
                        prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat, hf_compile=ns.hf_compile,
-                       regs=regs, log=log)
+                       sampling=sampling(ns), seeds=ns.seeds, regs=regs, log=log)
     files = write_bench(result, out)
     print(result.to_markdown())
     print("wrote " + ", ".join(str(f) for f in files) + f" (and {log.path}, one line per finished configuration)")
@@ -148,8 +169,30 @@ def _open_log(path: Path, ns: argparse.Namespace, command: str) -> RecordLog:
     return log
 
 
+def _specbench(ns: argparse.Namespace, out: Path, target: Any, draft: Any, qualifier: Any, max_new: int,
+               lengths2: list[int] | None, lengths3: list[int] | None, regs: Any) -> int:
+    """``pyramid bench --prompts question.jsonl``: the Spec-Bench run (``bench.run_specbench``)."""
+    import json
+
+    from pyramid_core.bench import run_specbench
+    from pyramid_core.specbench import load_questions
+
+    questions = load_questions(ns.prompts, per_group=1 if ns.quick else ns.per_group)
+    result = run_specbench(target, draft, questions, out / "specbench", qualifier=qualifier, max_new_tokens=max_new,
+                           lengths2=lengths2, lengths3=lengths3, tree=ns.tree, on_too_long=ns.on_too_long, regs=regs)
+    md = result.to_markdown()
+    (out / "specbench.md").write_text(md)
+    (out / "specbench.json").write_text(json.dumps({"baseline": result.baseline, "report": result.report,
+                                                    "skipped": list(result.skipped),
+                                                    "answer_files": [str(f) for f in result.files]}, indent=2))
+    print(md)
+    print("wrote " + ", ".join(str(f) for f in [out / "specbench.md", out / "specbench.json", *result.files]))
+    return 0
+
+
 def configure_sweep(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument("--preset", required=True, help="fsd | psd-a | psd-f | sd (or a plugin's)")
+    p.add_argument("--preset", required=True, action="append",
+                   help="fsd | psd-a | psd-f | sd (or a plugin's); repeat to plot several presets' frontiers")
     p.add_argument("--stage", action="append", metavar="SPEC",
                    help="stages smallest first (default: the default chain, the distilled SmolLM2 family)")
     p.add_argument("--taus", default="0.1,0.3,0.5,0.7", help="comma-separated tau values (every fuzzy boundary)")
@@ -205,7 +248,8 @@ def run_sweep(ns: argparse.Namespace) -> int:
         check_device(ns.device)
     regs = registries()
     prompts = load_prompts(ns.prompts, per_kind=ns.per_kind)
-    ns.policy, ns.length = None, None
+    presets = list(ns.preset)
+    ns.policy, ns.length, ns.preset = None, None, presets[0]
     spec = pipeline_spec(ns, ns.stage or (), device=ns.device)
     n = len(spec.plan(regs)[0])  # the preset and the stage count, before anything is written
     if grid is not None:
@@ -214,9 +258,9 @@ def run_sweep(ns: argparse.Namespace) -> int:
                 raise ConfigError(f"--length-grid {','.join(map(str, g))}: {n} stages need {n - 1} block length(s)")
     log = _open_log(out / "sweep.partial.jsonl", ns, "sweep")
     points = run_sweep(spec, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
-                       chat=ns.chat, regs=regs, log=log)
+                       chat=ns.chat, presets=presets, regs=regs, log=log)
     stages = [str(s) for s in spec.plan(regs)[0]]
-    files = write_sweep(points, out, title=f"{ns.preset}: {' -> '.join(stages)}")
+    files = write_sweep(points, out, title=f"{', '.join(presets)}: {' -> '.join(stages)}")
     print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'exact':>6} {'agree':>6}  "
           "acceptance per try | accepted/proposed")
     for p in points:

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pyramid_core.cli.common import int_at_least, pipeline_args, sampling, sampling_args
 
@@ -24,6 +25,10 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
                         "(also runs the chain draft to report the acceptance gain); 0 = chain")
     p.add_argument("--no-replacement", dest="replacement", action="store_false",
                    help="tree candidates drawn without replacement (Sequoia) instead of i.i.d. (SpecInfer)")
+    p.add_argument("--compare", metavar="POLICY,POLICY,...",
+                   help="run each policy (at every boundary) on the same tables and seeds and print one row per "
+                        "rule, e.g. --compare exact,block (trees: --tree 3 --compare exact,traversal); nested specs "
+                        "with parameters in parentheses")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     sampling_args(p, default_temperature=1.0)
     return run
@@ -41,8 +46,11 @@ def run(ns: argparse.Namespace) -> int:
     dists = [parse_dist(d, name=f"--dist #{i + 1} (stage {i + 1})") for i, d in enumerate(ns.dist)]
     n = len(dists)
     regs = registries()
+    if ns.compare:
+        return _compare(ns, dists, regs)
     common = {"preset": ns.preset, "samples": ns.samples, "seed": ns.seed, "sampling": sampling(ns),
-              "new_tokens": ns.new_tokens, "regs": regs}
+              "new_tokens": ns.new_tokens, "length_schedule": ns.length_schedule,
+              "confidence_stop": ns.confidence_stop, "regs": regs}
     t0 = time.perf_counter()
     res = run_check(dists, ns.policy, ns.length, tree=ns.tree, replacement=ns.replacement, **common)
     elapsed = time.perf_counter() - t0
@@ -80,4 +88,41 @@ def run(ns: argparse.Namespace) -> int:
                   + (f"   (chain draft: {chain.tokens_per_forward[k]:.3f})" if chain else ""))
         print(f"tokens per target forward {res.tokens_per_target_forward:.3f}"
               + (f"   (chain draft: {chain.tokens_per_target_forward:.3f})" if chain else ""))
+    return 0
+
+
+def _compare(ns: argparse.Namespace, dists: list[list[float]], regs: Any) -> int:
+    """``--compare``: every rule on the same tables, lengths, sampling and seed."""
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.registry import split_top
+    from pyramid_core.testing.exactness import run_check
+
+    if ns.policy or ns.preset:
+        raise ConfigError("--compare names the policies itself; drop --policy / --preset")
+    rules = [r.strip() for r in split_top(ns.compare) if r.strip()]
+    rules = [r[1:-1].strip() if r.startswith("(") and r.endswith(")") else r for r in rules]
+    if not rules:
+        raise ConfigError(f"--compare needs one or more policy specs, got {ns.compare!r}")
+    n = len(dists)
+    results = []
+    for rule in rules:
+        t0 = time.perf_counter()
+        res = run_check(dists, [rule] * (n - 1), ns.length, samples=ns.samples, seed=ns.seed, sampling=sampling(ns),
+                        tree=ns.tree, replacement=ns.replacement, new_tokens=ns.new_tokens,
+                        length_schedule=ns.length_schedule, confidence_stop=ns.confidence_stop, regs=regs)
+        results.append((rule, res, time.perf_counter() - t0))
+    if ns.json:
+        print(json.dumps({"compare": [{"policy": rule, "elapsed_s": dt, **res.as_dict()} for rule, res, dt in results]}))
+        return 0
+    first = results[0][1]
+    shape = "chain" if not ns.tree else f"tree draft ({ns.tree} candidates per position)"
+    print(f"{n}-stage pipeline, {shape}, block lengths {first.block_lengths}, {first.samples} samples x "
+          f"{first.new_tokens} tokens, seed {ns.seed}, every rule on the same tables and seeds")
+    bounds = [f"{k + 1}->{k + 2}" for k in range(n - 1)]
+    print("| policy | " + " | ".join(f"acceptance {b}" for b in bounds) + " | tokens per target forward | TV | "
+          "chi-square p |")
+    print("|" + "---|" * (len(bounds) + 4))
+    for rule, res, _ in results:
+        print(f"| {rule} | " + " | ".join(f"{a:.4f}" for a in res.acceptance)
+              + f" | {res.tokens_per_target_forward:.3f} | {res.tv:.4f} | {res.p_value:.3g} |")
     return 0

@@ -11,6 +11,7 @@ from typing import Any
 from pyramid_core.argtypes import block_length, int_at_least
 from pyramid_core.build import PipelineSpec
 from pyramid_core.errors import ConfigError
+from pyramid_core.schedule import SCHEDULES
 from pyramid_core.types import SamplingConfig
 from pyramid_core.validate import NONFINITE_MODES
 
@@ -57,6 +58,12 @@ def pipeline_args(p: argparse.ArgumentParser, *, default_length: str) -> None:
     p.add_argument("--length", action="append", type=block_length, metavar="L",
                    help=f"block length per boundary, smallest first, never decreasing upwards (default {default_length})")
     p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths")
+    p.add_argument("--length-schedule", choices=sorted(SCHEDULES), default="fixed",
+                   help="fixed block lengths, or adaptive: +2 after a fully accepted block, -1 otherwise "
+                        "(Hugging Face's heuristic schedule), at every boundary; exact either way")
+    p.add_argument("--confidence-stop", type=float, default=0.0, metavar="P",
+                   help="a model draft ends its block after a token whose row's largest probability is below P "
+                        "(like HF's assistant_confidence_threshold; 0 = off); exact")
 
 
 def compile_arg(p: argparse.ArgumentParser) -> None:
@@ -83,4 +90,7 @@ def pipeline_spec(ns: argparse.Namespace, stages: Sequence[Any], *, default_leng
     if lengths is None and default_length is not None and ns.preset is None and stages:
         lengths = [default_length] * (len(stages) - 1)
     return PipelineSpec(tuple(stages), ns.policy, lengths, ns.preset, tree, sampling(ns), device,
-                        compile=getattr(ns, "compile", None), on_nonfinite=getattr(ns, "nonfinite", "raise"))
+                        compile=getattr(ns, "compile", None),
+                        length_schedule=getattr(ns, "length_schedule", "fixed"),
+                        confidence_stop=getattr(ns, "confidence_stop", 0.0),
+                        on_nonfinite=getattr(ns, "nonfinite", "raise"))

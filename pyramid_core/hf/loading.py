@@ -109,7 +109,16 @@ def load_tokenizer(path: Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except ValueError:
+        # transformers 5 saves fast tokenizers as class "TokenizersBackend", which 4.x does not
+        # know; both read the same tokenizer.json
+        if not (path / "tokenizer.json").is_file():
+            raise
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
 
 
 def _load_student(path: Path, *, device: torch.device, dtype: torch.dtype) -> Any:

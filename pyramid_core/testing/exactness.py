@@ -114,6 +114,8 @@ def run_check(
     tree: int = 0,
     replacement: bool = True,
     new_tokens: int = 1,
+    length_schedule: str = "fixed",
+    confidence_stop: float = 0.0,
     regs: Registries | None = None,
 ) -> CheckResult:
     """Sample the first ``new_tokens`` generated tokens ``samples`` times through the real
@@ -137,7 +139,8 @@ def run_check(
     stages: list[Any] = [TableModel(d, name=f"stage {i + 1}") for i, d in enumerate(dists)]
     if lengths is None and preset is None:
         lengths = [1] * (len(dists) - 1)
-    spec = PipelineSpec(stages, policies, lengths, preset, sampling=sampling, stop_ids=())
+    spec = PipelineSpec(stages, policies, lengths, preset, sampling=sampling, stop_ids=(),
+                        length_schedule=length_schedule, confidence_stop=confidence_stop)
     pipe = spec.resolve(regs)  # validates the lengths
     ells = list(pipe.block_lengths)
     if tree and sum(tree**d for d in range(1, ells[0] + 1)) > MAX_TREE_NODES:

@@ -1,0 +1,121 @@
+"""``pyramid bench`` on a Spec-Bench question file: every method answers the questions turn by
+turn (``pyramid_core.specbench``), and answer files plus a per-group report come out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from pyramid_core.bench.report import TARGET_ALONE
+from pyramid_core.bench.run import default_configs
+from pyramid_core.build import PipelineSpec
+from pyramid_core.errors import ConfigError
+from pyramid_core.hf.baseline import HF_GENERATE, HF_GENERATE_COMPILED
+from pyramid_core.hf.stage import HFStage
+from pyramid_core.pipeline import Pipeline
+from pyramid_core.plugins import Registries, registries
+from pyramid_core.prompts import encode_prompt
+from pyramid_core.protocols import Stage, tokenizer_of
+from pyramid_core.types import SamplingConfig
+
+__all__ = ["SPEC_BENCH_ROWS", "SpecBenchResult", "run_specbench"]
+
+
+SPEC_BENCH_ROWS = (TARGET_ALONE, "ngram→target", "draft→target", "sd: draft→qualifier→target", "tree draft→target")
+"""The pyramid rows a Spec-Bench run answers every question with (each costs a full pass)."""
+
+
+@attrs.frozen
+class SpecBenchResult:
+    """Per method the answers, the per-group report, the answer files, skipped questions."""
+
+    answers: dict[str, list[Any]]
+    report: dict[str, dict[str, dict[str, float]]]
+    baseline: str
+    files: tuple[Path, ...]
+    skipped: tuple[Any, ...]
+
+    def to_markdown(self) -> str:
+        from pyramid_core.specbench import report_markdown
+
+        text = report_markdown(self.report, self.baseline)
+        if self.skipped:
+            text += f"\nSkipped (beyond the context length): {len(self.skipped)} question(s): {list(self.skipped)}\n"
+        return text
+
+
+def run_specbench(
+    target: Stage,
+    draft: Stage,
+    questions: Sequence[Any],
+    out_dir: str | Path,
+    *,
+    qualifier: Stage | None = None,
+    max_new_tokens: int = 256,
+    lengths2: Sequence[int] | None = None,
+    lengths3: Sequence[int] | None = None,
+    tree: str = "tree:budget=8,branching=4",
+    on_too_long: str = "error",
+    progress: bool = True,
+    regs: Registries | None = None,
+) -> SpecBenchResult:
+    """Answer Spec-Bench ``questions`` (``pyramid_core.specbench``) greedily with HF generate of
+    the target (the baseline; over the compiled stage when the target is compiled, the fastest
+    HF configuration here) and the ``SPEC_BENCH_ROWS`` pipelines; write one Spec-Bench answer file
+    per method under ``out_dir`` and report speedup and accept length per group."""
+    import torch
+
+    from pyramid_core.specbench import answer_questions, group_report, model_id, write_answers
+
+    regs = regs or registries()
+    tok = tokenizer_of(target)
+    if tok is None or not isinstance(target, HFStage):
+        raise ConfigError("a Spec-Bench run needs a Hugging Face target with a tokenizer")
+    greedy = SamplingConfig.greedy()
+    base = PipelineSpec((target,), sampling=greedy).resolve(regs)
+    stop_ids = list(base.stop_ids)
+    limit = getattr(target.model.config, "max_position_embeddings", None)
+    module = target.runner
+
+    def hf_generate(ids: list[int], seed: int) -> tuple[list[int], float, int, list[int]]:
+        x = torch.tensor([ids], dtype=torch.long, device=target.device)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = module.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=stop_ids[0] if stop_ids else 0,
+                                  eos_token_id=stop_ids or None)
+            seconds = time.perf_counter() - t0
+        tokens = [int(t) for t in out[0, len(ids):].tolist()]
+        return tokens, seconds, len(tokens), [1] * len(tokens)
+
+    methods: dict[str, Any] = {HF_GENERATE_COMPILED if target.compiled else HF_GENERATE: hf_generate}
+    configs = [c for c in default_configs(target, draft, qualifier=qualifier, tree=tree, lengths2=lengths2,
+                                          lengths3=lengths3) if c.label in SPEC_BENCH_ROWS]
+    for cfg in configs:
+        pipe = cfg.spec(greedy, stop_ids).resolve(regs)
+
+        def pyramid_generate(ids: list[int], seed: int, pipe: Pipeline = pipe) -> tuple[list[int], float, int, list[int]]:
+            gen = pipe.generate(ids, max_new_tokens, seed=seed)
+            m = gen.metrics
+            top = m.boundaries[-1] if m.boundaries else None
+            accepts = [a + 1 for a, c in enumerate(top.accepted_hist) for _ in range(c)] if top else [1] * m.new_tokens
+            return gen.token_list, m.wall_s, m.target_forwards, accepts
+
+        methods[cfg.label] = pyramid_generate
+    answers: dict[str, list[Any]] = {}
+    skipped: set[Any] = set()
+    for name, generate in methods.items():
+        generate(encode_prompt(tok, "Hello.", True), 0)  # warm-up
+        answers[name], skip = answer_questions(generate, tok, questions, max_new_tokens=max_new_tokens,
+                                               context_limit=limit, on_too_long=on_too_long, progress=progress,
+                                               label=name)
+        skipped |= set(skip)
+    baseline = next(iter(methods))
+    out = Path(out_dir)
+    files = tuple(write_answers(out / f"{model_id(target.name, name)}.jsonl", model_id(target.name, name), a)
+                  for name, a in answers.items())
+    return SpecBenchResult(answers, group_report(answers, baseline), baseline, files, tuple(sorted(skipped, key=str)))
