@@ -137,4 +137,4 @@ def test_bench_quick_smollm2(tmp_path: Path) -> None:
     goals = data["goals"]
     assert goals["sd_3stage_speedup"] > 0 and goals["best_hf_assisted"].startswith("HF assisted")
     assert 0 <= goals["max_overhead_fraction"] < 1
-    assert "Goals (ratios from this run)" in (tmp_path / "bench.md").read_text()
+    assert "Goals (ratios from this run;" in (tmp_path / "bench.md").read_text()
