@@ -140,7 +140,7 @@ def test_an_interrupted_sweep_keeps_its_points_and_resumes(stages: tuple[HFStage
         with pytest.raises(Interrupted):
             run_sweep(spec, [0.2, 0.5], PROMPTS, log=RecordLog(path, {"run": 1}), **kwargs)
     keys = [json.loads(line).get("key") for line in path.read_text().splitlines()]
-    assert keys == [None, "refs", "target alone", "tau=0.2 lengths=2", "tau=0.5 lengths=2"]
+    assert keys == [None, "refs", "target alone", "fsd tau=0.2 lengths=2", "fsd tau=0.5 lengths=2"]
     with monkeypatch.context() as m:
         calls = _interrupt_on(m, sweep_module, "_measure", 99)
         points = run_sweep(spec, [0.2, 0.5], PROMPTS, log=RecordLog(path, {"run": 1}), **kwargs)
