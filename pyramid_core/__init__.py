@@ -7,7 +7,14 @@ from pyramid_core.build import (
     make_policy,
     make_stage,
 )
-from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
+from pyramid_core.errors import (
+    ConfigError,
+    NonFiniteError,
+    PluginError,
+    PyramidError,
+    StageOutputError,
+    TokenizerMismatchError,
+)
 from pyramid_core.pipeline import Generation, Metrics, Pipeline
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, Verifier
 from pyramid_core.rng import Rng
@@ -22,6 +29,7 @@ __all__ = [
     "ConfigError",
     "Generation",
     "Metrics",
+    "NonFiniteError",
     "Pipeline",
     "PipelineSpec",
     "PluginError",
@@ -30,6 +38,7 @@ __all__ = [
     "Rng",
     "SamplingConfig",
     "Stage",
+    "StageOutputError",
     "StageStats",
     "TokenizerMismatchError",
     "Verdict",

@@ -15,13 +15,15 @@ from typing import Any
 
 import attrs
 
-from pyramid_core.errors import ConfigError, PluginError, TokenizerMismatchError
+from pyramid_core.devices import check_device
+from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.presets import Chain, Preset
-from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, tokenizer_of
+from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, VerifiesTrees, tokenizer_of
 from pyramid_core.registry import parse_spec
 from pyramid_core.types import SamplingConfig
+from pyramid_core.validate import check_block_lengths, check_nonfinite_mode
 
 __all__ = [
     "PipelineSpec",
@@ -57,6 +59,7 @@ def make_stage(spec: StageLike, *, regs: Registries | None = None, vocab_size: i
         return regs.proposers.create(spec, **overrides)
     if name in regs.backends:
         if device:
+            check_device(device)
             overrides["device"] = device
         if compile is not None and regs.backends.accepts(name, "compile") and "compile" not in parse_spec(spec)[1]:
             overrides["compile"] = str(compile).lower()
@@ -158,6 +161,12 @@ class PipelineSpec:
                     block, -1 otherwise; ``pyramid_core.schedule``), at every boundary
     confidence_stop: > 0: a model bottom stage ends its block after a token whose row's largest
                     probability is below this (0: off)
+    on_nonfinite:   ``"raise"`` (default) or ``"warn"``: what a NaN / +inf logit does
+                    (``Pipeline``)
+
+    ``resolve`` checks everything that needs no model first -- block lengths, policies, the
+    wrapper's name, a tree against the policy that verifies it, the device -- so a mistake is
+    reported before any stage is loaded.
     """
 
     stages: tuple[StageLike, ...] = attrs.field(default=(), converter=_stages)
@@ -171,10 +180,12 @@ class PipelineSpec:
     compile: bool | str | None = None
     length_schedule: str = "fixed"
     confidence_stop: float = 0.0
+    on_nonfinite: str = "raise"
 
     def __attrs_post_init__(self) -> None:
         if self.preset is not None and self.policies is not None:
             raise ConfigError(f"give either a preset ({self.preset!r}) or policies, not both")
+        check_nonfinite_mode(self.on_nonfinite)
 
     def plan(self, regs: Registries | None = None) -> tuple[tuple[StageLike, ...], list[PolicyLike], list[int]]:
         """(stages, a policy per boundary, a block length per boundary), defaults filled in and
@@ -197,7 +208,7 @@ class PipelineSpec:
         if lengths is None:
             lengths = chain_lengths if chain_lengths is not None else (DEFAULT_BLOCK_LENGTH,) * (n - 1)
         return (tuple(stages), _per_boundary(policies, n, "acceptance policies"),
-                _per_boundary(lengths, n, "block lengths"))
+                check_block_lengths(_per_boundary(lengths, n, "block lengths")))
 
     def load_stages(self, regs: Registries | None = None) -> list[Stage | Proposer]:
         """The stages, loaded: the target first (a proposer below it gets its vocabulary size),
@@ -224,23 +235,61 @@ class PipelineSpec:
         """The ``Pipeline`` this spec describes."""
         regs = regs or registries()
         specs, policy_specs, lengths = self.plan(regs)
+        policies = [make_policy(p, regs=regs) for p in policy_specs]
+        if self.tree is not None:
+            _check_wrapper(self.tree, regs)  # before any loading
+            if policies:
+                _check_tree_policy(self.tree, policies[0], policy_specs[0], regs)
         resolved = self.load_stages(regs)
         target = resolved[-1]
         stop_ids = self.stop_ids
         if stop_ids is None:
             eos = getattr(tokenizer_of(target), "eos_token_id", None)
             stop_ids = () if eos is None else (int(eos),)
-        policies = [make_policy(p, regs=regs) for p in policy_specs]
         if self.tree is not None:
             if len(resolved) < 2 or not isinstance(resolved[0], Stage):
                 raise ConfigError(
                     f"tree={self.tree!r} wraps the bottom model stage of a pipeline of at least 2 stages; "
                     f"stage 1 ({specs[0]!r}) is {'the target' if len(resolved) < 2 else 'not a model stage'}"
                 )
+            extra: dict[str, Any] = {}
+            if regs.wrappers.accepts(parse_spec(self.tree)[0], "on_nonfinite"):
+                extra["on_nonfinite"] = self.on_nonfinite
             resolved[0] = regs.wrappers.create(self.tree, stage=resolved[0], sampling=self.sampling,
-                                               stop_ids=list(stop_ids))
+                                               stop_ids=list(stop_ids), **extra)
         return Pipeline(resolved, policies, lengths, self.sampling, list(stop_ids), self.length_schedule,
-                        self.confidence_stop)
+                        self.confidence_stop, check_nonfinite_mode(self.on_nonfinite))
+
+
+def _check_wrapper(tree: str, regs: Registries) -> None:
+    """``tree`` names a registered stage wrapper (a stage's name given as the tree is named so)."""
+    name = parse_spec(tree)[0]
+    if name in regs.wrappers:
+        return
+    kind = "proposer" if name in regs.proposers else "backend" if name in regs.backends else None
+    if kind is not None:
+        raise PluginError(f"{regs.wrappers.unknown_message(name)}: {name!r} is a {kind}, a stage of its own -- "
+                          f"give it as a stage (--stage {tree}), not as the tree")
+    regs.wrappers.get(name)  # unknown: "did you mean"
+
+
+def _check_tree_policy(tree: str, policy: AcceptancePolicy, spec: PolicyLike, regs: Registries) -> None:
+    """A tree drafted into a policy that declares it verifies chains only (``VerifiesTrees``)."""
+    if not isinstance(policy, VerifiesTrees) or policy.verifies_trees:
+        return
+    able = []
+    for name in regs.policies.names():
+        try:
+            candidate = regs.policies.create(name)
+        except PyramidError:
+            continue
+        if isinstance(candidate, VerifiesTrees) and candidate.verifies_trees:
+            able.append(name)
+    raise ConfigError(
+        f"tree={tree!r} drafts token trees at boundary 1 -> 2, but its policy {spec if isinstance(spec, str) else policy!r} "
+        "verifies chains only; "
+        f"use a policy that verifies trees there ({', '.join(able) or 'none is loaded'}) or drop the tree"
+    )
 
 
 def build_pipeline(
@@ -257,15 +306,16 @@ def build_pipeline(
     length_schedule: str = "fixed",
     confidence_stop: float = 0.0,
     regs: Registries | None = None,
+    on_nonfinite: str = "raise",
 ) -> Pipeline:
     """``PipelineSpec(...).resolve(regs)``: policies default to the default policy (``exact``)
     at every boundary and block lengths to 4; a ``preset`` (e.g. ``"psd-f"``) supplies both
     instead (explicit ``block_lengths`` still win). ``stop_ids`` default to the target's EOS
     token. ``tree`` (e.g. ``"tree:branching=4-2-1,replacement=false"``) names a registered stage
     wrapper around the bottom model stage; ``compile``, ``length_schedule`` and
-    ``confidence_stop`` as in ``PipelineSpec``."""
+    ``confidence_stop`` as in ``PipelineSpec``; ``on_nonfinite``: ``"raise"`` or ``"warn"`` (``Pipeline``)."""
     if not stages:
         raise ConfigError("a pipeline needs at least one stage (the target)")
     spec = PipelineSpec(stages, policies, block_lengths, preset, tree, sampling or SamplingConfig(), device, stop_ids,
-                        compile, length_schedule, confidence_stop)
+                        compile, length_schedule, confidence_stop, on_nonfinite)
     return spec.resolve(regs)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["PyramidError", "ConfigError", "PluginError", "TokenizerMismatchError"]
+__all__ = [
+    "PyramidError",
+    "ConfigError",
+    "PluginError",
+    "TokenizerMismatchError",
+    "StageOutputError",
+    "NonFiniteError",
+    "NonFiniteWarning",
+]
 
 
 class PyramidError(Exception):
@@ -19,3 +27,15 @@ class PluginError(PyramidError, LookupError):
 
 class TokenizerMismatchError(ConfigError):
     """Two stages do not share a tokenizer."""
+
+
+class StageOutputError(PyramidError, ValueError):
+    """A stage returned rows the pipeline cannot use (the wrong shape, non-finite values)."""
+
+
+class NonFiniteError(StageOutputError, ArithmeticError):
+    """A stage returned NaN or +inf logits, or a row without any finite logit."""
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A stage returned non-finite logits and the pipeline dropped them (``on_nonfinite="warn"``)."""

@@ -86,7 +86,9 @@ def register_wrappers(register: Any) -> None:
     ``register(name, factory, description="")`` where ``factory(stage, *, sampling, stop_ids,
     **params)`` receives the resolved bottom ``Stage``, the pipeline's ``SamplingConfig`` and
     stop token ids, and returns a ``Proposer`` (e.g. ``tree``, which drafts token trees). Chosen
-    with ``PipelineSpec(tree=SPEC)`` / ``build_pipeline(..., tree=SPEC)`` / ``--tree SPEC``.
+    with ``PipelineSpec(tree=SPEC)`` / ``build_pipeline(..., tree=SPEC)`` / ``--tree SPEC``. A
+    factory that accepts ``on_nonfinite`` is also given the pipeline's ``"raise"`` / ``"warn"``
+    (what NaN or +inf logits of its stage do; ``pyramid_core.validate.score_checked``).
     """
 
 

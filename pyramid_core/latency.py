@@ -40,6 +40,7 @@ from typing import Any
 import attrs
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.validate import check_block_lengths
 
 __all__ = [
     "expected_tokens",
@@ -451,6 +452,10 @@ def predict_chain(
     an adaptive schedule, ``measure.length_distributions``): the steady state then averages
     tokens per round E(alpha, ell), tokens asked ell and the verification's T(ell + 1) over it,
     and the finite horizon draws ell per round (``_finite_horizon``).
+
+    Fixed block lengths must not decrease from the bottom boundary up, as in ``Pipeline``: a lower
+    length larger than the one above it cannot take effect (``validate.check_block_lengths``),
+    and predicting a cost for it would describe a pipeline that does not run.
     """
     n = len(forward_times)
     if n < 1:
@@ -461,6 +466,8 @@ def predict_chain(
             f"{len(alphas)} and {len(block_lengths)}"
         )
     alphas = [_check_alpha(a, f"alpha at boundary {k + 1} -> {k + 2}") for k, a in enumerate(alphas)]
+    if all(isinstance(ell, int) for ell in block_lengths):
+        block_lengths = check_block_lengths(block_lengths)  # the pipeline's rule: none can be capped
     dists = [_lengths(ell, k) for k, ell in enumerate(block_lengths)]
     costs = [as_forward_cost(t, f"stage {k + 1}") for k, t in enumerate(forward_times)]
     t_target = costs[-1].decode

@@ -125,7 +125,7 @@ def measure_pairwise_alpha(
     ordered pair, pooled over the prompts (``alpha[i][i] = 1``).
 
     For each j: its greedy continuation (up to ``new_tokens`` tokens, stopping after a stop
-    token) is generated once per prompt; every other stage i scores it in one call and alpha[i][j]
+    token) is generated once per prompt; every other stage i scores it in one call and ``alpha[i][j]``
     is the fraction of positions where i's argmax is j's token. Under greedy decoding exact
     rejection sampling accepts a drafted token iff it is the verifier's argmax, and the accepted
     text is the verifier's continuation, so this agreement rate is the per-token acceptance (at
@@ -265,7 +265,7 @@ def measure_stage_time(stage: Stage, context_len: int, repeats: int = 10, *, war
 
 @attrs.frozen
 class Measured:
-    """What ``measure_candidates`` found: T(M) per candidate (flat 0 for proposers), alpha[i][j]
+    """What ``measure_candidates`` found: T(M) per candidate (flat 0 for proposers), ``alpha[i][j]``
     for every ordered pair (NaN where not measured: proposers are never verifiers), the
     proposers."""
 

@@ -25,6 +25,7 @@ from pyramid_core.features import FeatureLinks, feature_links
 from pyramid_core.protocols import (
     AcceptancePolicy,
     CountsForwards,
+    HasContextLength,
     HasVocabulary,
     Proposer,
     Resettable,
@@ -34,6 +35,13 @@ from pyramid_core.protocols import (
 from pyramid_core.rng import Rng
 from pyramid_core.schedule import LengthSchedule, make_schedule
 from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats
+from pyramid_core.validate import (
+    NonFiniteMode,
+    check_block_lengths,
+    check_nonfinite_mode,
+    check_prompt,
+    score_checked,
+)
 
 __all__ = [
     "AutoregressiveProposer",
@@ -62,10 +70,12 @@ class StageVerifier:
     stage: Stage
     sampling: SamplingConfig
     stats: StageStats
+    on_nonfinite: NonFiniteMode = "raise"
 
     def verify(self, context: Tensor, block: Block) -> Tensor:
         t0 = time.perf_counter()
-        rows = self.sampling.transform(self.stage.score(context, block))
+        logits = score_checked(self.stage, context, block, name=self.stats.name, mode=self.on_nonfinite)
+        rows = self.sampling.transform(logits)
         sync(rows.device)
         self.stats.record(time.perf_counter() - t0, len(block) + 1)
         return rows
@@ -85,6 +95,7 @@ class AutoregressiveProposer:
     stats: StageStats
     stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
     confidence_stop: float = 0.0
+    on_nonfinite: NonFiniteMode = "raise"
 
     def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
         tokens: list[int] = []
@@ -93,7 +104,8 @@ class AutoregressiveProposer:
         ctx = context
         for _ in range(n):
             t0 = time.perf_counter()
-            row = self.sampling.transform(self.stage.score(ctx))[0]
+            logits = score_checked(self.stage, ctx, None, name=self.stats.name, mode=self.on_nonfinite)
+            row = self.sampling.transform(logits)[0]
             token = rng.categorical(row)  # .item() inside: also syncs the device
             self.stats.record(time.perf_counter() - t0, 1)
             tokens.append(token)
@@ -227,6 +239,10 @@ class Pipeline:
 
     ``stages[0]`` may be a model ``Stage`` (sampled autoregressively) or any ``Proposer``;
     ``stages[1:]`` are model ``Stage``s. N = 1 is plain autoregressive decoding (the baseline).
+    Block lengths must not decrease from the bottom boundary up (``validate.check_block_lengths``:
+    a larger lower length could never take effect). ``on_nonfinite``: what a NaN or +inf logit
+    from a stage does -- ``"raise"`` a ``NonFiniteError`` naming the stage and the position, or
+    ``"warn"`` and give those entries zero probability (for probing broken models).
     """
 
     stages: Sequence[Stage | Proposer]
@@ -236,9 +252,11 @@ class Pipeline:
     stop_ids: Sequence[int] = ()
     length_schedule: str = "fixed"
     confidence_stop: float = 0.0
+    on_nonfinite: NonFiniteMode = "raise"
     _bottom_is_stage: bool = attrs.field(init=False, default=False)
     _resettable: list[Resettable] = attrs.field(init=False, factory=list)
     _features: FeatureLinks = attrs.field(init=False, factory=lambda: FeatureLinks((), ()))
+    _context_limits: list[tuple[str, int]] = attrs.field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.stages)
@@ -252,11 +270,8 @@ class Pipeline:
             raise ConfigError(
                 f"{n} stages need {n - 1} block lengths (one per boundary), got {len(self.block_lengths)}"
             )
-        for k, ell in enumerate(self.block_lengths):
-            if not isinstance(ell, int) or ell < 1:
-                raise ConfigError(
-                    f"block length at boundary {k + 1} -> {k + 2} must be an integer >= 1, got {ell!r}"
-                )
+        check_block_lengths(self.block_lengths)
+        check_nonfinite_mode(self.on_nonfinite)
         make_schedule(self.length_schedule, 1)  # a valid name, or the error that lists them
         if not 0.0 <= self.confidence_stop < 1.0:
             raise ConfigError(f"confidence_stop must be in [0, 1) (0 = off), got {self.confidence_stop!r}")
@@ -271,8 +286,10 @@ class Pipeline:
                 raise ConfigError(f"{_stage_name(stage, k)} is neither a model Stage nor a Proposer")
             if k > 0 and not is_stage:
                 raise ConfigError(
-                    f"{_stage_name(stage, k)} must be a model Stage (it verifies the stage below); "
-                    "a model-free proposer can only be the first stage"
+                    f"{_stage_name(stage, k)} must be a model Stage (stage {k + 1} verifies the stage below it, "
+                    "which a proposer cannot do); a proposer -- a model-free one such as ngram, or a token-tree "
+                    "wrapper around a model -- can only be the first stage. Only the bottom stage drafts token "
+                    "trees: wrap stage 1 (tree=SPEC / --tree SPEC) and the stages above verify the tree"
                 )
         for k, policy in enumerate(self.policies):
             if not isinstance(policy, AcceptancePolicy):
@@ -287,6 +304,8 @@ class Pipeline:
         self._bottom_is_stage = isinstance(self.stages[0], Stage)
         self._resettable = [s for s in self.stages if isinstance(s, Resettable)]
         self._features = feature_links(self.stages, _stage_name)  # feature readers and their sources
+        self._context_limits = [(_stage_name(s, i), int(s.context_length)) for i, s in enumerate(self.stages)
+                                if isinstance(s, HasContextLength) and s.context_length is not None]
 
     @property
     def target(self) -> Stage:
@@ -300,7 +319,7 @@ class Pipeline:
         proposer: Proposer
         if self._bottom_is_stage:
             proposer = AutoregressiveProposer(bottom, self.sampling, stage_stats[0], stop,  # type: ignore[arg-type]
-                                              self.confidence_stop)
+                                              self.confidence_stop, self.on_nonfinite)
         else:
             proposer = bottom  # type: ignore[assignment]
             if isinstance(bottom, CountsForwards):  # a model-backed proposer (tree) counts its forwards
@@ -309,7 +328,7 @@ class Pipeline:
         for k in range(1, len(self.stages)):
             stats = BoundaryStats()
             boundaries.append(stats)
-            verifier = StageVerifier(self.stages[k], self.sampling, stage_stats[k])  # type: ignore[arg-type]
+            verifier = StageVerifier(self.stages[k], self.sampling, stage_stats[k], self.on_nonfinite)  # type: ignore[arg-type]
             schedule = make_schedule(self.length_schedule, self.block_lengths[k - 1])
             proposer = SpeculativeProposer(proposer, verifier, self.policies[k - 1], schedule, stats, stop)
         return proposer, Metrics(boundaries, stage_stats)
@@ -317,13 +336,15 @@ class Pipeline:
     def generate(
         self, prompt: Tensor | Sequence[int], max_new_tokens: int, *, seed: int | None = None
     ) -> Generation:
-        """Sample up to ``max_new_tokens`` tokens after ``prompt``, stopping after a stop token."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        """Sample up to ``max_new_tokens`` tokens after ``prompt``, stopping after a stop token.
+
+        ``prompt``: one sequence of integer token ids in [0, vocab) (a list or a 1-D tensor).
+        The context limit: every stage that declares a context length (``HasContextLength``)
+        must hold the prompt and all ``max_new_tokens`` tokens, else a ``ConfigError`` up front."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        device = self.target.device
-        context = torch.as_tensor(prompt, dtype=torch.long).to(device).flatten()
-        if context.numel() == 0:
-            raise ConfigError("the prompt is empty: give at least one token (e.g. a BOS token)")
+        context = check_prompt(prompt, self.target.vocab_size).to(self.target.device)
+        self._check_fits(len(context), max_new_tokens)
         self._features.connect()
         for s in self._resettable:
             s.reset()
@@ -337,3 +358,14 @@ class Pipeline:
         metrics.wall_s = time.perf_counter() - t0
         metrics.new_tokens = int(out.numel())
         return Generation(out, metrics)
+
+    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        for name, limit in self._context_limits:
+            if prompt_len + max_new_tokens > limit:
+                fix = (f"use max_new_tokens <= {limit - prompt_len}" if prompt_len < limit
+                       else f"shorten the prompt to fewer than {limit} tokens")
+                raise ConfigError(
+                    f"the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+                    f"{prompt_len + max_new_tokens} tokens do not fit stage {name!r}, whose context length is "
+                    f"{limit} tokens; {fix}"
+                )

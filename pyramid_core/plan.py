@@ -18,11 +18,18 @@ verifier j reached from drafter i with block length ell has (``predict_chain``, 
 
 where T_j(M) is j's forward cost when it feeds M tokens (``latency.ForwardCost``; a verification
 feeds the block and the token j emitted last), and a chain starts at tau = T(1). tau_j is
-strictly increasing in tau_i. So the fastest chain ending at j extends the fastest chain
-ending at one of its predecessors (optimal substructure), and for each edge only the best ell
-given tau_i matters. Keeping the k fastest partial chains per (stages used, candidate) instead of
-one gives the k fastest chains overall by the same argument (up to exact ties), in
-O(S n^2 k L) for n candidates, at most S stages and block lengths 1..L.
+strictly increasing in tau_i.
+
+Block lengths must not decrease from the bottom boundary up (``validate.check_block_lengths``: a
+lower length larger than the one above it never takes effect in the pipeline), so the length
+chosen at an edge bounds the lengths above it. The search state is therefore (stages used,
+candidate, block length into it): for a fixed state the rest of the chain may take the same
+lengths whatever came before, and tau_j is increasing in tau_i, so the fastest chain in a state
+extends the fastest chain of one of the states it can follow (optimal substructure). Keeping the
+k fastest partial chains -- distinct paths, each with its best lengths -- per state instead of one
+gives the k fastest chains overall by the same argument (up to exact ties): k distinct prefixes
+faster than a chain's own prefix in its state, each extended by its suffix, would be k faster
+chains. That is O(S n^2 k L^2) for n candidates, at most S stages and block lengths 1..L.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ class ChainPlan:
 
     names:           the stages, smallest first; the last is the target
     block_lengths:   ell per boundary k -> k+1
-    alphas:          per-token acceptance per boundary (the measured alpha[draft][verifier])
+    alphas:          per-token acceptance per boundary (the measured ``alpha[draft][verifier]``)
     forward_costs:   T(M) per stage, seconds per forward feeding M tokens (0 for a proposer)
     time_per_token:  tau, predicted seconds per output token (steady state)
     """
@@ -109,7 +116,7 @@ class Plan:
     """The planner's answer: the fastest chain (``best``) and the ``ranked`` chains, fastest
     first, each with its own best block lengths (the target alone, speedup 1, is one chain).
 
-    candidates, forward_costs, alpha, proposers: the inputs (alpha[i][j]: i drafts for j; a
+    candidates, forward_costs, alpha, proposers: the inputs (``alpha[i][j]``: i drafts for j; a
     plain float T is kept as the flat cost ``ForwardCost.flat(T)``)
     """
 
@@ -286,8 +293,9 @@ def plan_chain(
     top:            how many chains ``Plan.ranked`` keeps (``None``: every chain, exponential)
 
     Cost order: proposers first, then the models by (T(1), position in ``names``), the target last;
-    a chain visits candidates in this order. Ties in predicted time go to the shorter chain, and
-    for an edge to the shorter block length.
+    a chain visits candidates in this order. Block lengths never decrease from the bottom
+    boundary up (the pipeline's rule). Ties in predicted time go to the shorter chain, and then to
+    the lexicographically smaller block lengths.
     """
     costs = _validate(names, forward_times, alpha, proposers, max_length, max_stages, top)
     n = len(names)
@@ -309,41 +317,42 @@ def plan_chain(
     # T_j(ell + 1): j verifying a block of ell tokens feeds them and the token it emitted last
     verify = [[0.0] + [c(ell + 1) for ell in range(1, max_length + 1)] for c in costs]
 
-    def extend(i: int, j: int, tau: float) -> tuple[float, int]:
-        e, t_j = e_table[(i, j)], verify[j]
-        best, best_ell = math.inf, 1
-        for ell in range(1, max_length + 1):
-            t = (ell * tau + t_j[ell]) / e[ell]
-            if t < best:
-                best, best_ell = t, ell
-        return best, best_ell
-
     # partial chain: (tau, path of candidate indices, block lengths)
     Partial = tuple[float, tuple[int, ...], tuple[int, ...]]
 
-    def key(p: Partial) -> tuple[float, int, list[int]]:
-        return (p[0], len(p[1]), [rank[c] for c in p[1]])
+    def key(p: Partial) -> tuple[float, int, list[int], tuple[int, ...]]:
+        return (p[0], len(p[1]), [rank[c] for c in p[1]], p[2])
 
     def keep(items: list[Partial]) -> list[Partial]:
-        return sorted(items, key=key) if top is None else heapq.nsmallest(top, items, key=key)
+        """The fastest ``top`` partial chains, each path once (with its best lengths)."""
+        best: dict[tuple[int, ...], Partial] = {}
+        for item in items:
+            have = best.get(item[1])
+            if have is None or key(item) < key(have):
+                best[item[1]] = item
+        distinct = list(best.values())
+        return sorted(distinct, key=key) if top is None else heapq.nsmallest(top, distinct, key=key)
 
+    # state: (last candidate, the block length into it = the lowest length the next boundary may
+    # take); a chain of one stage has no length yet and allows any (1)
     stages_max = n if max_stages is None else min(max_stages, n)
-    layer: dict[int, list[Partial]] = {j: [(times[j], (j,), ())] for j in range(n)}
-    finished: list[Partial] = list(layer[target])
+    layer: dict[tuple[int, int], list[Partial]] = {(j, 1): [(times[j], (j,), ())] for j in range(n)}
+    finished: list[Partial] = list(layer[(target, 1)])
     for _ in range(2, stages_max + 1):
-        nxt: dict[int, list[Partial]] = {}
+        grown: dict[tuple[int, int], list[Partial]] = {}
         for r, j in enumerate(order):
             if is_proposer[j]:
                 continue
-            grown: list[Partial] = []
+            t_j = verify[j]
             for i in order[:r]:
-                for tau, path, lengths in layer.get(i, ()):
-                    t, ell = extend(i, j, tau)
-                    grown.append((t, (*path, j), (*lengths, ell)))
-            if grown:
-                nxt[j] = keep(grown)
-        layer = nxt
-        finished += layer.get(target, [])
+                e = e_table[(i, j)]
+                for lowest in range(1, max_length + 1):
+                    for tau, path, lengths in layer.get((i, lowest), ()):
+                        for ell in range(lowest, max_length + 1):  # lengths never decrease upwards
+                            t = (ell * tau + t_j[ell]) / e[ell]
+                            grown.setdefault((j, ell), []).append((t, (*path, j), (*lengths, ell)))
+        layer = {state: keep(items) for state, items in grown.items()}
+        finished += [p for (j, _), items in layer.items() if j == target for p in items]
     ranked = tuple(
         ChainPlan(
             names=tuple(names[c] for c in path),

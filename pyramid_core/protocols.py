@@ -31,7 +31,9 @@ __all__ = [
     "Resettable",
     "HasTokenizer",
     "HasVocabulary",
+    "HasContextLength",
     "CountsForwards",
+    "VerifiesTrees",
     "WrapsStage",
     "FeatureSource",
     "FeatureReader",
@@ -121,6 +123,28 @@ class HasVocabulary(Protocol):
     """Declares its vocabulary size (model stages always do; a proposer may, e.g. ``ngram``)."""
 
     vocab_size: int
+
+
+@runtime_checkable
+class HasContextLength(Protocol):
+    """Declares the longest context it can score, in tokens (``None``: no known limit); e.g. a
+    Hugging Face model's ``max_position_embeddings``. ``Pipeline.generate`` refuses up front a
+    prompt + max_new_tokens that would not fit."""
+
+    @property
+    def context_length(self) -> int | None:
+        ...
+
+
+@runtime_checkable
+class VerifiesTrees(Protocol):
+    """An acceptance policy that says whether it can verify token trees (``Block.parents``);
+    the builder refuses a tree drafted into a policy that declares ``False``. A policy that
+    declares nothing is handed whatever the stage below proposes."""
+
+    @property
+    def verifies_trees(self) -> bool:
+        ...
 
 
 @runtime_checkable

@@ -14,12 +14,14 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from pyramid_core.build import PipelineSpec, resolve_preset
 from pyramid_core.errors import ConfigError
 from pyramid_core.measure import target_nll
+from pyramid_core.outputs import RecordLog
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.prompts import Prompt, encode_prompt
@@ -50,10 +52,19 @@ class SweepPoint:
     wall_s: float
     tokens_per_s: float
     tokens_per_target_forward: float
-    acceptance: tuple[float, ...]
+    acceptance: tuple[float, ...]  # accepted / proposed per boundary (BoundaryStats.accepted_per_proposed)
     nll: float
     exact_match: float
     token_match: float
+    # accepted / tries per boundary, comparable to alpha and 1 - TV (BoundaryStats.acceptance_per_try)
+    acceptance_per_try: tuple[float, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepPoint:
+        """A point as ``attrs.asdict`` wrote it to a ``RecordLog`` (lists back to tuples)."""
+        names = {f.name for f in attrs.fields(cls)}
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+        return cls(**fields)
 
 
 def _agreement(out: list[int], ref: list[int]) -> float:
@@ -80,7 +91,8 @@ def _measure(label: str, tau: float | None, policies: Sequence[str], pipe: Pipel
         label=label, tau=tau, block_lengths=tuple(pipe.block_lengths),
         policies=tuple(policies), tokens=m.new_tokens, wall_s=m.wall_s,
         tokens_per_s=m.tokens_per_s, tokens_per_target_forward=m.tokens_per_target_forward,
-        acceptance=tuple(b.acceptance_rate for b in m.boundaries),
+        acceptance=tuple(b.accepted_per_proposed for b in m.boundaries),
+        acceptance_per_try=tuple(b.acceptance_per_try for b in m.boundaries),
         nll=sum(finite) / len(finite) if finite else float("nan"),
         exact_match=exact / len(encoded), token_match=agree / len(encoded),
     )
@@ -98,10 +110,13 @@ def run_sweep(
     progress: bool = True,
     presets: Sequence[str] | None = None,
     regs: Registries | None = None,
+    log: RecordLog | None = None,
 ) -> list[SweepPoint]:
     """Measure the target alone, then each preset (``presets``, default the spec's own) at every
     (tau, block lengths) grid point -- the speed-quality frontier of each -- every stage loaded
-    once. Without a ``length_grid`` each preset runs at its own block lengths."""
+    once. Without a ``length_grid`` each preset runs at its own block lengths. ``log``: the
+    greedy references and each point are appended as soon as they are measured, and what the log
+    already holds (a rerun after an interruption, same arguments) is taken from it."""
     from tqdm import tqdm
 
     regs = regs or registries()
@@ -116,20 +131,44 @@ def run_sweep(
     if tok is None:
         raise ConfigError(f"sweep needs a target stage with a tokenizer; {target.name!r} has none")
     encoded = [encode_prompt(tok, p.text, chat) for p in prompts]
-    greedy = Pipeline([target], sampling=SamplingConfig.greedy(), stop_ids=base.stop_ids)
-    refs = [greedy.generate(ids, max_new_tokens).token_list for ids in encoded]
+    done = log.get("refs") if log is not None else None
+    if done is not None:
+        refs: list[list[int]] = done["refs"]
+    else:
+        greedy = Pipeline([target], sampling=SamplingConfig.greedy(), stop_ids=base.stop_ids)
+        refs = [greedy.generate(ids, max_new_tokens).token_list for ids in encoded]
+        if log is not None:
+            log.append("refs", {"refs": refs})
+
+    def recorded(key: str) -> SweepPoint | None:
+        record = log.get(key) if log is not None else None
+        return None if record is None else SweepPoint.from_dict(record["point"])
+
+    def keep(key: str, point: SweepPoint) -> SweepPoint:
+        if log is not None:
+            log.append(key, {"point": attrs.asdict(point)})
+        return point
+
     alone = Pipeline([target], sampling=spec.sampling, stop_ids=base.stop_ids)
-    points = [_measure("target alone", None, (), alone, encoded, refs, max_new_tokens, seed)]
+    first = recorded("target alone") or keep(
+        "target alone", _measure("target alone", None, (), alone, encoded, refs, max_new_tokens, seed))
+    points = [first]
     jobs = []
     for name in names:
         plan = resolve_preset(name, len(loaded), regs=regs)
         grids = [tuple(g) for g in length_grid] if length_grid else [tuple(plan.block_lengths)]
         jobs += [(name, plan, tau, lengths) for lengths in grids for tau in taus]
     for name, plan, tau, lengths in tqdm(jobs, desc=f"sweep {', '.join(names)}", disable=not progress):
+        key = f"{name} tau={tau!r} lengths={','.join(map(str, lengths))}"
+        done_point = recorded(key)
+        if done_point is not None:
+            points.append(done_point)
+            continue
         policies = [with_tau(s, tau, regs) for s in plan.policies]
         point = attrs.evolve(spec, stages=tuple(loaded), preset=None, policies=tuple(policies),
                              block_lengths=tuple(lengths), stop_ids=tuple(base.stop_ids))
-        points.append(_measure(name, tau, policies, point.resolve(regs), encoded, refs, max_new_tokens, seed))
+        points.append(keep(key, _measure(name, tau, policies, point.resolve(regs), encoded, refs,
+                                         max_new_tokens, seed)))
     return points
 
 

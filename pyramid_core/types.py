@@ -16,6 +16,8 @@ import torch
 from attrs import field, frozen
 from torch import Tensor
 
+from pyramid_core.errors import ConfigError
+
 __all__ = ["Block", "Verdict", "SamplingConfig", "BoundaryStats", "StageStats"]
 
 
@@ -131,17 +133,17 @@ class Verdict:
 
 def _nonneg_float(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"SamplingConfig.{attribute.name} must be a finite number >= 0, got {value!r}")
+        raise ConfigError(f"SamplingConfig.{attribute.name} must be a finite number >= 0, got {value!r} (0 = greedy)")
 
 
 def _top_p_range(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if not (0.0 < value <= 1.0):
-        raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {value!r}")
+        raise ConfigError(f"SamplingConfig.top_p must be in (0, 1], got {value!r} (1 = off)")
 
 
 def _nonneg_int(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if value < 0:
-        raise ValueError(f"SamplingConfig.{attribute.name} must be >= 0 (0 disables it), got {value!r}")
+        raise ConfigError(f"SamplingConfig.{attribute.name} must be >= 0 (0 disables it), got {value!r}")
 
 
 @frozen
@@ -192,13 +194,28 @@ class SamplingConfig:
 class BoundaryStats:
     """Counters for one stage boundary k -> k+1 (mutable accumulator, not a value type).
 
+    Two acceptance rates, each named for what it is:
+
+    - ``acceptance_per_try`` = accepted / tries. A round that accepts a of m proposed tokens
+      made a + 1 tries if it rejected one (a < m) and a tries if it accepted all: the tokens
+      after the first rejection are never tried. This is the per-token acceptance alpha of
+      SPEC.md, comparable to 1 - TV(p, q) of an exact pair and to the alpha the latency model
+      takes (for i.i.d. acceptances it is alpha's maximum-likelihood estimate).
+    - ``accepted_per_proposed`` = accepted / proposed, the share of drafted tokens kept. It is
+      below alpha whenever blocks are longer than 1 (untried tokens count as proposed).
+
     At a tree boundary a round's "proposed" length is the tree's depth and its "accepted" length
-    the accepted depth, so rates compare with chains of the same length; ``tree_nodes`` counts
-    every node, and ``accepted / tree_nodes`` is the share of drafted nodes that were used."""
+    the accepted depth, so rates compare with chains of the same length: a try is one *depth*
+    (all the siblings at one node together), and ``acceptance_per_try`` is the chance that some
+    child at a reached node is accepted -- above a chain's alpha by what the extra candidates
+    buy. ``tree_nodes`` counts every node, and ``accepted / tree_nodes`` is the share of drafted
+    nodes that were used."""
 
     proposed: int = 0
     accepted: int = 0
     rounds: int = 0
+    # accepted tokens plus one per round that rejected one (see the class docstring)
+    tries: int = 0
     # accepted_hist[i] = number of verification rounds that accepted exactly i tokens
     accepted_hist: list[int] = attrs.field(factory=list)
     # accepted_at[j] = how often the token at block position j was accepted (per position)
@@ -212,6 +229,7 @@ class BoundaryStats:
         self.rounds += 1
         self.proposed += n_proposed
         self.accepted += n_accepted
+        self.tries += n_accepted + (1 if n_accepted < n_proposed else 0)
         for counts, upto in ((self.accepted_hist, n_accepted + 1), (self.proposed_at, n_proposed)):
             if len(counts) < upto:
                 counts.extend([0] * (upto - len(counts)))
@@ -231,6 +249,7 @@ class BoundaryStats:
             out.proposed += b.proposed
             out.accepted += b.accepted
             out.rounds += b.rounds
+            out.tries += b.tries
             out.tree_rounds += b.tree_rounds
             out.tree_nodes += b.tree_nodes
             for mine, theirs in ((out.accepted_hist, b.accepted_hist), (out.accepted_at, b.accepted_at),
@@ -248,8 +267,19 @@ class BoundaryStats:
         self.tree_nodes += n_nodes
 
     @property
-    def acceptance_rate(self) -> float:
+    def accepted_per_proposed(self) -> float:
+        """accepted / proposed: the share of drafted tokens kept (class docstring)."""
         return self.accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def acceptance_rate(self) -> float:
+        """``accepted_per_proposed`` under its old name (kept for existing callers)."""
+        return self.accepted_per_proposed
+
+    @property
+    def acceptance_per_try(self) -> float:
+        """accepted / tries: the per-token acceptance alpha, comparable to 1 - TV (class docstring)."""
+        return self.accepted / self.tries if self.tries else float("nan")
 
     @property
     def mean_accepted(self) -> float:
@@ -260,7 +290,10 @@ class BoundaryStats:
             "proposed": self.proposed,
             "accepted": self.accepted,
             "rounds": self.rounds,
-            "acceptance_rate": self.acceptance_rate,
+            "tries": self.tries,
+            "acceptance_per_try": self.acceptance_per_try,
+            "accepted_per_proposed": self.accepted_per_proposed,
+            "acceptance_rate": self.acceptance_rate,  # = accepted_per_proposed (the old key)
             "mean_accepted_length": self.mean_accepted,
             "accepted_length_hist": list(self.accepted_hist),
             "acceptance_by_position": [

@@ -97,6 +97,8 @@ def stop_probabilities(w: Tensor, z: Tensor) -> Tensor:
 class BlockPolicy:
     """Lossless block verification of chains (module docstring); token trees go to ``traversal``."""
 
+    verifies_trees = False  # protocols.VerifiesTrees: chains only
+
     def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
         n = len(block)
         if block.parents is not None:

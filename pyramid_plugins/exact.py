@@ -86,6 +86,8 @@ def decide_tree(block: Block, p: Tensor, rng: Rng) -> Verdict:
 class ExactPolicy:
     """Lossless rejection sampling for chains and token trees."""
 
+    verifies_trees = True  # protocols.VerifiesTrees
+
     def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
         if block.parents is not None:
             return decide_tree(block, p, rng)

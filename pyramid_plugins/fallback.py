@@ -31,6 +31,8 @@ __all__ = ["Fallback"]
 class Fallback:
     """Fall back to the verifier's own sample wherever ``inner`` rejects (``None``: everywhere)."""
 
+    verifies_trees = False  # protocols.VerifiesTrees: chains only
+
     inner: AcceptancePolicy | None = None
 
     def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:

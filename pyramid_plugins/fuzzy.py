@@ -78,6 +78,8 @@ def _divergence_repr(div: Divergence) -> str:
 class FuzzyPolicy:
     """Accept while Div(p_j, q_j) <= tau; on rejection emit y ~ p_j."""
 
+    verifies_trees = False  # protocols.VerifiesTrees: chains only
+
     div: Divergence = attrs.field(default=js, converter=_divergence, repr=_divergence_repr)
     tau: float = 0.4
 

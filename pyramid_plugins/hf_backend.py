@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError
 from pyramid_core.hf.feature_head import is_feature_dir
 from pyramid_core.hf.feature_stage import FeatureStage
@@ -52,6 +53,7 @@ def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers:
         raise ConfigError(f"hf: features_from applies to feature heads only; {path} is a model")
     if num_layers < 0:
         raise ConfigError(f"num_layers must be >= 0 (0 = all layers), got {num_layers}")
+    check_device(device)  # before loading: a device this torch cannot use
     return HFStage.from_pretrained(path, device=device, dtype=dtype, num_layers=num_layers or None,
                                    compile=_compile(compile))
 
@@ -78,7 +80,7 @@ def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int =
         path = family_dir() / stage
         if not (path / "stage.json").is_file():
             how = "pyramid distill feature" if stage == "feature" else "pyramid distill all"
-        raise ConfigError(f"smollm2: the distilled {stage} is missing from {path}; build it with `{how}`")
+            raise ConfigError(f"smollm2: the distilled {stage} is missing from {path}; build it with `{how}`")
         return hf_stage(str(path), device=device, dtype=dtype, compile=compile, features_from=features_from)
     return hf_stage(str(directory), device=device, dtype=dtype, num_layers=num_layers, compile=compile)
 
@@ -93,15 +95,22 @@ def register_backends(register: Any) -> None:
 
 def smollm2_family() -> Chain:
     """The distilled family shipped with pyramid, smallest first, with block lengths per
-    boundary: the planner's best 3-stage chain for the family's measured alpha (draft->qualifier
-    0.47, qualifier->target 0.54) and T(M) (T(1) = 6.3, 25.6, 64.6 ms) on the 2-core CPU it was
-    measured on (`pyramid plan` measures and picks them on yours)."""
-    return Chain("smollm2-family", ("smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"), (3, 1),
+    boundary (1, 3): the best 3-stage chain of the planner, whose lengths never decrease upwards
+    (a lower length above the upper one cannot take effect; the family shipped 3,1 before, which
+    ran as 1,1). Measured by ``pyramid plan --stage smollm2:stage=draft --stage
+    smollm2:stage=qualifier --stage smollm2 --per-kind 1 --new-tokens 32 --repeats 5
+    --max-length 8`` (compiled stages) on the 2-core CPU this project is developed on, while
+    the machine was shared (load average ~2.4): alpha draft->qualifier 0.47, qualifier->target
+    0.54, draft->target 0.35; T(1) = 22.7, 95.4 and 377.0 ms (draft, qualifier, target);
+    predicted 3.4 tokens/s, 1.27x the target alone for 1,3 -- behind draft->target at length 3
+    (1.50x), ahead of qualifier->target (1.25x). `pyramid plan` measures and picks them on yours.
+    """
+    return Chain("smollm2-family", ("smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"), (1, 3),
                  "SmolLM2-135M with its distilled draft and qualifier")
 
 
 @hookimpl
 def register_chains(register: Any) -> None:
     register("smollm2-family", smollm2_family,
-             "smollm2:stage=draft -> smollm2:stage=qualifier -> smollm2, block lengths 3,1; the default chain",
+             "smollm2:stage=draft -> smollm2:stage=qualifier -> smollm2, block lengths 1,3; the default chain",
              default=True)

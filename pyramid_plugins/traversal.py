@@ -159,6 +159,8 @@ def decide_traversal(block: Block, p: Tensor, rng: Rng) -> Verdict:
 class TraversalPolicy:
     """Lossless traversal verification of token trees; chains are verified by ``BlockPolicy``."""
 
+    verifies_trees = True  # protocols.VerifiesTrees
+
     def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
         if block.parents is None:
             return BlockPolicy().decide(block, p, rng)

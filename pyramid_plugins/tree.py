@@ -46,20 +46,24 @@ from torch import Tensor
 
 from pyramid_core.devices import sync
 from pyramid_core.hookspecs import hookimpl
-from pyramid_core.protocols import Stage
+from pyramid_core.protocols import HasContextLength, Stage
 from pyramid_core.rng import Rng
 from pyramid_core.types import Block, SamplingConfig, StageStats
+from pyramid_core.validate import NonFiniteMode, check_nonfinite_mode, score_checked
 
 __all__ = ["TreeProposer", "parse_branching"]
 
 
 def parse_branching(value: str | int | Sequence[int]) -> tuple[int, ...]:
-    """``"4-2-1"`` / ``4`` / ``(4, 2, 1)`` -> ``(4, 2, 1)``, each entry >= 1."""
+    """``"4-2-1"`` / ``4`` / ``(4, 2, 1)`` -> ``(4, 2, 1)``, each entry >= 1. In the string form
+    every entry is a plain integer between two dashes: ``"-1"`` or ``"4--2"`` are refused, not read
+    as ``1`` and ``4-2``."""
     if isinstance(value, str):
-        try:
-            out = tuple(int(v) for v in value.replace(" ", "").split("-") if v)
-        except ValueError:
-            raise ValueError(f"branching {value!r} is not a list of integers like '4-2-1'") from None
+        parts = value.replace(" ", "").split("-")
+        if not all(part.isascii() and part.isdigit() for part in parts):
+            raise ValueError(f"branching {value!r} is not a list of integers >= 1 separated by '-' "
+                             "(e.g. 4-2-1: 4 children per node at depth 0, 2 at depth 1, 1 below)")
+        out = tuple(int(part) for part in parts)
     elif isinstance(value, int):
         out = (value,)
     else:
@@ -89,6 +93,8 @@ class TreeProposer:
     sampling:    the pipeline's sampling transform (``build_pipeline(tree=...)`` passes it; a
                  different one stays lossless, only less efficient)
     stop_ids:    tokens that are never expanded (``build_pipeline`` passes the pipeline's)
+    on_nonfinite: ``"raise"`` / ``"warn"`` for NaN or +inf logits of the wrapped stage (the
+                 pipeline's setting, passed by the builder; ``validate.score_checked``)
 
     ``stats`` counts this proposer's forwards (one per depth); ``reset()`` clears them and the
     stage's cache (the pipeline calls it before each generation)."""
@@ -99,6 +105,7 @@ class TreeProposer:
     budget: int = attrs.field(default=0, validator=_nonneg)
     sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
     stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long), converter=_long)
+    on_nonfinite: NonFiniteMode = attrs.field(default="raise", converter=check_nonfinite_mode)
     stats: StageStats = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -117,6 +124,11 @@ class TreeProposer:
     @property
     def device(self) -> torch.device:
         return self.stage.device
+
+    @property
+    def context_length(self) -> int | None:
+        """The wrapped stage's (``protocols.HasContextLength``), if it declares one."""
+        return self.stage.context_length if isinstance(self.stage, HasContextLength) else None
 
     def reset(self) -> None:
         self.stage.reset()
@@ -143,11 +155,12 @@ class TreeProposer:
                 break
             t0 = time.perf_counter()
             if depth == 0:
-                logits = self.stage.score(context)
+                logits = score_checked(self.stage, context, None, name=self.stage.name, mode=self.on_nonfinite)
             else:
                 partial = Block(torch.tensor(tokens, device=device), rows,
                                 torch.tensor(parents, device=device), not self.replacement)
-                logits = self.stage.score(context, partial)[torch.tensor(frontier, device=device) + 1]
+                logits = score_checked(self.stage, context, partial, name=self.stage.name,
+                                       mode=self.on_nonfinite)[torch.tensor(frontier, device=device) + 1]
             logits = logits.float()  # the frontier's rows: Float[Tensor, "m vocab"]
             q = self.sampling.transform(logits)
             scored = len(frontier)
@@ -207,11 +220,13 @@ def tree_wrapper(
     *,
     sampling: SamplingConfig,
     stop_ids: Sequence[int] = (),
+    on_nonfinite: str = "raise",
 ) -> TreeProposer:
     """Factory behind the ``tree`` wrapper: wraps the bottom model ``stage`` given by the builder."""
     if not isinstance(stage, Stage):
         raise ValueError(f"the tree wrapper wraps a model Stage (with score()), got {stage!r}")
-    return TreeProposer(stage, branching, replacement, budget, sampling, _long(list(stop_ids)))
+    return TreeProposer(stage, branching, replacement, budget, sampling, _long(list(stop_ids)),
+                        check_nonfinite_mode(on_nonfinite))
 
 
 @hookimpl

@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers
 
 from pyramid_core.bench import HF_BASELINE, BenchConfig, run_bench, write_bench
 from pyramid_core.hf import HFStage
 from pyramid_core.prompts import Prompt
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 WORDS = ["<unk>"] + [f"w{i}" for i in range(63)]
 PROMPTS = [
@@ -40,6 +43,11 @@ def test_bench_tiny_rows_identity_and_files(tiny_stages: tuple[HFStage, HFStage]
     assert base.tokens == 32 and base.speedup == pytest.approx(1.0)
     for label in labels[:-1]:  # every lossless configuration reproduces the target's greedy output
         row = result.row(label)
+        if label.startswith("HF prompt lookup") and TRANSFORMERS_MAJOR < 5:
+            # transformers 4.x prompt lookup calls isin(ids, eos_token_id) and fails for a model
+            # without an eos token (these tiny ones); the bench reports the mode as not run
+            assert row.tokens == 0 and row.note.startswith("not run: TypeError"), (label, row.note)
+            continue
         assert row.tokens == 32, (label, row.note)
         assert row.identical is True, (label, row.mismatched_prompts, row.note)
         assert row.speedup > 0
@@ -53,13 +61,19 @@ def test_bench_tiny_rows_identity_and_files(tiny_stages: tuple[HFStage, HFStage]
     assert result.mismatches and lossy.label in result.mismatches[0]
     md = result.to_markdown()
     table = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + len(result.rows) and all(line.count("|") == 11 for line in table)
+    assert len(table) == 2 + len(result.rows) and all(line.count("|") == 12 for line in table)
+    assert "| acceptance per try | accepted/proposed |" in table[0] and "| acceptance |" not in table[0]
     assert "MISMATCH" in md
     files = write_bench(result, tmp_path)
     assert {f.name for f in files} == {"bench.json", "bench.md", "bench.png"}
     assert all(f.stat().st_size > 0 for f in files)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["rows"]) == 10 and data["mismatches"]
+    rows = {r["label"]: r for r in data["rows"]}
+    chain_row = rows["ngram→draft→target"]
+    assert len(chain_row["acceptance_per_try"]) == len(chain_row["accepted_per_proposed"]) == 2
+    assert chain_row["accepted_per_proposed"] == chain_row["acceptance"]  # the old key, kept
+    assert all(t >= a for t, a in zip(chain_row["acceptance_per_try"], chain_row["accepted_per_proposed"]))
     # T(M) timed once per model stage, up to the longest block (8, ngram→draft→target) + 2
     costs = data["meta"]["forward_costs"]
     assert sorted(costs) == ["near", "target"]
@@ -113,11 +127,14 @@ def test_bench_quick_smollm2(tmp_path: Path) -> None:
     assert rc == 0
     assert (tmp_path / "bench.png").is_file()
     data = json.loads((tmp_path / "bench.json").read_text())
-    # 4 HF rows (alone, assisted with the draft and with the qualifier, prompt lookup) + 9 pyramid rows
-    assert len(data["rows"]) == 13 and not data["mismatches"]
     labels = [r["label"] for r in data["rows"]]
+    hf = [r["label"] for r in data["rows"] if r["framework"] == "hf"]
+    # HF generate eager and over the compiled stage (the CLI compiles by default where it helps),
+    # assisted with the draft and with the qualifier, prompt lookup; then the 11 pyramid rows
+    assert hf[0] == "HF generate (target)" and len(hf) == 5, hf
+    assert sum(r["framework"] == "pyramid" for r in data["rows"]) == 11 and not data["mismatches"]
     assert "sd: draft→qualifier→target" in labels and "tree draft→qualifier→target" in labels
     goals = data["goals"]
     assert goals["sd_3stage_speedup"] > 0 and goals["best_hf_assisted"].startswith("HF assisted")
     assert 0 <= goals["max_overhead_fraction"] < 1
-    assert "Goals (ratios from this run)" in (tmp_path / "bench.md").read_text()
+    assert "Goals (ratios from this run;" in (tmp_path / "bench.md").read_text()

@@ -239,7 +239,7 @@ PIPELINES = [
     (["block"], [4], SamplingConfig()),
     (["block", "block"], [3, 3], SamplingConfig()),
     (["block", "block", "block"], [3, 3, 3], SamplingConfig()),
-    (["block", "exact", "block"], [2, 3, 2], SamplingConfig()),
+    (["block", "exact", "block"], [2, 2, 3], SamplingConfig()),
     (["block", "block"], [3, 3], SamplingConfig(top_k=3)),
     (["exact", "block"], [3, 3], SamplingConfig(top_p=0.7)),
 ]
@@ -278,11 +278,11 @@ NGRAM_PROMPT = [0, 1, 2, 3, 0, 1, 2, 3, 0, 2]  # repetitive, so prompt lookup fi
 
 def test_a_deterministic_proposer_stays_exact() -> None:
     """``ngram`` proposes one-hot rows -- the exact law of a deterministic proposal -- verified by
-    ``block`` (N = 3: ngram -> M3 -> M4, block lengths [3, 2]). 1500 runs x 4 tokens after a
+    ``block`` (N = 3: ngram -> M3 -> M4, block lengths [2, 3]). 1500 runs x 4 tokens after a
     repetitive prompt ending in 2: every position fits the target marginal and the first two
     tokens its pair law (ALPHA); the pair law of M3 is rejected at 1e-6; ngram's tokens are both
     accepted and rejected (acceptance between 0.1 and 0.9)."""
-    pipe = build_pipeline(["ngram", *markov_stages(MARKOV[2:])], ["block", "block"], [3, 2], stop_ids=[])
+    pipe = build_pipeline(["ngram", *markov_stages(MARKOV[2:])], ["block", "block"], [2, 3], stop_ids=[])
     seen = {"proposed": 0, "accepted": 0}
 
     def generate(seed: int) -> torch.Tensor:

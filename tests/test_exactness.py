@@ -32,6 +32,7 @@ from stats import (
 from pyramid_core import Block, Pipeline, Rng, SamplingConfig, build_pipeline
 from pyramid_core.pipeline import AutoregressiveProposer, SpeculativeProposer, StageVerifier
 from pyramid_core.protocols import Proposer
+from pyramid_core.schedule import FixedLength
 from pyramid_core.testing import TableModel
 from pyramid_core.types import BoundaryStats, StageStats
 from pyramid_plugins.exact import ExactPolicy
@@ -55,7 +56,7 @@ MARKOV = [
 ]
 
 # (number of stages, block lengths): every boundary at 1, every boundary at 3, and a mix
-CONFIGS = [(2, [1]), (2, [3]), (3, [1, 1]), (3, [3, 3]), (4, [1, 1, 1]), (4, [3, 3, 3]), (4, [3, 1, 2])]
+CONFIGS = [(2, [1]), (2, [3]), (3, [1, 1]), (3, [3, 3]), (4, [1, 1, 1]), (4, [3, 3, 3]), (4, [1, 2, 3])]
 CONFIG_IDS = [f"N{n}-ell{''.join(map(str, ells))}" for n, ells in CONFIGS]
 
 PROMPT = [1, 2]  # last token 2
@@ -199,7 +200,7 @@ class DraftRowsProposer(SpeculativeProposer):
     the stage below, ultimately P_1) instead of the rows of the stage that accepted them."""
 
     def round(self, context: torch.Tensor, budget: int, rng: Rng) -> Block:
-        block = self.lower.propose(context, min(self.block_length, budget), rng)
+        block = self.lower.propose(context, min(self.schedule.length(), budget), rng)
         p = self.verifier.verify(context, block)
         verdict = self.policy.decide(block, p, rng)
         self.stats.record(len(block), verdict.n_accepted)
@@ -216,7 +217,7 @@ class AcceptedOnlyBuffering(SpeculativeProposer):
     accepted draft token than an exact sample of this stage."""
 
     def round(self, context: torch.Tensor, budget: int, rng: Rng) -> Block:
-        block = self.lower.propose(context, min(self.block_length, budget), rng)
+        block = self.lower.propose(context, min(self.schedule.length(), budget), rng)
         p = self.verifier.verify(context, block)
         verdict = self.policy.decide(block, p, rng)
         self.stats.record(len(block), verdict.n_accepted)
@@ -237,7 +238,7 @@ def hand_built(stages: Sequence[TableModel], ells: Sequence[int], middle: type[S
         for k in range(1, len(stages)):
             cls = SpeculativeProposer if k == len(stages) - 1 else middle
             verifier = StageVerifier(stages[k], sampling, StageStats(f"M{k + 1}"))
-            proposer = cls(proposer, verifier, ExactPolicy(), ells[k - 1], BoundaryStats())
+            proposer = cls(proposer, verifier, ExactPolicy(), FixedLength(ells[k - 1]), BoundaryStats())
         return proposer.propose(torch.tensor(PROMPT), n, Rng(seed)).tokens
 
     return generate
@@ -247,13 +248,13 @@ def test_hand_built_chain_is_the_pipeline() -> None:
     """The negative controls below differ from the library only by their bug: built with the
     library's own ``SpeculativeProposer``, the hand-built chain is token-identical to Pipeline."""
     stages = markov_stages(4)
-    pipe = exact_pipeline(stages, [3, 1, 2])
-    generate = hand_built(stages, [3, 1, 2], SpeculativeProposer)
+    pipe = exact_pipeline(stages, [1, 2, 3])
+    generate = hand_built(stages, [1, 2, 3], SpeculativeProposer)
     for seed in range(30):
         assert generate(seed, 6).tolist() == pipe.generate(PROMPT, 6, seed=seed).token_list
 
 
-@pytest.mark.parametrize(("n", "ells"), [(3, [1, 1]), (4, [3, 1, 2])], ids=["N3-ell11", "N4-ell312"])
+@pytest.mark.parametrize(("n", "ells"), [(3, [1, 1]), (4, [1, 2, 3])], ids=["N3-ell11", "N4-ell123"])
 def test_trap1_proposal_rows_at_the_target_boundary_are_detected(n: int, ells: list[int]) -> None:
     """The test of (a) -- 2000 runs x 4 tokens against the target table, which the correct chain
     passes (``test_first_token_matches_the_target_table`` with the same configuration and seeds,
@@ -344,10 +345,10 @@ def stopped_sequence_probs(matrix: Sequence[Sequence[float]], last: int, length:
 
 def test_stop_tokens_keep_the_chain_exact() -> None:
     """Stop token 3 (probability 0.1-0.5 per step): every stage stops buffering right after it.
-    3000 runs of up to 3 tokens (N=3, block lengths [3, 2]); the distribution over the 40
+    3000 runs of up to 3 tokens (N=3, block lengths [2, 3]); the distribution over the 40
     possible outputs must fit the target chain stopped at 3 (ALPHA) and reject M3's at 1e-6."""
     stages = markov_stages(3)
-    pipe = exact_pipeline(stages, [3, 2], stop_ids=[3])
+    pipe = exact_pipeline(stages, [2, 3], stop_ids=[3])
     expected = stopped_sequence_probs(MARKOV[-1], PROMPT[-1], MARKOV_LENGTH, stop=3)
     below = stopped_sequence_probs(MARKOV[-2], PROMPT[-1], MARKOV_LENGTH, stop=3)
     index = {seq: i for i, seq in enumerate(expected)}

@@ -334,7 +334,7 @@ def test_greedy_identity_on_each_device(tiny_models: dict[str, Any], device: str
                               tree="tree:branching=3-2-1")
     else:  # a 3-stage preset: an unrelated draft below the near one
         far = copy.deepcopy(tiny_models["far"]).to(device)
-        pipe = build_pipeline([HFStage(far), HFStage(draft), HFStage(target)], preset=preset, block_lengths=[3, 2],
+        pipe = build_pipeline([HFStage(far), HFStage(draft), HFStage(target)], preset=preset, block_lengths=[2, 3],
                               sampling=greedy, stop_ids=[])
     gen = pipe.generate(PROMPT, max_new_tokens=NEW)
     assert gen.tokens.device.type == device

@@ -93,7 +93,7 @@ def test_steady_state_charges_the_verification_at_ell_plus_one() -> None:
 
 @pytest.mark.parametrize("new_tokens", [None, 1, 7, 40])
 def test_flat_costs_are_the_old_model(new_tokens: int | None) -> None:
-    alphas, lengths, times = [0.6, 0.3, 0.9], [3, 1, 5], [0.0, 0.01, 0.1, 1.0]
+    alphas, lengths, times = [0.6, 0.3, 0.9], [1, 3, 5], [0.0, 0.01, 0.1, 1.0]
     floats = predict_chain(alphas, lengths, times, new_tokens=new_tokens)
     costs = predict_chain(alphas, lengths, [ForwardCost.flat(t) for t in times], new_tokens=new_tokens)
     # several points, all equal, are flat too

@@ -43,8 +43,9 @@ def brute_force(
     max_stages: int,
 ) -> dict[tuple[str, ...], tuple[float, tuple[int, ...]]]:
     """Every chain (a proposer only first; the models before the target by strictly increasing
-    T(1); the target last) x every tuple of block lengths, scored with ``predict_chain``: the
-    best seconds per token and lengths of each chain."""
+    T(1); the target last) x every tuple of block lengths that can take effect (non-decreasing
+    from the bottom boundary up: the pipeline refuses the others), scored with
+    ``predict_chain``: the best seconds per token and lengths of each chain."""
     n, target = len(names), len(names) - 1
     decode = [as_forward_cost(t, name).decode for name, t in zip(names, times)]
     out: dict[tuple[str, ...], tuple[float, tuple[int, ...]]] = {}
@@ -59,6 +60,8 @@ def brute_force(
             alphas = [alpha[a][b] for a, b in zip(path, path[1:])]
             best: tuple[float, tuple[int, ...]] = (math.inf, ())
             for lengths in itertools.product(range(1, max_length + 1), repeat=len(path) - 1):
+                if any(a > b for a, b in zip(lengths, lengths[1:])):
+                    continue
                 tau = predict_chain(alphas, list(lengths), [times[c] for c in path]).time_per_token
                 if tau < best[0]:
                     best = (tau, lengths)

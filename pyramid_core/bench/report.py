@@ -29,8 +29,11 @@ class BenchRow:
     wall_s: float = 0.0
     speedup: float = math.nan  # tokens/s over HF generate of the target alone
     target_forwards: int = 0
-    acceptance: list[float] = attrs.field(factory=list)  # accepted / proposed per boundary
+    acceptance: list[float] = attrs.field(factory=list)  # accepted / proposed per boundary (the old name)
     alpha: list[float] = attrs.field(factory=list)  # per-token alpha (latency.measure_alpha)
+    # per boundary: accepted / tries (comparable to alpha and 1 - TV), accepted / proposed
+    acceptance_per_try: list[float] = attrs.field(factory=list)
+    accepted_per_proposed: list[float] = attrs.field(factory=list)
     block_lengths: list[int] = attrs.field(factory=list)
     stages: list[dict[str, Any]] = attrs.field(factory=list)  # name, forwards, forward_s, ms_per_forward
     overhead_fraction: float = math.nan
@@ -59,6 +62,12 @@ class BenchRow:
         out["tokens_per_s"] = self.tokens_per_s
         out["tokens_per_target_forward"] = self.tokens_per_target_forward
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchRow:
+        """The row ``as_dict`` wrote (derived values are recomputed, unknown keys ignored)."""
+        names = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @attrs.define
@@ -180,9 +189,10 @@ class BenchResult:
             return "-" if x is None or not math.isfinite(x) else format(x, fmt)
 
         sampled = self.sampled
-        head = ("| config | tok/s | speedup | predicted | tok/target fwd | acceptance | alpha | "
-                "ms/forward per stage | overhead | " + ("NLL Δ vs target (95% CI) |" if sampled else "identical |"))
-        lines = [head, "|" + "---|" * 10]
+        head = ("| config | tok/s | speedup | predicted | tok/target fwd | acceptance per try | accepted/proposed | "
+                "alpha | ms/forward per stage | overhead | "
+                + ("NLL Δ vs target (95% CI) |" if sampled else "identical |"))
+        lines = [head, "|" + "---|" * 11]
         for r in self.rows:
             stage_ms = " / ".join(
                 f"{s['name']} {num(s['ms_per_forward'], '.1f')}" if s["forwards"] else f"{s['name']} -"
@@ -195,7 +205,8 @@ class BenchResult:
                 f"| {r.label} | {num(r.tokens_per_s, '.1f')} | {num(r.speedup, '.2f')}x | "
                 f"{num(r.predicted_speedup, '.2f') + ('x' if r.predicted_speedup is not None else '')} | "
                 f"{num(r.tokens_per_target_forward, '.2f')} | "
-                f"{' / '.join(num(a, '.2f') for a in r.acceptance) or '-'} | "
+                f"{' / '.join(num(a, '.2f') for a in r.acceptance_per_try) or '-'} | "
+                f"{' / '.join(num(a, '.2f') for a in r.accepted_per_proposed) or '-'} | "
                 f"{' / '.join(num(a, '.2f') for a in r.alpha) or '-'} | {stage_ms} | "
                 f"{num(100 * r.overhead_fraction, '.0f') + ('%' if math.isfinite(r.overhead_fraction) else '')} | "
                 f"{self._quality(r) if sampled else ident} |"
@@ -209,7 +220,10 @@ class BenchResult:
             "predicted: speedup over the target alone from the latency model (alpha per boundary from this "
             "run, T(M) per stage timed in this run at each number M of tokens a forward feeds, each stage's "
             "prefill as measured; no framework overhead); "
-            "acceptance: accepted/proposed per boundary; alpha: per-token acceptance (i.i.d. fit).",
+            "acceptance per try: accepted / (accepted + rejections) per boundary, the per-token acceptance "
+            "(comparable to alpha and to 1 - TV); accepted/proposed: the share of drafted tokens kept (below "
+            "the per-try rate when blocks are longer than 1: tokens after a rejection are never tried); "
+            "alpha: per-token acceptance from the per-position counts (i.i.d. fit).",
         ]
         if notes:
             lines += ["", *notes]

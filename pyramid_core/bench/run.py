@@ -47,6 +47,7 @@ from pyramid_core.measure import (
     measure_stage_costs,
     target_nll,
 )
+from pyramid_core.outputs import RecordLog
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.prompts import Prompt, encode_prompt
@@ -129,18 +130,31 @@ class _ForwardCosts:
     context_len: int
     repeats: int = 5
     measured: dict[int, tuple[Stage, ForwardCost]] = attrs.field(factory=dict)  # id -> (kept alive, T)
+    # by stage name: costs a resumed run measured before (``RecordLog``), reused when they cover M
+    restored: dict[str, ForwardCost] = attrs.field(factory=dict)
 
     def __call__(self, stage: Stage, max_m: int) -> ForwardCost:
         """T(M) of ``stage`` measured at least at M = 1 .. ``max_m`` (timed now if not yet)."""
         got = self.measured.get(id(stage))
+        before = self.restored.get(stage.name)
+        if got is None and before is not None and before.points[-1][0] >= max_m:
+            got = (stage, before)
+            self.measured[id(stage)] = got
         if got is None or got[1].points[-1][0] < max_m:
             got = (stage, measure_stage_costs(stage, self.context_len, range(1, max_m + 1), self.repeats))
             self.measured[id(stage)] = got
         return got[1]
 
+    def restore(self, costs: dict[str, list[list[float]]]) -> None:
+        """Costs from ``as_dict`` of an earlier, interrupted run."""
+        for name, points in costs.items():
+            self.restored[name] = ForwardCost([(int(m), float(t)) for m, t in points], name)
+
     def as_dict(self) -> dict[str, list[list[float]]]:
         """``{stage name: [[M, seconds], ...]}`` for the JSON report."""
-        return {cost.name: cost.as_list() for _, cost in self.measured.values()}
+        out = {name: cost.as_list() for name, cost in self.restored.items()}
+        out.update({cost.name: cost.as_list() for _, cost in self.measured.values()})
+        return out
 
 
 Job = tuple[int, list[int], int]
@@ -170,7 +184,9 @@ def _pyramid_row(
     m = Metrics.pool(runs)
     row = BenchRow(cfg.label, "pyramid", lossless=cfg.lossless, block_lengths=list(pipe.block_lengths))
     row.tokens, row.wall_s, row.target_forwards = m.new_tokens, m.wall_s, m.target_forwards
-    row.acceptance = [b.acceptance_rate for b in m.boundaries]
+    row.acceptance = [b.accepted_per_proposed for b in m.boundaries]
+    row.acceptance_per_try = [b.acceptance_per_try for b in m.boundaries]
+    row.accepted_per_proposed = list(row.acceptance)
     alphas = measure_alpha(m) if m.boundaries else []
     row.alpha = alphas
     for st in m.stages:
@@ -263,6 +279,7 @@ def run_bench(
     seeds: int = 1,
     progress: bool = True,
     regs: Registries | None = None,
+    log: RecordLog | None = None,
 ) -> BenchResult:
     """Benchmark decoding of ``prompts`` with HF and pyramid configurations (module docstring).
     ``target`` and ``draft`` are loaded model stages (``HFStage`` for the HF rows); ``configs``
@@ -270,7 +287,12 @@ def run_bench(
     generate with a static cache and ``torch.compile``. Greedy by default (every lossless row
     asserted token-identical to the target); with a sampling ``sampling``, every prompt is run
     with ``seeds`` seeds and every row reports the NLL of its text under the target next to the
-    target's own samples (``BenchRow.nll_delta``)."""
+    target's own samples (``BenchRow.nll_delta``).
+
+    ``log``: each finished piece -- the HF rows with the greedy reference, then each pyramid
+    row with the T(M) measured so far -- is appended as soon as it is measured, and pieces the
+    log already holds (a rerun after an interruption, same arguments) are taken from it, not
+    run again."""
     from tqdm import tqdm
 
     regs = regs or registries()
@@ -290,14 +312,21 @@ def run_bench(
     rows: list[BenchRow] = []
     baselines: list[BenchRow] = []  # HF generate of the target alone, each configuration
     refs: list[list[int]] | None = None
-    if hf and isinstance(target, HFStage):
-        hf_row_list, refs = hf_rows(target, draft, qualifier, [ids for _, ids, _ in jobs], prompt_ids, max_new_tokens,
-                                 stop_ids, lengths2, lengths3, qualifier_length, prompt_lookup_tokens, hf_compile,
-                                 sampling, progress)
-        rows += hf_row_list
-        baselines = [r for r in hf_row_list if r.label in PLAIN_HF and r.tokens]
-    if refs is None and greedy:  # no HF baseline: the reference is the target alone through pyramid
-        refs = [base.generate(ids, max_new_tokens).token_list for ids in encoded]
+    done = log.get("reference") if log is not None else None
+    if done is not None:  # a resumed run: the HF rows and the reference as measured before
+        hf_row_list, refs = [BenchRow.from_dict(r) for r in done["hf_rows"]], done["refs"]
+    else:
+        hf_row_list = []
+        if hf and isinstance(target, HFStage):
+            hf_row_list, refs = hf_rows(target, draft, qualifier, [ids for _, ids, _ in jobs], prompt_ids,
+                                        max_new_tokens, stop_ids, lengths2, lengths3, qualifier_length,
+                                        prompt_lookup_tokens, hf_compile, sampling, progress)
+        if refs is None and greedy:  # no HF baseline: the reference is the target alone through pyramid
+            refs = [base.generate(ids, max_new_tokens).token_list for ids in encoded]
+        if log is not None:
+            log.append("reference", {"hf_rows": [r.as_dict() for r in hf_row_list], "refs": refs})
+    rows += hf_row_list
+    baselines = [r for r in hf_row_list if r.label in PLAIN_HF and r.tokens]
     quality = None if greedy else _Quality(target)
     todo = list(configs) if configs is not None else default_configs(
         target, draft, qualifier=qualifier, ngram=ngram, tree=tree, lengths2=lengths2, lengths3=lengths3,
@@ -306,14 +335,22 @@ def run_bench(
     mean_prompt = sum(len(ids) for ids in encoded) / max(1, len(encoded))
     costs = _ForwardCosts(max(1, round(mean_prompt + max_new_tokens / 2)))
     for cfg in tqdm(todo, desc="bench pyramid", disable=not progress):
+        key = f"pyramid: {cfg.label}"
+        done = log.get(key) if log is not None else None
+        if done is not None:
+            rows.append(BenchRow.from_dict(done["row"]))
+            costs.restore(done["forward_costs"])
+            continue
         try:
             pipe = cfg.spec(sampling, stop_ids).resolve(regs)
         except PyramidError as exc:
-            rows.append(BenchRow(cfg.label, "pyramid", lossless=cfg.lossless,
-                                 note=f"not run: {type(exc).__name__}: {exc}"[:200]))
-            continue
-        rows.append(_pyramid_row(cfg, pipe, jobs, prompt_ids, refs if greedy else None, max_new_tokens, costs,
-                                 quality))
+            row = BenchRow(cfg.label, "pyramid", lossless=cfg.lossless,
+                           note=f"not run: {type(exc).__name__}: {exc}"[:200])
+        else:
+            row = _pyramid_row(cfg, pipe, jobs, prompt_ids, refs if greedy else None, max_new_tokens, costs, quality)
+        rows.append(row)
+        if log is not None:
+            log.append(key, {"row": row.as_dict(), "forward_costs": costs.as_dict()})
     # every speedup is over the fastest baseline configuration measured in this run
     fastest = max(baselines, key=lambda r: r.tokens_per_s) if baselines else rows[len(rows) - len(todo)]
     ref_tps = fastest.tokens_per_s

@@ -4,8 +4,10 @@ profile | plugins, and the commands plugins add (hook ``register_commands``).
 Every command is a ``configure(parser) -> run`` pair: ``configure`` adds the command's
 arguments, ``run(namespace) -> int`` executes it -- the built-ins below exactly as a plugin's.
 Commands only turn their arguments into values (a ``PipelineSpec``, prompts, paths) and hand
-them to the library; a ``PyramidError`` is printed as ``pyramid COMMAND: error: ...`` with exit
-status 2.
+them to the library. Every user mistake ends the same way: one line on stderr,
+``pyramid COMMAND: error: ...`` saying what is wrong and what would be valid, and exit status 2 --
+a bad argument (argparse, without its usage block: ``--help`` shows it) and any
+``PyramidError`` the command raises alike.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from pyramid_core.cli import bench, check, generate, plan, profile, setup
 from pyramid_core.errors import PyramidError
@@ -20,6 +23,20 @@ from pyramid_core.errors import PyramidError
 __all__ = ["main", "build_parser", "BUILTIN_COMMANDS"]
 
 Configure = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (its subparsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "command_prog", None) is None:
+            ns.command_prog = self.prog  # the innermost command's name, e.g. "pyramid distill eval"
+        return ns, rest
 
 
 def _distill(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -45,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every built-in command and of every command a loaded plugin registers."""
     from pyramid_core.plugins import registries
 
-    parser = argparse.ArgumentParser(prog="pyramid", description="Multi-stage speculative decoding.")
+    parser = Parser(prog="pyramid", description="Multi-stage speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = [*BUILTIN_COMMANDS, *((r.name, r.factory, r.description) for r in registries().commands)]
     for name, configure, description in commands:
@@ -54,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
             raise PluginError(f"command {name!r} of a plugin clashes with a built-in `pyramid {name}`")
         p = sub.add_parser(name, help=description, description=description)
-        p.set_defaults(func=configure(p))
+        p.set_defaults(func=configure(p), command_prog=None)
     return parser
 
 
@@ -68,5 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(ns.func(ns))
     except PyramidError as exc:
-        print(f"pyramid {ns.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"{ns.command_prog}: error: {message}", file=sys.stderr)
         return 2

@@ -5,9 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pyramid_core.cli.common import compile_arg, pipeline_spec, sampling, sampling_args
+from pyramid_core.cli.common import (
+    _sampling_field,
+    block_length,
+    compile_arg,
+    int_at_least,
+    nonfinite_arg,
+    pipeline_spec,
+    sampling,
+    sampling_args,
+)
+
+if TYPE_CHECKING:
+    from pyramid_core.outputs import RecordLog
 
 __all__ = ["configure_bench", "configure_sweep"]
 
@@ -23,22 +36,23 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     p.add_argument("--ngram", default="ngram", metavar="SPEC", help="model-free proposer (default ngram)")
     p.add_argument("--tree", default="tree:budget=8,branching=4", metavar="SPEC", help="tree wrapper spec")
     p.add_argument("--lengths-2", dest="lengths2", metavar="L",
-                   help="block length of the draft->target rows (default: the default chain's first, 3)")
+                   help="block length of the draft->target rows (default: the default chain's first)")
     p.add_argument("--lengths-3", dest="lengths3", metavar="L1,L2",
-                   help="block lengths of the 3-stage rows (default: the default chain's, 3,1)")
-    p.add_argument("--qualifier-length", type=int, metavar="L",
+                   help="block lengths of the 3-stage rows, L1 <= L2 (default: the default chain's)")
+    p.add_argument("--qualifier-length", type=block_length, metavar="L",
                    help="block length of the qualifier->target row (default: the 3-stage rows' second length)")
-    p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens (default 10)")
+    p.add_argument("--prompt-lookup-tokens", type=int_at_least(1), default=10,
+                   help="HF prompt_lookup_num_tokens (default 10)")
     p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set), or a Spec-Bench "
                                      "question file (data/spec_bench/question.jsonl): then every method answers its "
                                      "questions turn by turn and Spec-Bench answer files are written")
-    p.add_argument("--per-kind", type=int, default=1, help="prompts per task kind (default 1)")
-    p.add_argument("--per-group", type=int, default=None, metavar="N",
+    p.add_argument("--per-kind", type=int_at_least(1), default=1, help="prompts per task kind (default 1)")
+    p.add_argument("--per-group", type=int_at_least(1), default=None, metavar="N",
                    help="Spec-Bench: the first N questions of each group (mt_bench, translation, summarization, qa, "
                         "math_reasoning, rag); default all 480")
     p.add_argument("--on-too-long", choices=("error", "skip"), default="error",
                    help="Spec-Bench: a question beyond the target's context length is an error (default) or skipped")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (24 with --quick)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="default 64 (24 with --quick)")
     p.add_argument("--quick", action="store_true", help="2 prompts, 24 new tokens")
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
     compile_arg(p)
@@ -47,16 +61,21 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
                         "it; on a CPU compiling takes about a minute per distinct prompt length)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
     g = p.add_argument_group("sampling (default greedy, with greedy identity asserted)")
-    g.add_argument("--temperature", type=float, default=0.0, help="> 0: a sampled bench with quality (NLL vs target)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    g.add_argument("--seeds", type=int, default=3, help="seeds per prompt when sampling (default 3)")
-    p.add_argument("--out", default="out/bench", help="output folder for bench.json, bench.md, bench.png")
+    g.add_argument("--temperature", type=_sampling_field("temperature"), default=0.0,
+                   help="> 0: a sampled bench with quality (NLL vs target)")
+    g.add_argument("--top-k", type=int_at_least(0, " (0 = off)"), default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=_sampling_field("top_p"), default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    g.add_argument("--seeds", type=int_at_least(1), default=3, help="seeds per prompt when sampling (default 3)")
+    p.add_argument("--out", default="out/bench",
+                   help="output folder for bench.json, bench.md, bench.png; checked before anything runs. Each "
+                        "finished configuration is also appended to bench.partial.jsonl there, and a rerun with the "
+                        "same arguments resumes from it")
     return run_bench
 
 
 def _lengths(value: str | None, n: int, flag: str) -> list[int] | None:
     from pyramid_core.errors import ConfigError
+    from pyramid_core.validate import check_block_lengths
 
     if not value:
         return None
@@ -66,18 +85,27 @@ def _lengths(value: str | None, n: int, flag: str) -> list[int] | None:
         raise ConfigError(f"{flag} takes comma-separated integers, got {value!r}") from None
     if len(out) != n:
         raise ConfigError(f"{flag} needs {n} comma-separated block length(s), got {value!r}")
-    return out
+    try:
+        return check_block_lengths(out)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag} {value}: {exc}") from None
 
 
 def run_bench(ns: argparse.Namespace) -> int:
     from pyramid_core.bench import run_bench, write_bench
     from pyramid_core.build import default_chain, make_stage
+    from pyramid_core.devices import check_device
     from pyramid_core.errors import ConfigError
+    from pyramid_core.outputs import output_dir
     from pyramid_core.plugins import registries
     from pyramid_core.prompts import load_prompts
     from pyramid_core.protocols import Stage
     from pyramid_core.specbench import is_specbench_file
 
+    out = output_dir(ns.out, "--out")  # before anything runs
+    lengths2, lengths3 = _lengths(ns.lengths2, 1, "--lengths-2"), _lengths(ns.lengths3, 2, "--lengths-3")
+    if ns.device:
+        check_device(ns.device)
     regs = registries()
     specbench = bool(ns.prompts) and is_specbench_file(ns.prompts)
     per_kind, max_new = (1, 24) if ns.quick else (ns.per_kind, 128 if specbench else 64)
@@ -107,35 +135,49 @@ def run_bench(ns: argparse.Namespace) -> int:
     target, draft = loaded["--target"], loaded["--draft"]
     assert target is not None and draft is not None
     chain_lengths = list(chain.block_lengths) if chain is not None else []
-    lengths2 = _lengths(ns.lengths2, 1, "--lengths-2") or chain_lengths[:1] or None
-    lengths3 = _lengths(ns.lengths3, 2, "--lengths-3") or (chain_lengths if len(chain_lengths) == 2 else None)
+    lengths2 = lengths2 or chain_lengths[:1] or None
+    lengths3 = lengths3 or (chain_lengths if len(chain_lengths) == 2 else None)
     if specbench:
-        return _specbench(ns, target, draft, loaded["--qualifier"], max_new, lengths2, lengths3, regs)
+        return _specbench(ns, out, target, draft, loaded["--qualifier"], max_new, lengths2, lengths3, regs)
+    log = _open_log(out / "bench.partial.jsonl", ns, "bench")
     result = run_bench(target, draft, prompts, max_new_tokens=max_new, ngram=ns.ngram, tree=ns.tree,
                        lengths2=lengths2, lengths3=lengths3,
                        qualifier=loaded["--qualifier"], qualifier_length=ns.qualifier_length,
                        prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat, hf_compile=ns.hf_compile,
-                       sampling=sampling(ns), seeds=ns.seeds, regs=regs)
-    files = write_bench(result, ns.out)
+                       sampling=sampling(ns), seeds=ns.seeds, regs=regs, log=log)
+    files = write_bench(result, out)
     print(result.to_markdown())
-    print("wrote " + ", ".join(str(f) for f in files))
+    print("wrote " + ", ".join(str(f) for f in files) + f" (and {log.path}, one line per finished configuration)")
     if result.mismatches:
         print("pyramid bench: GREEDY OUTPUT MISMATCH: " + "; ".join(result.mismatches), file=sys.stderr)
         return 3
     return 0
 
 
-def _specbench(ns: argparse.Namespace, target: Any, draft: Any, qualifier: Any, max_new: int,
+def _open_log(path: Path, ns: argparse.Namespace, command: str) -> RecordLog:
+    """The run's ``RecordLog``, identified by every option but the command's plumbing; says on
+    stderr when it resumes, or when an old log of other arguments was moved aside."""
+    from pyramid_core.outputs import RecordLog
+
+    args = {k: v for k, v in sorted(vars(ns).items()) if k not in ("func", "command_prog", "command")}
+    log = RecordLog(path, args)
+    if log.moved_aside is not None:
+        print(f"pyramid {command}: {log.moved_aside} keeps the partial results of a run with other arguments; "
+              "starting afresh", file=sys.stderr)
+    elif log.done:
+        print(f"pyramid {command}: resuming: {len(log.done)} finished piece(s) taken from {log.path}", file=sys.stderr)
+    return log
+
+
+def _specbench(ns: argparse.Namespace, out: Path, target: Any, draft: Any, qualifier: Any, max_new: int,
                lengths2: list[int] | None, lengths3: list[int] | None, regs: Any) -> int:
     """``pyramid bench --prompts question.jsonl``: the Spec-Bench run (``bench.run_specbench``)."""
     import json
-    from pathlib import Path
 
     from pyramid_core.bench import run_specbench
     from pyramid_core.specbench import load_questions
 
     questions = load_questions(ns.prompts, per_group=1 if ns.quick else ns.per_group)
-    out = Path(ns.out)
     result = run_specbench(target, draft, questions, out / "specbench", qualifier=qualifier, max_new_tokens=max_new,
                            lengths2=lengths2, lengths3=lengths3, tree=ns.tree, on_too_long=ns.on_too_long, regs=regs)
     md = result.to_markdown()
@@ -157,41 +199,76 @@ def configure_sweep(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     p.add_argument("--length-grid", action="append", metavar="L1,L2,...",
                    help="block lengths per boundary for one grid point; repeat for more (default: the preset's)")
     p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
-    p.add_argument("--per-kind", type=int, default=2, help="prompts per task kind (default 2)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--per-kind", type=int_at_least(1), default=2, help="prompts per task kind (default 2)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=32)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
     compile_arg(p)
-    p.add_argument("--out", default="out/sweep", help="output folder for sweep.json, sweep.csv, sweep.png")
+    p.add_argument("--out", default="out/sweep",
+                   help="output folder for sweep.json, sweep.csv, sweep.png; checked before anything runs. Each "
+                        "finished grid point is also appended to sweep.partial.jsonl there, and a rerun with the same "
+                        "arguments resumes from it")
+    nonfinite_arg(p)
     sampling_args(p, default_temperature=1.0)
     return run_sweep
 
 
 def run_sweep(ns: argparse.Namespace) -> int:
+    import math
+
+    from pyramid_core.devices import check_device
     from pyramid_core.errors import ConfigError
+    from pyramid_core.outputs import output_dir
     from pyramid_core.plugins import registries
     from pyramid_core.prompts import load_prompts
     from pyramid_core.sweep import run_sweep, write_sweep
+    from pyramid_core.validate import check_block_lengths
 
-    regs = registries()
-    prompts = load_prompts(ns.prompts, per_kind=ns.per_kind)
+    out = output_dir(ns.out, "--out")  # before anything runs
     try:
         taus = [float(t) for t in ns.taus.split(",")]
-        grid = [[int(v) for v in g.split(",")] for g in ns.length_grid] if ns.length_grid else None
-    except ValueError as exc:
-        raise ConfigError(f"--taus takes comma-separated numbers and --length-grid comma-separated integers ({exc})") from None
+    except ValueError:
+        raise ConfigError(f"--taus takes comma-separated numbers (e.g. 0.1,0.3), got {ns.taus!r}") from None
+    bad = [t for t in taus if not (math.isfinite(t) and t >= 0)]
+    if bad:
+        raise ConfigError(f"--taus: a divergence threshold must be a finite number >= 0, got {bad[0]!r}")
+    grid = None
+    if ns.length_grid:
+        grid = []
+        for g in ns.length_grid:
+            try:
+                lengths = [int(v) for v in g.split(",")]
+            except ValueError:
+                raise ConfigError(f"--length-grid takes comma-separated integers per grid point, got {g!r}") from None
+            try:
+                grid.append(check_block_lengths(lengths))
+            except ConfigError as exc:
+                raise ConfigError(f"--length-grid {g}: {exc}") from None
+    if ns.device:
+        check_device(ns.device)
+    regs = registries()
+    prompts = load_prompts(ns.prompts, per_kind=ns.per_kind)
     presets = list(ns.preset)
     ns.policy, ns.length, ns.preset = None, None, presets[0]
     spec = pipeline_spec(ns, ns.stage or (), device=ns.device)
+    n = len(spec.plan(regs)[0])  # the preset and the stage count, before anything is written
+    if grid is not None:
+        for g in grid:
+            if len(g) != n - 1:
+                raise ConfigError(f"--length-grid {','.join(map(str, g))}: {n} stages need {n - 1} block length(s)")
+    log = _open_log(out / "sweep.partial.jsonl", ns, "sweep")
     points = run_sweep(spec, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
-                       chat=ns.chat, presets=presets, regs=regs)
+                       chat=ns.chat, presets=presets, regs=regs, log=log)
     stages = [str(s) for s in spec.plan(regs)[0]]
-    files = write_sweep(points, ns.out, title=f"{', '.join(presets)}: {' -> '.join(stages)}")
-    print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'exact':>6} {'agree':>6}  acceptance")
+    files = write_sweep(points, out, title=f"{', '.join(presets)}: {' -> '.join(stages)}")
+    print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'exact':>6} {'agree':>6}  "
+          "acceptance per try | accepted/proposed")
     for p in points:
         tau = "-" if p.tau is None else f"{p.tau:g}"
-        acc = " ".join(f"{a:.2f}" for a in p.acceptance)
+        per_try = " ".join(f"{a:.2f}" for a in p.acceptance_per_try)
+        kept = " ".join(f"{a:.2f}" for a in p.acceptance)
         print(f"{p.label:<14} {tau:>5} {','.join(map(str, p.block_lengths)) or '-':>8} {p.tokens_per_s:>7.1f} "
-              f"{p.tokens_per_target_forward:>7.2f} {p.nll:>6.3f} {p.exact_match:>6.2f} {p.token_match:>6.2f}  {acc}")
-    print("wrote " + ", ".join(str(f) for f in files))
+              f"{p.tokens_per_target_forward:>7.2f} {p.nll:>6.3f} {p.exact_match:>6.2f} {p.token_match:>6.2f}  "
+              f"{per_try or '-'} | {kept or '-'}")
+    print("wrote " + ", ".join(str(f) for f in files) + f" (and {log.path}, one line per finished grid point)")
     return 0

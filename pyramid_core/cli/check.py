@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pyramid_core.cli.common import pipeline_args, sampling, sampling_args
+from pyramid_core.cli.common import int_at_least, pipeline_args, sampling, sampling_args
 
 __all__ = ["configure"]
 
@@ -17,10 +17,10 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     p.add_argument("--dist", action="append", metavar="P1,P2,...",
                    help="next-token distribution of a stage, smallest first, once per stage")
     pipeline_args(p, default_length="1")
-    p.add_argument("--samples", type=int, default=20_000)
-    p.add_argument("--new-tokens", type=int, default=1, metavar="N",
+    p.add_argument("--samples", type=int_at_least(1), default=20_000)
+    p.add_argument("--new-tokens", type=int_at_least(1), default=1, metavar="N",
                    help="tokens per run, all counted (the tables ignore the context); default 1")
-    p.add_argument("--tree", type=int, default=0, metavar="K",
+    p.add_argument("--tree", type=int_at_least(0, " (0 = a chain)"), default=0, metavar="K",
                    help="draft a token tree: K candidates per position up to the first block length "
                         "(also runs the chain draft to report the acceptance gain); 0 = chain")
     p.add_argument("--no-replacement", dest="replacement", action="store_false",
@@ -35,6 +35,8 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 
 
 def run(ns: argparse.Namespace) -> int:
+    import torch
+
     from pyramid_core.errors import ConfigError
     from pyramid_core.plugins import registries
     from pyramid_core.testing.exactness import parse_dist, run_check
@@ -53,9 +55,13 @@ def run(ns: argparse.Namespace) -> int:
     res = run_check(dists, ns.policy, ns.length, tree=ns.tree, replacement=ns.replacement, **common)
     elapsed = time.perf_counter() - t0
     chain = run_check(dists, ns.policy, ns.length, **common) if ns.tree else None  # the tree's gain
+    # the per-token acceptance an exact chain boundary has in expectation: 1 - TV of its two rows
+    rows = [sampling(ns).transform(torch.tensor(d, dtype=torch.float64).log().unsqueeze(0))[0] for d in dists]
+    one_minus_tv = [float(torch.minimum(q, p).sum()) for q, p in zip(rows, rows[1:])]
     if ns.json:
         out = res.as_dict()
         out["elapsed_s"] = elapsed
+        out["one_minus_tv"] = one_minus_tv
         if chain is not None:
             out["chain"] = chain.as_dict()
         print(json.dumps(out))
@@ -70,8 +76,12 @@ def run(ns: argparse.Namespace) -> int:
         print(f"{i:>5} {t:>8.4f} {e:>10.4f}")
     print(f"TV distance  {res.tv:.4f}")
     print(f"chi-square p {res.p_value:.4g}" + ("   (exactness rejected at 1e-3)" if res.p_value < 1e-3 else ""))
-    for k, a in enumerate(res.acceptance):
-        print(f"acceptance {k + 1}->{k + 2}: {a:.4f}" + (f"   (chain draft: {chain.acceptance[k]:.4f})" if chain else ""))
+    for k, (a, kept) in enumerate(zip(res.acceptance_per_try, res.accepted_per_proposed, strict=True)):
+        # 1 - TV is the expected per-try acceptance of exact rejection sampling on a chain
+        ref = "" if ns.tree and k == 0 else f" (1 - TV of the two tables {one_minus_tv[k]:.4f})"
+        print(f"boundary {k + 1}->{k + 2}: acceptance per try {a:.4f}{ref}; accepted/proposed {kept:.4f}"
+              + (f"   (chain draft: {chain.acceptance_per_try[k]:.4f} per try, "
+                 f"{chain.accepted_per_proposed[k]:.4f} accepted/proposed)" if chain else ""))
     if ns.tree or ns.new_tokens > 1:
         for k, t in enumerate(res.tokens_per_forward[:-1]):
             print(f"output tokens per forward of stage {k + 2}: {t:.3f}"

@@ -1,25 +1,49 @@
-"""What the commands share: the sampling options and turning ``--stage`` / ``--policy`` /
-``--length`` / ``--preset`` / ``--tree`` / ``--device`` into a ``PipelineSpec``."""
+"""What the commands share: the sampling options, argument types that refuse bad values with the
+flag's name, and turning ``--stage`` / ``--policy`` / ``--length`` / ``--preset`` / ``--tree`` /
+``--device`` / ``--nonfinite`` into a ``PipelineSpec``."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from pyramid_core.argtypes import block_length, int_at_least
 from pyramid_core.build import PipelineSpec
+from pyramid_core.errors import ConfigError
 from pyramid_core.schedule import SCHEDULES
 from pyramid_core.types import SamplingConfig
+from pyramid_core.validate import NONFINITE_MODES
 
-__all__ = ["sampling_args", "sampling", "pipeline_args", "pipeline_spec", "compile_arg"]
+__all__ = ["sampling_args", "sampling", "pipeline_args", "pipeline_spec", "compile_arg", "nonfinite_arg",
+           "int_at_least", "block_length"]
+
+
+def _sampling_field(name: str) -> Callable[[str], float]:
+    """An argparse type validated by ``SamplingConfig`` itself (one rule, one message)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            SamplingConfig(**{name: value})
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace(f"SamplingConfig.{name} ", "")) from None
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
 def sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
     g = p.add_argument_group("sampling (applied identically at every stage)")
-    g.add_argument("--temperature", type=float, default=default_temperature,
+    g.add_argument("--temperature", type=_sampling_field("temperature"), default=default_temperature,
                    help=f"0 = greedy (default {default_temperature})")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--top-k", type=int_at_least(0, " (0 = off)"), default=0,
+                   help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=_sampling_field("top_p"), default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     g.add_argument("--seed", type=int, default=0, help="makes the run reproducible")
 
 
@@ -31,8 +55,8 @@ def pipeline_args(p: argparse.ArgumentParser, *, default_length: str) -> None:
     """``--policy``, ``--length`` and ``--preset`` (per boundary, smallest first)."""
     p.add_argument("--policy", action="append", metavar="SPEC",
                    help="one per boundary, smallest first (default: the default policy, exact)")
-    p.add_argument("--length", action="append", type=int, metavar="L",
-                   help=f"block length per boundary, smallest first (default {default_length})")
+    p.add_argument("--length", action="append", type=block_length, metavar="L",
+                   help=f"block length per boundary, smallest first, never decreasing upwards (default {default_length})")
     p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths")
     p.add_argument("--length-schedule", choices=sorted(SCHEDULES), default="fixed",
                    help="fixed block lengths, or adaptive: +2 after a fully accepted block, -1 otherwise "
@@ -50,6 +74,13 @@ def compile_arg(p: argparse.ArgumentParser) -> None:
                         "default: wherever it is supported; --no-compile: eager")
 
 
+def nonfinite_arg(p: argparse.ArgumentParser) -> None:
+    """``--nonfinite raise|warn``: what a NaN or +inf logit of a stage does (``Pipeline``)."""
+    p.add_argument("--nonfinite", choices=NONFINITE_MODES, default="raise",
+                   help="a stage returning NaN or +inf logits: raise an error naming the stage and position "
+                        "(default), or warn and give those entries zero probability (probing broken models)")
+
+
 def pipeline_spec(ns: argparse.Namespace, stages: Sequence[Any], *, default_length: int | None = None,
                   tree: str | None = None, device: str | None = None) -> PipelineSpec:
     """The spec of ``stages`` from the parsed options. ``default_length`` (when given) is the
@@ -61,4 +92,5 @@ def pipeline_spec(ns: argparse.Namespace, stages: Sequence[Any], *, default_leng
     return PipelineSpec(tuple(stages), ns.policy, lengths, ns.preset, tree, sampling(ns), device,
                         compile=getattr(ns, "compile", None),
                         length_schedule=getattr(ns, "length_schedule", "fixed"),
-                        confidence_stop=getattr(ns, "confidence_stop", 0.0))
+                        confidence_stop=getattr(ns, "confidence_stop", 0.0),
+                        on_nonfinite=getattr(ns, "nonfinite", "raise"))

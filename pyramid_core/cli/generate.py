@@ -6,10 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from pyramid_core.cli.common import compile_arg, pipeline_args, pipeline_spec, sampling_args
+from pyramid_core.cli.common import (
+    compile_arg,
+    int_at_least,
+    nonfinite_arg,
+    pipeline_args,
+    pipeline_spec,
+    sampling_args,
+)
 
 __all__ = ["configure"]
 
@@ -24,24 +30,31 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     p.add_argument("--tree", metavar="SPEC",
                    help="draft token trees with the first stage, e.g. tree:branching=4-2-1,replacement=false "
                         "or tree:budget=16,branching=4 (verify them with the exact policy)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=64)
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
     compile_arg(p)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the tokenizer's chat template (default on)")
     p.add_argument("--compare", action="store_true",
                    help="also time plain HF generate of the target alone (and check greedy identity)")
-    p.add_argument("--metrics", metavar="FILE.json", help="write metrics as JSON")
+    p.add_argument("--metrics", metavar="FILE.json",
+                   help="write metrics as JSON (checked before anything runs; written right after the generation, "
+                        "again with --compare's results)")
+    nonfinite_arg(p)
     sampling_args(p, default_temperature=0.0)
     return run
 
 
 def run(ns: argparse.Namespace) -> int:
     from pyramid_core.errors import ConfigError
+    from pyramid_core.outputs import output_file
     from pyramid_core.plugins import registries
     from pyramid_core.prompts import encode_prompt
     from pyramid_core.protocols import tokenizer_of
 
+    metrics_path = output_file(ns.metrics, "--metrics") if ns.metrics else None
+    if ns.compare and ns.max_new_tokens < 1:
+        raise ConfigError(f"--compare times HF generate, which needs --max-new-tokens >= 1, got {ns.max_new_tokens}")
     regs = registries()
     spec = pipeline_spec(ns, ns.stage or (), tree=ns.tree, device=ns.device)
     stage_specs = [str(s) for s in spec.plan(regs)[0]]
@@ -61,21 +74,24 @@ def run(ns: argparse.Namespace) -> int:
           f"framework overhead {100 * m.overhead_s / m.wall_s:.1f}% of wall time")
     for k, b in enumerate(m.boundaries):
         print(f"boundary {k + 1}->{k + 2} ({stage_specs[k]} -> {stage_specs[k + 1]}): proposed {b.proposed}, "
-              f"accepted {b.accepted} ({100 * b.acceptance_rate:.1f}%), mean accepted length {b.mean_accepted:.2f}")
+              f"accepted {b.accepted}: acceptance per try {100 * b.acceptance_per_try:.1f}%, accepted/proposed "
+              f"{100 * b.accepted_per_proposed:.1f}%, mean accepted length {b.mean_accepted:.2f}")
         if b.tree_rounds:
             print(f"  token trees: {b.tree_nodes / b.tree_rounds:.1f} nodes per tree, proposed/accepted count "
                   f"depths; {100 * b.accepted / b.tree_nodes:.1f}% of the nodes were used")
     for s in m.stages:
-        if s.forwards == 0 and s is m.stages[0]:
+        if s.forwards == 0 and s is m.stages[0] and len(m.stages) > 1:
             print(f"stage {s.name}: model-free proposer (no forwards)")
         else:
             print(f"stage {s.name}: {s.forwards} forwards, {s.forward_s:.2f} s")
     report: dict[str, Any] = {"stages": stage_specs, "metrics": m.as_dict(), "tokens": gen.token_list}
     rc = 0
+    if metrics_path is not None:  # now: --compare may fail after this
+        metrics_path.write_text(json.dumps(report, indent=2))
     if ns.compare:
         report["hf_generate"], rc = _compare(pipe, ids, gen.token_list, m.tokens_per_s, ns)
-    if ns.metrics:
-        Path(ns.metrics).write_text(json.dumps(report, indent=2))
+        if metrics_path is not None:
+            metrics_path.write_text(json.dumps(report, indent=2))
     return rc
 
 

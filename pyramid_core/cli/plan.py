@@ -8,7 +8,7 @@ import shlex
 import time
 from collections.abc import Callable
 
-from pyramid_core.cli.common import compile_arg
+from pyramid_core.cli.common import compile_arg, int_at_least
 
 __all__ = ["configure"]
 
@@ -18,12 +18,12 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
                    help="a candidate, repeated; the last is the target. Model backends (e.g. "
                         "smollm2:num_layers=12, hf:path=DIR) or model-free proposers (e.g. ngram)")
     p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
-    p.add_argument("--per-kind", type=int, default=1, help="prompts per task kind (default 1)")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt to measure alpha (default 32)")
-    p.add_argument("--max-length", type=int, default=16, help="longest block length considered (default 16)")
-    p.add_argument("--max-stages", type=int, default=None, help="longest chain considered (default: all candidates)")
-    p.add_argument("--top", type=int, default=10, help="chains in the ranking (default 10)")
-    p.add_argument("--repeats", type=int, default=10, help="timed forwards per model and tokens per forward M (default 10)")
+    p.add_argument("--per-kind", type=int_at_least(1), default=1, help="prompts per task kind (default 1)")
+    p.add_argument("--new-tokens", type=int_at_least(1), default=32, help="greedy tokens per prompt to measure alpha (default 32)")
+    p.add_argument("--max-length", type=int_at_least(1), default=16, help="longest block length considered (default 16)")
+    p.add_argument("--max-stages", type=int_at_least(1), default=None, help="longest chain considered (default: all candidates)")
+    p.add_argument("--top", type=int_at_least(1), default=10, help="chains in the ranking (default 10)")
+    p.add_argument("--repeats", type=int_at_least(1), default=10, help="timed forwards per model and tokens per forward M (default 10)")
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
     compile_arg(p)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)

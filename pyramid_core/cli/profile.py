@@ -7,7 +7,7 @@ import argparse
 import json
 from collections.abc import Callable
 
-from pyramid_core.cli.common import compile_arg
+from pyramid_core.cli.common import compile_arg, int_at_least
 
 __all__ = ["configure"]
 
@@ -17,8 +17,9 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
                    help="a model stage, repeated (e.g. --stage smollm2:compile=false --stage smollm2:compile=true)")
     p.add_argument("--widths", default="1,2,4,8,16", metavar="M1,M2,...",
                    help="tokens per forward M to time, increasing (default 1,2,4,8,16)")
-    p.add_argument("--context", type=int, default=200, help="tokens already in the cache (default 200)")
-    p.add_argument("--repeats", type=int, default=10, help="timed forwards per M, interleaved; the median is kept")
+    p.add_argument("--context", type=int_at_least(1), default=200, help="tokens already in the cache (default 200)")
+    p.add_argument("--repeats", type=int_at_least(1), default=10,
+                   help="timed forwards per M, interleaved; the median is kept")
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
     compile_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -29,6 +30,7 @@ def run(ns: argparse.Namespace) -> int:
     import torch
 
     from pyramid_core.build import make_stage
+    from pyramid_core.devices import check_device
     from pyramid_core.errors import ConfigError
     from pyramid_core.measure import measure_stage_costs
     from pyramid_core.plugins import registries
@@ -38,6 +40,10 @@ def run(ns: argparse.Namespace) -> int:
         widths = [int(w) for w in ns.widths.split(",")]
     except ValueError:
         raise ConfigError(f"--widths takes comma-separated integers, got {ns.widths!r}") from None
+    if any(m < 1 or m <= before for before, m in zip([0, *widths], widths)):
+        raise ConfigError(f"--widths must be strictly increasing integers >= 1 (tokens per forward), got {ns.widths!r}")
+    if ns.device:
+        check_device(ns.device)
     regs = registries()
     rows = []
     for spec in ns.stage:

@@ -8,8 +8,10 @@
     pyramid distill feature     trains a feature-level draft (EAGLE family) on the corpus, with
                                 the target's features computed once (``distill.feature``)
 
-Everything defaults to ``$PYRAMID_HOME/distill``; ``--smoke`` shrinks every step to seconds
-(what CI runs).
+Everything defaults to ``$PYRAMID_HOME/distill``; ``--smoke`` shrinks every step, the held-out
+evaluation included, to a run of well under a minute on a CPU (what CI runs). Every folder or file
+a step writes is checked before the step starts (``pyramid_core.outputs``); the corpus and the
+training resume where an interrupted run stopped.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 
 import attrs
 
+from pyramid_core.argtypes import int_at_least
+
 __all__ = ["configure"]
 
 
@@ -32,6 +36,24 @@ def _home(ns: argparse.Namespace) -> Path:
     from pyramid_core.hf.smollm2 import model_home
 
     return Path(ns.workdir).expanduser() if getattr(ns, "workdir", None) else model_home() / "distill"
+
+
+def _outputs(ns: argparse.Namespace, *, corpus: bool = False, out: str = "") -> None:
+    """Check every place the command writes before it starts: the workdir, the corpus folder
+    when the command builds it, ``--out`` as a folder (``out="dir"``) or a file (``"file"``),
+    and ``--ship``."""
+    from pyramid_core.outputs import output_dir, output_file
+
+    if getattr(ns, "workdir", None) or out != "file":  # eval reads the workdir only with --corpus-sample
+        output_dir(_home(ns), "--workdir")
+    if corpus:
+        output_dir(Path(ns.corpus) if ns.corpus else _home(ns) / "corpus", "--corpus")
+    if out == "dir" and getattr(ns, "out", None):
+        output_dir(ns.out, "--out")
+    if out == "file" and getattr(ns, "out", None):
+        output_file(ns.out, "--out")
+    if getattr(ns, "ship", None):
+        output_dir(ns.ship, "--ship")
 
 
 def _command_line() -> str:
@@ -76,6 +98,7 @@ def cmd_corpus(ns: argparse.Namespace) -> int:
     from pyramid_core.distill.corpus import build_corpus
     from pyramid_core.prompts import load_prompts
 
+    _outputs(ns, corpus=True)
     model, tokenizer = _target(ns)
     held_out = [p.text for p in load_prompts()]
     out = Path(ns.corpus or _home(ns) / "corpus")
@@ -90,7 +113,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", metavar="DIR", help="folder for corpus, checkpoints and stages (default $PYRAMID_HOME/distill)")
     p.add_argument("--corpus", metavar="DIR", help="corpus folder (default WORKDIR/corpus)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="a tiny run of every step (seconds; what CI runs)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny run of every step, evaluation included (well under a minute on a CPU; what CI runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", help="where the target and the students run (cpu, cuda, ...; default cpu)")
 
@@ -129,11 +153,14 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     train_args(t)
     t.set_defaults(distill_run=cmd_train)
 
-    def eval_args(e: argparse.ArgumentParser) -> None:
-        e.add_argument("--per-kind", type=int, default=10, help="held-out prompts per task kind (default all 10)")
-        e.add_argument("--new-tokens", type=int, default=64, help="target greedy tokens per prompt")
-        e.add_argument("--corpus-sample", type=int, default=0, metavar="N",
-                       help="also measure agreement on N training sequences (memorisation vs generalisation)")
+    def eval_args(e: argparse.ArgumentParser, smoke: str = "") -> None:
+        e.add_argument("--per-kind", type=int_at_least(1), default=None,
+                       help=f"held-out prompts per task kind (default all 10{smoke and '; --smoke: 1, and 2 prompts in all'})")
+        e.add_argument("--new-tokens", type=int_at_least(1), default=None,
+                       help=f"target greedy tokens per prompt (default 64{smoke and ', 8 with --smoke'})")
+        e.add_argument("--corpus-sample", type=int_at_least(0), default=None, metavar="N",
+                       help="also measure agreement on N training sequences (memorisation vs generalisation; "
+                            f"default {smoke or '0'})")
 
     e = dsub.add_parser("eval", help="greedy top-1 agreement on held-out prompts, and cost ratios c")
     e.add_argument("--workdir", metavar="DIR", help="folder holding corpus/ (for --corpus-sample)")
@@ -154,8 +181,8 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     a.add_argument("--qualifier-steps", type=int, help=f"qualifier optimiser steps (default {ROLES['qualifier']['steps']})")
     a.add_argument("--ship", metavar="DIR", help="family folder to write (default WORKDIR/family)")
     train_args(a)
-    eval_args(a)
-    a.set_defaults(distill_run=cmd_all, corpus_sample=150)
+    eval_args(a, smoke="150, 4 with --smoke")
+    a.set_defaults(distill_run=cmd_all)
 
     f = dsub.add_parser("feature", help="train a feature-level draft (EAGLE family) that reads the target's hidden states")
     _common(f)
@@ -185,6 +212,22 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 def run(ns: argparse.Namespace) -> int:
     command: Callable[[argparse.Namespace], int] = ns.distill_run
     return command(ns)
+
+
+# the held-out evaluation: (full run, --smoke) defaults of --per-kind, --new-tokens, --corpus-sample;
+# --smoke also keeps only the first SMOKE_EVAL_PROMPTS prompts and times each stage SMOKE_TIMING times
+EVAL_DEFAULTS = {"per_kind": (10, 1), "new_tokens": (64, 8)}
+EVAL_ALL_CORPUS_SAMPLE = (150, 4)
+SMOKE_EVAL_PROMPTS = 2
+TIMING_REPEATS = (30, 5)
+
+
+def _eval_defaults(ns: argparse.Namespace, corpus_sample: tuple[int, int] = (0, 0)) -> None:
+    """Fill the evaluation options not given: full-size, or tiny with ``--smoke``."""
+    smoke = int(bool(getattr(ns, "smoke", False)))
+    for name, values in {**EVAL_DEFAULTS, "corpus_sample": corpus_sample}.items():
+        if getattr(ns, name, None) is None:
+            setattr(ns, name, values[smoke])
 
 ROLES: dict[str, dict[str, Any]] = {
     # layers of the target each student starts from, its head, and its learning rate
@@ -239,6 +282,7 @@ def _corpus_manifest(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    _outputs(ns, out="dir")
     report = _train(ns, ns.role, _corpus_manifest(ns))
     print(json.dumps(report, indent=2))
     if not report["finished"]:
@@ -269,9 +313,11 @@ def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
         models.append(stage)
     check_same_tokenizer(models)
     tokenizer = models[-1].tokenizer
-    prompts = load_prompts(per_kind=ns.per_kind)
+    smoke = bool(getattr(ns, "smoke", False))
+    prompts = load_prompts(per_kind=ns.per_kind)[: SMOKE_EVAL_PROMPTS if smoke else None]
     encoded = [(p.kind, encode_prompt(tokenizer, p.text, True)) for p in prompts]
-    reports = evaluate_stages(models, encoded, ns.new_tokens, progress=not ns.quiet)
+    reports = evaluate_stages(models, encoded, ns.new_tokens, timing_repeats=TIMING_REPEATS[smoke],
+                              progress=not ns.quiet)
     result: dict[str, Any] = {
         "command": _command_line(), "stages": specs, "prompts": len(prompts), "new_tokens": ns.new_tokens,
         "held_out": "pyramid_core/data/prompts.jsonl (never trained on)",
@@ -311,6 +357,8 @@ def _eval_markdown(result: dict[str, Any]) -> str:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
+    _outputs(ns, out="file")
+    _eval_defaults(ns)
     result = _evaluate(_eval_specs(ns), ns)
     if ns.json:
         print(json.dumps(result, indent=2))
@@ -328,6 +376,8 @@ def cmd_all(ns: argparse.Namespace) -> int:
     from pyramid_core.distill.corpus import build_corpus
     from pyramid_core.prompts import load_prompts
 
+    _outputs(ns, corpus=True)
+    _eval_defaults(ns, EVAL_ALL_CORPUS_SAMPLE)
     model, tokenizer = _target(ns)
     corpus_dir = Path(ns.corpus or _home(ns) / "corpus")
     manifest = build_corpus(model, tokenizer, corpus_dir, _corpus_config(ns),

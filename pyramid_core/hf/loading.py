@@ -5,7 +5,10 @@ imports nothing of pyramid but the student format, and every loader above shares
 from __future__ import annotations
 
 import json
+import sys
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +76,28 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: s
     if model is None:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwarg(torch_dtype))
+        with _progress_on_terminals_only():
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwarg(torch_dtype))
         model.to(dev).eval()
         _LOADED[key] = model
     return model
+
+
+@contextmanager
+def _progress_on_terminals_only() -> Iterator[None]:
+    """transformers' weight-loading progress bar only when stderr is a terminal: in logs and
+    pipes it is noise before a command's own output (and its one-line errors)."""
+    from transformers.utils import logging as transformers_logging
+
+    hf_logging: Any = transformers_logging  # untyped
+    quiet = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -88,7 +109,16 @@ def load_tokenizer(path: Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except ValueError:
+        # transformers 5 saves fast tokenizers as class "TokenizersBackend", which 4.x does not
+        # know; both read the same tokenizer.json
+        if not (path / "tokenizer.json").is_file():
+            raise
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
 
 
 def _load_student(path: Path, *, device: torch.device, dtype: torch.dtype) -> Any:

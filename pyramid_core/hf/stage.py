@@ -124,6 +124,10 @@ class HFStage:
             base = Path(str(getattr(model.config, "name_or_path", "") or type(model).__name__)).name
             name = base if self.num_layers == total else f"{base}[:{self.num_layers}]"
         self.name = name
+        # the longest context its position embeddings cover (HasContextLength); GPT-2 configs
+        # map max_position_embeddings to n_positions
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self._context_length: int | None = int(limit) if isinstance(limit, int) and limit > 0 else None
         # call conventions of this transformers version, looked up once (not per token)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -239,6 +243,12 @@ class HFStage:
             name = path.name
         return cls(model, load_tokenizer(tokenizer_dir), name=name, vocab_size=vocab_size, num_layers=num_layers,
                    compile=compile)
+
+    @property
+    def context_length(self) -> int | None:
+        """``max_position_embeddings`` of the model (``None`` if its config has none): the
+        pipeline refuses a prompt + max_new_tokens longer than this."""
+        return self._context_length
 
     @property
     def cached_tokens(self) -> tuple[int, ...]:

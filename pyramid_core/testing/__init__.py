@@ -10,10 +10,15 @@ from pyramid_core.testing.conformance import (
     check_policy_lossless,
     contract_cases,
 )
+from pyramid_core.testing.faults import FAULTS, Fault, FaultyStage, InjectedFault, fail_module
 from pyramid_core.testing.table import TableModel, validate_distribution
 
 __all__ = [
     "DEFAULT_TABLES",
+    "FAULTS",
+    "Fault",
+    "FaultyStage",
+    "InjectedFault",
     "ContractCase",
     "ContractReport",
     "LosslessCheck",
@@ -22,5 +27,6 @@ __all__ = [
     "check_policy_contract",
     "check_policy_lossless",
     "contract_cases",
+    "fail_module",
     "validate_distribution",
 ]

@@ -81,7 +81,7 @@ class CheckResult:
     target: list[float]
     tv: float
     p_value: float
-    acceptance: list[float]
+    acceptance: list[float]  # accepted / proposed per boundary (the old name of accepted_per_proposed)
     samples: int
     counts: list[int]
     tokens_per_target_forward: float = float("nan")
@@ -93,6 +93,10 @@ class CheckResult:
     tokens_per_forward: list[float] = attrs.field(factory=list)
     policies: list[str] = attrs.field(factory=list)  # what ran at each boundary
     block_lengths: list[int] = attrs.field(factory=list)
+    # per boundary: accepted / tries, comparable to alpha and 1 - TV (types.BoundaryStats) ...
+    acceptance_per_try: list[float] = attrs.field(factory=list)
+    # ... and accepted / proposed, the share of proposed tokens kept (= ``acceptance``)
+    accepted_per_proposed: list[float] = attrs.field(factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -152,6 +156,7 @@ def run_check(
     counts = [0] * vocab
     proposed = [0] * len(ells)
     accepted = [0] * len(ells)
+    tries = [0] * len(ells)
     forwards = [0] * len(ells)  # of stages 2..N
     tree_nodes = tree_rounds = 0
     prompt = torch.zeros(1, dtype=torch.long)
@@ -168,6 +173,7 @@ def run_check(
             for k, b in enumerate(metrics.boundaries):
                 proposed[k] += b.proposed
                 accepted[k] += b.accepted
+                tries[k] += b.tries
             tree_nodes += metrics.boundaries[0].tree_nodes if metrics.boundaries else 0
             tree_rounds += metrics.boundaries[0].tree_rounds if metrics.boundaries else 0
     finally:
@@ -176,12 +182,13 @@ def run_check(
     drawn = sum(counts)
     empirical = [c / drawn for c in counts]
     tv = 0.5 * sum(abs(e - t) for e, t in zip(empirical, target, strict=True))
+    per_proposed = [a / p if p else float("nan") for a, p in zip(accepted, proposed, strict=True)]
     return CheckResult(
         empirical=empirical,
         target=target,
         tv=tv,
         p_value=chi_square_p_value(counts, target),
-        acceptance=[a / p if p else float("nan") for a, p in zip(accepted, proposed, strict=True)],
+        acceptance=per_proposed,
         samples=samples,
         counts=counts,
         tokens_per_target_forward=drawn / forwards[-1] if forwards and forwards[-1] else float("nan"),
@@ -192,4 +199,6 @@ def run_check(
         tokens_per_forward=[drawn / f if f else float("nan") for f in forwards],
         policies=[p if isinstance(p, str) else repr(p) for p in spec.plan(regs)[1]],
         block_lengths=ells,
+        acceptance_per_try=[a / t if t else float("nan") for a, t in zip(accepted, tries, strict=True)],
+        accepted_per_proposed=per_proposed,
     )

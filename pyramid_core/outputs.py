@@ -1,0 +1,139 @@
+"""Where commands write: output paths checked before the work starts, and a JSON-lines log that
+keeps every finished piece of a run (a configuration, a prompt) as soon as it is measured.
+
+- ``output_dir(path, flag)`` / ``output_file(path, flag)``: the path made ready (missing parent
+  folders created) and probed by writing to it, or a ``ConfigError`` naming the flag -- a file
+  where a folder is needed (or the reverse), a path under a file, an unwritable place.
+- ``RecordLog``: one JSON object per line, flushed and synced after each record, opened with
+  the run's arguments. A rerun with the same arguments sees what is already recorded
+  (``done``) and skips it; a rerun with other arguments moves the old log aside (it is kept,
+  never overwritten) and starts a new one. A line cut short by an interrupted write is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pyramid_core.errors import ConfigError
+
+__all__ = ["output_dir", "output_file", "RecordLog"]
+
+
+def _parents_usable(path: Path, flag: str) -> None:
+    """Every existing ancestor of ``path`` is a folder (a path under a file cannot be created)."""
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, so nothing can be created under it; "
+                              "give a path in a folder")
+
+
+def _probe(folder: Path, flag: str, path: Path) -> None:
+    """Write and remove a scratch file in ``folder``."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".pyramid-probe-", dir=folder)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {str(path)!r}: cannot write in {str(folder)!r} ({exc.strerror or exc}); "
+                          "give a writable place") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _mkdir(folder: Path, flag: str, path: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {str(path)!r}: cannot create the folder {str(folder)!r} "
+                          f"({exc.strerror or exc}); give a writable place") from None
+
+
+def output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a folder to write into, created if missing (module docstring)."""
+    out = Path(path).expanduser()
+    _parents_usable(out, flag)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {str(out)!r} is a file, but a folder is needed here (for several output files); "
+                          "give a folder path")
+    _mkdir(out, flag, out)
+    _probe(out, flag, out)
+    return out
+
+
+def output_file(path: str | Path, flag: str) -> Path:
+    """``path`` as a file to write, its folder created if missing; an existing file is fine (it
+    will be replaced) but a folder is not (module docstring)."""
+    out = Path(path).expanduser()
+    _parents_usable(out, flag)
+    if out.is_dir():
+        raise ConfigError(f"{flag} {str(out)!r} is a folder, but a file is needed here; give a file path "
+                          f"(e.g. {str(out / 'metrics.json')!r})")
+    _mkdir(out.parent, flag, out)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ConfigError(f"{flag} {str(out)!r}: the file exists and is not writable; give a writable place")
+    _probe(out.parent, flag, out)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+class RecordLog:
+    """A JSON-lines log of one run's finished pieces (module docstring).
+
+    The first line is ``{"run": args}``; every other line a record with a ``"key"``. ``done``
+    maps each recorded key to its record (the last one wins)."""
+
+    def __init__(self, path: str | Path, args: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.args = _jsonable(dict(args))
+        self.done: dict[str, dict[str, Any]] = {}
+        self.moved_aside: Path | None = None
+        previous = list(self._read()) if self.path.exists() else []
+        if previous and previous[0].get("run") == self.args:
+            for record in previous[1:]:
+                if isinstance(record.get("key"), str):
+                    self.done[record["key"]] = record
+            self._rewrite(previous)  # drops a line cut short by an interrupted write
+            return
+        if self.path.exists() and self.path.stat().st_size > 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.moved_aside = self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}")
+            self.path.replace(self.moved_aside)
+        self._rewrite([{"run": self.args}])
+
+    def _read(self) -> Iterator[dict[str, Any]]:
+        with self.path.open() as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # an interrupted write: the piece is measured again
+                    continue
+                if isinstance(record, dict):
+                    yield record
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w") as fh:
+            for record in records:
+                fh.write(json.dumps(record, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.path)
+
+    def append(self, key: str, record: Mapping[str, Any]) -> None:
+        """Record the finished piece ``key`` now (flushed and synced to disk)."""
+        full = _jsonable({"key": key, **record})
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(full) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.done[key] = full
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.done.get(key)

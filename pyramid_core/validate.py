@@ -1,0 +1,194 @@
+"""Checks at the edges of the pipeline: block lengths that can take effect, prompts, the context
+limit, and the logits a stage returns -- each error names the culprit and what would be valid.
+
+Block lengths (SPEC "Exact chain"): stage k+1 is asked for at most ell_{k+1} tokens per round of
+stage k+2, and asks stage k for min(ell_k, tokens still needed) tokens, so a lower length larger
+than the one above it can never take effect. Lengths must be non-decreasing from the bottom
+boundary to the top one (``check_block_lengths``); the pipeline, the latency model and the
+planner share this rule.
+
+Logits (``score_checked``): one reduction per forward and one host read -- the sum of all logits
+is finite iff none is NaN or infinite. Only when it is not are the rows looked at one by one: a
+row is bad if it holds NaN or +inf, or no finite logit at all (-inf entries alone are legitimate:
+tokens with zero probability, as ``TableModel`` gives for zeros in its table). On CUDA the read
+waits for the forward, which the pipeline waits for right after anyway (the verifier's timing
+sync, the proposer's sampled token), so it moves that wait earlier rather than adding one.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pyramid_core.errors import ConfigError, NonFiniteError, NonFiniteWarning, StageOutputError
+from pyramid_core.protocols import Stage
+from pyramid_core.types import Block
+
+__all__ = [
+    "NONFINITE_MODES",
+    "NonFiniteMode",
+    "check_block_lengths",
+    "check_nonfinite_mode",
+    "check_prompt",
+    "effective_block_lengths",
+    "score_checked",
+]
+
+NonFiniteMode = Literal["raise", "warn"]
+NONFINITE_MODES: tuple[str, ...] = ("raise", "warn")
+
+
+def _lengths_text(lengths: Sequence[int]) -> str:
+    return ",".join(str(ell) for ell in lengths)
+
+
+def effective_block_lengths(lengths: Sequence[int]) -> list[int]:
+    """The lengths that would run: each one capped by every length above it."""
+    out = list(lengths)
+    for k in range(len(out) - 2, -1, -1):
+        out[k] = min(out[k], out[k + 1])
+    return out
+
+
+def check_block_lengths(lengths: Sequence[object]) -> list[int]:
+    """``lengths`` (one per boundary, bottom first) as ints, each >= 1 and none larger than the
+    length of the boundary above it (module docstring); a ``ConfigError`` otherwise."""
+    for k, ell in enumerate(lengths):
+        if isinstance(ell, bool) or not isinstance(ell, int) or ell < 1:
+            raise ConfigError(f"block length at boundary {k + 1} -> {k + 2} must be an integer >= 1, got {ell!r}")
+    ells = [int(ell) for ell in lengths]  # type: ignore[call-overload]
+    for k in range(len(ells) - 1):
+        if ells[k] > ells[k + 1]:
+            runs = effective_block_lengths(ells)
+            raise ConfigError(
+                f"block lengths {_lengths_text(ells)}: the length {ells[k]} at boundary {k + 1} -> {k + 2} cannot "
+                f"take effect: stage {k + 2} is asked for at most {ells[k + 1]} token(s) per round (the length at "
+                f"boundary {k + 2} -> {k + 3}), so it never asks stage {k + 1} for more. Lengths must not decrease "
+                f"from the bottom boundary up: use {_lengths_text(runs)} (what would run) or raise the length above "
+                f"to at least {ells[k]}"
+            )
+    return ells
+
+
+def check_nonfinite_mode(mode: object) -> NonFiniteMode:
+    if mode == "raise":
+        return "raise"
+    if mode == "warn":
+        return "warn"
+    raise ConfigError(f"on_nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {mode!r}")
+
+
+def check_prompt(prompt: Tensor | Sequence[int], vocab_size: int) -> Tensor:
+    """The prompt as a 1-D ``torch.long`` tensor (on the CPU when given as a list): integer
+    token ids in [0, vocab_size), at least one. Errors name the offending id and position."""
+    if isinstance(prompt, Tensor):
+        tensor = prompt
+    else:
+        items = list(prompt)
+        for i, item in enumerate(items):
+            if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+                what = "a nested sequence" if isinstance(item, (list, tuple, Tensor)) else repr(item)
+                raise ConfigError(
+                    f"the prompt must be a flat sequence of integer token ids; position {i} holds {what} "
+                    f"({type(item).__name__})"
+                )
+        tensor = torch.tensor([int(item) for item in items], dtype=torch.long)
+    if tensor.dim() != 1:
+        raise ConfigError(
+            f"the prompt must be one sequence of token ids (a 1-D tensor), got shape {tuple(tensor.shape)}; "
+            "generate one prompt per call"
+        )
+    if tensor.dtype == torch.bool or tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        raise ConfigError(f"the prompt must hold integer token ids, got dtype {tensor.dtype}")
+    if tensor.numel() == 0:
+        raise ConfigError("the prompt is empty: give at least one token (e.g. a BOS token)")
+    tensor = tensor.long()
+    bad = ((tensor < 0) | (tensor >= vocab_size)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ConfigError(
+            f"the prompt holds token id {int(tensor[i])} at position {i}, outside the vocabulary "
+            f"(valid ids: 0 .. {vocab_size - 1})"
+        )
+    return tensor
+
+
+def _where(context_len: int, block: Block | None, row: int, rows: int) -> str:
+    """Which position row ``row`` of a forward over ``context + block`` predicts."""
+    if block is None or block.parents is None:
+        return (f"position {context_len + row} (row {row} of the {rows} rows of this forward: the next-token "
+                f"distribution after {context_len + row} tokens)")
+    if row == 0:
+        return (f"position {context_len} (row 0 of the {rows} rows of this tree forward: the distribution "
+                f"after the {context_len}-token context)")
+    depths: list[int] = []
+    for parent in block.parents.tolist():
+        depths.append(depths[parent] + 1 if parent >= 0 else 1)
+    return (f"position {context_len + depths[row - 1]} (row {row} of the {rows} rows of this tree forward: "
+            f"the distribution after tree node {row - 1}, at depth {depths[row - 1]})")
+
+
+def _nonfinite(logits: Tensor, finite: Tensor, stage: str, context_len: int, block: Block | None,
+               mode: NonFiniteMode) -> Tensor:
+    """The slow path of ``score_checked``: name the first bad row, then raise or warn."""
+    rows = logits.shape[0]
+    row = int((~finite).nonzero()[0, 0])
+    values = logits[row]
+    bad = (values.isnan() | values.isposinf()).nonzero()
+    if bad.numel():
+        column = int(bad[0, 0])
+        what = f"the logit {float(values[column])} for token id {column}"
+    else:
+        what = "no finite logit (every entry is -inf)"
+    count = int((~finite).sum())
+    more = f"; {count} of its rows are bad" if count > 1 else ""
+    if mode == "raise" or not bad.numel():
+        raise NonFiniteError(f"stage {stage!r} returned {what} at {_where(context_len, block, row, rows)}{more}"
+                             + ("; pass on_nonfinite='warn' (--nonfinite warn) to give NaN and +inf entries zero "
+                                "probability and continue" if bad.numel() else ""))
+    cleaned = logits.masked_fill(logits.isnan() | logits.isposinf(), -torch.inf)
+    empty = ~(cleaned.amax(-1) > -torch.inf)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0, 0])
+        raise NonFiniteError(f"stage {stage!r} returned no finite logit at {_where(context_len, block, row, rows)} "
+                             "(nothing is left to sample after dropping its NaN and +inf entries)")
+    # no position in the text: Python shows a warning once per distinct message, so once per
+    # stage and broken token, not once per forward
+    warnings.warn(NonFiniteWarning(f"stage {stage!r} returned {what}; NaN and +inf entries get zero "
+                                   "probability (on_nonfinite='warn')"), stacklevel=3)
+    return cleaned
+
+
+def score_checked(stage: Stage, context: Tensor, block: Block | None, *, name: str,
+                  mode: NonFiniteMode = "raise") -> Tensor:
+    """``stage.score(context, block)``, checked where the rows enter the pipeline: the shape
+    ``(n+1, vocab_size)`` and finite rows (module docstring). ``mode="warn"`` warns instead and
+    gives non-finite entries zero probability (-inf logits); a row with nothing left still raises.
+    An exception from inside the forward is re-raised unchanged, with a note naming the stage."""
+    try:
+        logits = stage.score(context, block)
+    except Exception as exc:
+        if sys.version_info >= (3, 11):
+            exc.add_note(f"raised by stage {name!r} while scoring a context of {len(context)} tokens"
+                         + (f" and a block of {len(block)}" if block is not None else ""))
+        raise
+    rows = 1 if block is None else len(block) + 1
+    if logits.dim() != 2 or logits.shape[0] != rows or logits.shape[1] != stage.vocab_size:
+        raise StageOutputError(
+            f"stage {name!r} returned logits of shape {tuple(logits.shape)}; expected ({rows}, {stage.vocab_size}): "
+            f"one row per position scored ({'the context' if block is None else f'a block of {len(block)} + 1'}) "
+            f"and one column per token of its vocabulary (vocab_size {stage.vocab_size})"
+        )
+    if math.isfinite(float(logits.sum())):  # the one reduction and host read per forward
+        return logits
+    finite = ~(logits.isnan() | logits.isposinf()).any(-1) & (logits.amax(-1) > -torch.inf)
+    if bool(finite.all()):  # only -inf entries: zero-probability tokens
+        return logits
+    return _nonfinite(logits, finite, name, len(context), block, mode)

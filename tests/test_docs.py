@@ -1,0 +1,186 @@
+"""Nothing the code offers is undocumented.
+
+The lists come from the code -- the hookspecs, the entry points of group ``pyramid_core`` (in
+pyproject.toml and as installed), every name the built-in plugins register, the subcommands of
+``pyramid_core.cli.build_parser()`` -- and are compared with the hand-written pages in
+``docs/`` (a hook, a plugin or a registered name must appear as `name` in docs/plugins.md, a
+command as `pyramid NAME` on some page). The generated reference pages (docs/gen_reference.py)
+are checked to cover the same lists. No mkdocs is needed: the pages are Markdown, and the
+generator's page texts are plain functions. Negative controls show each check catching an
+omission.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+from pyramid_core import hookspecs
+from pyramid_core.cli import BUILTIN_COMMANDS, build_parser
+from pyramid_core.plugins import registries
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the installed entry points alone
+    tomllib = None
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+BUILTIN_PACKAGE = "pyramid-core"
+
+
+def load_generator() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_reference", DOCS / "gen_reference.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gen_reference", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = load_generator()
+
+
+def guide() -> str:
+    return (DOCS / "plugins.md").read_text(encoding="utf-8")
+
+
+def hand_written() -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(DOCS.glob("*.md")))
+
+
+def builtin_plugins() -> set[str]:
+    """Entry points of group pyramid_core declared in pyproject.toml, and the installed plugins
+    of this distribution (the two differ only in a stale install)."""
+    declared = {}
+    if tomllib is not None:
+        declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["pyramid_core"]
+    installed = {p.name for p in registries().plugins if p.package == BUILTIN_PACKAGE}
+    return set(declared) | installed
+
+
+def builtin_registrations() -> set[tuple[str, str]]:
+    """(kind, name) of everything the built-in plugins register."""
+    return {item for p in registries().plugins if p.package == BUILTIN_PACKAGE for item in p.registered}
+
+
+def builtin_commands() -> list[str]:
+    plugins = {p.name for p in registries().plugins if p.package == BUILTIN_PACKAGE}
+    return [name for name, _, _ in BUILTIN_COMMANDS] + [r.name for r in registries().commands if r.plugin in plugins]
+
+
+def mentioned(name: str, text: str) -> bool:
+    return f"`{name}`" in text
+
+
+def undocumented(*, hooks: list[str], plugins: set[str], registered: set[tuple[str, str]], commands: list[str],
+                 guide_text: str, pages_text: str) -> list[str]:
+    """What the docs omit, as 'hook x' / 'plugin x' / 'policy x' / 'command x'."""
+    missing = [f"hook {h}" for h in hooks if not mentioned(h, guide_text)]
+    missing += [f"plugin {p}" for p in sorted(plugins) if not mentioned(p, guide_text)]
+    missing += [f"{kind} {name}" for kind, name in sorted(registered) if not mentioned(name, guide_text)]
+    missing += [f"command {c}" for c in commands if not re.search(rf"`pyramid {re.escape(c)}\b", pages_text)]
+    return missing
+
+
+def test_the_code_lists_are_not_empty() -> None:
+    """Guards the checks below against comparing empty lists."""
+    assert {"register_policies", "register_commands"} <= set(gen.hookspecs(hookspecs))
+    assert {"exact", "tree", "block", "traversal"} <= builtin_plugins()
+    assert ("policy", "exact") in builtin_registrations() and ("wrapper", "tree") in builtin_registrations()
+    assert {"generate", "check", "plugins"} <= set(builtin_commands())
+
+
+def test_every_hook_plugin_registered_name_and_command_is_documented() -> None:
+    missing = undocumented(hooks=list(gen.hookspecs(hookspecs)), plugins=builtin_plugins(),
+                           registered=builtin_registrations(), commands=builtin_commands(),
+                           guide_text=guide(), pages_text=hand_written())
+    assert missing == [], (
+        f"undocumented: {missing}; hooks, plugins and registered names belong in docs/plugins.md (as `name`), "
+        "commands on a page of docs/ (as `pyramid NAME`)"
+    )
+
+
+def test_every_hook_has_a_docstring() -> None:
+    assert [name for name, fn in gen.hookspecs(hookspecs).items() if not (fn.__doc__ or "").strip()] == []
+
+
+def test_the_check_catches_each_kind_of_omission() -> None:
+    """Negative control: a new hook, plugin, registered name and command, none documented."""
+    found = undocumented(hooks=["register_policies", "register_widgets"], plugins={"exact", "widgets"},
+                         registered={("policy", "exact"), ("widget", "sprocket")}, commands=["generate", "frobnicate"],
+                         guide_text=guide(), pages_text=hand_written())
+    assert found == ["hook register_widgets", "plugin widgets", "widget sprocket", "command frobnicate"]
+
+
+def test_the_hook_reference_covers_every_hook_and_registration() -> None:
+    page = gen.hooks_page()
+    for name, fn in gen.hookspecs(hookspecs).items():
+        assert f"## `{name}`" in page
+        first_line = (fn.__doc__ or "").strip().splitlines()[0].replace("``", "`")
+        assert first_line in page, name
+    for plugin in registries().plugins:
+        assert f"| `{plugin.name}` |" in page
+        for _, name in plugin.registered:
+            assert f"| `{name}` | `{plugin.name}` |" in page, name
+
+
+def test_the_hook_reference_follows_the_hookspec_module() -> None:
+    """A hook added to the hookspecs shows up in the generated page without editing anything."""
+    fake = types.ModuleType("fake_hookspecs")
+    fake.PROJECT = hookspecs.PROJECT  # type: ignore[attr-defined]
+    fake.__doc__ = "Fake hooks."
+
+    def register_widgets(register: Any) -> None:
+        """Register widgets: ``register(name, factory)``."""
+
+    fake.register_widgets = hookspecs.hookspec(register_widgets)  # type: ignore[attr-defined]
+    page = gen.hooks_page(fake)
+    assert "## `register_widgets`" in page and "Register widgets: `register(name, factory)`." in page
+
+
+def test_the_cli_reference_has_every_subcommand_with_its_options() -> None:
+    parser = build_parser()
+    page = gen.cli_page(parser)
+    subs = gen.subcommands(parser)
+    assert set(builtin_commands()) <= set(subs)
+    for name, sub in subs.items():
+        assert f"## `pyramid {name}`" in page
+        for action in sub._actions:
+            for flag in action.option_strings:
+                assert flag in page, (name, flag)
+
+
+def test_the_cli_reference_follows_the_parser() -> None:
+    parser = argparse.ArgumentParser(prog="pyramid")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("frobnicate", help="x", description="Frobnicate things.").add_argument("--level", type=int)
+    page = gen.cli_page(parser)
+    assert "## `pyramid frobnicate`" in page and "Frobnicate things." in page and "--level" in page
+
+
+def test_the_api_reference_has_a_page_per_public_module() -> None:
+    modules = gen.public_modules()
+    assert {"pyramid_core", "pyramid_core.pipeline", "pyramid_core.hookspecs", "pyramid_plugins.exact"} <= set(modules)
+    assert not [m for m in modules if any(part.startswith("_") for part in m.split("."))]
+    pages = gen.api_pages(modules)
+    for module in modules:
+        assert pages[f"reference/api/{module}.md"].endswith(f"::: {module}\n")
+        assert f"({module}.md)" in pages["reference/api/index.md"]
+
+
+def test_the_tutorials_section_has_every_notebook() -> None:
+    pages = gen.tutorial_pages()
+    notebooks = sorted(p.name for p in (ROOT / "tutorials").glob("*.ipynb"))
+    assert sorted(k.removeprefix("tutorials/") for k in pages if k.endswith(".ipynb")) == notebooks
+    assert "../docs/" not in str(pages["tutorials/index.md"])  # links rewritten for the site
+
+
+def test_every_hand_written_page_is_in_the_site_nav() -> None:
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert [p.name for p in sorted(DOCS.glob("*.md")) if f": {p.name}" not in nav] == []

@@ -1,0 +1,181 @@
+"""Results are never lost at the end: output paths are checked before the work starts
+(``pyramid_core.outputs``), and bench and sweep append every finished configuration to a
+JSON-lines log, so an interrupted run keeps what it measured and a rerun resumes from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pyramid_core.bench.run as bench_run
+import pyramid_core.sweep as sweep_module
+from pyramid_core import ConfigError, PipelineSpec, SamplingConfig
+from pyramid_core.bench import BenchConfig, run_bench
+from pyramid_core.cli import main
+from pyramid_core.hf import HFStage
+from pyramid_core.outputs import RecordLog, output_dir, output_file
+from pyramid_core.prompts import Prompt
+from pyramid_core.sweep import run_sweep
+
+WORDS = ["<unk>"] + [f"w{i}" for i in range(63)]
+PROMPTS = [Prompt("p1", "any", "w1 w2 w3 w4 w5 w1 w2 w3"), Prompt("p2", "any", "w10 w11 w12 w10 w11 w40")]
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C or a crash in the middle of a run."""
+
+
+# --- checked before the work starts -------------------------------------------------------------
+
+
+def test_unusable_output_folders_are_refused(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=r"--out '.*afile' is a file, but a folder is needed here"):
+        output_dir(afile)
+    with pytest.raises(ConfigError, match=r"--out '.*afile/deeper/out': '.*afile' is a file, so nothing can be "
+                                          r"created under it"):
+        output_dir(afile / "deeper" / "out")
+    with pytest.raises(ConfigError, match=r"--out '/proc/pyramid-x': cannot create the folder '/proc/pyramid-x' "
+                                          r"\(.+\); give a writable place"):
+        output_dir("/proc/pyramid-x")
+    made = output_dir(tmp_path / "new" / "deeper")
+    assert made.is_dir() and not list(made.iterdir())  # created, the probe removed
+
+
+def test_unusable_output_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"--metrics '.*' is a folder, but a file is needed here; give a file "
+                                          r"path \(e\.g\. '.*metrics\.json'\)"):
+        output_file(tmp_path, "--metrics")
+    with pytest.raises(ConfigError, match=r"is a file, so nothing can be created under it"):
+        output_file(tmp_path / "afile" / "m.json", "--metrics")
+    with pytest.raises(ConfigError, match=r"cannot write in '/proc'"):
+        output_file("/proc/m.json", "--metrics")
+    assert output_file(tmp_path / "sub" / "m.json", "--metrics").parent.is_dir()
+    assert output_file(tmp_path / "afile", "--metrics") == tmp_path / "afile"  # replaced later, fine
+
+
+# --- the log ---------------------------------------------------------------------------------------
+
+
+def test_a_log_resumes_with_the_same_arguments_and_keeps_another_runs(tmp_path: Path) -> None:
+    path = tmp_path / "run.partial.jsonl"
+    log = RecordLog(path, {"a": 1})
+    log.append("first", {"value": 1.5})
+    log.append("second", {"value": [1, 2]})
+    with path.open("a") as fh:  # a write cut short by the interruption
+        fh.write('{"key": "third", "val')
+    again = RecordLog(path, {"a": 1})
+    assert sorted(again.done) == ["first", "second"] and again.get("second") == {"key": "second", "value": [1, 2]}
+    assert again.moved_aside is None
+    other = RecordLog(path, {"a": 2})
+    assert other.done == {} and other.moved_aside is not None
+    kept = [json.loads(line) for line in other.moved_aside.read_text().splitlines()]
+    assert [r.get("key") for r in kept] == [None, "first", "second"]  # nothing measured is ever overwritten
+
+
+# --- bench and sweep keep what they measured -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_models: dict[str, Any]) -> tuple[HFStage, HFStage]:
+    from pyramid_core.hf.tiny import word_tokenizer
+
+    tok = word_tokenizer(WORDS)
+    return HFStage(tiny_models["target"], tok, name="target"), HFStage(tiny_models["near"], tok, name="near")
+
+
+def _interrupt_on(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, call: int) -> list[int]:
+    """``module.name`` raises ``Interrupted`` on its ``call``-th call; counts every call."""
+    real = getattr(module, name)
+    calls = [0]
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == call:
+            raise Interrupted(f"stopped at call {call}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_an_interrupted_bench_keeps_its_rows_and_resumes(stages: tuple[HFStage, HFStage], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: everything was written at the end (a failure lost the whole run)."""
+    target, draft = stages
+    cfgs = [BenchConfig("alone", (target,)), BenchConfig("draft→target", (draft, target), ("exact",), (3,)),
+            BenchConfig("ngram→target", ("ngram", target), ("exact",), (3,))]
+    kwargs: dict[str, Any] = {"max_new_tokens": 8, "chat": False, "configs": cfgs, "hf": False, "progress": False}
+    path = tmp_path / "bench.partial.jsonl"
+    with monkeypatch.context() as m:
+        calls = _interrupt_on(m, bench_run, "_pyramid_row", 3)
+        with pytest.raises(Interrupted):
+            run_bench(target, draft, PROMPTS, log=RecordLog(path, {"run": 1}), **kwargs)
+        assert calls[0] == 3
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r.get("key") for r in kept] == [None, "reference", "pyramid: alone", "pyramid: draft→target"]
+    with monkeypatch.context() as m:
+        calls = _interrupt_on(m, bench_run, "_pyramid_row", 99)
+        result = run_bench(target, draft, PROMPTS, log=RecordLog(path, {"run": 1}), **kwargs)
+        assert calls[0] == 1  # only the configuration that had not finished ran again
+    assert [r.label for r in result.rows] == ["alone", "draft→target", "ngram→target"]
+    assert result.row("draft→target").wall_s == kept[3]["row"]["wall_s"]  # as measured, not re-run
+    assert all(r.identical for r in result.rows) and result.meta["baseline"] == "alone"
+    assert result.row("draft→target").speedup > 0
+
+
+def test_an_interrupted_sweep_keeps_its_points_and_resumes(stages: tuple[HFStage, HFStage], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    target, draft = stages
+    spec = PipelineSpec((draft, target), preset="fsd", sampling=SamplingConfig(), stop_ids=())
+    kwargs: dict[str, Any] = {"max_new_tokens": 6, "chat": False, "progress": False, "length_grid": [[2], [4]]}
+    path = tmp_path / "sweep.partial.jsonl"
+    with monkeypatch.context() as m:
+        _interrupt_on(m, sweep_module, "_measure", 4)
+        with pytest.raises(Interrupted):
+            run_sweep(spec, [0.2, 0.5], PROMPTS, log=RecordLog(path, {"run": 1}), **kwargs)
+    keys = [json.loads(line).get("key") for line in path.read_text().splitlines()]
+    assert keys == [None, "refs", "target alone", "fsd tau=0.2 lengths=2", "fsd tau=0.5 lengths=2"]
+    with monkeypatch.context() as m:
+        calls = _interrupt_on(m, sweep_module, "_measure", 99)
+        points = run_sweep(spec, [0.2, 0.5], PROMPTS, log=RecordLog(path, {"run": 1}), **kwargs)
+        assert calls[0] == 2  # the two points at length 4
+    assert [(p.tau, p.block_lengths) for p in points] == [(None, ()), (0.2, (2,)), (0.5, (2,)), (0.2, (4,)),
+                                                          (0.5, (4,))]
+    assert all(len(p.acceptance_per_try) == 1 for p in points[1:])
+
+
+def test_pyramid_bench_resumes_after_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """End to end: ``pyramid bench`` stopped after two configurations, run again with the same
+    arguments, says it resumes, measures only the rest and writes the usual files."""
+    from pyramid_core.hf.tiny import save_with_words, tiny_llama
+
+    model = save_with_words(tiny_llama(0), tmp_path / "tiny")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3 w1 w2\n")
+    spec = f"hf:path={model}"
+    argv = ["bench", "--target", spec, "--draft", spec, "--qualifier", "none", "--lengths-2", "2", "--lengths-3",
+            "2,3", "--prompts", str(prompts), "--max-new-tokens", "6", "--no-chat", "--no-compile",
+            "--out", str(tmp_path / "out")]
+    with monkeypatch.context() as m:
+        _interrupt_on(m, bench_run, "_pyramid_row", 3)
+        with pytest.raises(Interrupted):
+            main(argv)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        calls = _interrupt_on(m, bench_run, "_pyramid_row", 99)
+        assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "pyramid bench: resuming: 3 finished piece(s) taken from" in err  # the reference + 2 rows
+    # of the 6 pyramid rows, the target alone and ngram→target were done: draft→target, its adaptive
+    # variant, ngram→draft→target and the tree were left
+    assert calls[0] == 4
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert len([r for r in data["rows"] if r["framework"] == "pyramid"]) == 6
+    assert {"bench.json", "bench.md", "bench.partial.jsonl"} <= {p.name for p in (tmp_path / "out").iterdir()}

@@ -1,0 +1,273 @@
+"""Bad input is refused where it enters, with a message naming the culprit and what would be
+valid: block lengths that cannot take effect (pipeline, latency model, planner, presets, chains),
+prompts, the context limit, stage wrappers and devices -- all before any work or loading."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import stats  # noqa: F401  (one torch thread)
+import torch
+
+from pyramid_core import (
+    ConfigError,
+    Pipeline,
+    PipelineSpec,
+    PluginError,
+    SamplingConfig,
+    build_pipeline,
+    make_stage,
+)
+from pyramid_core.hf import HFStage
+from pyramid_core.latency import predict_chain
+from pyramid_core.plan import plan_chain
+from pyramid_core.plugins import registries
+from pyramid_core.testing import TableModel
+from pyramid_core.validate import check_block_lengths, effective_block_lengths
+from pyramid_plugins.exact import ExactPolicy
+from pyramid_plugins.tree import TreeProposer
+
+ROOT = Path(__file__).resolve().parents[1]
+P = [0.1, 0.2, 0.3, 0.4]
+Q = [0.4, 0.3, 0.2, 0.1]
+
+
+def tables(n: int, vocab: int = 4) -> list[TableModel]:
+    return [TableModel([1.0 / vocab] * vocab, name=f"M{i + 1}") for i in range(n)]
+
+
+# --- item 2: block lengths that cannot take effect ------------------------------------------------
+
+CAPPED = [((3, 2, 4, 1), 1, "3", "2", "1,1,1,1"), ((3, 1), 1, "3", "1", "1,1"), ((1, 4, 2), 2, "4", "2", "1,2,2")]
+
+
+@pytest.mark.parametrize(("lengths", "boundary", "low", "high", "runs"), CAPPED)
+def test_a_lower_length_larger_than_the_one_above_is_refused_everywhere(
+    lengths: tuple[int, ...], boundary: int, low: str, high: str, runs: str
+) -> None:
+    """Stage k+1 is asked for at most ell_{k+1} tokens per round, so ell_k > ell_{k+1} could
+    never take effect (3,2,4,1 ran bit-identically to 1,1,1,1). The pipeline, the builder (before
+    loading anything), the latency model and the CLI's spec all refuse it, naming the boundary,
+    both lengths and the lengths that would run."""
+    n = len(lengths) + 1
+    message = (rf"block lengths {','.join(map(str, lengths))}: the length {low} at boundary {boundary} -> "
+               rf"{boundary + 1} cannot take effect: stage {boundary + 1} is asked for at most {high} token\(s\) "
+               rf"per round .* use {runs} \(what would run\) or raise the length above to at least {low}")
+    with pytest.raises(ConfigError, match=message):
+        Pipeline(tables(n), [ExactPolicy()] * (n - 1), list(lengths))
+    with pytest.raises(ConfigError, match=message):
+        build_pipeline(tables(n), block_lengths=list(lengths))
+    with pytest.raises(ConfigError, match=message):  # nothing loaded: the specs do not exist
+        PipelineSpec(tuple(f"hf:path=/nonexistent/{i}" for i in range(n)), block_lengths=lengths).resolve()
+    with pytest.raises(ConfigError, match=message):
+        predict_chain([0.5] * (n - 1), list(lengths), [0.01] * n)
+    with pytest.raises(ConfigError, match=message):
+        predict_chain([0.5] * (n - 1), list(lengths), [0.01] * n, new_tokens=8)
+    assert effective_block_lengths(lengths) == [int(x) for x in runs.split(",")]
+
+
+@pytest.mark.parametrize("lengths", [(1, 3), (2, 3), (2, 2, 5), (4, 4, 4)])
+def test_every_length_takes_effect(lengths: tuple[int, ...]) -> None:
+    """Non-decreasing lengths mean what they say: after a few generations the longest block
+    seen at each boundary is exactly its length (identical tables accept every token)."""
+    n = len(lengths) + 1
+    pipe = build_pipeline([TableModel(P, name=f"M{i}") for i in range(n)], block_lengths=list(lengths))
+    longest = [0] * len(lengths)
+    for seed in range(5):
+        for k, b in enumerate(pipe.generate([0], 20, seed=seed).metrics.boundaries):
+            longest[k] = max(longest[k], len(b.proposed_at))
+    assert longest == list(lengths)
+
+
+def test_lengths_are_checked_before_their_values_are_compared() -> None:
+    with pytest.raises(ConfigError, match=r"block length at boundary 2 -> 3 must be an integer >= 1, got 0"):
+        check_block_lengths([3, 0])
+    with pytest.raises(ConfigError, match=r"boundary 1 -> 2 must be an integer >= 1, got True"):
+        check_block_lengths([True, 2])
+    assert check_block_lengths([1, 1, 7]) == [1, 1, 7]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_planner_only_ranks_chains_whose_lengths_take_effect(seed: int) -> None:
+    """Every ranked chain has non-decreasing lengths, and the latency model accepts them (it
+    would refuse a capped length)."""
+    rng = random.Random(seed)
+    n = 4
+    names = ["a", "b", "c", "target"]
+    times = [0.001, 0.004, 0.015, 0.05]
+    alpha = [[1.0 if i == j else rng.uniform(0.2, 0.95) for j in range(n)] for i in range(n)]
+    plan = plan_chain(names, times, alpha, max_length=8, top=None)
+    assert any(len(c.names) == 4 for c in plan.ranked)
+    for c in plan.ranked:
+        assert list(c.block_lengths) == sorted(c.block_lengths), c
+        assert c.prediction().time_per_token == pytest.approx(c.time_per_token, rel=1e-12)
+
+
+def test_the_planner_no_longer_picks_a_capped_lower_length() -> None:
+    """A cheap draft that agrees well with a qualifier that agrees poorly with the target: the
+    unconstrained optimum drafted a long lower block under a short upper one (a length that
+    never takes effect); the plan now stays within the rule and is the best such chain."""
+    names, times = ["draft", "qualifier", "target"], [0.001, 0.01, 0.1]
+    alpha = [[1.0, 0.95, 0.3], [0.0, 1.0, 0.4], [0.0, 0.0, 1.0]]
+    plan = plan_chain(names, times, alpha, max_length=8, top=None)
+    three = next(c for c in plan.ranked if len(c.names) == 3)
+    lower, upper = three.block_lengths
+    assert lower <= upper
+    best = min(
+        (predict_chain([0.95, 0.4], [a, b], times).time_per_token, (a, b))
+        for a in range(1, 9) for b in range(a, 9)
+    )
+    assert three.block_lengths == best[1]
+    assert three.time_per_token == pytest.approx(best[0], rel=1e-12)
+
+
+def test_every_preset_and_chain_has_lengths_that_take_effect() -> None:
+    """The built-in presets (for every number of stages they accept) and the default chains,
+    the smollm2 family included (it shipped 3,1: what ran was 1,1)."""
+    regs = registries()
+    checked = 0
+    for entry in regs.presets:
+        for n in range(2, 7):
+            try:
+                preset = entry.factory(n)
+            except ValueError:
+                continue
+            check_block_lengths(preset.block_lengths)
+            checked += 1
+    for entry in regs.chains:
+        check_block_lengths(entry.factory().block_lengths)
+        checked += 1
+    assert checked >= 5
+
+
+# --- item 5: prompts and the context limit -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("prompt", "message"), [
+    ([99], r"token id 99 at position 0, outside the vocabulary \(valid ids: 0 \.\. 63\)"),
+    ([5, 7, -1], r"token id -1 at position 2, outside the vocabulary"),
+    (torch.tensor([1, 64]), r"token id 64 at position 1"),
+    ([[1, 2], [3, 4]], r"flat sequence of integer token ids; position 0 holds a nested sequence"),
+    (torch.tensor([[1, 2], [3, 4]]), r"one sequence of token ids \(a 1-D tensor\), got shape \(2, 2\)"),
+    ([1.7, 2.0], r"position 0 holds 1\.7 \(float\)"),
+    (torch.tensor([1.5, 2.0]), r"must hold integer token ids, got dtype torch\.float32"),
+    ([True], r"position 0 holds True \(bool\)"),
+    ([], r"the prompt is empty"),
+])
+def test_bad_prompts_are_refused_at_the_entry(prompt: Any, message: str) -> None:
+    """Before: ids outside the vocabulary raised IndexError deep inside a stage, a 2-D prompt was
+    flattened into one sequence and a float prompt truncated, silently."""
+    pipe = build_pipeline(tables(2, 64), block_lengths=[2])
+    with pytest.raises(ConfigError, match=message):
+        pipe.generate(prompt, 3, seed=0)
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3], (1, 2, 3), np.array([1, 2, 3]).tolist(), list(np.array([1, 2, 3])),
+                                    torch.tensor([1, 2, 3], dtype=torch.int32)])
+def test_integer_prompts_of_any_kind_run(prompt: Any) -> None:
+    pipe = build_pipeline(tables(2, 64), block_lengths=[2])
+    assert pipe.generate(prompt, 3, seed=0).token_list == pipe.generate([1, 2, 3], 3, seed=0).token_list
+
+
+def tiny_gpt2(positions: int) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=positions, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=None, eos_token_id=None)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama_positions(positions: int, seed: int = 0) -> Any:
+    from pyramid_core.hf.tiny import tiny_llama
+
+    model = tiny_llama(seed)
+    model.config.max_position_embeddings = positions  # what HFStage reads (RoPE keeps going past it)
+    return model
+
+
+def test_generation_that_cannot_fit_the_context_is_refused_up_front() -> None:
+    """GPT-2 crashed after the work (position embeddings run out); RoPE models went on silently
+    past max_position_embeddings. Now prompt + max_new_tokens must fit every stage's context
+    length, checked before anything runs; what fits still runs."""
+    for model in (tiny_gpt2(16), tiny_llama_positions(16)):
+        stage = HFStage(model, name="tiny")
+        assert stage.context_length == 16
+        pipe = build_pipeline([stage], sampling=SamplingConfig.greedy(), stop_ids=[])
+        with pytest.raises(ConfigError, match=r"the prompt \(4 tokens\) \+ max_new_tokens \(13\) = 17 tokens do not "
+                                              r"fit stage 'tiny', whose context length is 16 tokens; use "
+                                              r"max_new_tokens <= 12"):
+            pipe.generate([1, 2, 3, 4], 13)
+        with pytest.raises(ConfigError, match=r"shorten the prompt to fewer than 16 tokens"):
+            pipe.generate(list(range(16)), 1)
+        assert len(pipe.generate([1, 2, 3, 4], 12).token_list) == 12
+
+
+def test_the_smallest_context_of_any_stage_is_the_limit() -> None:
+    """A draft (or the model under a tree wrapper) with a shorter context than the target is
+    named, not the target."""
+    short, long = HFStage(tiny_llama_positions(10, 1), name="short draft"), HFStage(tiny_llama_positions(64), name="target")
+    with pytest.raises(ConfigError, match=r"do not fit stage 'short draft', whose context length is 10 tokens"):
+        build_pipeline([short, long], block_lengths=[3], stop_ids=[]).generate([1, 2, 3], 8)
+    tree = build_pipeline([short, long], block_lengths=[3], stop_ids=[], tree="tree:branching=2")
+    assert isinstance(tree.stages[0], TreeProposer) and tree.stages[0].context_length == 10
+    with pytest.raises(ConfigError, match=r"context length is 10 tokens"):
+        tree.generate([1, 2, 3], 8)
+
+
+# --- items 6 and 7: wrappers, trees and devices --------------------------------------------------
+
+
+@pytest.mark.parametrize("branching", ["-1", "4--2", "4-2-", "4-x", "0"])
+def test_a_branching_that_is_not_a_list_of_positive_integers_is_refused(branching: str) -> None:
+    """``branching=-1`` and ``4--2`` were read as 1 and 4-2."""
+    with pytest.raises(ConfigError, match=rf"branching '{branching}' is not a list of integers >= 1|branching must be"):
+        build_pipeline([TableModel(Q), TableModel(P)], tree=f"tree:branching={branching}")
+
+
+def test_a_tree_into_a_chain_policy_is_refused_before_loading() -> None:
+    """Before: the first verification raised ValueError (a traceback from ``pyramid check``)."""
+    for policy in ("fuzzy", "block", "assisted", "fuzzy:div=tv,tau=0.3"):
+        with pytest.raises(ConfigError, match=rf"tree='tree' drafts token trees at boundary 1 -> 2, but its policy "
+                                              rf"'{policy}' verifies chains only; use a policy that verifies trees "
+                                              rf"there \(exact, traversal\)"):
+            PipelineSpec(("hf:path=/nonexistent", "hf:path=/nonexistent"), policies=(policy,), tree="tree").resolve()
+    assert len(build_pipeline([TableModel(Q), TableModel(P)], ["traversal"], [2], tree="tree").generate([0], 4).tokens)
+
+
+def test_a_stage_given_as_the_tree_is_named_as_a_stage() -> None:
+    with pytest.raises(PluginError, match=r"unknown wrapper 'ngram' \(available: tree\): 'ngram' is a proposer, a "
+                                          r"stage of its own -- give it as a stage \(--stage ngram\), not as the tree"):
+        PipelineSpec(("hf:path=/nonexistent", "hf:path=/nonexistent"), tree="ngram").resolve()
+    with pytest.raises(PluginError, match=r"unknown wrapper 'tre'; did you mean 'tree'\?"):
+        PipelineSpec(("hf:path=/nonexistent", "hf:path=/nonexistent"), tree="tre").resolve()
+
+
+def test_a_tree_above_the_bottom_stage_is_refused_saying_only_the_bottom_drafts_trees() -> None:
+    """Before: the error called the tree wrapper "a model-free proposer"."""
+    with pytest.raises(ConfigError) as info:
+        Pipeline([TableModel(Q), TreeProposer(TableModel(P)), TableModel(P)], [ExactPolicy(), ExactPolicy()], [1, 1])
+    text = str(info.value)
+    assert "must be a model Stage (stage 2 verifies the stage below it" in text
+    assert "a token-tree wrapper around a model -- can only be the first stage" in text
+    assert "Only the bottom stage drafts token trees: wrap stage 1 (tree=SPEC / --tree SPEC)" in text
+
+
+def test_the_docs_state_the_tree_limit() -> None:
+    text = (ROOT / "docs" / "algorithms.md").read_text()
+    assert "works at any boundary" not in text
+    assert "Only the bottom stage drafts a token tree" in text
+
+
+@pytest.mark.parametrize("device", ["cuda:97", "nonsense-device"])
+def test_an_unusable_device_is_refused_before_loading(device: str) -> None:
+    """Before: ``--device cuda`` on a CPU-only torch ended in an AssertionError from inside the
+    model load."""
+    with pytest.raises(ConfigError, match=rf"device '{device}' is not usable here \(.*\); usable: cpu"):
+        make_stage("hf:path=/nonexistent", device=device)
+    with pytest.raises(ConfigError, match=rf"device '{device}' is not usable here"):
+        make_stage(f"hf:path=/nonexistent,device={device}")
