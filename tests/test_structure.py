@@ -267,13 +267,8 @@ def test_metrics_pool_sums_every_counter() -> None:
 LAYERS = {  # a module may import its own layer and the layers below (lower number)
     "core": 0, "hf": 1, "plugins": 2, "tools": 3, "cli": 4,
 }
-<<<<<<< HEAD
 CORE = {"errors", "types", "rng", "devices", "schedule", "protocols", "features", "hookspecs", "registry", "presets", "plugins", "pipeline",
-        "build", "latency", "prompts", "__init__"}
-=======
-CORE = {"errors", "types", "rng", "devices", "schedule", "protocols", "hookspecs", "registry", "presets", "plugins", "pipeline",
         "build", "latency", "prompts", "validate", "outputs", "__init__"}
->>>>>>> main
 
 
 def _layer(module: str) -> str:

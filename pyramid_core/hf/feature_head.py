@@ -32,6 +32,7 @@ the embedding, rotary tables and a shared head come from the base model at load 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,9 @@ class FeatureHead(nn.Module):
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
         layer_cls = type(decoder_layers(base)[2][0])
         self.layers = nn.ModuleList([layer_cls(config, i) for i in range(cfg.depth)])
+        # the cache keyword of a decoder layer: ``cache`` (transformers 5) or ``past_key_values`` (4.x)
+        params = inspect.signature(layer_cls.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.norm = copy.deepcopy(base.model.norm) if cfg.variant == "eagle3" else None
         self.rotary = type(base.model.rotary_emb)(config=config)
         self.own_head: SubVocabHead | None = None
@@ -179,8 +183,10 @@ class FeatureHead(nn.Module):
         x: Tensor = self.fc(torch.cat([u_prev, self.embed(tokens).to(u_prev.dtype)], dim=-1))
         pe = self.rotary(x, positions)
         for layer in self.layers:
-            x = layer(x, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None,
-                      position_embeddings=pe)
+            x = layer(x, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
+                      position_embeddings=pe, **{self._cache_kw: cache})
+            if isinstance(x, tuple):  # transformers 4.x layers return (hidden, ...)
+                x = x[0]
         return x
 
     def logits(self, h: Tensor, head: nn.Module | None = None) -> Tensor:

@@ -1,0 +1,199 @@
+"""The feature channel and feature-level drafts (SPEC "Feature-level drafts").
+
+- ``HFStage.features``: the hidden states its forwards computed, equal to a fresh full forward's
+  (tolerance 1e-4, float32), kept and rolled back with the cache, gathered with a token tree.
+- ``FeatureStage``: incremental scoring equals scoring from a fresh stage (the rows are a
+  function of the context and of the source's features of that context only -- SPEC trap 2);
+  chains and trees through the pipeline are greedy-identical to the target, and a sampled chain
+  is exact (chi-square on the joint of two tokens, 4,000 runs, p > 1e-4; the same samples
+  against a perturbed target's joint must be rejected, p < 1e-6).
+- Build errors: a reader whose source is not a ``FeatureSource``, a layer the source lacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+
+from pyramid_core import ConfigError, SamplingConfig, build_pipeline
+from pyramid_core.hf.feature_head import FeatureHead, FeatureHeadConfig
+from pyramid_core.hf.feature_stage import FeatureStage
+from pyramid_core.hf.stage import HFStage
+from pyramid_core.hf.tiny import perturbed, tiny_llama
+from pyramid_core.testing import TableModel
+from pyramid_core.testing.exactness import chi_square_p_value
+from pyramid_core.types import Block
+
+GREEDY = SamplingConfig.greedy()
+
+
+def _fresh_hidden(model: Any, ids: list[int], layer: int) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    index = model.config.num_hidden_layers if layer == -1 else layer + 1
+    return out.hidden_states[index][0]
+
+
+def _head(model: Any, variant: str = "eagle1", layers: tuple[int, ...] = (-1,), seed: int = 0) -> FeatureHead:
+    torch.manual_seed(seed)
+    return FeatureHead(model, FeatureHeadConfig(layers=layers, variant=variant))
+
+
+@pytest.fixture(scope="module")
+def target_model() -> Any:
+    return tiny_llama(0, num_layers=3)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_features_match_a_fresh_forward_after_rollback_and_tree(target_model: Any, compile: bool) -> None:
+    stage = HFStage(target_model, compile=compile)
+    stage.enable_features((0, -1))
+    ctx = torch.tensor([1, 2, 3, 4, 5])
+    stage.score(ctx, Block(torch.tensor([6, 7, 8]), torch.zeros(3, 64)))
+    full = [1, 2, 3, 4, 5, 6, 7, 8]
+    want = torch.cat([_fresh_hidden(target_model, full, 0), _fresh_hidden(target_model, full, -1)], dim=-1)
+    got = stage.features(torch.tensor(full))
+    assert got.shape == (8, 64) and torch.allclose(got, want, atol=1e-4)
+    # only tokens of the given context: a diverging context stops at the common prefix
+    assert stage.features(torch.tensor([1, 2, 3, 9, 9])).shape[0] == 3
+    # rollback: a different block after the same context
+    stage.score(ctx, Block(torch.tensor([9, 10]), torch.zeros(2, 64)))
+    full = [1, 2, 3, 4, 5, 9, 10]
+    want = torch.cat([_fresh_hidden(target_model, full, 0), _fresh_hidden(target_model, full, -1)], dim=-1)
+    assert torch.allclose(stage.features(torch.tensor(full)), want, atol=1e-4)
+    assert torch.allclose(stage.features(torch.tensor(full), start=5), want[5:], atol=1e-4)
+    # a token tree: node features along a path, then compaction onto that path
+    tree = Block(torch.tensor([11, 12, 13, 14]), torch.zeros(4, 64), parents=torch.tensor([-1, -1, 0, 1]))
+    stage.score(ctx, tree)
+    path = [1, 2, 3, 4, 5, 12, 14]
+    want = torch.cat([_fresh_hidden(target_model, path, 0), _fresh_hidden(target_model, path, -1)], dim=-1)
+    assert torch.allclose(stage.features(torch.tensor(path)), want, atol=1e-4)
+    stage.score(torch.tensor(path))  # the path becomes the cached context
+    assert torch.allclose(stage.features(torch.tensor(path)), want, atol=1e-4)
+    with pytest.raises(ValueError, match="keeps feature layers"):
+        stage.features(torch.tensor(path), layers=(1,))
+
+
+def test_a_layer_the_source_lacks_is_refused(target_model: Any) -> None:
+    with pytest.raises(ValueError, match="has no feature layer 2"):
+        HFStage(target_model).enable_features((2,))  # 3 layers: 0, 1 and -1 (the last, normed)
+
+
+@pytest.mark.parametrize("variant,layers", [("eagle1", (-1,)), ("eagle3", (0, 1, -1))])
+def test_incremental_scoring_equals_a_fresh_stage(target_model: Any, variant: str, layers: tuple[int, ...]) -> None:
+    """However the cache got where it is -- rollbacks, stand-ins replaced by real features, a
+    tree -- the rows equal those of a fresh stage given the same context and source state."""
+    source = HFStage(target_model)
+    source.enable_features(layers)
+    draft = FeatureStage(_head(target_model, variant, layers))
+    draft.attach(source)
+    torch.manual_seed(3)
+    for step in range(12):
+        ctx = torch.randint(0, 64, (int(torch.randint(2, 9, ()).item()),))
+        # the source scores a prefix of the context (so the draft mixes real features and stand-ins)
+        seen = int(torch.randint(1, len(ctx) + 1, ()).item())
+        source.score(ctx[:seen])
+        block = Block(torch.randint(0, 64, (3,)), torch.zeros(3, 64)) if step % 3 else None
+        got = draft.score(ctx, block)
+        fresh = FeatureStage(draft.head)
+        fresh.attach(source)
+        want = fresh.score(ctx, block)
+        assert torch.allclose(got, want, atol=1e-4), step
+
+
+def _tables(model: Any) -> FeatureStage:
+    return FeatureStage(_head(model))
+
+
+@pytest.mark.parametrize("lengths", [[1], [3], [2, 4]])
+def test_feature_draft_chains_are_greedy_identical_to_the_target(target_model: Any, lengths: list[int]) -> None:
+    prompt = [1, 5, 9, 3]
+    alone = build_pipeline([HFStage(target_model)], sampling=GREEDY, stop_ids=[])
+    want = alone.generate(prompt, 20).token_list
+    draft = FeatureStage(_head(target_model))
+    stages: list[Any] = [draft, HFStage(target_model)]
+    if len(lengths) == 2:  # draft -> qualifier (reads the qualifier's features) -> target
+        stages.insert(1, HFStage(perturbed(target_model, seed=1, scale=0.05)))
+    pipe = build_pipeline(stages, ["exact"] * len(lengths), lengths, sampling=GREEDY, stop_ids=[])
+    out = pipe.generate(prompt, 20)
+    assert out.token_list == want
+    assert out.metrics.boundaries[0].proposed > 0
+
+
+def test_feature_draft_tree_is_greedy_identical(target_model: Any) -> None:
+    prompt = [2, 4, 6]
+    want = build_pipeline([HFStage(target_model)], sampling=GREEDY, stop_ids=[]).generate(prompt, 16).token_list
+    pipe = build_pipeline([FeatureStage(_head(target_model)), HFStage(target_model)], ["exact"], [3],
+                          sampling=GREEDY, stop_ids=[], tree="tree:branching=3-2-1")
+    assert pipe.generate(prompt, 16).token_list == want
+
+
+def test_reading_the_target_in_a_three_stage_chain(target_model: Any) -> None:
+    qualifier = HFStage(perturbed(target_model, seed=1, scale=0.05))
+    draft = FeatureStage(_head(target_model), features_from="target")
+    target = HFStage(target_model)
+    pipe = build_pipeline([draft, qualifier, target], ["exact", "exact"], [2, 3], sampling=GREEDY, stop_ids=[])
+    want = build_pipeline([HFStage(target_model)], sampling=GREEDY, stop_ids=[]).generate([3, 3, 7], 12).token_list
+    assert pipe.generate([3, 3, 7], 12).token_list == want
+    assert draft.source is target
+
+
+def _joint(model: Any, prompt: list[int], vocab: int) -> list[float]:
+    """P(x1, x2 | prompt) under ``model`` at temperature 1, by enumeration."""
+    with torch.inference_mode():
+        p1 = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].double(), -1)
+        batch = torch.tensor([prompt + [a] for a in range(vocab)])
+        p2 = torch.softmax(model(input_ids=batch).logits[:, -1].double(), -1)
+    return [float(p1[a] * p2[a, b]) for a, b in itertools.product(range(vocab), range(vocab))]
+
+
+def test_a_sampled_feature_chain_is_exact() -> None:
+    vocab = 6
+    model = tiny_llama(4, vocab_size=vocab, init_std=0.15)
+    prompt = [1, 2]
+    draft = FeatureStage(_head(model))
+    pipe = build_pipeline([draft, HFStage(model)], ["exact"], [2], sampling=SamplingConfig(), stop_ids=[])
+    counts = [0] * (vocab * vocab)
+    runs = 4000
+    for seed in range(runs):
+        a, b = pipe.generate(prompt, 2, seed=seed).token_list
+        counts[a * vocab + b] += 1
+    assert chi_square_p_value(counts, _joint(model, prompt, vocab)) > 1e-4
+    other = perturbed(model, seed=9, scale=0.3)
+    assert chi_square_p_value(counts, _joint(other, prompt, vocab)) < 1e-6  # the test has power
+
+
+def test_a_source_without_features_is_a_build_error(target_model: Any) -> None:
+    draft = FeatureStage(_head(target_model))
+    table = TableModel([1 / 64] * 64)
+    with pytest.raises(ConfigError, match="cannot provide features"):
+        build_pipeline([draft, table], ["exact"], [2])
+
+
+def test_a_feature_width_mismatch_is_a_build_error(target_model: Any) -> None:
+    draft = FeatureStage(_head(target_model))
+    wider = HFStage(tiny_llama(0, hidden_size=48))
+    with pytest.raises(ConfigError, match="expects features of width 32"):
+        build_pipeline([draft, wider], ["exact"], [2])
+
+
+def test_a_compiled_feature_stage_scores_like_eager(target_model: Any) -> None:
+    from pyramid_core.hf.fast import packing_available
+
+    assert packing_available()  # oneDNN is part of every CPU build of torch this project supports
+    head = _head(target_model)
+    source = HFStage(target_model)
+    source.enable_features((-1,))
+    eager, fast = FeatureStage(head), FeatureStage(head, compile=True)
+    eager.attach(source)
+    fast.attach(source)
+    ctx = torch.tensor([4, 8, 15, 16, 23])
+    source.score(ctx[:3])
+    for block in (None, Block(torch.tensor([42 % 64, 7]), torch.zeros(2, 64))):
+        assert torch.allclose(eager.score(ctx, block), fast.score(ctx, block), atol=1e-4)
+    pipe = build_pipeline([fast, HFStage(target_model, compile=True)], ["exact"], [3], sampling=GREEDY, stop_ids=[])
+    want = build_pipeline([HFStage(target_model)], sampling=GREEDY, stop_ids=[]).generate([1, 2, 3], 12).token_list
+    assert pipe.generate([1, 2, 3], 12).token_list == want
