@@ -197,3 +197,62 @@ def test_a_compiled_feature_stage_scores_like_eager(target_model: Any) -> None:
     pipe = build_pipeline([fast, HFStage(target_model, compile=True)], ["exact"], [3], sampling=GREEDY, stop_ids=[])
     want = build_pipeline([HFStage(target_model)], sampling=GREEDY, stop_ids=[]).generate([1, 2, 3], 12).token_list
     assert pipe.generate([1, 2, 3], 12).token_list == want
+
+
+@pytest.mark.parametrize("variant,layers", [("eagle1", (-1,)), ("eagle3", (0, 1, -1))])
+def test_feature_training_learns_resumes_and_loads(target_model: Any, tmp_path: Any, variant: str,
+                                                   layers: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 steps on a tiny teacher corpus lower the loss and raise depth-1 agreement; a run
+    stopped after 12 steps and resumed ends with the same weights as one straight run; the
+    saved head loads as a stage (fp16 on disk) and drafts losslessly."""
+    import json
+
+    from pyramid_core.distill import feature as feature_mod
+    from pyramid_core.distill.corpus import TeacherRows, TrainSequence
+    from pyramid_core.distill.feature import FeatureTrainConfig, train_feature_head
+    from pyramid_core.hf.feature_stage import load_feature_stage
+    from pyramid_core.hf.tiny import save_with_words
+
+    base = save_with_words(target_model, tmp_path / "base")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (24, 16), generator=gen)
+    with torch.inference_mode():
+        logp = torch.log_softmax(target_model(ids).logits.float(), dim=-1)[:, :-1]
+    values, top = logp.topk(8, dim=-1)
+    corpus = [TrainSequence("python", ids[i].tolist(), 0, TeacherRows(values[i].half(), top[i].to(torch.int32)))
+              for i in range(24)]
+    cfg = FeatureTrainConfig(layers=layers, variant=variant, sub_vocab=0, steps=30, batch_tokens=128, lr=1e-2,
+                             warmup=3, save_every=6, unroll=2)
+    straight = train_feature_head(target_model, corpus, cfg, tmp_path / "a", base=str(base), autocast=False,
+                                  progress=False)
+    assert straight["finished"] and straight["steps"] == 30
+    history = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["history"]
+    assert max(h["loss"] for h in history[-5:]) < history[0]["loss"]
+    assert min(h["top1_1"] for h in history[-5:]) > history[0]["top1_1"]
+
+    class StepClock:  # one minute per call: max_minutes stops the run early
+        t = 0.0
+
+        def perf_counter(self) -> float:
+            StepClock.t += 30.0
+            return StepClock.t
+
+    with monkeypatch.context() as m:
+        m.setattr(feature_mod, "time", StepClock())
+        stopped = train_feature_head(target_model, corpus, cfg, tmp_path / "b", base=str(base), autocast=False,
+                                     max_minutes=12, progress=False)
+    assert not stopped["finished"] and 0 < stopped["steps"] < 30
+    resumed = train_feature_head(target_model, corpus, cfg, tmp_path / "b", base=str(base), autocast=False,
+                                 progress=False)
+    assert resumed["finished"] and resumed["steps"] == 30
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["trainable"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["trainable"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    info = json.loads((tmp_path / "a" / "stage.json").read_text())
+    assert info["training"]["steps"] == 30
+    stage = load_feature_stage(str(tmp_path / "a"))
+    assert stage.head.cfg.variant == variant and stage.feature_layers == layers
+    want = build_pipeline([HFStage(target_model)], sampling=GREEDY, stop_ids=[]).generate([5, 6, 7], 12).token_list
+    pipe = build_pipeline([stage, HFStage(target_model)], ["exact"], [3], sampling=GREEDY, stop_ids=[])
+    assert pipe.generate([5, 6, 7], 12).token_list == want
