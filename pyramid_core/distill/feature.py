@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from pyramid_core.distill.corpus import TrainSequence, corpus_hash
-from pyramid_core.distill.train import choose_sub_vocab
+from pyramid_core.distill.train import _epoch_batches, choose_sub_vocab, resume, save_checkpoint
 from pyramid_core.errors import ConfigError
 from pyramid_core.hf.feature_head import (
     FeatureHead,
@@ -175,29 +175,11 @@ def _lr(step: int, cfg: FeatureTrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _batches(lengths: Sequence[int], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    out: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in order:
-        w = max(width, lengths[i])
-        if current and w * (len(current) + 1) > batch_tokens:
-            out.append(current)
-            current, w = [], lengths[i]
-        current.append(i)
-        width = w
-    if current:
-        out.append(current)
-    return out
-
-
 def _batch_at(step: int, lengths: Sequence[int], cfg: FeatureTrainConfig, epochs: dict[int, list[list[int]]]) -> list[int]:
     epoch, offset = 0, step
     while True:
         if epoch not in epochs:
-            epochs[epoch] = _batches(lengths, cfg.batch_tokens, cfg.seed, epoch)
+            epochs[epoch] = _epoch_batches(lengths, cfg.batch_tokens, cfg.seed, epoch)
         if offset < len(epochs[epoch]):
             return epochs[epoch][offset]
         offset -= len(epochs[epoch])
@@ -323,25 +305,14 @@ def train_feature_head(target: Any, sequences: Sequence[TrainSequence], cfg: Fea
         to_sub[sub] = torch.arange(sub.numel())
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step, history, seconds = 0, [], 0.0
+    history: list[dict[str, Any]] = []
+    step, seconds = 0, 0.0
     ckpt = out / CHECKPOINT
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False, map_location=device)
-        saved = {**attrs.asdict(FeatureTrainConfig()), **state["config"]}
-        saved["layers"] = tuple(saved["layers"])
-        if saved != attrs.asdict(cfg):
-            raise ConfigError(f"{ckpt} was written by another training configuration ({state['config']}); "
-                              "use another --out folder or delete the checkpoint")
-        head.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, seconds = int(state["step"]), list(state["history"]), float(state["seconds"])
+        step, history, seconds = resume(ckpt, cfg, FeatureTrainConfig(), head, optimizer, device)
 
     def save() -> None:
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"config": attrs.asdict(cfg), "step": step, "history": history, "seconds": seconds,
-                    "trainable": {k: v.detach().clone() for k, v in head.trainable_state().items()},
-                    "optimizer": optimizer.state_dict()}, tmp)
-        tmp.replace(ckpt)
+        save_checkpoint(ckpt, cfg, step, history, seconds, head.trainable_state(), optimizer)
 
     lengths = [len(s.tokens) for s in train]
     epochs: dict[int, list[list[int]]] = {}

@@ -36,6 +36,31 @@ __all__ = ["TrainConfig", "choose_sub_vocab", "train_student", "write_report"]
 CHECKPOINT = "checkpoint.pt"
 
 
+def resume(ckpt: Path, cfg: Any, defaults: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           device: torch.device) -> tuple[int, list[dict[str, Any]], float]:
+    """Load checkpoint ``ckpt`` into ``module`` and ``optimizer``: (step, history, seconds).
+    A checkpoint of another configuration (``attrs`` config ``cfg``; fields it lacks are taken
+    from ``defaults``) is a ``ConfigError``."""
+    state = torch.load(ckpt, weights_only=False, map_location=device)
+    saved = {**attrs.asdict(defaults), **state["config"], "layers": tuple(state["config"]["layers"])}
+    if saved != attrs.asdict(cfg):
+        raise ConfigError(f"{ckpt} was written by another training configuration ({state['config']}); "
+                          "use another --out folder or delete the checkpoint")
+    module.load_state_dict(state["trainable"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), list(state["history"]), float(state["seconds"])
+
+
+def save_checkpoint(ckpt: Path, cfg: Any, step: int, history: list[dict[str, Any]], seconds: float,
+                    trainable: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """Write the resumable state atomically (a temporary file, then a rename)."""
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"config": attrs.asdict(cfg), "step": step, "history": history, "seconds": seconds,
+                "trainable": {k: v.detach().clone() for k, v in trainable.items()},
+                "optimizer": optimizer.state_dict()}, tmp)
+    tmp.replace(ckpt)
+
+
 @attrs.frozen
 class TrainConfig:
     layers: tuple[int, ...]
@@ -195,24 +220,14 @@ def train_student(target: Any, sequences: Sequence[TrainSequence], cfg: TrainCon
     if isinstance(student.lm_head, SubVocabHead) is False:
         params = [p for p in params if p is not student.lm_head.weight]  # tied to the frozen embedding
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step, history, seconds = 0, [], 0.0
+    history: list[dict[str, Any]] = []
+    step, seconds = 0, 0.0
     ckpt = out / CHECKPOINT
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False, map_location=device)
-        defaults = attrs.asdict(TrainConfig(layers=cfg.layers))  # fields added later keep their defaults
-        if {**defaults, **state["config"], "layers": tuple(state["config"]["layers"])} != attrs.asdict(cfg):
-            raise ConfigError(f"{ckpt} was written by another training configuration ({state['config']}); "
-                              "use another --out folder or delete the checkpoint")
-        student.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, seconds = int(state["step"]), list(state["history"]), float(state["seconds"])
+    if ckpt.is_file():  # fields added to the config later keep their defaults
+        step, history, seconds = resume(ckpt, cfg, TrainConfig(layers=cfg.layers), student, optimizer, device)
 
     def save() -> None:
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"config": attrs.asdict(cfg), "step": step, "history": history, "seconds": seconds,
-                    "trainable": {k: v.detach().clone() for k, v in trainable_state(student).items()},
-                    "optimizer": optimizer.state_dict()}, tmp)
-        tmp.replace(ckpt)
+        save_checkpoint(ckpt, cfg, step, history, seconds, trainable_state(student), optimizer)
 
     schedule = _Schedule(sequences, cfg)
     student.train()
