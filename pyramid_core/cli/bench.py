@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyramid_core.cli.common import (
-    _sampling_field,
     block_length,
     compile_arg,
     int_at_least,
@@ -60,11 +59,8 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
                    help="also time HF generate with its static cache and torch.compile (as transformers documents "
                         "it; on a CPU compiling takes about a minute per distinct prompt length)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
-    g = p.add_argument_group("sampling (default greedy, with greedy identity asserted)")
-    g.add_argument("--temperature", type=_sampling_field("temperature"), default=0.0,
-                   help="> 0: a sampled bench with quality (NLL vs target)")
-    g.add_argument("--top-k", type=int_at_least(0, " (0 = off)"), default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=_sampling_field("top_p"), default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    g = sampling_args(p, 0.0, title="sampling (default greedy, with greedy identity asserted)",
+                      temperature_help="> 0: a sampled bench with quality (NLL vs target)", seed=False)
     g.add_argument("--seeds", type=int_at_least(1), default=3, help="seeds per prompt when sampling (default 3)")
     p.add_argument("--out", default="out/bench",
                    help="output folder for bench.json, bench.md, bench.png; checked before anything runs. Each "

@@ -37,14 +37,20 @@ def _sampling_field(name: str) -> Callable[[str], float]:
     return parse
 
 
-def sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
-    g = p.add_argument_group("sampling (applied identically at every stage)")
+def sampling_args(p: argparse.ArgumentParser, default_temperature: float, *,
+                  title: str = "sampling (applied identically at every stage)",
+                  temperature_help: str | None = None, seed: bool = True) -> argparse._ArgumentGroup:
+    """``--temperature``, ``--top-k``, ``--top-p`` (validated by ``SamplingConfig``) and, with
+    ``seed``, ``--seed``; returns the group (a command adds its own options to it)."""
+    g = p.add_argument_group(title)
     g.add_argument("--temperature", type=_sampling_field("temperature"), default=default_temperature,
-                   help=f"0 = greedy (default {default_temperature})")
+                   help=temperature_help or f"0 = greedy (default {default_temperature})")
     g.add_argument("--top-k", type=int_at_least(0, " (0 = off)"), default=0,
                    help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=_sampling_field("top_p"), default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    g.add_argument("--seed", type=int, default=0, help="makes the run reproducible")
+    if seed:
+        g.add_argument("--seed", type=int, default=0, help="makes the run reproducible")
+    return g
 
 
 def sampling(ns: argparse.Namespace) -> SamplingConfig:
