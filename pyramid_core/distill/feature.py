@@ -26,7 +26,6 @@ position and per draft depth.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -38,7 +37,13 @@ import torch
 from torch import Tensor
 
 from pyramid_core.distill.corpus import TrainSequence, corpus_hash
-from pyramid_core.distill.train import _epoch_batches, choose_sub_vocab, resume, save_checkpoint
+from pyramid_core.distill.train import (
+    _epoch_batches,
+    choose_sub_vocab,
+    lr_at,
+    resume,
+    save_checkpoint,
+)
 from pyramid_core.errors import ConfigError
 from pyramid_core.hf.feature_head import (
     FeatureHead,
@@ -166,13 +171,6 @@ def extract_features(model: Any, sequences: Sequence[TrainSequence], layers: Seq
     info["positions"] = int(sum(v.shape[0] for v in feats.values()))
     manifest.write_text(json.dumps(info) + "\n")
     return chosen, [feats[i] for i in chosen]
-
-
-def _lr(step: int, cfg: FeatureTrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _batch_at(step: int, lengths: Sequence[int], cfg: FeatureTrainConfig, epochs: dict[int, list[list[int]]]) -> list[int]:
@@ -325,7 +323,7 @@ def train_feature_head(target: Any, sequences: Sequence[TrainSequence], cfg: Fea
             break
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg)
+            group["lr"] = lr_at(step, cfg)
         batch = _batch_at(step, lengths, cfg, epochs)
         data = _collate([train[i] for i in batch], [feats[i] for i in batch], to_sub, device)
         loss, stats = _loss(head, data, cfg, autocast)

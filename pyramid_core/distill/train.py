@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -136,7 +136,22 @@ class _Schedule:
             epoch += 1
 
 
-def _lr(step: int, cfg: TrainConfig) -> float:
+class LRSchedule(Protocol):
+    """The fields ``lr_at`` reads (``TrainConfig`` and ``FeatureTrainConfig`` have them)."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def warmup(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def min_lr_fraction(self) -> float: ...
+
+
+def lr_at(step: int, cfg: LRSchedule) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to ``min_lr_fraction`` of ``cfg.lr``
+    at ``cfg.steps`` (any config with those fields: the student's and the feature head's)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -238,7 +253,7 @@ def train_student(target: Any, sequences: Sequence[TrainSequence], cfg: TrainCon
             break
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg)
+            group["lr"] = lr_at(step, cfg)
         data = _collate([sequences[i] for i in schedule.batch(step)], to_sub, device)
         with _tf32():
             loss, agree, n = _loss(student, data)
