@@ -166,7 +166,7 @@ def alpha_for_tokens_per_forward(measured: float, block_length: int, new_tokens:
 
 
 def measure_proposer_alpha(
-    proposer: str | Proposer,
+    proposer: str | Proposer | Stage,
     stage: Stage,
     prompts_token_ids: Sequence[Sequence[int]],
     new_tokens: int,
@@ -265,9 +265,10 @@ def measure_stage_time(stage: Stage, context_len: int, repeats: int = 10, *, war
 
 @attrs.frozen
 class Measured:
-    """What ``measure_candidates`` found: T(M) per candidate (flat 0 for proposers), ``alpha[i][j]``
-    for every ordered pair (NaN where not measured: proposers are never verifiers), the
-    proposers."""
+    """What ``measure_candidates`` found: T(M) per candidate (flat 0 for model-free proposers),
+    ``alpha[i][j]`` for every ordered pair (NaN where not measured: proposers are never
+    verifiers), the proposers (the candidates that only draft: model-free proposers and feature
+    drafts)."""
 
     forward_costs: tuple[ForwardCost, ...]
     alpha: tuple[tuple[float, ...], ...]
@@ -286,6 +287,7 @@ def measure_candidates(
     new_tokens: int,
     *,
     proposer_length: int = 16,
+    feature_length: int = 4,
     repeats: int = 10,
     stop_ids: Sequence[int] = (),
     block_sizes: Sequence[int] = DEFAULT_BLOCK_SIZES,
@@ -296,28 +298,41 @@ def measure_candidates(
     up to max_length + 1 to charge each block length its measured cost rather than an
     interpolated one), ``measure_pairwise_alpha`` between model stages, and
     ``measure_proposer_alpha`` of every model-free proposer drafting for every model stage with
-    ``proposer_length`` (T = 0: a proposer's time is framework overhead)."""
+    ``proposer_length`` (T = 0: a proposer's time is framework overhead).
+
+    A feature draft (a ``FeatureReader``: it reads the hidden states of a stage above it, so it
+    drafts at the bottom of a chain and never verifies) is planned like a proposer that has a
+    cost: its T(M) is measured as a model's, and its alpha for each model stage is the effective
+    alpha of the 2-stage run feature -> stage at ``feature_length`` (reading that stage's
+    features), because its acceptance falls with the draft depth (drafted positions read its own
+    predicted features), which teacher-forced agreement would not show. It is listed among
+    ``Measured.proposers``: first stage only."""
+    from pyramid_core.features import reader_of
+
     if len(candidates) != len(names):
         raise ConfigError(f"{len(candidates)} candidates need {len(names)} names, one each")
     _check_prompts(prompts_token_ids, new_tokens)
     models: dict[int, Stage] = {}
     free: dict[int, Proposer] = {}
+    readers: dict[int, Stage] = {}
     for i, c in enumerate(candidates):
         if isinstance(c, Stage):
-            models[i] = c
+            (readers if reader_of(c) is not None and i + 1 < len(candidates) else models)[i] = c
         else:
             free[i] = c
     context_len = max(1, round(statistics.mean(len(ids) for ids in prompts_token_ids)))
     costs = [ForwardCost.flat(0.0, names[i]) for i in range(len(candidates))]
-    for i, stage in models.items():
+    for i, stage in {**models, **readers}.items():
         costs[i] = attrs.evolve(measure_stage_costs(stage, context_len, block_sizes, repeats), name=names[i])
     pairwise = measure_pairwise_alpha(list(models.values()), prompts_token_ids, new_tokens, stop_ids=stop_ids)
     alpha = [[math.nan] * len(candidates) for _ in candidates]
     for a, i in enumerate(models):
         for b, j in enumerate(models):
             alpha[i][j] = pairwise[a][b]
-    for i, proposer in free.items():
+    drafters: dict[int, tuple[Stage | Proposer, int]] = {
+        **{i: (p, proposer_length) for i, p in free.items()}, **{i: (r, feature_length) for i, r in readers.items()}}
+    for i, (drafter, length) in drafters.items():
         for j, stage in models.items():
-            alpha[i][j] = measure_proposer_alpha(proposer, stage, prompts_token_ids, new_tokens,
-                                                 block_length=proposer_length, stop_ids=stop_ids, regs=regs)
-    return Measured(tuple(costs), tuple(tuple(row) for row in alpha), tuple(names[i] for i in free))
+            alpha[i][j] = measure_proposer_alpha(drafter, stage, prompts_token_ids, new_tokens,
+                                                 block_length=length, stop_ids=stop_ids, regs=regs)
+    return Measured(tuple(costs), tuple(tuple(row) for row in alpha), tuple(names[i] for i in sorted(drafters)))

@@ -180,8 +180,8 @@ class Plan:
         lines = ["| # | candidate | ms/forward | ms/forward by M | " + " | ".join(f"α → {s}" for s in short) + " |",
                  "|" + "---|" * (4 + len(short))]
         for i, name in enumerate(self.candidates):
-            kind = " (proposer)" if is_proposer[i] else ""
             free = is_proposer[i] and self.forward_times[i] == 0
+            kind = " (proposer)" if free else " (drafts only)" if is_proposer[i] else ""
             ms = "-" if free else f"{1000 * self.forward_times[i]:.2f}"
             by_m = "-" if free else self.forward_costs[i].format_ms()
             row = [f"{a:.2f}" if rank[i] < rank[j] and not is_proposer[j] else "-"
@@ -287,7 +287,8 @@ def plan_chain(
     alpha:          ``alpha[i][j]`` = per-token acceptance when candidate i drafts for j; only
                     entries with i before j in cost order are read (they must be in [0, 1]);
                     the others may be NaN
-    proposers:      names of model-free proposers: they can only be the first stage of a chain
+    proposers:      names of the candidates that only draft: they can only be the first stage of a
+                    chain (model-free proposers, T = 0, and feature drafts, which have a cost)
     max_length:     block lengths are chosen from 1..max_length
     max_stages:     longest chain considered (default: every candidate)
     top:            how many chains ``Plan.ranked`` keeps (``None``: every chain, exponential)

@@ -509,3 +509,28 @@ def test_cli_plan_errors(saved_model: Path, capsys: pytest.CaptureFixture[str]) 
     assert "the target (the last --stage, 'ngram') must be a model backend" in capsys.readouterr().err
     assert main(["plan", "--stage", "ngram", "--stage", "ngram", "--stage", f"hf:path={saved_model}"]) == 2
     assert "--stage 'ngram' is given twice" in capsys.readouterr().err
+
+
+def test_cli_plan_with_a_feature_draft(saved_model: Path, prompt_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A feature draft is planned as a first stage that has a cost: T(M) measured like a model's,
+    alpha per verifier from a 2-stage run at --feature-length, never a verifier; the command the
+    plan prints runs its chain (the pipeline wires the features)."""
+    feature = f"feature:base={saved_model}"
+    stages = [feature, f"hf:path={saved_model},num_layers=1", f"hf:path={saved_model}"]
+    common = [a for s in stages for a in ("--stage", s)] + [
+        "--prompts", str(prompt_file), "--no-chat", "--new-tokens", "8", "--max-length", "3", "--repeats", "2",
+        "--feature-length", "2", "--no-compile"]
+    assert main(["plan", *common]) == 0
+    out = capsys.readouterr().out
+    assert f"{feature} (drafts only)" in out and "feature drafts (" in out and "length 2, first stage only" in out
+    assert main(["plan", *common, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["proposers"] == [feature]
+    assert data["forward_times"][0] > 0 and [m for m, _ in data["forward_costs"][0]] == [1, 2, 3, 4]
+    alpha = data["alpha"]
+    assert 0.0 <= alpha[0][1] <= 1.0 and 0.0 <= alpha[0][2] <= 1.0
+    assert math.isnan(alpha[1][0]) and math.isnan(alpha[2][0])  # nothing drafts for a feature draft
+    assert all(c["chain"][0] == feature or feature not in c["chain"] for c in data["ranked"])
+    argv = shlex.split(data["command"])[1:]
+    argv[argv.index("YOUR PROMPT")] = "w3 w5 w7"
+    assert main([*argv, "--max-new-tokens", "4"]) == 0

@@ -16,11 +16,14 @@ __all__ = ["configure"]
 def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--stage", action="append", metavar="SPEC",
                    help="a candidate, repeated; the last is the target. Model backends (e.g. "
-                        "smollm2:num_layers=12, hf:path=DIR) or model-free proposers (e.g. ngram)")
+                        "smollm2:num_layers=12, hf:path=DIR), model-free proposers (e.g. ngram) or feature "
+                        "drafts (smollm2:stage=feature), which draft at the bottom of a chain only")
     p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
     p.add_argument("--per-kind", type=int_at_least(1), default=1, help="prompts per task kind (default 1)")
     p.add_argument("--new-tokens", type=int_at_least(1), default=32, help="greedy tokens per prompt to measure alpha (default 32)")
     p.add_argument("--max-length", type=int_at_least(1), default=16, help="longest block length considered (default 16)")
+    p.add_argument("--feature-length", type=int_at_least(1), default=4,
+                   help="block length at which a feature draft's effective alpha is measured (default 4)")
     p.add_argument("--max-stages", type=int_at_least(1), default=None, help="longest chain considered (default: all candidates)")
     p.add_argument("--top", type=int_at_least(1), default=10, help="chains in the ranking (default 10)")
     p.add_argument("--repeats", type=int_at_least(1), default=10, help="timed forwards per model and tokens per forward M (default 10)")
@@ -65,9 +68,11 @@ def run(ns: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # every M a verification can feed: each block length is charged its own measured T(ell + 1)
     measured = measure_candidates(candidates, specs, encoded, ns.new_tokens, proposer_length=ns.max_length,
-                                  repeats=ns.repeats, stop_ids=[] if eos is None else [int(eos)],
+                                  feature_length=ns.feature_length, repeats=ns.repeats, stop_ids=[] if eos is None else [int(eos)],
                                   block_sizes=range(1, ns.max_length + 2), regs=regs)
     elapsed = time.perf_counter() - t0
+    feats = [n for n, c in zip(specs, measured.forward_costs) if n in measured.proposers and c.decode > 0]
+    free = [n for n in measured.proposers if n not in feats]
     plan = plan_chain(specs, measured.forward_costs, measured.alpha, proposers=measured.proposers,
                       max_length=ns.max_length, max_stages=ns.max_stages, top=ns.top)
     command = shlex.join(["pyramid", "generate", *plan.best.generate_args(),
@@ -81,8 +86,10 @@ def run(ns: argparse.Namespace) -> int:
     print(f"Measured here in {elapsed:.1f} s: T(M) = median forward feeding M tokens, M = 1..{ns.max_length + 1} "
           f"(a block of ℓ is verified at M = ℓ + 1); α = greedy agreement along the "
           f"verifier's own continuation ({len(prompts)} prompt(s) x {ns.new_tokens} tokens)"
-          + (f"; proposers ({', '.join(measured.proposers)}): T = 0, effective α of a 2-stage run "
-             f"at length {ns.max_length}" if measured.proposers else "") + ".")
+          + (f"; proposers ({', '.join(free)}): T = 0, effective α of a 2-stage run at length {ns.max_length}"
+             if free else "")
+          + (f"; feature drafts ({', '.join(feats)}): T(M) measured, effective α of a 2-stage run at length "
+             f"{ns.feature_length}, first stage only" if feats else "") + ".")
     print(f"\nbest: {' → '.join(plan.chain)}, lengths {list(plan.block_lengths)}: predicted "
           f"{plan.tokens_per_s:.1f} tokens/s, {plan.speedup:.2f}x the target alone")
     print(command)
