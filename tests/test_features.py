@@ -166,6 +166,26 @@ def test_a_sampled_feature_chain_is_exact() -> None:
     assert chi_square_p_value(counts, _joint(other, prompt, vocab)) < 1e-6  # the test has power
 
 
+@pytest.mark.parametrize("features_from", ["next", "target"])
+def test_a_sampled_three_stage_feature_chain_is_exact(features_from: str) -> None:
+    """feature -> qualifier -> target at temperature 1, the head reading the qualifier's features
+    or the target's (across a qualifier that buffers tokens the target has not scored: the
+    stand-in rule): the joint of two tokens is the target's (chi-square, 4,000 runs)."""
+    vocab = 6
+    model = tiny_llama(4, vocab_size=vocab, init_std=0.15)
+    qualifier = HFStage(perturbed(model, seed=5, scale=0.4))
+    draft, target = FeatureStage(_head(model, seed=1), features_from=features_from), HFStage(model)
+    pipe = build_pipeline([draft, qualifier, target], ["exact", "exact"], [2, 3], sampling=SamplingConfig(),
+                          stop_ids=[])
+    counts = [0] * (vocab * vocab)
+    for seed in range(4000):
+        a, b = pipe.generate([1, 2], 2, seed=seed).token_list
+        counts[a * vocab + b] += 1
+    assert draft.source is (qualifier if features_from == "next" else target)
+    assert chi_square_p_value(counts, _joint(model, [1, 2], vocab)) > 1e-4
+    assert chi_square_p_value(counts, _joint(perturbed(model, seed=9, scale=0.3), [1, 2], vocab)) < 1e-6
+
+
 def test_a_source_without_features_is_a_build_error(target_model: Any) -> None:
     draft = FeatureStage(_head(target_model))
     table = TableModel([1 / 64] * 64)
