@@ -76,11 +76,12 @@ def feature_links(stages: Sequence[object], name: Callable[[object, int], str]) 
         except ValueError as exc:
             raise ConfigError(f"{name(stage, k)} reads layers {list(reader.feature_layers)} of stage {index + 1} "
                               f"({name(source, index)}): {exc}") from None
-        width = len(reader.feature_layers) * source.feature_size
+        n_layers = len(reader.feature_layers)
+        width = n_layers * source.feature_size
         if reader.feature_width != width:
             raise ConfigError(f"{name(stage, k)} expects features of width {reader.feature_width}, but stage {index + 1} "
-                              f"({name(source, index)}) gives {width} ({len(reader.feature_layers)} layers x "
-                              f"{source.feature_size})")
+                              f"({name(source, index)}) gives {width} ({n_layers} layer{'s' if n_layers != 1 else ''} "
+                              f"x {source.feature_size})")
         links.append((reader, source))
     sources = tuple(s for s in stages if isinstance(s, FeatureSource))
     return FeatureLinks(tuple(links), sources)
