@@ -629,6 +629,20 @@ def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path) -> None:
     pipe = build_pipeline([draft, qualifier, target], ["exact", "exact"], [2, 3], sampling=SamplingConfig.greedy())
     assert pipe.generate(prompt, max_new_tokens=6).token_list == expected
 
+    # the feature head on the same corpus, shipped with its held-out evaluation (the smoke sizes)
+    ship = tmp_path / "feature-ship"
+    assert main(["distill", "feature", "--smoke", "--workdir", str(tmp_path), "--ship", str(ship), "--quiet"]) == 0
+    info = json.loads((ship / "stage.json").read_text())
+    assert info["corpus_sha256"] == family["corpus"]["sha256"] and info["command"].startswith("pyramid distill feature")
+    assert info["training"]["finished"] is True and info["training"]["steps"] == 3
+    evaluation = info["evaluation"]
+    assert (evaluation["prompts"], evaluation["new_tokens"]) == (2, 8)
+    head, top = evaluation["results"]
+    assert top["agreement_with_target"] == 1.0 and len(head["by_depth"]) == 4 and head["cost_vs_target"] > 0
+    feature = make_stage(f"feature:path={ship}")
+    pipe = build_pipeline([feature, target], ["exact"], [3], sampling=SamplingConfig.greedy())
+    assert pipe.generate(prompt, max_new_tokens=6).token_list == expected
+
 
 @pytest.mark.parametrize("device", ["nonsense-device", "cuda:97"])
 def test_an_unusable_device_is_named(device: str) -> None:

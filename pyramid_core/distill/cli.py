@@ -471,8 +471,10 @@ def cmd_feature(ns: argparse.Namespace) -> int:
         for name in ("model.safetensors", "stage.json"):
             shutil.copy2(out / name, ship / name)
         ns.stage = [f"hf:path={ship}", "smollm2"]
+        _eval_defaults(ns)
         evaluation = _evaluate(ns.stage, ns)
         info = json.loads((ship / "stage.json").read_text())
+        info["training"] = report
         info["evaluation"] = evaluation
         (ship / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
         print(_eval_markdown(evaluation))
