@@ -71,12 +71,21 @@ def test_real_model_facts(smol: dict[str, Any]) -> None:
         (["ngram", "smollm2:num_layers=20", "smollm2"], [3, 4]),
         (["smollm2:stage=draft", "smollm2"], [4]),
         (["smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"], [4, 4]),
+        (["smollm2:stage=feature", "smollm2"], [4]),
+        (["smollm2:stage=feature", "smollm2"], [-1]),  # a token tree: tree:budget=12,branching=3
+        (["smollm2:stage=feature,features_from=target", "smollm2:stage=qualifier", "smollm2"], [3, 6]),
+        (["smollm2:stage=feature", "smollm2:stage=qualifier", "smollm2"], [3, 6]),
     ],
     ids=["ngram->smollm2", "smollm2[:8]->smollm2", "ngram->smollm2[:20]->smollm2", "draft->smollm2",
-         "draft->qualifier->smollm2"],
+         "draft->qualifier->smollm2", "feature->smollm2", "tree(feature)->smollm2",
+         "feature(target)->qualifier->smollm2", "feature(qualifier)->qualifier->smollm2"],
 )
 def test_greedy_pipeline_is_token_identical(stages: list[str], block_lengths: list[int], smol: dict[str, Any]) -> None:
-    pipe = build_pipeline(stages, ["exact"] * (len(stages) - 1), block_lengths, sampling=SamplingConfig.greedy())
+    tree = None
+    if block_lengths == [-1]:
+        tree, block_lengths = "tree:budget=12,branching=3", [4]
+    pipe = build_pipeline(stages, ["exact"] * (len(stages) - 1), block_lengths, sampling=SamplingConfig.greedy(),
+                          tree=tree)
     assert list(pipe.stop_ids) == [2]  # the target's EOS, as for model.generate
     gen = pipe.generate(smol["prompt"], max_new_tokens=NEW)
     assert gen.token_list == smol["expected"]
@@ -111,9 +120,31 @@ def test_shipped_family_loads_and_is_described(smol: dict[str, Any]) -> None:
     # the students share the target's (frozen) embedding instead of shipping a copy
     emb = target.model.get_input_embeddings().weight  # type: ignore[union-attr]
     assert draft.model.get_input_embeddings().weight.data_ptr() == emb.data_ptr()  # type: ignore[union-attr]
-    shipped = sum(f.stat().st_size for f in family_dir().rglob("*.safetensors"))
+    shipped = sum(f.stat().st_size for role in ("draft", "qualifier") for f in (family_dir() / role).rglob("*.safetensors"))
     assert shipped <= 100 * 2**20
     with pytest.raises(ConfigError, match="valid: target, qualifier, draft"):
         make_stage("smollm2:stage=drafter")
     with pytest.raises(ConfigError, match="num_layers applies to the target only"):
         make_stage("smollm2:stage=draft,num_layers=3")
+
+
+def test_shipped_feature_head_loads_and_is_described(smol: dict[str, Any]) -> None:
+    """The feature draft shipped in the family: <= 30 MB fp16, with the command that trained it,
+    its seed, the corpus hash and its measured held-out agreement (per kind and per depth)."""
+    import json
+
+    from pyramid_core.hf.feature_stage import FeatureStage
+    from pyramid_core.hf.smollm2 import family_dir
+
+    folder = family_dir() / "feature"
+    assert (folder / "model.safetensors").stat().st_size <= 30 * 2**20
+    info = json.loads((folder / "stage.json").read_text())
+    assert info["command"].startswith("pyramid distill feature") and info["seed"] == 0
+    assert len(info["corpus_sha256"]) == 64 and info["dtype"] == "float16"
+    (report,) = [r for r in info["evaluation"]["results"] if r["name"] != "smollm2-135m"]
+    assert 0.0 < report["agreement_with_target"] <= 1.0 and len(report["by_depth"]) == 4
+    assert set(report["by_kind"]) >= {"chat", "maths"}
+    stage = make_stage("smollm2:stage=feature")
+    assert isinstance(stage, FeatureStage) and stage.feature_from == "next"
+    assert stage.head.own_head is not None  # the frequency-ranked sub-vocabulary head
+    assert make_stage("smollm2:stage=feature,features_from=target").feature_from == "target"  # type: ignore[attr-defined]
