@@ -218,8 +218,9 @@ def measure_stage_costs(
     The context is fed once (prefill, ``context_len`` tokens); then ``warmup`` untimed and
     ``repeats`` timed rounds, round r with a context of ``context_len + r + 1`` tokens, each run
     one forward per M, interleaved (M = 1, 2, ... in turn, so a busy machine slows every M
-    alike). A forward is handed the round's context plus a block of M - 1 tokens
-    (``score(context, Block)``; M = 1 is a plain decode step, ``score(context)``): the stage
+    alike). A forward is handed the round's context plus a block of M - 1 tokens that the next
+    round's context does not continue with (``score(context, Block)``; M = 1 is a plain decode
+    step, ``score(context)``): the stage
     rolls its cache back to the context without its last token and feeds that token and the
     block, M tokens -- exactly what a verification of a block of M - 1 tokens does after the
     stage's previous round. Each forward is timed alone (``time.perf_counter``, device
@@ -242,10 +243,14 @@ def measure_stage_costs(
     seconds: dict[int, list[float]] = {m: [] for m in sizes}
     stage.reset()
     stage.score(ids[:context_len])
+    # a block's tokens differ from the context tokens that follow it, so that no forward finds the
+    # next round's context already consumed (a stage that keeps rows per position, a feature
+    # draft, would then answer M = 1 from its cache, without a forward)
+    other = (ids + 1) % stage.vocab_size
     for r in range(warmup + repeats):
         end = context_len + r + 1
         for m in sizes:
-            tokens = ids[end : end + m - 1]
+            tokens = other[end : end + m - 1]
             block = None if m == 1 else Block(tokens, tokens.new_zeros((m - 1, 0), dtype=torch.float32))
             t0 = time.perf_counter()
             rows = stage.score(ids[:end], block)

@@ -421,6 +421,39 @@ def test_measure_stage_costs_feeds_m_tokens_to_the_model(tiny_models: dict[str, 
     assert all(t > 0 for _, t in cost.points) and stage.cached_tokens == ()
 
 
+def test_measure_stage_costs_runs_a_feature_draft_forward_at_every_m(tiny_models: dict[str, Any]) -> None:
+    """A feature draft keeps a row per cached position: every timed forward, M = 1 included,
+    must still run the head over M new slots (a measurement whose M = 1 context had been fed as
+    the previous block would time a cache lookup)."""
+    from pyramid_core.hf.feature_head import FeatureHead, FeatureHeadConfig
+    from pyramid_core.hf.feature_stage import FeatureStage
+
+    torch.manual_seed(0)
+    stage = FeatureStage(FeatureHead(tiny_models["near"], FeatureHeadConfig()), name="feature")
+    fed: list[int] = []
+    run = stage._run
+
+    def counting(u_prev: torch.Tensor, tokens: list[int], first: int, mask: Any) -> torch.Tensor:
+        fed.append(len(tokens))
+        return run(u_prev, tokens, first, mask)
+
+    stage._run = counting  # type: ignore[method-assign]
+    score = stage.score
+    per_call: list[int] = []
+
+    def scoring(context: torch.Tensor, block: Block | None = None) -> torch.Tensor:
+        before = sum(fed)
+        rows = score(context, block)
+        per_call.append(sum(fed) - before)
+        return rows
+
+    stage.score = scoring  # type: ignore[method-assign]
+    measure_stage_costs(stage, context_len=5, block_sizes=(1, 3), repeats=2, warmup=1)
+    # the prefill's 5 slots, then per round: M = 1 runs the one new context slot, M = 3 the two
+    # block slots (the context's last row is already there: a draft is never handed M tokens to verify)
+    assert per_call == [5] + [1, 2] * 3
+
+
 @pytest.mark.parametrize(("alpha", "ell", "n"), [(0.6, 4, 32), (0.3, 16, 20), (0.95, 8, 64)])
 def test_effective_alpha_inverts_the_finite_horizon_model(alpha: float, ell: int, n: int) -> None:
     measured = predict_chain([alpha], [ell], [0.0, 1.0], new_tokens=n).tokens_per_target_forward
