@@ -130,11 +130,50 @@ def test_bench_quick_smollm2(tmp_path: Path) -> None:
     labels = [r["label"] for r in data["rows"]]
     hf = [r["label"] for r in data["rows"] if r["framework"] == "hf"]
     # HF generate eager and over the compiled stage (the CLI compiles by default where it helps),
-    # assisted with the draft and with the qualifier, prompt lookup; then the 11 pyramid rows
+    # assisted with the draft and with the qualifier, prompt lookup; then the 11 pyramid rows and
+    # the 3 rows of the shipped feature head
     assert hf[0] == "HF generate (target)" and len(hf) == 5, hf
-    assert sum(r["framework"] == "pyramid" for r in data["rows"]) == 11 and not data["mismatches"]
+    assert sum(r["framework"] == "pyramid" for r in data["rows"]) == 14 and not data["mismatches"]
     assert "sd: draft→qualifier→target" in labels and "tree draft→qualifier→target" in labels
+    assert {"feature→target", "tree feature→target", "feature→qualifier→target"} <= set(labels)
+    assert data["goals"]["best_feature_row"] is not None
     goals = data["goals"]
     assert goals["sd_3stage_speedup"] > 0 and goals["best_hf_assisted"].startswith("HF assisted")
     assert 0 <= goals["max_overhead_fraction"] < 1
     assert "Goals (ratios from this run;" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_feature_rows_identity_and_goals(tiny_stages: tuple[HFStage, HFStage], tiny_models: dict[str, Any]) -> None:
+    """The feature-draft rows (an untrained head over the tiny target: the rows are exact whatever
+    the head predicts) reproduce the target's greedy output, chain, tree and through a qualifier,
+    and the bench reports the feature goals next to the others."""
+    import torch
+
+    from pyramid_core.bench import feature_configs
+    from pyramid_core.hf.feature_head import FeatureHead, FeatureHeadConfig
+    from pyramid_core.hf.feature_stage import FeatureStage
+
+    target, draft = tiny_stages
+    torch.manual_seed(0)
+    head = FeatureHead(tiny_models["target"], FeatureHeadConfig(layers=(-1,), variant="eagle1"))
+    feature = FeatureStage(head, target.tokenizer, name="feature", features_from="target")
+    extra = feature_configs(target, feature, qualifier=draft, feature_from_target=feature, lengths=(3,),
+                            tree="tree:budget=6,branching=2", qualifier_length=5)
+    assert [c.label for c in extra] == ["feature→target", "tree feature→target", "feature→qualifier→target"]
+    assert extra[2].block_lengths == (3, 5) and len(extra[2].stages) == 3
+    cfgs = [BenchConfig("pyramid target (N=1)", (target,))]
+    result = run_bench(target, draft, PROMPTS, max_new_tokens=12, chat=False, configs=cfgs, extra=extra,
+                       hf=False, progress=False)
+    assert not result.mismatches
+    for c in extra:
+        row = result.row(c.label)
+        assert row.tokens == 24 and row.identical is True, (c.label, row.note)
+        assert row.tokens_per_target_forward >= 1.0
+    goals = result.goals()
+    assert goals["best_feature_row"] in {c.label for c in extra}
+    assert goals["best_feature_speedup"] == result.row(goals["best_feature_row"]).speedup
+    assert goals["feature_tree_tokens_per_target_forward"] == result.row("tree feature→target").tokens_per_target_forward
+    assert "best feature row" in result.goals_markdown()
+    # without feature rows the bench says nothing about them
+    plain = run_bench(target, draft, PROMPTS[:1], max_new_tokens=4, chat=False, configs=cfgs, hf=False, progress=False)
+    assert plain.goals()["best_feature_row"] is None and "feature" not in plain.goals_markdown()

@@ -122,6 +122,8 @@ class BenchResult:
                   if r.predicted_speedup is not None and (measured := ratio(r, alone))}
         b_hf, b_ll, b_any = best(assisted), best(lossless), best(ours)
         sd, ngram, tree = find("sd:"), find("ngram→target"), find("tree draft→target")
+        features = [r for r in ran if "feature" in r.label and r.framework == "pyramid"]
+        b_feat, feat_tree = best(features), find("tree feature→target")
         return {
             "baseline": self.meta.get("baseline"),
             "n1_over_baseline": alone.speedup if alone is not None else None,
@@ -137,6 +139,11 @@ class BenchResult:
             "best_pipeline": b_any.label if b_any else None,
             "best_over_hf_assisted": ratio(b_any, b_hf),
             "best_lossless_overhead_fraction": b_ll.overhead_fraction if b_ll else None,
+            "best_feature_row": b_feat.label if b_feat else None,
+            "best_feature_speedup": b_feat.speedup if b_feat else None,
+            "best_feature_over_hf_assisted": ratio(b_feat, b_hf),
+            "feature_tree_tokens_per_target_forward":
+                feat_tree.tokens_per_target_forward if feat_tree is not None else None,
         }
 
     def goals_markdown(self) -> str:
@@ -164,7 +171,11 @@ class BenchResult:
                  f"({g['best_hf_assisted']})", g["best_lossless_over_hf_assisted"], 1.25),
             line(f"best pipeline of any kind ({g['best_pipeline']}) over the best HF assisted",
                  g["best_over_hf_assisted"], 1.25),
-        ]) + "\n"
+        ] + ([] if g["best_feature_row"] is None else [
+            line(f"best feature row ({g['best_feature_row']})", g["best_feature_speedup"], 1.8),
+            line("best feature row over the best HF assisted", g["best_feature_over_hf_assisted"], 1.25),
+            line("tree feature→target, tokens per target forward", g["feature_tree_tokens_per_target_forward"], 3.0),
+        ])) + "\n"
 
     @property
     def sampled(self) -> bool:

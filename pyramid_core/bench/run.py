@@ -54,7 +54,7 @@ from pyramid_core.prompts import Prompt, encode_prompt
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, tokenizer_of
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["BenchConfig", "default_configs", "run_bench"]
+__all__ = ["BenchConfig", "default_configs", "feature_configs", "run_bench"]
 
 
 @attrs.frozen
@@ -122,6 +122,32 @@ def default_configs(
     rows.append(BenchConfig("tree draft→qualifier→target", (draft, qualifier, target), ("exact", "exact"), ell3, tree=tree))
     return rows
 
+
+
+def feature_configs(
+    target: Stage,
+    feature: Stage,
+    *,
+    qualifier: Stage | None = None,
+    feature_from_target: Stage | None = None,
+    lengths: Sequence[int] = (4,),
+    tree: str = "tree:budget=16,branching=4",
+    qualifier_length: int = 8,
+) -> list[BenchConfig]:
+    """The feature-draft rows (EAGLE family, SPEC "Feature-level drafts"): ``feature`` (reading
+    the target's features) -> target as a chain of ``lengths[0]`` tokens and as a token tree
+    through ``tree``; with a qualifier, ``feature_from_target`` (the same head, reading the
+    target's features across the qualifier: SPEC's stand-in rule for positions the target has
+    not scored) -> qualifier -> target at ``(lengths[0], qualifier_length)``."""
+    ell = int(lengths[0])
+    rows = [
+        BenchConfig("feature→target", (feature, target), ("exact",), (ell,)),
+        BenchConfig("tree feature→target", (feature, target), ("exact",), (ell,), tree=tree),
+    ]
+    if qualifier is not None and feature_from_target is not None:
+        rows.append(BenchConfig("feature→qualifier→target", (feature_from_target, qualifier, target),
+                                ("exact", "exact"), (ell, max(ell, qualifier_length))))
+    return rows
 
 @attrs.define
 class _ForwardCosts:

@@ -34,6 +34,14 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
                         "default chain's middle stage, smollm2:stage=qualifier)")
     p.add_argument("--ngram", default="ngram", metavar="SPEC", help="model-free proposer (default ngram)")
     p.add_argument("--tree", default="tree:budget=8,branching=4", metavar="SPEC", help="tree wrapper spec")
+    p.add_argument("--feature", metavar="SPEC",
+                   help="feature-level draft (EAGLE family) for the feature rows; 'none' drops them (default: "
+                        "smollm2:stage=feature when the target is the family's and the head is shipped)")
+    p.add_argument("--feature-length", type=block_length, default=2, metavar="L",
+                   help="block length of the feature->target rows (default 2: `pyramid plan`'s choice for the "
+                        "shipped head on a 2-core CPU)")
+    p.add_argument("--feature-tree", default="tree:budget=8,branching=4", metavar="SPEC",
+                   help="tree wrapper spec of the tree feature->target row")
     p.add_argument("--lengths-2", dest="lengths2", metavar="L",
                    help="block length of the draft->target rows (default: the default chain's first)")
     p.add_argument("--lengths-3", dest="lengths3", metavar="L1,L2",
@@ -135,12 +143,14 @@ def run_bench(ns: argparse.Namespace) -> int:
     lengths3 = lengths3 or (chain_lengths if len(chain_lengths) == 2 else None)
     if specbench:
         return _specbench(ns, out, target, draft, loaded["--qualifier"], max_new, lengths2, lengths3, regs)
+    extra = _feature_rows(ns, specs["--target"], target, loaded["--qualifier"], regs,
+                          upper=ns.qualifier_length or (lengths3[1] if lengths3 else 8))
     log = _open_log(out / "bench.partial.jsonl", ns, "bench")
     result = run_bench(target, draft, prompts, max_new_tokens=max_new, ngram=ns.ngram, tree=ns.tree,
                        lengths2=lengths2, lengths3=lengths3,
                        qualifier=loaded["--qualifier"], qualifier_length=ns.qualifier_length,
                        prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat, hf_compile=ns.hf_compile,
-                       sampling=sampling(ns), seeds=ns.seeds, regs=regs, log=log)
+                       sampling=sampling(ns), seeds=ns.seeds, regs=regs, log=log, extra=extra)
     files = write_bench(result, out)
     print(result.to_markdown())
     print("wrote " + ", ".join(str(f) for f in files) + f" (and {log.path}, one line per finished configuration)")
@@ -148,6 +158,33 @@ def run_bench(ns: argparse.Namespace) -> int:
         print("pyramid bench: GREEDY OUTPUT MISMATCH: " + "; ".join(result.mismatches), file=sys.stderr)
         return 3
     return 0
+
+
+def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, qualifier: Any,
+                  regs: Any, *, upper: int) -> list[Any]:
+    """The feature-draft rows (``bench.feature_configs``) for ``--feature``, or by default for
+    the family's shipped head when the target is the family's own (``smollm2``); ``upper`` is
+    the qualifier's block length in the 3-stage row (the 3-stage rows' second length)."""
+    from pyramid_core.bench import feature_configs
+    from pyramid_core.build import make_stage
+    from pyramid_core.errors import ConfigError
+    from pyramid_core.hf.smollm2 import family_dir
+    from pyramid_core.protocols import Stage
+
+    spec = ns.feature
+    if spec is None:
+        shipped = (family_dir() / "feature" / "stage.json").is_file()
+        spec = "smollm2:stage=feature" if shipped and (target_spec or "").split(":")[0] == "smollm2" else "none"
+    if spec.lower() == "none":
+        return []
+    if "features_from=" not in spec:  # the target's features in every row (in a 2-stage row, the next stage's)
+        spec += ("," if ":" in spec else ":") + "features_from=target"
+    stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile)
+    if not isinstance(stage, Stage):
+        raise ConfigError(f"--feature ({spec}) must be a model backend, not a proposer")
+    return feature_configs(target, stage, qualifier=qualifier, feature_from_target=stage,
+                           lengths=(ns.feature_length,), tree=ns.feature_tree,
+                           qualifier_length=upper)
 
 
 def _open_log(path: Path, ns: argparse.Namespace, command: str) -> RecordLog:
