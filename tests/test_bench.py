@@ -169,11 +169,14 @@ def test_bench_feature_rows_identity_and_goals(tiny_stages: tuple[HFStage, HFSta
         row = result.row(c.label)
         assert row.tokens == 24 and row.identical is True, (c.label, row.note)
         assert row.tokens_per_target_forward >= 1.0
+        assert len(row.acceptance_by_position) == len(c.stages) - 1
+        assert all(0.0 <= a <= 1.0 for a in row.acceptance_by_position[0])
+    assert len(result.row("feature→target").acceptance_by_position[0]) == 3  # one per drafted position
     goals = result.goals()
     assert goals["best_feature_row"] in {c.label for c in extra}
     assert goals["best_feature_speedup"] == result.row(goals["best_feature_row"]).speedup
     assert goals["feature_tree_tokens_per_target_forward"] == result.row("tree feature→target").tokens_per_target_forward
-    assert "best feature row" in result.goals_markdown()
+    assert "best feature row" in result.goals_markdown() and "tokens per target forward: " in result.goals_markdown()
     # without feature rows the bench says nothing about them
     plain = run_bench(target, draft, PROMPTS[:1], max_new_tokens=4, chat=False, configs=cfgs, hf=False, progress=False)
     assert plain.goals()["best_feature_row"] is None and "feature" not in plain.goals_markdown()

@@ -34,6 +34,8 @@ class BenchRow:
     # per boundary: accepted / tries (comparable to alpha and 1 - TV), accepted / proposed
     acceptance_per_try: list[float] = attrs.field(factory=list)
     accepted_per_proposed: list[float] = attrs.field(factory=list)
+    # per boundary: accepted / proposed at each draft position (trees: at each depth)
+    acceptance_by_position: list[list[float]] = attrs.field(factory=list)
     block_lengths: list[int] = attrs.field(factory=list)
     stages: list[dict[str, Any]] = attrs.field(factory=list)  # name, forwards, forward_s, ms_per_forward
     overhead_fraction: float = math.nan
@@ -149,11 +151,12 @@ class BenchResult:
     def goals_markdown(self) -> str:
         g = self.goals()
 
-        def line(what: str, x: float | None, goal: float, at_least: bool = True, pct: bool = False) -> str:
+        def line(what: str, x: float | None, goal: float, at_least: bool = True, pct: bool = False,
+                 unit: str = "×") -> str:
             if x is None:
                 return f"- {what}: not measured"
             ok = x >= goal if at_least else x <= goal
-            shown = f"{100 * x:.1f}%" if pct else f"{x:.2f}×"
+            shown = f"{100 * x:.1f}%" if pct else f"{x:.2f}{unit}"
             target = f"{'≥' if at_least else '≤'} {100 * goal:.0f}%" if pct else f"{'≥' if at_least else '≤'} {goal}"
             return f"- {what}: {shown} (goal {target}: {'met' if ok else 'NOT met'})"
 
@@ -174,7 +177,8 @@ class BenchResult:
         ] + ([] if g["best_feature_row"] is None else [
             line(f"best feature row ({g['best_feature_row']})", g["best_feature_speedup"], 1.8),
             line("best feature row over the best HF assisted", g["best_feature_over_hf_assisted"], 1.25),
-            line("tree feature→target, tokens per target forward", g["feature_tree_tokens_per_target_forward"], 3.0),
+            line("tree feature→target, tokens per target forward", g["feature_tree_tokens_per_target_forward"], 3.0,
+                 unit=""),
         ])) + "\n"
 
     @property

@@ -213,6 +213,7 @@ def _pyramid_row(
     row.acceptance = [b.accepted_per_proposed for b in m.boundaries]
     row.acceptance_per_try = [b.acceptance_per_try for b in m.boundaries]
     row.accepted_per_proposed = list(row.acceptance)
+    row.acceptance_by_position = [b.as_dict()["acceptance_by_position"] for b in m.boundaries]
     alphas = measure_alpha(m) if m.boundaries else []
     row.alpha = alphas
     for st in m.stages:
