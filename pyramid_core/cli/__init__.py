@@ -82,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyramid: error: {exc}", file=sys.stderr)
         return 2
     ns = parser.parse_args(argv)
+    ns.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for records of it
     try:
         return int(ns.func(ns))
     except PyramidError as exc:

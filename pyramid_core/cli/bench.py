@@ -192,7 +192,7 @@ def _open_log(path: Path, ns: argparse.Namespace, command: str) -> RecordLog:
     stderr when it resumes, or when an old log of other arguments was moved aside."""
     from pyramid_core.outputs import RecordLog
 
-    args = {k: v for k, v in sorted(vars(ns).items()) if k not in ("func", "command_prog", "command")}
+    args = {k: v for k, v in sorted(vars(ns).items()) if k not in ("func", "command_prog", "command", "argv")}
     log = RecordLog(path, args)
     if log.moved_aside is not None:
         print(f"pyramid {command}: {log.moved_aside} keeps the partial results of a run with other arguments; "

@@ -56,8 +56,10 @@ def _outputs(ns: argparse.Namespace, *, corpus: bool = False, out: str = "") -> 
         output_dir(ns.ship, "--ship")
 
 
-def _command_line() -> str:
-    return "pyramid " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command_line(ns: argparse.Namespace) -> str:
+    """The command as it was given (``pyramid_core.cli.main`` keeps its argv on ``ns.argv``)."""
+    argv = getattr(ns, "argv", None)
+    return "pyramid " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
 def _target(ns: argparse.Namespace) -> tuple[Any, Any]:
@@ -103,7 +105,7 @@ def cmd_corpus(ns: argparse.Namespace) -> int:
     held_out = [p.text for p in load_prompts()]
     out = Path(ns.corpus or _home(ns) / "corpus")
     manifest = build_corpus(model, tokenizer, out, _corpus_config(ns), held_out=held_out, progress=not ns.quiet)
-    manifest.setdefault("command", _command_line())
+    manifest.setdefault("command", _command_line(ns))
     (out / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest, indent=2))
     return 0
@@ -265,7 +267,7 @@ def _train(ns: argparse.Namespace, role: str, corpus_manifest: dict[str, Any]) -
     sequences = load_corpus(corpus_dir)
     out = Path(getattr(ns, "out", None) or _home(ns) / role)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    metadata = {"role": role, "command": _command_line(), "seed": cfg.seed,
+    metadata = {"role": role, "command": _command_line(ns), "seed": cfg.seed,
                 "corpus_sha256": corpus_manifest.get("sha256"), "corpus_positions": corpus_manifest.get("target_positions")}
     return train_student(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
                          max_minutes=ns.max_minutes, progress=not ns.quiet)
@@ -319,7 +321,7 @@ def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
     reports = evaluate_stages(models, encoded, ns.new_tokens, timing_repeats=TIMING_REPEATS[smoke],
                               progress=not ns.quiet)
     result: dict[str, Any] = {
-        "command": _command_line(), "stages": specs, "prompts": len(prompts), "new_tokens": ns.new_tokens,
+        "command": _command_line(ns), "stages": specs, "prompts": len(prompts), "new_tokens": ns.new_tokens,
         "held_out": "pyramid_core/data/prompts.jsonl (never trained on)",
         "results": [attrs.asdict(r) for r in reports]}
     if getattr(ns, "corpus_sample", 0):
@@ -402,7 +404,7 @@ def cmd_all(ns: argparse.Namespace) -> int:
     evaluation = _evaluate(ns.stage, ns)
     family = {
         "family": "SmolLM2-135M-Instruct distilled draft and qualifier",
-        "command": _command_line(),
+        "command": _command_line(ns),
         "seed": ns.seed,
         "corpus": {k: manifest.get(k) for k in ("sha256", "sequences", "target_positions", "by_source", "prompts", "config", "command")},
         "training": reports,
@@ -455,7 +457,7 @@ def cmd_feature(ns: argparse.Namespace) -> int:
     cfg = _feature_config(ns)
     out = Path(ns.out or _home(ns) / ("smoke-feature" if ns.smoke else "feature"))
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    metadata = {"role": "feature", "command": _command_line(), "seed": cfg.seed,
+    metadata = {"role": "feature", "command": _command_line(ns), "seed": cfg.seed,
                 "corpus_sha256": manifest.get("sha256"), "corpus_positions": manifest.get("target_positions"),
                 "corpus_partial_shards": manifest.get("partial_shards")}
     report = train_feature_head(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
