@@ -157,8 +157,8 @@ def test_bench_feature_rows_identity_and_goals(tiny_stages: tuple[HFStage, HFSta
     torch.manual_seed(0)
     head = FeatureHead(tiny_models["target"], FeatureHeadConfig(layers=(-1,), variant="eagle1"))
     feature = FeatureStage(head, target.tokenizer, name="feature", features_from="target")
-    extra = feature_configs(target, feature, qualifier=draft, feature_from_target=feature, lengths=(3,),
-                            tree="tree:budget=6,branching=2", qualifier_length=5)
+    extra = feature_configs(target, feature, qualifier=draft, length=3, tree="tree:budget=6,branching=2",
+                            qualifier_length=5)
     assert [c.label for c in extra] == ["feature→target", "tree feature→target", "feature→qualifier→target"]
     assert extra[2].block_lengths == (3, 5) and len(extra[2].stages) == 3
     cfgs = [BenchConfig("pyramid target (N=1)", (target,))]

@@ -123,31 +123,30 @@ def default_configs(
     return rows
 
 
-
 def feature_configs(
     target: Stage,
     feature: Stage,
     *,
     qualifier: Stage | None = None,
-    feature_from_target: Stage | None = None,
-    lengths: Sequence[int] = (4,),
-    tree: str = "tree:budget=16,branching=4",
-    qualifier_length: int = 8,
+    length: int = 2,
+    tree: str = "tree:budget=8,branching=4",
+    qualifier_length: int = 3,
 ) -> list[BenchConfig]:
-    """The feature-draft rows (EAGLE family, SPEC "Feature-level drafts"): ``feature`` (reading
-    the target's features) -> target as a chain of ``lengths[0]`` tokens and as a token tree
-    through ``tree``; with a qualifier, ``feature_from_target`` (the same head, reading the
-    target's features across the qualifier: SPEC's stand-in rule for positions the target has
-    not scored) -> qualifier -> target at ``(lengths[0], qualifier_length)``."""
-    ell = int(lengths[0])
+    """The feature-draft rows (EAGLE family, SPEC "Feature-level drafts"): ``feature`` -> target
+    as a chain of ``length`` tokens and as a token tree through ``tree``; with a qualifier,
+    ``feature`` -> qualifier -> target at ``(length, max(length, qualifier_length))``. Give a
+    ``feature`` that reads the target (``features_from=target``): in the 2-stage rows that is
+    the next stage, and across the qualifier it reads the target's features where the target
+    has scored a position and its own predicted ones elsewhere (SPEC's stand-in rule)."""
     rows = [
-        BenchConfig("feature→target", (feature, target), ("exact",), (ell,)),
-        BenchConfig("tree feature→target", (feature, target), ("exact",), (ell,), tree=tree),
+        BenchConfig("feature→target", (feature, target), ("exact",), (length,)),
+        BenchConfig("tree feature→target", (feature, target), ("exact",), (length,), tree=tree),
     ]
-    if qualifier is not None and feature_from_target is not None:
-        rows.append(BenchConfig("feature→qualifier→target", (feature_from_target, qualifier, target),
-                                ("exact", "exact"), (ell, max(ell, qualifier_length))))
+    if qualifier is not None:
+        rows.append(BenchConfig("feature→qualifier→target", (feature, qualifier, target),
+                                ("exact", "exact"), (length, max(length, qualifier_length))))
     return rows
+
 
 @attrs.define
 class _ForwardCosts:

@@ -182,8 +182,7 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
     stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile)
     if not isinstance(stage, Stage):
         raise ConfigError(f"--feature ({spec}) must be a model backend, not a proposer")
-    return feature_configs(target, stage, qualifier=qualifier, feature_from_target=stage,
-                           lengths=(ns.feature_length,), tree=ns.feature_tree,
+    return feature_configs(target, stage, qualifier=qualifier, length=ns.feature_length, tree=ns.feature_tree,
                            qualifier_length=upper)
 
 

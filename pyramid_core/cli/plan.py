@@ -38,6 +38,7 @@ def run(ns: argparse.Namespace) -> int:
     """Measure T per candidate and alpha per pair here, then pick the chain (pyramid_core.plan)."""
     from pyramid_core.build import PipelineSpec
     from pyramid_core.errors import ConfigError
+    from pyramid_core.features import reader_of
     from pyramid_core.measure import measure_candidates
     from pyramid_core.plan import plan_chain
     from pyramid_core.plugins import registries
@@ -71,7 +72,7 @@ def run(ns: argparse.Namespace) -> int:
                                   feature_length=ns.feature_length, repeats=ns.repeats, stop_ids=[] if eos is None else [int(eos)],
                                   block_sizes=range(1, ns.max_length + 2), regs=regs)
     elapsed = time.perf_counter() - t0
-    feats = [n for n, c in zip(specs, measured.forward_costs) if n in measured.proposers and c.decode > 0]
+    feats = [n for n, c in zip(specs, candidates) if n in measured.proposers and reader_of(c) is not None]
     free = [n for n in measured.proposers if n not in feats]
     plan = plan_chain(specs, measured.forward_costs, measured.alpha, proposers=measured.proposers,
                       max_length=ns.max_length, max_stages=ns.max_stages, top=ns.top)
