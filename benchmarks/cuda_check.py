@@ -88,7 +88,7 @@ def hf_greedy(model: Any, ids: list[int], n: int) -> tuple[list[int], float]:
 
 def speed(dtype: torch.dtype, device: str, n_new: int) -> dict[str, Any]:
     from pyramid_core import SamplingConfig, build_pipeline
-    from pyramid_core.hf import HFStage
+    from pyramid_core.backends.hf import HFStage
 
     target_model = smollm2_shaped(0, dtype, device)
     near_model = perturb(target_model, 0.02, 1)

@@ -19,8 +19,8 @@ from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.plugins import Registries, registries
-from pyramid_core.presets import Chain, Preset
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, VerifiesTrees, tokenizer_of
+from pyramid_core.recipes import Chain, Preset
 from pyramid_core.registry import parse_spec
 from pyramid_core.types import SamplingConfig
 from pyramid_core.validate import check_block_lengths, check_nonfinite_mode
@@ -95,7 +95,7 @@ def default_chain(regs: Registries | None = None, *, purpose: str = "no stages w
     entry = regs.chains.get(regs.chains.default_name(purpose))
     chain = entry.factory()
     if not isinstance(chain, Chain):
-        raise PluginError(f"chain {entry.name!r} (from plugin {entry.plugin!r}) is not a pyramid_core.presets.Chain")
+        raise PluginError(f"chain {entry.name!r} (from plugin {entry.plugin!r}) is not a pyramid_core.recipes.Chain")
     return chain
 
 

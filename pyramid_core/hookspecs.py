@@ -74,7 +74,7 @@ def register_presets(register: Any) -> None:
     """Register presets: named recipes of policies and block lengths.
 
     ``register(name, factory, description="")`` where ``factory(n_stages)`` returns a
-    ``pyramid_core.presets.Preset`` (policy specs and block lengths, one per boundary) or raises
+    ``pyramid_core.recipes.Preset`` (policy specs and block lengths, one per boundary) or raises
     ``ValueError`` naming the stage counts it supports, e.g. ``psd-f`` for three stages.
     """
 
@@ -98,7 +98,7 @@ def register_chains(register: Any) -> None:
     ``--stage`` is given.
 
     ``register(name, factory, description="", default=False)`` where ``factory()`` returns a
-    ``pyramid_core.presets.Chain`` (stage specs smallest first, the target last, and a block
+    ``pyramid_core.recipes.Chain`` (stage specs smallest first, the target last, and a block
     length per boundary), e.g. ``smollm2-family``.
     """
 

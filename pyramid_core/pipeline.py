@@ -19,9 +19,9 @@ import attrs
 import torch
 from torch import Tensor
 
+from pyramid_core.channel import FeatureLinks, feature_links
 from pyramid_core.devices import sync
 from pyramid_core.errors import ConfigError
-from pyramid_core.features import FeatureLinks, feature_links
 from pyramid_core.protocols import (
     AcceptancePolicy,
     CountsForwards,

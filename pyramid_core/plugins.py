@@ -22,8 +22,8 @@ import pluggy
 
 from pyramid_core import hookspecs
 from pyramid_core.errors import PluginError
-from pyramid_core.presets import Chain, Preset
 from pyramid_core.protocols import AcceptancePolicy, Divergence, Proposer, Stage
+from pyramid_core.recipes import Chain, Preset
 from pyramid_core.registry import Nested, Registry
 
 __all__ = ["Registries", "PluginInfo", "plugin_manager", "registries", "registries_with", "reload_plugins",

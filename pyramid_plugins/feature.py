@@ -1,5 +1,5 @@
 """``feature``: feature-level drafts (EAGLE family) as a model backend -- a draft that reads the
-hidden states of a stage above it (``pyramid_core.hf.feature_stage``; SPEC "Feature-level
+hidden states of a stage above it (``pyramid_core.backends.hf.head_stage``; SPEC "Feature-level
 drafts")::
 
     feature:path=DIR                          a head trained by `pyramid distill feature`
@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig, is_feature_dir
+from pyramid_core.backends.hf.head_stage import FeatureStage, load_feature_stage
 from pyramid_core.errors import ConfigError
-from pyramid_core.hf.feature_head import FeatureHead, FeatureHeadConfig, is_feature_dir
-from pyramid_core.hf.feature_stage import FeatureStage, load_feature_stage
 from pyramid_core.hookspecs import hookimpl
 
 __all__ = ["feature_stage", "untrained_feature_stage"]
@@ -33,7 +33,7 @@ def _compile(value: str | bool) -> bool:
     if text not in ("true", "false", "auto"):
         raise ConfigError(f"feature: compile must be one of true, false, auto, got {value!r}")
     if text == "auto":
-        from pyramid_core.hf.fast import packing_available
+        from pyramid_core.backends.hf.fast import packing_available
 
         return packing_available()
     return text == "true"
@@ -78,7 +78,7 @@ def untrained_feature_stage(base: str, *, variant: str = "eagle1", layers: tuple
     """A freshly initialised head (seeded) on the model in directory ``base``."""
     from pathlib import Path
 
-    from pyramid_core.hf.loading import load_model, load_tokenizer
+    from pyramid_core.backends.hf.loading import load_model, load_tokenizer
 
     try:
         cfg = FeatureHeadConfig(layers=layers, variant=variant, depth=depth)

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyramid_core.backends.hf.head import is_feature_dir
+from pyramid_core.backends.hf.head_stage import FeatureStage
+from pyramid_core.backends.hf.smollm2 import family_dir, smollm2_dir, smollm2_ready
+from pyramid_core.backends.hf.stage import HFStage
 from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError
-from pyramid_core.hf.feature_head import is_feature_dir
-from pyramid_core.hf.feature_stage import FeatureStage
-from pyramid_core.hf.smollm2 import family_dir, smollm2_dir, smollm2_ready
-from pyramid_core.hf.stage import HFStage
 from pyramid_core.hookspecs import hookimpl
-from pyramid_core.presets import Chain
+from pyramid_core.recipes import Chain
 from pyramid_plugins.feature import feature_stage
 
 __all__ = ["hf_stage", "smollm2_stage", "smollm2_family"]
@@ -41,7 +41,7 @@ def _compile(value: str | bool) -> bool | str:
 def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers: int = 0,
              compile: str = "false", features_from: str = "next") -> HFStage | FeatureStage:
     """A local Hugging Face causal-LM directory as a stage. ``compile=true`` runs its forwards in
-    the fast execution mode (``pyramid_core.hf.fast``: oneDNN pre-packed weights on CPU),
+    the fast execution mode (``pyramid_core.backends.hf.fast``: oneDNN pre-packed weights on CPU),
     ``false`` (default) eagerly, ``auto`` fast wherever that mode is supported (the commands'
     default: ``--compile`` / ``--no-compile``). A folder written by `pyramid distill feature`
     loads as a feature draft (``features_from=next|target``, the ``feature`` backend)."""

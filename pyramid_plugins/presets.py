@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyramid_core.hookspecs import hookimpl
-from pyramid_core.presets import Preset
+from pyramid_core.recipes import Preset
 
 TAU_Q, TAU_T, ELL_D, ELL_Q = 0.4, 0.5, 15, 25
 

@@ -9,10 +9,10 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Any]:
-    """Random Llama models sharing a 64-token vocabulary (pyramid_core.hf.tiny):
+    """Random Llama models sharing a 64-token vocabulary (pyramid_core.backends.hf.tiny):
     ``target``; ``near``, the target with 5% weight noise (a draft that is often right);
     ``far``, an unrelated model (a draft that is almost always wrong)."""
-    from pyramid_core.hf.tiny import perturbed, tiny_llama
+    from pyramid_core.backends.hf.tiny import perturbed, tiny_llama
 
     target = tiny_llama(0)
     return {"target": target, "near": perturbed(target, seed=1, scale=0.05), "far": tiny_llama(2)}

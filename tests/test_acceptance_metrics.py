@@ -73,7 +73,7 @@ def test_check_reports_both_rates_by_name(capsys: pytest.CaptureFixture[str]) ->
 
 def test_generate_reports_both_rates(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_models: dict[str, Any]
                                      ) -> None:
-    from pyramid_core.hf.tiny import save_with_words
+    from pyramid_core.backends.hf.tiny import save_with_words
 
     target = save_with_words(tiny_models["target"], tmp_path / "target")
     draft = save_with_words(tiny_models["far"], tmp_path / "far")

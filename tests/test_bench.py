@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import transformers
 
-from pyramid_core.bench import HF_BASELINE, BenchConfig, run_bench, write_bench
-from pyramid_core.hf import HFStage
-from pyramid_core.prompts import Prompt
+from pyramid_core.backends.hf import HFStage
+from pyramid_core.lab.bench import HF_BASELINE, BenchConfig, run_bench, write_bench
+from pyramid_core.lab.prompts import Prompt
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -24,7 +24,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tiny_stages(tiny_models: dict[str, Any]) -> tuple[HFStage, HFStage]:
-    from pyramid_core.hf.tiny import word_tokenizer
+    from pyramid_core.backends.hf.tiny import word_tokenizer
 
     tok = word_tokenizer(WORDS)
     return (HFStage(tiny_models["target"], tok, name="target"), HFStage(tiny_models["near"], tok, name="near"))
@@ -119,8 +119,8 @@ def test_bench_without_hf_uses_pyramid_reference(tiny_stages: tuple[HFStage, HFS
 
 @pytest.mark.slow
 def test_bench_quick_smollm2(tmp_path: Path) -> None:
+    from pyramid_core.backends.hf.smollm2 import ensure_smollm2
     from pyramid_core.cli import main
-    from pyramid_core.hf.smollm2 import ensure_smollm2
 
     ensure_smollm2(progress=False)  # a no-op once `pyramid setup` has run
     rc = main(["bench", "--quick", "--out", str(tmp_path)])
@@ -149,9 +149,9 @@ def test_bench_feature_rows_identity_and_goals(tiny_stages: tuple[HFStage, HFSta
     and the bench reports the feature goals next to the others."""
     import torch
 
-    from pyramid_core.bench import feature_configs
-    from pyramid_core.hf.feature_head import FeatureHead, FeatureHeadConfig
-    from pyramid_core.hf.feature_stage import FeatureStage
+    from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig
+    from pyramid_core.backends.hf.head_stage import FeatureStage
+    from pyramid_core.lab.bench import feature_configs
 
     target, draft = tiny_stages
     torch.manual_seed(0)

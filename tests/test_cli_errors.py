@@ -28,7 +28,7 @@ NO_CUDA = not torch.cuda.is_available()
 @pytest.fixture(scope="module")
 def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny saved model (``hf:path=``), a plain file, a folder, and places nobody can write."""
-    from pyramid_core.hf.tiny import save_with_words, tiny_llama
+    from pyramid_core.backends.hf.tiny import save_with_words, tiny_llama
 
     root = tmp_path_factory.mktemp("cli-errors")
     save_with_words(tiny_llama(0), root / "tiny")

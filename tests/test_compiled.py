@@ -1,4 +1,4 @@
-"""The compiled (fast) execution mode of model stages on CPU (``pyramid_core.hf.fast``): oneDNN
+"""The compiled (fast) execution mode of model stages on CPU (``pyramid_core.backends.hf.fast``): oneDNN
 pre-packed linears and the buffer KV cache, on tiny random models (seconds).
 
 Tolerances: a packed linear sums in another order than eager ``F.linear``, so logits may differ
@@ -25,10 +25,10 @@ from pyramid_core import (
     build_pipeline,
     make_stage,
 )
-from pyramid_core.hf import HFStage
-from pyramid_core.hf.fast import PackedLinear, buffer_cache, packed_view, packing_available
-from pyramid_core.hf.student import build_student
-from pyramid_core.hf.tiny import save_with_words
+from pyramid_core.backends.hf import HFStage
+from pyramid_core.backends.hf.fast import PackedLinear, buffer_cache, packed_view, packing_available
+from pyramid_core.backends.hf.student import build_student
+from pyramid_core.backends.hf.tiny import save_with_words
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
 

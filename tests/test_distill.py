@@ -1,4 +1,4 @@
-"""Distilled stages (pyramid_core.hf.student, .distill, .corpus) on tiny random Llama models.
+"""Distilled stages (pyramid_core.backends.hf.student, .distill, .corpus) on tiny random Llama models.
 
 The fast tests use vocabulary-64, hidden-32 models (milliseconds each). The slow test runs
 ``pyramid distill all --smoke`` on the real SmolLM2-135M (what CI runs as the distillation smoke
@@ -20,19 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pyramid_core import ConfigError, SamplingConfig, build_pipeline, make_stage
-from pyramid_core.distill import train as distill_mod
-from pyramid_core.distill.corpus import (
-    TeacherRows,
-    TrainSequence,
-    corpus_hash,
-    load_corpus,
-    self_instruct_prompts,
-    training_prompts,
-)
-from pyramid_core.distill.evaluate import corpus_agreement, evaluate_stages
-from pyramid_core.distill.train import TrainConfig, choose_sub_vocab, train_student
-from pyramid_core.hf import HFStage
-from pyramid_core.hf.student import (
+from pyramid_core.backends.hf import HFStage
+from pyramid_core.backends.hf.student import (
     STAGE_FILE,
     SubVocabHead,
     build_student,
@@ -41,7 +30,18 @@ from pyramid_core.hf.student import (
     student_base,
     trainable_state,
 )
-from pyramid_core.hf.tiny import perturbed, save_with_words, tiny_llama, word_tokenizer
+from pyramid_core.backends.hf.tiny import perturbed, save_with_words, tiny_llama, word_tokenizer
+from pyramid_core.lab.distill import train as distill_mod
+from pyramid_core.lab.distill.corpus import (
+    TeacherRows,
+    TrainSequence,
+    corpus_hash,
+    load_corpus,
+    self_instruct_prompts,
+    training_prompts,
+)
+from pyramid_core.lab.distill.evaluate import corpus_agreement, evaluate_stages
+from pyramid_core.lab.distill.train import TrainConfig, choose_sub_vocab, train_student
 from pyramid_core.types import Block
 
 VOCAB = 64
@@ -502,7 +502,7 @@ def test_training_prompts_refuse_a_held_out_prompt() -> None:
 
 
 def test_training_prompts_are_disjoint_from_the_shipped_held_out_set() -> None:
-    from pyramid_core.prompts import load_prompts
+    from pyramid_core.lab.prompts import load_prompts
 
     held_out = [p.text for p in load_prompts()]
     assert len(held_out) >= 6
@@ -540,7 +540,7 @@ class ScriptedWriter:
 
 
 def test_self_instruct_prompts_keep_finished_new_turns_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyramid_core.distill import corpus as corpus_mod
+    from pyramid_core.lab.distill import corpus as corpus_mod
 
     monkeypatch.setattr(corpus_mod, "_OPENERS", {"chat": ("w40",), "qa": ("w41",)})  # kinds take turns
     tok = chat_words()
@@ -584,8 +584,8 @@ def test_self_instruct_prompts_need_a_chat_template(target: Any) -> None:
 
 @pytest.mark.slow
 def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path) -> None:
+    from pyramid_core.backends.hf import ensure_smollm2
     from pyramid_core.cli import main
-    from pyramid_core.hf import ensure_smollm2
 
     ensure_smollm2(progress=True)
     argv = ["distill", "all", "--smoke", "--self-instruct", "8", "--workdir", str(tmp_path), "--quiet"]
@@ -648,7 +648,7 @@ def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path) -> None:
 def test_an_unusable_device_is_named(device: str) -> None:
     import argparse
 
-    from pyramid_core.distill.cli import _device
+    from pyramid_core.cli.distill import _device
 
     with pytest.raises(ConfigError, match=f"--device '{device}' is not usable here"):
         _device(argparse.Namespace(device=device))

@@ -16,8 +16,8 @@ import stats
 import torch
 
 from pyramid_core import SamplingConfig, build_pipeline
+from pyramid_core.backends.hf import HFStage
 from pyramid_core.errors import NonFiniteError, NonFiniteWarning, StageOutputError
-from pyramid_core.hf import HFStage
 from pyramid_core.testing import FaultyStage, InjectedFault, TableModel, fail_module
 
 PROMPT = [3, 5, 7, 11, 13, 5, 7]

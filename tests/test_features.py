@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from pyramid_core import ConfigError, SamplingConfig, build_pipeline
-from pyramid_core.hf.feature_head import FeatureHead, FeatureHeadConfig
-from pyramid_core.hf.feature_stage import FeatureStage
-from pyramid_core.hf.stage import HFStage
-from pyramid_core.hf.tiny import perturbed, tiny_llama
+from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig
+from pyramid_core.backends.hf.head_stage import FeatureStage
+from pyramid_core.backends.hf.stage import HFStage
+from pyramid_core.backends.hf.tiny import perturbed, tiny_llama
 from pyramid_core.testing import TableModel
 from pyramid_core.testing.exactness import chi_square_p_value
 from pyramid_core.types import Block
@@ -201,7 +201,7 @@ def test_a_feature_width_mismatch_is_a_build_error(target_model: Any) -> None:
 
 
 def test_a_compiled_feature_stage_scores_like_eager(target_model: Any) -> None:
-    from pyramid_core.hf.fast import packing_available
+    from pyramid_core.backends.hf.fast import packing_available
 
     assert packing_available()  # oneDNN is part of every CPU build of torch this project supports
     head = _head(target_model)
@@ -227,11 +227,11 @@ def test_feature_training_learns_resumes_and_loads(target_model: Any, tmp_path: 
     saved head loads as a stage (fp16 on disk) and drafts losslessly."""
     import json
 
-    from pyramid_core.distill import feature as feature_mod
-    from pyramid_core.distill.corpus import TeacherRows, TrainSequence
-    from pyramid_core.distill.feature import FeatureTrainConfig, train_feature_head
-    from pyramid_core.hf.feature_stage import load_feature_stage
-    from pyramid_core.hf.tiny import save_with_words
+    from pyramid_core.backends.hf.head_stage import load_feature_stage
+    from pyramid_core.backends.hf.tiny import save_with_words
+    from pyramid_core.lab.distill import feature as feature_mod
+    from pyramid_core.lab.distill.corpus import TeacherRows, TrainSequence
+    from pyramid_core.lab.distill.heads import FeatureTrainConfig, train_feature_head
 
     base = save_with_words(target_model, tmp_path / "base")
     gen = torch.Generator().manual_seed(0)

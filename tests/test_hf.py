@@ -21,8 +21,8 @@ from pyramid_core import (
     build_pipeline,
     make_stage,
 )
-from pyramid_core.hf import HFStage, truncate_layers
-from pyramid_core.hf.tiny import save_with_words, tiny_llama, word_tokenizer
+from pyramid_core.backends.hf import HFStage, truncate_layers
+from pyramid_core.backends.hf.tiny import save_with_words, tiny_llama, word_tokenizer
 from pyramid_core.plugins import registries
 
 PROMPT = [3, 5, 7, 11, 13, 5, 7]

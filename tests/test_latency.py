@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pyramid_core.errors import ConfigError
-from pyramid_core.latency import (
+from pyramid_core.lab.latency import (
     expected_tokens,
     pair_speedup,
     polybasic_time,
@@ -17,7 +17,7 @@ from pyramid_core.latency import (
     psd_throughput,
     sd_throughput,
 )
-from pyramid_core.measure import measure_alpha, measure_forward_time
+from pyramid_core.lab.measure import measure_alpha, measure_forward_time
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.testing import TableModel
 from pyramid_plugins.exact import ExactPolicy

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
+from pyramid_core.backends.hf import HFStage
 from pyramid_core.errors import ConfigError
-from pyramid_core.hf import HFStage
-from pyramid_core.latency import ForwardCost, as_forward_cost, expected_tokens, predict_chain
+from pyramid_core.lab.latency import ForwardCost, as_forward_cost, expected_tokens, predict_chain
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.rng import Rng
 from pyramid_core.testing import TableModel

@@ -1,5 +1,5 @@
 """Results are never lost at the end: output paths are checked before the work starts
-(``pyramid_core.outputs``), and bench and sweep append every finished configuration to a
+(``pyramid_core.lab.outputs``), and bench and sweep append every finished configuration to a
 JSON-lines log, so an interrupted run keeps what it measured and a rerun resumes from it."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-import pyramid_core.bench.run as bench_run
-import pyramid_core.sweep as sweep_module
+import pyramid_core.lab.bench.run as bench_run
+import pyramid_core.lab.sweep as sweep_module
 from pyramid_core import ConfigError, PipelineSpec, SamplingConfig
-from pyramid_core.bench import BenchConfig, run_bench
+from pyramid_core.backends.hf import HFStage
 from pyramid_core.cli import main
-from pyramid_core.hf import HFStage
-from pyramid_core.outputs import RecordLog, output_dir, output_file
-from pyramid_core.prompts import Prompt
-from pyramid_core.sweep import run_sweep
+from pyramid_core.lab.bench import BenchConfig, run_bench
+from pyramid_core.lab.outputs import RecordLog, output_dir, output_file
+from pyramid_core.lab.prompts import Prompt
+from pyramid_core.lab.sweep import run_sweep
 
 WORDS = ["<unk>"] + [f"w{i}" for i in range(63)]
 PROMPTS = [Prompt("p1", "any", "w1 w2 w3 w4 w5 w1 w2 w3"), Prompt("p2", "any", "w10 w11 w12 w10 w11 w40")]
@@ -83,7 +83,7 @@ def test_a_log_resumes_with_the_same_arguments_and_keeps_another_runs(tmp_path: 
 
 @pytest.fixture(scope="module")
 def stages(tiny_models: dict[str, Any]) -> tuple[HFStage, HFStage]:
-    from pyramid_core.hf.tiny import word_tokenizer
+    from pyramid_core.backends.hf.tiny import word_tokenizer
 
     tok = word_tokenizer(WORDS)
     return HFStage(tiny_models["target"], tok, name="target"), HFStage(tiny_models["near"], tok, name="near")
@@ -154,7 +154,7 @@ def test_pyramid_bench_resumes_after_an_interruption(tmp_path: Path, monkeypatch
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """End to end: ``pyramid bench`` stopped after two configurations, run again with the same
     arguments, says it resumes, measures only the rest and writes the usual files."""
-    from pyramid_core.hf.tiny import save_with_words, tiny_llama
+    from pyramid_core.backends.hf.tiny import save_with_words, tiny_llama
 
     model = save_with_words(tiny_llama(0), tmp_path / "tiny")
     prompts = tmp_path / "prompts.txt"

@@ -15,19 +15,19 @@ from typing import Any
 import pytest
 import torch
 
+from pyramid_core.backends.hf import HFStage
+from pyramid_core.backends.hf.tiny import save_with_words, tiny_llama
 from pyramid_core.cli import build_parser, main
 from pyramid_core.errors import ConfigError
-from pyramid_core.hf import HFStage
-from pyramid_core.hf.tiny import save_with_words, tiny_llama
-from pyramid_core.latency import ForwardCost, as_forward_cost, expected_tokens, predict_chain
-from pyramid_core.measure import (
+from pyramid_core.lab.latency import ForwardCost, as_forward_cost, expected_tokens, predict_chain
+from pyramid_core.lab.measure import (
     alpha_for_tokens_per_forward,
     measure_pairwise_alpha,
     measure_proposer_alpha,
     measure_stage_costs,
     measure_stage_time,
 )
-from pyramid_core.plan import plan_chain
+from pyramid_core.lab.planner import plan_chain
 from pyramid_core.rng import Rng
 from pyramid_core.testing import TableModel
 from pyramid_core.types import Block
@@ -425,8 +425,8 @@ def test_measure_stage_costs_runs_a_feature_draft_forward_at_every_m(tiny_models
     """A feature draft keeps a row per cached position: every timed forward, M = 1 included,
     must still run the head over M new slots (a measurement whose M = 1 context had been fed as
     the previous block would time a cache lookup)."""
-    from pyramid_core.hf.feature_head import FeatureHead, FeatureHeadConfig
-    from pyramid_core.hf.feature_stage import FeatureStage
+    from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig
+    from pyramid_core.backends.hf.head_stage import FeatureStage
 
     torch.manual_seed(0)
     stage = FeatureStage(FeatureHead(tiny_models["near"], FeatureHeadConfig()), name="feature")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pyramid_core import SamplingConfig, build_pipeline, make_stage
-from pyramid_core.hf import HFStage, ensure_smollm2
+from pyramid_core.backends.hf import HFStage, ensure_smollm2
 
 pytestmark = pytest.mark.slow
 
@@ -104,10 +104,10 @@ def test_greedy_pipeline_stops_at_eos_like_generate(smol: dict[str, Any]) -> Non
 def test_shipped_family_loads_and_is_described(smol: dict[str, Any]) -> None:
     import json
 
+    from pyramid_core.backends.hf.smollm2 import family_dir
+    from pyramid_core.backends.hf.student import SubVocabHead
     from pyramid_core.build import make_stage
     from pyramid_core.errors import ConfigError
-    from pyramid_core.hf.smollm2 import family_dir
-    from pyramid_core.hf.student import SubVocabHead
 
     family = json.loads((family_dir() / "family.json").read_text())
     assert len(family["corpus"]["sha256"]) == 64 and family["seed"] == 0
@@ -133,8 +133,8 @@ def test_shipped_feature_head_loads_and_is_described(smol: dict[str, Any]) -> No
     its seed, the corpus hash and its measured held-out agreement (per kind and per depth)."""
     import json
 
-    from pyramid_core.hf.feature_stage import FeatureStage
-    from pyramid_core.hf.smollm2 import family_dir
+    from pyramid_core.backends.hf.head_stage import FeatureStage
+    from pyramid_core.backends.hf.smollm2 import family_dir
 
     folder = family_dir() / "feature"
     assert (folder / "model.safetensors").stat().st_size <= 30 * 2**20

@@ -1,4 +1,4 @@
-"""Spec-Bench compatibility (``pyramid_core.specbench``) on tiny random models and a question file
+"""Spec-Bench compatibility (``pyramid_core.lab.specbench``) on tiny random models and a question file
 in Spec-Bench's shape (the real one is downloaded by users, never committed)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from pyramid_core import ConfigError
+from pyramid_core.backends.hf.tiny import save_with_words
 from pyramid_core.cli import main
-from pyramid_core.hf.tiny import save_with_words
-from pyramid_core.specbench import (
+from pyramid_core.lab.specbench import (
     Answer,
     Question,
     answer_questions,
@@ -65,7 +65,7 @@ class Recorder:
 
 
 def test_turns_carry_the_models_own_earlier_answer(question_file: Path, tiny_models: dict[str, Any], tmp_path: Path) -> None:
-    from pyramid_core.hf.tiny import word_tokenizer
+    from pyramid_core.backends.hf.tiny import word_tokenizer
 
     tok = word_tokenizer([f"w{i}" for i in range(64)])
     method = Recorder([30, 31, 32])

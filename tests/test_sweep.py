@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from pyramid_core.backends.hf.tiny import save_with_words
 from pyramid_core.cli import main
-from pyramid_core.hf.tiny import save_with_words
+from pyramid_core.lab.sweep import with_tau
 from pyramid_core.plugins import registries
-from pyramid_core.sweep import with_tau
 
 
 def test_with_tau_sets_the_threshold_of_policies_that_take_one() -> None:

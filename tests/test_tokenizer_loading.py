@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pyramid_core.hf.loading import load_tokenizer
-from pyramid_core.hf.tiny import word_tokenizer
+from pyramid_core.backends.hf.loading import load_tokenizer
+from pyramid_core.backends.hf.tiny import word_tokenizer
 
 WORDS = ["<unk>", "red", "green", "blue"]
 

@@ -567,8 +567,8 @@ def test_hf_tree_rows_equal_one_forward_per_path(attn: str, tiny_models: dict[st
     """Row i+1 of a tree score is the logits after context + root-to-node-i path (atol 1e-5),
     under the sdpa and the eager attention implementations; the same holds when the tree is
     scored depth by depth (as the tree proposer does), feeding only the new nodes."""
-    from pyramid_core.hf import HFStage
-    from pyramid_core.hf.tiny import perturbed
+    from pyramid_core.backends.hf import HFStage
+    from pyramid_core.backends.hf.tiny import perturbed
 
     model = perturbed(tiny_models["target"], seed=5, scale=0.0)  # a private copy to switch attention on
     model.config._attn_implementation = attn
@@ -594,7 +594,7 @@ def test_hf_cache_after_a_tree_keeps_only_the_accepted_path(path: list[int], tin
     """After verifying a tree, the next call's context is context + accepted path + one emitted
     token: the cache must hold exactly that sequence's keys and values at consecutive positions,
     equal to a fresh recompute (atol 1e-5), and its rows must match too."""
-    from pyramid_core.hf import HFStage
+    from pyramid_core.backends.hf import HFStage
 
     model = tiny_models["target"]
     context = [4, 8, 15, 16]
@@ -618,7 +618,7 @@ def test_hf_tree_nodes_are_never_reused_at_wrong_positions(tiny_models: dict[str
     """Contexts that agree with tree nodes' tokens but not with their positions: a sibling
     token at depth 1 that follows a rejected node, a duplicate token (7 is both node 6 and node 7),
     a context that rolls back below the tree, and a second tree over a shorter context."""
-    from pyramid_core.hf import HFStage
+    from pyramid_core.backends.hf import HFStage
 
     model = tiny_models["target"]
     context = [4, 8, 15, 16]
@@ -647,8 +647,8 @@ def test_hf_greedy_tree_decoding_is_the_target_greedy_output(
     """Tiny random Llamas: a greedy tree draft (near model) verified by the target (2 stages) or
     by a qualifier (the target with 2% noise) whose chain the target verifies (3 stages) emits
     exactly the target's greedy ``generate`` tokens (40 new tokens)."""
-    from pyramid_core.hf import HFStage
-    from pyramid_core.hf.tiny import perturbed
+    from pyramid_core.backends.hf import HFStage
+    from pyramid_core.backends.hf.tiny import perturbed
 
     greedy = SamplingConfig.greedy()
     models = [tiny_models["near"], tiny_models["target"]]
@@ -666,7 +666,7 @@ def test_hf_greedy_tree_decoding_is_the_target_greedy_output(
 def test_hf_sampled_trees_accept_more_than_chains(tiny_models: dict[str, Any]) -> None:
     """Sampling (temperature 1) through HF trees: runs, and a 4-candidate tree accepts more
     positions per round than a chain of the same draft (seeded; 60 tokens)."""
-    from pyramid_core.hf import HFStage
+    from pyramid_core.backends.hf import HFStage
 
     def mean_accepted(branching: str) -> float:
         hf = [HFStage(tiny_models["near"]), HFStage(tiny_models["target"])]
@@ -679,8 +679,8 @@ def test_hf_sampled_trees_accept_more_than_chains(tiny_models: dict[str, Any]) -
 def test_cli_generate_with_a_tree_draft_is_greedy_identical(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """``pyramid generate --tree SPEC`` wraps the first stage (a 1-layer view of a saved tiny
     Llama) in a tree proposer; ``--compare`` checks the greedy output against HF generate."""
+    from pyramid_core.backends.hf.tiny import save_with_words, tiny_llama
     from pyramid_core.cli import main
-    from pyramid_core.hf.tiny import save_with_words, tiny_llama
 
     path = tmp_path / "tiny-llama"
     save_with_words(tiny_llama(9, num_layers=2), path)
@@ -696,8 +696,8 @@ def test_cli_generate_with_a_tree_draft_is_greedy_identical(tmp_path: Any, capsy
 def test_hf_trees_need_eager_or_sdpa_attention(tiny_models: dict[str, Any]) -> None:
     """Custom 4-D tree masks are refused, naming the stage, where the attention implementation
     would ignore them (or with sliding-window layers)."""
-    from pyramid_core.hf import HFStage
-    from pyramid_core.hf.tiny import perturbed
+    from pyramid_core.backends.hf import HFStage
+    from pyramid_core.backends.hf.tiny import perturbed
 
     model = perturbed(tiny_models["target"], seed=5, scale=0.0)
     model.config._attn_implementation = "flash_attention_2"

@@ -22,9 +22,9 @@ from pyramid_core import (
     build_pipeline,
     make_stage,
 )
-from pyramid_core.hf import HFStage
-from pyramid_core.latency import predict_chain
-from pyramid_core.plan import plan_chain
+from pyramid_core.backends.hf import HFStage
+from pyramid_core.lab.latency import predict_chain
+from pyramid_core.lab.planner import plan_chain
 from pyramid_core.plugins import registries
 from pyramid_core.testing import TableModel
 from pyramid_core.validate import check_block_lengths, effective_block_lengths
@@ -183,7 +183,7 @@ def tiny_gpt2(positions: int) -> Any:
 
 
 def tiny_llama_positions(positions: int, seed: int = 0) -> Any:
-    from pyramid_core.hf.tiny import tiny_llama
+    from pyramid_core.backends.hf.tiny import tiny_llama
 
     model = tiny_llama(seed)
     model.config.max_position_embeddings = positions  # what HFStage reads (RoPE keeps going past it)

@@ -40,7 +40,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _distill(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    from pyramid_core.distill.cli import configure
+    from pyramid_core.cli.distill import configure
 
     return configure(p)
 

@@ -19,7 +19,7 @@ from pyramid_core.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from pyramid_core.outputs import RecordLog
+    from pyramid_core.lab.outputs import RecordLog
 
 __all__ = ["configure_bench", "configure_sweep"]
 
@@ -96,15 +96,15 @@ def _lengths(value: str | None, n: int, flag: str) -> list[int] | None:
 
 
 def run_bench(ns: argparse.Namespace) -> int:
-    from pyramid_core.bench import run_bench, write_bench
     from pyramid_core.build import default_chain, make_stage
     from pyramid_core.devices import check_device
     from pyramid_core.errors import ConfigError
-    from pyramid_core.outputs import output_dir
+    from pyramid_core.lab.bench import run_bench, write_bench
+    from pyramid_core.lab.outputs import output_dir
+    from pyramid_core.lab.prompts import load_prompts
+    from pyramid_core.lab.specbench import is_specbench_file
     from pyramid_core.plugins import registries
-    from pyramid_core.prompts import load_prompts
     from pyramid_core.protocols import Stage
-    from pyramid_core.specbench import is_specbench_file
 
     out = output_dir(ns.out, "--out")  # before anything runs
     lengths2, lengths3 = _lengths(ns.lengths2, 1, "--lengths-2"), _lengths(ns.lengths3, 2, "--lengths-3")
@@ -165,10 +165,10 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
     """The feature-draft rows (``bench.feature_configs``) for ``--feature``, or by default for
     the family's shipped head when the target is the family's own (``smollm2``); ``upper`` is
     the qualifier's block length in the 3-stage row (the 3-stage rows' second length)."""
-    from pyramid_core.bench import feature_configs
+    from pyramid_core.backends.hf.smollm2 import family_dir
     from pyramid_core.build import make_stage
     from pyramid_core.errors import ConfigError
-    from pyramid_core.hf.smollm2 import family_dir
+    from pyramid_core.lab.bench import feature_configs
     from pyramid_core.protocols import Stage
 
     spec = ns.feature
@@ -189,7 +189,7 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
 def _open_log(path: Path, ns: argparse.Namespace, command: str) -> RecordLog:
     """The run's ``RecordLog``, identified by every option but the command's plumbing; says on
     stderr when it resumes, or when an old log of other arguments was moved aside."""
-    from pyramid_core.outputs import RecordLog
+    from pyramid_core.lab.outputs import RecordLog
 
     args = {k: v for k, v in sorted(vars(ns).items()) if k not in ("func", "command_prog", "command", "argv")}
     log = RecordLog(path, args)
@@ -206,8 +206,8 @@ def _specbench(ns: argparse.Namespace, out: Path, target: Any, draft: Any, quali
     """``pyramid bench --prompts question.jsonl``: the Spec-Bench run (``bench.run_specbench``)."""
     import json
 
-    from pyramid_core.bench import run_specbench
-    from pyramid_core.specbench import load_questions
+    from pyramid_core.lab.bench import run_specbench
+    from pyramid_core.lab.specbench import load_questions
 
     questions = load_questions(ns.prompts, per_group=1 if ns.quick else ns.per_group)
     result = run_specbench(target, draft, questions, out / "specbench", qualifier=qualifier, max_new_tokens=max_new,
@@ -250,10 +250,10 @@ def run_sweep(ns: argparse.Namespace) -> int:
 
     from pyramid_core.devices import check_device
     from pyramid_core.errors import ConfigError
-    from pyramid_core.outputs import output_dir
+    from pyramid_core.lab.outputs import output_dir
+    from pyramid_core.lab.prompts import load_prompts
+    from pyramid_core.lab.sweep import run_sweep, write_sweep
     from pyramid_core.plugins import registries
-    from pyramid_core.prompts import load_prompts
-    from pyramid_core.sweep import run_sweep, write_sweep
     from pyramid_core.validate import check_block_lengths
 
     out = output_dir(ns.out, "--out")  # before anything runs

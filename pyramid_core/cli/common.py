@@ -8,8 +8,8 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pyramid_core.argtypes import block_length, int_at_least
 from pyramid_core.build import PipelineSpec
+from pyramid_core.cli.argtypes import block_length, int_at_least
 from pyramid_core.errors import ConfigError
 from pyramid_core.schedule import SCHEDULES
 from pyramid_core.types import SamplingConfig

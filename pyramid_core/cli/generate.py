@@ -47,9 +47,9 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 
 def run(ns: argparse.Namespace) -> int:
     from pyramid_core.errors import ConfigError
-    from pyramid_core.outputs import output_file
+    from pyramid_core.lab.outputs import output_file
+    from pyramid_core.lab.prompts import encode_prompt
     from pyramid_core.plugins import registries
-    from pyramid_core.prompts import encode_prompt
     from pyramid_core.protocols import tokenizer_of
 
     metrics_path = output_file(ns.metrics, "--metrics") if ns.metrics else None
@@ -98,9 +98,9 @@ def run(ns: argparse.Namespace) -> int:
 def _compare(pipe: Any, ids: list[int], tokens: list[int], tokens_per_s: float,
              ns: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Plain HF ``generate`` of the target on the same prompt: timing and greedy identity."""
+    from pyramid_core.backends.hf.baseline import run_baselines
+    from pyramid_core.backends.hf.stage import HFStage
     from pyramid_core.errors import ConfigError
-    from pyramid_core.hf.baseline import run_baselines
-    from pyramid_core.hf.stage import HFStage
 
     if not isinstance(pipe.target, HFStage):
         raise ConfigError("--compare needs a Hugging Face target stage")

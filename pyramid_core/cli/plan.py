@@ -35,14 +35,14 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 
 
 def run(ns: argparse.Namespace) -> int:
-    """Measure T per candidate and alpha per pair here, then pick the chain (pyramid_core.plan)."""
+    """Measure T per candidate and alpha per pair here, then pick the chain (pyramid_core.lab.planner)."""
     from pyramid_core.build import PipelineSpec
+    from pyramid_core.channel import reader_of
     from pyramid_core.errors import ConfigError
-    from pyramid_core.features import reader_of
-    from pyramid_core.measure import measure_candidates
-    from pyramid_core.plan import plan_chain
+    from pyramid_core.lab.measure import measure_candidates
+    from pyramid_core.lab.planner import plan_chain
+    from pyramid_core.lab.prompts import encode_prompt, load_prompts
     from pyramid_core.plugins import registries
-    from pyramid_core.prompts import encode_prompt, load_prompts
     from pyramid_core.protocols import Stage, tokenizer_of
     from pyramid_core.registry import parse_spec
 

@@ -32,7 +32,7 @@ def run(ns: argparse.Namespace) -> int:
     from pyramid_core.build import make_stage
     from pyramid_core.devices import check_device
     from pyramid_core.errors import ConfigError
-    from pyramid_core.measure import measure_stage_costs
+    from pyramid_core.lab.measure import measure_stage_costs
     from pyramid_core.plugins import registries
     from pyramid_core.protocols import Stage
 

@@ -15,7 +15,7 @@ def configure_setup(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
 
 
 def run_setup(ns: argparse.Namespace) -> int:
-    from pyramid_core.hf.smollm2 import ensure_smollm2
+    from pyramid_core.backends.hf.smollm2 import ensure_smollm2
 
     path = ensure_smollm2(progress=not ns.quiet)
     print(f"SmolLM2-135M (float32 safetensors) ready at {path}")

@@ -9,10 +9,10 @@ lookup, timed); ``smollm2`` fetches the offline real model (SmolLM2-135M) throug
 model is built or loaded.
 """
 
-from pyramid_core.hf.layers import truncate_layers
-from pyramid_core.hf.loading import load_model, load_tokenizer, resolve_dtype
-from pyramid_core.hf.smollm2 import ensure_smollm2, model_home, smollm2_dir, smollm2_ready
-from pyramid_core.hf.stage import HFStage
+from pyramid_core.backends.hf.layers import truncate_layers
+from pyramid_core.backends.hf.loading import load_model, load_tokenizer, resolve_dtype
+from pyramid_core.backends.hf.smollm2 import ensure_smollm2, model_home, smollm2_dir, smollm2_ready
+from pyramid_core.backends.hf.stage import HFStage
 
 __all__ = [
     "HFStage",

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pyramid_core.bench.report import BenchRow
-from pyramid_core.hf.baseline import (
+from pyramid_core.backends.hf.baseline import (
     HF_GENERATE,
     HF_GENERATE_COMPILED,
     HF_GENERATE_STATIC,
     run_baselines,
 )
-from pyramid_core.hf.stage import HFStage
+from pyramid_core.backends.hf.stage import HFStage
+from pyramid_core.lab.bench.report import BenchRow
 from pyramid_core.protocols import Stage
 from pyramid_core.types import SamplingConfig
 

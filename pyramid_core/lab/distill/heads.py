@@ -36,20 +36,20 @@ import attrs
 import torch
 from torch import Tensor
 
-from pyramid_core.distill.corpus import TrainSequence, corpus_hash
-from pyramid_core.distill.train import (
+from pyramid_core.backends.hf.head import (
+    FeatureHead,
+    FeatureHeadConfig,
+    save_feature_head,
+    unrolled_mask,
+)
+from pyramid_core.errors import ConfigError
+from pyramid_core.lab.distill.corpus import TrainSequence, corpus_hash
+from pyramid_core.lab.distill.train import (
     _epoch_batches,
     choose_sub_vocab,
     lr_at,
     resume,
     save_checkpoint,
-)
-from pyramid_core.errors import ConfigError
-from pyramid_core.hf.feature_head import (
-    FeatureHead,
-    FeatureHeadConfig,
-    save_feature_head,
-    unrolled_mask,
 )
 
 __all__ = ["FeatureTrainConfig", "extract_features", "train_feature_head", "feature_argmax_along",

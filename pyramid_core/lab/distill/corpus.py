@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from pyramid_core.errors import ConfigError
-from pyramid_core.prompts import encode_prompt
+from pyramid_core.lab.prompts import encode_prompt
 
 __all__ = [
     "CorpusConfig",

@@ -6,7 +6,7 @@ References
 ----------
 - Hierarchical Speculative Decoding, arXiv 2510.19705: the best hierarchy over candidate models
   is a shortest path over the models ordered by cost.
-- ``pyramid_core.latency.predict_chain``: the steady-state recursion used as the path cost.
+- ``pyramid_core.lab.latency.predict_chain``: the steady-state recursion used as the path cost.
 
 Why a shortest path
 -------------------
@@ -43,7 +43,7 @@ from typing import Any
 import attrs
 
 from pyramid_core.errors import ConfigError
-from pyramid_core.latency import (
+from pyramid_core.lab.latency import (
     ForwardCost,
     Prediction,
     as_forward_cost,

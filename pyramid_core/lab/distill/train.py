@@ -27,9 +27,14 @@ import attrs
 import torch
 from torch import Tensor
 
-from pyramid_core.distill.corpus import TrainSequence
+from pyramid_core.backends.hf.student import (
+    SubVocabHead,
+    build_student,
+    save_student,
+    trainable_state,
+)
 from pyramid_core.errors import ConfigError
-from pyramid_core.hf.student import SubVocabHead, build_student, save_student, trainable_state
+from pyramid_core.lab.distill.corpus import TrainSequence
 
 __all__ = ["TrainConfig", "choose_sub_vocab", "train_student", "write_report"]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from pyramid_core.hf.baseline import HF_GENERATE
+from pyramid_core.backends.hf.baseline import HF_GENERATE
 
 __all__ = ["BenchRow", "BenchResult", "write_bench", "HF_BASELINE", "TARGET_ALONE"]
 

@@ -127,7 +127,7 @@ def packed_view(model: nn.Module) -> nn.Module:
     shallow-copied; parameters elsewhere stay shared with ``model``, which is left untouched."""
     if not packing_available():
         raise ValueError("this torch build cannot pre-pack linear weights (oneDNN is unavailable)")
-    from pyramid_core.hf.student import SubVocabHead
+    from pyramid_core.backends.hf.student import SubVocabHead
 
     config: Any = getattr(model, "config", None)
     view_config = copy.deepcopy(config) if config is not None else None

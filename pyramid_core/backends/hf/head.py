@@ -41,9 +41,9 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from pyramid_core.hf.layers import decoder_layers
-from pyramid_core.hf.smollm2 import smollm2_dir, smollm2_ready
-from pyramid_core.hf.student import STAGE_FILE, WEIGHTS_FILE, SubVocabHead
+from pyramid_core.backends.hf.layers import decoder_layers
+from pyramid_core.backends.hf.smollm2 import smollm2_dir, smollm2_ready
+from pyramid_core.backends.hf.student import STAGE_FILE, WEIGHTS_FILE, SubVocabHead
 
 __all__ = ["FeatureHeadConfig", "FeatureHead", "VARIANTS", "FORMAT", "is_feature_dir", "feature_base",
            "save_feature_head", "load_feature_head", "unrolled_mask"]

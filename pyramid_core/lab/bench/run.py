@@ -8,7 +8,7 @@ the installed transformers supports them; then pyramid pipelines: the target alo
 
 Every lossless row's greedy output is compared, prompt by prompt, with the target's greedy
 output from HF ``generate``; a mismatch is recorded in the result (and the CLI exits non-zero).
-For chain pipelines the latency model (``pyramid_core.latency.predict_chain``, finite horizon)
+For chain pipelines the latency model (``pyramid_core.lab.latency.predict_chain``, finite horizon)
 predicts the speedup from alpha per boundary and the forward cost T(M) per stage measured in the
 same run, M being the number of tokens a forward feeds.
 
@@ -33,24 +33,24 @@ from collections.abc import Sequence
 import attrs
 import torch
 
-from pyramid_core.bench.baselines import PLAIN_HF, hf_rows
-from pyramid_core.bench.report import TARGET_ALONE, BenchResult, BenchRow
+from pyramid_core.backends.hf.baseline import versions
+from pyramid_core.backends.hf.stage import HFStage
 from pyramid_core.build import PipelineSpec
 from pyramid_core.errors import ConfigError, PyramidError
-from pyramid_core.hf.baseline import versions
-from pyramid_core.hf.stage import HFStage
-from pyramid_core.latency import ForwardCost, predict_chain
-from pyramid_core.measure import (
+from pyramid_core.lab.bench.baselines import PLAIN_HF, hf_rows
+from pyramid_core.lab.bench.report import TARGET_ALONE, BenchResult, BenchRow
+from pyramid_core.lab.latency import ForwardCost, predict_chain
+from pyramid_core.lab.measure import (
     alpha_for_tokens_per_forward,
     length_distributions,
     measure_alpha,
     measure_stage_costs,
     target_nll,
 )
-from pyramid_core.outputs import RecordLog
+from pyramid_core.lab.outputs import RecordLog
+from pyramid_core.lab.prompts import Prompt, encode_prompt
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
-from pyramid_core.prompts import Prompt, encode_prompt
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, tokenizer_of
 from pyramid_core.types import SamplingConfig
 

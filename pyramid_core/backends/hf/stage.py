@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyramid_core.hf.features import FeatureBuffer
-from pyramid_core.hf.layers import truncate_layers
-from pyramid_core.hf.loading import load_model, load_tokenizer
-from pyramid_core.hf.student import is_student_dir, student_base
+from pyramid_core.backends.hf.hidden import FeatureBuffer
+from pyramid_core.backends.hf.layers import truncate_layers
+from pyramid_core.backends.hf.loading import load_model, load_tokenizer
+from pyramid_core.backends.hf.student import is_student_dir, student_base
 from pyramid_core.types import Block
 
 __all__ = ["HFStage"]
@@ -189,7 +189,7 @@ class HFStage:
             return compile
         if compile != "auto":
             raise ValueError(f"stage {self.name!r}: compile must be true, false or auto, got {compile!r}")
-        from pyramid_core.hf.fast import packing_available
+        from pyramid_core.backends.hf.fast import packing_available
 
         dtype = next(self.model.parameters()).dtype
         return self.device.type == "cpu" and dtype == torch.float32 and packing_available()
@@ -197,7 +197,7 @@ class HFStage:
     def _compile(self) -> None:
         """The fast execution mode (``compile=True``): on CPU, oneDNN pre-packed linears and a
         buffer KV cache (``hf.fast``)."""
-        from pyramid_core.hf.fast import buffer_cache, packed_view, packing_available
+        from pyramid_core.backends.hf.fast import buffer_cache, packed_view, packing_available
 
         if self.device.type != "cpu":
             raise ValueError(f"stage {self.name!r}: compile=true is implemented for CPU stages (oneDNN pre-packed "

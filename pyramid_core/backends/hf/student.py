@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pyramid_core.hf.layers import decoder_layers
-from pyramid_core.hf.smollm2 import smollm2_dir, smollm2_ready
+from pyramid_core.backends.hf.layers import decoder_layers
+from pyramid_core.backends.hf.smollm2 import smollm2_dir, smollm2_ready
 
 __all__ = ["SubVocabHead", "build_student", "trainable_state", "save_student", "is_student_dir", "student_base",
            "STAGE_FILE", "WEIGHTS_FILE"]

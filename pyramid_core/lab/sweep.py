@@ -20,11 +20,11 @@ import attrs
 
 from pyramid_core.build import PipelineSpec, resolve_preset
 from pyramid_core.errors import ConfigError
-from pyramid_core.measure import target_nll
-from pyramid_core.outputs import RecordLog
+from pyramid_core.lab.measure import target_nll
+from pyramid_core.lab.outputs import RecordLog
+from pyramid_core.lab.prompts import Prompt, encode_prompt
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
-from pyramid_core.prompts import Prompt, encode_prompt
 from pyramid_core.protocols import Proposer, Stage, tokenizer_of
 from pyramid_core.registry import format_spec, parse_spec
 from pyramid_core.types import SamplingConfig

@@ -1,6 +1,6 @@
 """The latency model of SPEC.md ("Latency model"): closed forms for planning and for comparing
 predicted with measured speedups (``pyramid bench``). Pure maths, one job, hence its length:
-nothing here runs a stage (measuring is ``pyramid_core.measure``).
+nothing here runs a stage (measuring is ``pyramid_core.lab.measure``).
 
 References
 ----------

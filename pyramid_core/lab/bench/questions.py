@@ -1,5 +1,5 @@
 """``pyramid bench`` on a Spec-Bench question file: every method answers the questions turn by
-turn (``pyramid_core.specbench``), and answer files plus a per-group report come out."""
+turn (``pyramid_core.lab.specbench``), and answer files plus a per-group report come out."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from typing import Any
 
 import attrs
 
-from pyramid_core.bench.report import TARGET_ALONE
-from pyramid_core.bench.run import default_configs
+from pyramid_core.backends.hf.baseline import HF_GENERATE, HF_GENERATE_COMPILED
+from pyramid_core.backends.hf.stage import HFStage
 from pyramid_core.build import PipelineSpec
 from pyramid_core.errors import ConfigError
-from pyramid_core.hf.baseline import HF_GENERATE, HF_GENERATE_COMPILED
-from pyramid_core.hf.stage import HFStage
+from pyramid_core.lab.bench.report import TARGET_ALONE
+from pyramid_core.lab.bench.run import default_configs
+from pyramid_core.lab.prompts import encode_prompt
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.plugins import Registries, registries
-from pyramid_core.prompts import encode_prompt
 from pyramid_core.protocols import Stage, tokenizer_of
 from pyramid_core.types import SamplingConfig
 
@@ -40,7 +40,7 @@ class SpecBenchResult:
     skipped: tuple[Any, ...]
 
     def to_markdown(self) -> str:
-        from pyramid_core.specbench import report_markdown
+        from pyramid_core.lab.specbench import report_markdown
 
         text = report_markdown(self.report, self.baseline)
         if self.skipped:
@@ -63,13 +63,13 @@ def run_specbench(
     progress: bool = True,
     regs: Registries | None = None,
 ) -> SpecBenchResult:
-    """Answer Spec-Bench ``questions`` (``pyramid_core.specbench``) greedily with HF generate of
+    """Answer Spec-Bench ``questions`` (``pyramid_core.lab.specbench``) greedily with HF generate of
     the target (the baseline; over the compiled stage when the target is compiled, the fastest
     HF configuration here) and the ``SPEC_BENCH_ROWS`` pipelines; write one Spec-Bench answer file
     per method under ``out_dir`` and report speedup and accept length per group."""
     import torch
 
-    from pyramid_core.specbench import answer_questions, group_report, model_id, write_answers
+    from pyramid_core.lab.specbench import answer_questions, group_report, model_id, write_answers
 
     regs = regs or registries()
     tok = tokenizer_of(target)

@@ -14,8 +14,8 @@ from typing import Any
 import attrs
 import torch
 
+from pyramid_core.backends.hf.stage import HFStage
 from pyramid_core.devices import sync
-from pyramid_core.hf.stage import HFStage
 from pyramid_core.types import SamplingConfig
 
 __all__ = ["BaselineRun", "HF_GENERATE", "HF_GENERATE_COMPILED", "HF_GENERATE_STATIC", "run_baselines", "versions"]

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyramid_core.hf.feature_head import FeatureHead
+from pyramid_core.backends.hf.head import FeatureHead
 from pyramid_core.protocols import FEATURE_FROM, FeatureSource
 from pyramid_core.types import Block
 
@@ -101,7 +101,12 @@ class FeatureStage:
         return DynamicCache(config=self.head.config)
 
     def _compile(self) -> None:
-        from pyramid_core.hf.fast import PackedLinear, buffer_cache, packed_view, packing_available
+        from pyramid_core.backends.hf.fast import (
+            PackedLinear,
+            buffer_cache,
+            packed_view,
+            packing_available,
+        )
 
         dtype = self.head.fc.weight.dtype
         if self.device.type != "cpu" or not packing_available() or dtype != torch.float32:
@@ -324,8 +329,8 @@ def load_feature_stage(path: str, *, device: str | torch.device = "cpu", dtype: 
     the same (path, device, dtype), so the embedding and a shared head are not duplicated."""
     from pathlib import Path
 
-    from pyramid_core.hf.feature_head import feature_base, load_feature_head
-    from pyramid_core.hf.loading import load_model, load_tokenizer
+    from pyramid_core.backends.hf.head import feature_base, load_feature_head
+    from pyramid_core.backends.hf.loading import load_model, load_tokenizer
 
     folder = Path(path).expanduser()
     base_dir = feature_base(folder)

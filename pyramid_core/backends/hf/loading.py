@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pyramid_core.hf.student import (
+from pyramid_core.backends.hf.student import (
     STAGE_FILE,
     WEIGHTS_FILE,
     build_student,

@@ -10,7 +10,7 @@
 
 Everything defaults to ``$PYRAMID_HOME/distill``; ``--smoke`` shrinks every step, the held-out
 evaluation included, to a run of well under a minute on a CPU (what CI runs). Every folder or file
-a step writes is checked before the step starts (``pyramid_core.outputs``); the corpus and the
+a step writes is checked before the step starts (``pyramid_core.lab.outputs``); the corpus and the
 training resume where an interrupted run stopped.
 """
 
@@ -26,14 +26,14 @@ from typing import Any
 
 import attrs
 
-from pyramid_core.argtypes import int_at_least
+from pyramid_core.cli.argtypes import int_at_least
 
 __all__ = ["configure"]
 
 
 def _home(ns: argparse.Namespace) -> Path:
     """Where corpus, checkpoints and trained stages go: --workdir, default $PYRAMID_HOME/distill."""
-    from pyramid_core.hf.smollm2 import model_home
+    from pyramid_core.backends.hf.smollm2 import model_home
 
     return Path(ns.workdir).expanduser() if getattr(ns, "workdir", None) else model_home() / "distill"
 
@@ -42,7 +42,7 @@ def _outputs(ns: argparse.Namespace, *, corpus: bool = False, out: str = "") -> 
     """Check every place the command writes before it starts: the workdir, the corpus folder
     when the command builds it, ``--out`` as a folder (``out="dir"``) or a file (``"file"``),
     and ``--ship``."""
-    from pyramid_core.outputs import output_dir, output_file
+    from pyramid_core.lab.outputs import output_dir, output_file
 
     if getattr(ns, "workdir", None) or out != "file":  # eval reads the workdir only with --corpus-sample
         output_dir(_home(ns), "--workdir")
@@ -63,9 +63,9 @@ def _command_line(ns: argparse.Namespace) -> str:
 
 
 def _target(ns: argparse.Namespace) -> tuple[Any, Any]:
+    from pyramid_core.backends.hf.loading import load_model, load_tokenizer
+    from pyramid_core.backends.hf.smollm2 import smollm2_dir, smollm2_ready
     from pyramid_core.errors import ConfigError
-    from pyramid_core.hf.loading import load_model, load_tokenizer
-    from pyramid_core.hf.smollm2 import smollm2_dir, smollm2_ready
 
     if not smollm2_ready():
         raise ConfigError("distillation needs the target: run `pyramid setup` first")
@@ -86,7 +86,7 @@ def _device(ns: argparse.Namespace) -> str:
 
 
 def _corpus_config(ns: argparse.Namespace) -> Any:
-    from pyramid_core.distill.corpus import CorpusConfig
+    from pyramid_core.lab.distill.corpus import CorpusConfig
 
     if ns.smoke:
         return CorpusConfig(prompts=4, new_tokens=8, python_chars=3000, window=64, batch_size=4, seed=ns.seed,
@@ -97,8 +97,8 @@ def _corpus_config(ns: argparse.Namespace) -> Any:
 
 
 def cmd_corpus(ns: argparse.Namespace) -> int:
-    from pyramid_core.distill.corpus import build_corpus
-    from pyramid_core.prompts import load_prompts
+    from pyramid_core.lab.distill.corpus import build_corpus
+    from pyramid_core.lab.prompts import load_prompts
 
     _outputs(ns, corpus=True)
     model, tokenizer = _target(ns)
@@ -239,8 +239,8 @@ ROLES: dict[str, dict[str, Any]] = {
 
 
 def _train_config(ns: argparse.Namespace) -> Any:
-    from pyramid_core.distill.train import TrainConfig
     from pyramid_core.errors import ConfigError
+    from pyramid_core.lab.distill.train import TrainConfig
 
     role = ROLES[ns.role]
     layers_text = ns.layers or role["layers"]
@@ -257,8 +257,8 @@ def _train_config(ns: argparse.Namespace) -> Any:
 
 
 def _train(ns: argparse.Namespace, role: str, corpus_manifest: dict[str, Any]) -> dict[str, Any]:
-    from pyramid_core.distill.corpus import load_corpus
-    from pyramid_core.distill.train import train_student
+    from pyramid_core.lab.distill.corpus import load_corpus
+    from pyramid_core.lab.distill.train import train_student
 
     model, tokenizer = _target(ns)
     ns.role = role
@@ -299,12 +299,12 @@ def _eval_specs(ns: argparse.Namespace) -> list[str]:
 
 
 def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
+    from pyramid_core.backends.hf.head_stage import FeatureStage
+    from pyramid_core.backends.hf.stage import HFStage
     from pyramid_core.build import check_same_tokenizer, make_stage
-    from pyramid_core.distill.evaluate import evaluate_stages
     from pyramid_core.errors import ConfigError
-    from pyramid_core.hf.feature_stage import FeatureStage
-    from pyramid_core.hf.stage import HFStage
-    from pyramid_core.prompts import encode_prompt, load_prompts
+    from pyramid_core.lab.distill.evaluate import evaluate_stages
+    from pyramid_core.lab.prompts import encode_prompt, load_prompts
 
     device = _device(ns)
     stages = [make_stage(s, device=device) for s in specs]
@@ -325,8 +325,8 @@ def _evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
         "held_out": "pyramid_core/data/prompts.jsonl (never trained on)",
         "results": [attrs.asdict(r) for r in reports]}
     if getattr(ns, "corpus_sample", 0):
-        from pyramid_core.distill.corpus import load_corpus
-        from pyramid_core.distill.evaluate import corpus_agreement
+        from pyramid_core.lab.distill.corpus import load_corpus
+        from pyramid_core.lab.distill.evaluate import corpus_agreement
 
         sequences = load_corpus(Path(ns.corpus or _home(ns) / "corpus"))
         result["corpus_sample"] = ns.corpus_sample
@@ -375,8 +375,8 @@ def cmd_all(ns: argparse.Namespace) -> int:
     """corpus -> draft -> qualifier -> held-out evaluation -> family folder with metadata."""
     import shutil
 
-    from pyramid_core.distill.corpus import build_corpus
-    from pyramid_core.prompts import load_prompts
+    from pyramid_core.lab.distill.corpus import build_corpus
+    from pyramid_core.lab.prompts import load_prompts
 
     _outputs(ns, corpus=True)
     _eval_defaults(ns, EVAL_ALL_CORPUS_SAMPLE)
@@ -417,8 +417,8 @@ def cmd_all(ns: argparse.Namespace) -> int:
 
 
 def _feature_config(ns: argparse.Namespace) -> Any:
-    from pyramid_core.distill.feature import FeatureTrainConfig
     from pyramid_core.errors import ConfigError
+    from pyramid_core.lab.distill.heads import FeatureTrainConfig
 
     text = ns.layers or ("-1" if ns.variant == "eagle1" else "2,14,-1")
     try:
@@ -438,9 +438,9 @@ def cmd_feature(ns: argparse.Namespace) -> int:
     """Train (or resume) a feature head on the corpus; with --ship, copy it and evaluate it."""
     import shutil
 
-    from pyramid_core.distill.corpus import corpus_hash, load_corpus
-    from pyramid_core.distill.feature import train_feature_head
     from pyramid_core.errors import ConfigError
+    from pyramid_core.lab.distill.corpus import corpus_hash, load_corpus
+    from pyramid_core.lab.distill.heads import train_feature_head
 
     model, tokenizer = _target(ns)
     corpus_dir = Path(ns.corpus or _home(ns) / "corpus")

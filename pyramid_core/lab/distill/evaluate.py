@@ -15,10 +15,10 @@ from typing import Any
 import attrs
 import torch
 
-from pyramid_core.distill.corpus import TrainSequence
-from pyramid_core.distill.feature import feature_argmax_along
 from pyramid_core.errors import ConfigError
-from pyramid_core.measure import measure_stage_time
+from pyramid_core.lab.distill.corpus import TrainSequence
+from pyramid_core.lab.distill.heads import feature_argmax_along
+from pyramid_core.lab.measure import measure_stage_time
 from pyramid_core.protocols import FeatureReader
 
 __all__ = ["StageReport", "evaluate_stages", "corpus_agreement"]
