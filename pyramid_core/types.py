@@ -17,6 +17,7 @@ from attrs import field, frozen
 from torch import Tensor
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.tree import TokenTree
 
 __all__ = ["Block", "Verdict", "SamplingConfig", "BoundaryStats", "StageStats"]
 
@@ -47,12 +48,16 @@ class Block:
                                       independently from its own row; ``True`` (Sequoia) --
                                       sequentially, child i from its row renormalised without
                                       the tokens of children 1..i-1. Meaningless for chains.
+    tree:    TokenTree | None         the shape of ``parents`` (depths, children, paths, ancestor
+                                      mask), validated and computed once at construction;
+                                      ``None`` for a chain
     """
 
     tokens: Tensor = field(validator=_check_1d_long)
     rows: Tensor
     parents: Tensor | None = None
     without_replacement: bool = False
+    tree: TokenTree | None = field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         n = self.tokens.shape[0]
@@ -65,12 +70,7 @@ class Block:
                 raise ValueError(
                     f"Block.parents must have shape ({n},), got {tuple(self.parents.shape)}"
                 )
-            for i, parent in enumerate(self.parents.tolist()):
-                if not -1 <= parent < i:
-                    raise ValueError(
-                        f"Block.parents[{i}] = {parent}: a node's parent must be -1 (the context) "
-                        f"or an earlier node (parents precede children in a flattened tree)"
-                    )
+            object.__setattr__(self, "tree", TokenTree(self.parents, name="Block.parents"))
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -82,12 +82,7 @@ class Block:
     @property
     def depth(self) -> int:
         """Length of the longest root-to-node path (``len(self)`` for a chain)."""
-        if self.parents is None:
-            return len(self)
-        depths: list[int] = []
-        for parent in self.parents.tolist():
-            depths.append(depths[parent] + 1 if parent >= 0 else 1)
-        return max(depths, default=0)
+        return len(self) if self.tree is None else self.tree.depth
 
     @classmethod
     def empty(cls, vocab: int, device: torch.device | str = "cpu") -> Block:
