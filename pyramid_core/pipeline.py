@@ -136,14 +136,14 @@ class SpeculativeProposer:
         p = self.verifier.verify(context, block)
         verdict = self.policy.decide(block, p, rng)
         accepted = list(verdict.accepted)
-        if block.parents is None:
+        if block.tree is None:
             self.stats.record(len(block), verdict.n_accepted)
             self.schedule.update(len(block), verdict.n_accepted)
             row_index = accepted  # chain: node i was drawn from row i
         else:
-            self.stats.record_tree(len(block), block.depth, verdict.n_accepted)
-            self.schedule.update(block.depth, verdict.n_accepted)
-            row_index = [int(block.parents[i]) + 1 for i in accepted]
+            self.stats.record_tree(len(block), block.tree.depth, verdict.n_accepted)
+            self.schedule.update(block.tree.depth, verdict.n_accepted)
+            row_index = [block.tree.parents[i] + 1 for i in accepted]
         tokens = torch.cat([block.tokens[accepted].to(p.device), p.new_tensor([verdict.token], dtype=torch.long)])
         rows = torch.cat([p[row_index], verdict.row.unsqueeze(0)])
         return Block(tokens, rows)

@@ -122,17 +122,16 @@ def check_prompt(prompt: Tensor | Sequence[int], vocab_size: int) -> Tensor:
 
 def _where(context_len: int, block: Block | None, row: int, rows: int) -> str:
     """Which position row ``row`` of a forward over ``context + block`` predicts."""
-    if block is None or block.parents is None:
+    if block is None or block.tree is None:
         return (f"position {context_len + row} (row {row} of the {rows} rows of this forward: the next-token "
                 f"distribution after {context_len + row} tokens)")
     if row == 0:
         return (f"position {context_len} (row 0 of the {rows} rows of this tree forward: the distribution "
                 f"after the {context_len}-token context)")
-    depths: list[int] = []
-    for parent in block.parents.tolist():
-        depths.append(depths[parent] + 1 if parent >= 0 else 1)
-    return (f"position {context_len + depths[row - 1]} (row {row} of the {rows} rows of this tree forward: "
-            f"the distribution after tree node {row - 1}, at depth {depths[row - 1]})")
+    depth = block.tree.depths[row - 1]  # the node sits at position context_len + depth
+    return (f"position {context_len + depth + 1} (row {row} of the {rows} rows of this tree "
+            f"forward: the distribution after tree node {row - 1}, at depth {depth} "
+            f"(0 = a child of the context))")
 
 
 def _nonfinite(logits: Tensor, finite: Tensor, stage: str, context_len: int, block: Block | None,

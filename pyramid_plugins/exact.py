@@ -28,6 +28,7 @@ from torch import Tensor
 
 from pyramid_core.hookspecs import hookimpl
 from pyramid_core.rng import Rng
+from pyramid_core.tree import without
 from pyramid_core.types import Block, Verdict
 
 __all__ = ["ExactPolicy", "decide_tree", "residual"]
@@ -40,28 +41,18 @@ def residual(p: Tensor, q: Tensor) -> Tensor:
     return torch.where(total > 0, r / total.clamp(min=torch.finfo(r.dtype).tiny), p)
 
 
-def _without(q: Tensor, tokens: list[int]) -> Tensor:
-    """norm(q with ``tokens``' mass removed); a row with no mass left stays all zeros."""
-    q = q.clone()
-    q[tokens] = 0.0
-    total = q.sum()
-    return q / total if total > 0 else q
-
-
 def decide_tree(block: Block, p: Tensor, rng: Rng) -> Verdict:
     """Multi-candidate rejection sampling down a token tree (module docstring). ``p`` holds the
     verifier's n+1 rows: row 0 at the context, row i+1 after the path to node i."""
-    assert block.parents is not None
-    children: dict[int, list[int]] = {}
-    for i, parent in enumerate(block.parents.tolist()):
-        children.setdefault(parent, []).append(i)
+    tree = block.tree
+    assert tree is not None
     tokens = block.tokens.tolist()
     rows = block.rows.to(p.device)
     path: list[int] = []
     node = -1
     while True:
         full = p[node + 1]
-        kids = children.get(node)
+        kids = tree.children_of(node)
         if not kids:  # a leaf with everything on its path accepted: bonus token
             return Verdict(tuple(path), rng.categorical(full), full)
         r = full
@@ -70,7 +61,7 @@ def decide_tree(block: Block, p: Tensor, rng: Rng) -> Verdict:
         chosen = -1
         for u_i, child in zip(u, kids, strict=True):
             x = tokens[child]
-            q = _without(rows[child], tried) if block.without_replacement and tried else rows[child]
+            q = without(rows[child], tried) if block.without_replacement and tried else rows[child]
             if u_i * float(q[x]) < float(r[x]):  # accept w.p. min(1, r(x)/q(x)), no division
                 chosen = child
                 break

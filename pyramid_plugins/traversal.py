@@ -69,18 +69,11 @@ from torch import Tensor
 
 from pyramid_core.hookspecs import hookimpl
 from pyramid_core.rng import Rng
+from pyramid_core.tree import TokenTree, without
 from pyramid_core.types import Block, Verdict
 from pyramid_plugins.block import BlockPolicy
 
 __all__ = ["TraversalPolicy", "decide_traversal"]
-
-
-def _without(q: Tensor, tokens: list[int]) -> Tensor:
-    """norm(q with ``tokens``' mass removed); a row with no mass left stays all zeros."""
-    q = q.clone()
-    q[tokens] = 0.0
-    total = q.sum()
-    return q / total if total > 0 else q
 
 
 def _child_weight(w: float, r_x: float, q_x: float) -> float:
@@ -91,10 +84,11 @@ def _child_weight(w: float, r_x: float, q_x: float) -> float:
     return 1.0 if w * r_x > 0 else 0.0
 
 
-def _check_siblings(block: Block, children: dict[int, list[int]], tokens: list[int]) -> None:
+def _check_siblings(block: Block, tree: TokenTree, tokens: list[int]) -> None:
     if not block.without_replacement:
         return
-    for node, kids in children.items():
+    for node in range(-1, len(tree)):
+        kids = list(tree.children_of(node))
         drawn = [tokens[c] for c in kids]
         if len(set(drawn)) != len(drawn):
             where = "the context" if node < 0 else f"node {node}"
@@ -108,19 +102,16 @@ def _check_siblings(block: Block, children: dict[int, list[int]], tokens: list[i
 def decide_traversal(block: Block, p: Tensor, rng: Rng) -> Verdict:
     """Traversal verification of a token tree (module docstring). ``p`` holds the verifier's
     n+1 rows: row 0 at the context, row i+1 after the path to node i."""
-    assert block.parents is not None
+    tree = block.tree
+    assert tree is not None
     n = len(block)
     if p.dim() != 2 or p.shape[0] != n + 1:
         raise ValueError(
             f"policy 'traversal': a tree of {n} nodes needs {n + 1} verifier rows (n+1, vocab), "
             f"got p of shape {tuple(p.shape)}"
         )
-    parents = [int(a) for a in block.parents.tolist()]
-    children: dict[int, list[int]] = {}
-    for i, parent in enumerate(parents):
-        children.setdefault(parent, []).append(i)
     tokens = [int(t) for t in block.tokens.tolist()]
-    _check_siblings(block, children, tokens)
+    _check_siblings(block, tree, tokens)
     rows = block.rows.to(p.device)
     eta = rng.uniform(n, p.device).tolist()  # η of node i: every node is tested at most once
 
@@ -128,9 +119,9 @@ def decide_traversal(block: Block, p: Tensor, rng: Rng) -> Verdict:
         """Children of ``node`` first, then ``node`` itself; (accepted node, row to draw y from),
         or None when the whole subtree is rejected."""
         tried: list[int] = []
-        for child in children.get(node, ()):
+        for child in tree.children_of(node):
             x = tokens[child]
-            q = _without(rows[child], tried) if block.without_replacement and tried else rows[child]
+            q = without(rows[child], tried) if block.without_replacement and tried else rows[child]
             r_x, q_x = torch.stack([r[x].to(q.dtype), q[x]]).tolist()
             found = visit(child, _child_weight(w, r_x, q_x), p[child + 1])
             if found is not None:
@@ -147,12 +138,8 @@ def decide_traversal(block: Block, p: Tensor, rng: Rng) -> Verdict:
     found = visit(-1, 1.0, p[0])
     assert found is not None  # the context is always accepted
     node, r = found
-    path: list[int] = []
-    while node >= 0:
-        path.append(node)
-        node = parents[node]
-    path.reverse()
-    return Verdict(tuple(path), rng.categorical(r), p[path[-1] + 1] if path else p[0])
+    path = tree.path(node)
+    return Verdict(path, rng.categorical(r), p[node + 1])
 
 
 @attrs.frozen

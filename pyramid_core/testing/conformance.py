@@ -277,14 +277,14 @@ def _check_accepted(name: str, case: ContractCase, verdict: Verdict, rebuild: st
         accepted = tuple(operator.index(a) for a in verdict.accepted)
     except TypeError:
         raise _fail(name, "prefix", case, f"accepted={verdict.accepted!r} is not a sequence of integer indices", rebuild) from None
-    parents = case.block.parents
-    if parents is None:
+    tree = case.block.tree
+    if tree is None:
         if accepted != tuple(range(len(accepted))) or len(accepted) > n:
             raise _fail(name, "prefix", case,
                         f"accepted={accepted} for a chain of {n} tokens; it must be (0, 1, ..., j-1) for some "
                         f"0 <= j <= {n} -- a policy accepts a prefix and emits one token after it", rebuild)
         return accepted
-    parent_of = [int(a) for a in parents.tolist()]
+    parent_of = list(tree.parents)
     previous = -1
     for a in accepted:
         if not 0 <= a < n or parent_of[a] != previous:

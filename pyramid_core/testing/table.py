@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.tree import TokenTree
 from pyramid_core.types import Block
 
 __all__ = ["TableModel", "validate_distribution"]
@@ -94,10 +95,8 @@ class TableModel:
         if block is None or n == 0:
             return self._log_row(base).unsqueeze(0)
         tokens = [int(t) for t in block.tokens.tolist()]
-        parents = list(range(-1, n - 1)) if block.parents is None else [int(p) for p in block.parents.tolist()]
-        paths: list[tuple[int, ...]] = []
-        for i in range(n):  # parents precede children in a flattened tree
-            paths.append((paths[parents[i]] if parents[i] >= 0 else ()) + (tokens[i],))
+        tree = TokenTree.chain(n) if block.tree is None else block.tree
+        paths = [tuple(tokens[j] for j in tree.path(i)) for i in range(n)]
         return torch.stack([self._log_row(base)] + [self._log_row(base + path) for path in paths])
 
     def reset(self) -> None:
