@@ -29,6 +29,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 API_PACKAGES = ("pyramid_core", "pyramid_plugins")
+API_DIR = "reference/api"  # one page per module: API_DIR/NAME.md
+# from an API page to the docs root: docstrings link the hand-written pages with it, e.g.
+# [the two traps](../../algorithms.md#the-two-traps) (tests/test_docs.py checks every such link)
+API_TO_DOCS = "../" * (API_DIR.count("/") + 1)
 HELP_COLUMNS = "100"  # argparse wraps --help to the terminal width: fixed, so pages are stable
 
 
@@ -56,6 +60,12 @@ def markdown_text(doc: str) -> str:
     return "\n".join(out).strip() + "\n"
 
 
+def for_hooks_page(text: str) -> str:
+    """Docstring links are written for the API pages (``API_TO_DOCS``); ``reference/hooks.md``
+    is one level above them."""
+    return text.replace(f"]({API_TO_DOCS}", "](../")
+
+
 def hookspecs(module: types.ModuleType) -> dict[str, Callable[..., Any]]:
     """The hookspec functions of ``module`` in definition order (pluggy's marker attribute)."""
     marker = f"{module.PROJECT}_spec"
@@ -76,13 +86,13 @@ def hooks_page(module: types.ModuleType | None = None, regs: Any = None) -> str:
         "# Hook reference\n",
         "Generated at build time from `pyramid_core.hookspecs` and the plugins installed where the "
         "site was built. How to write a plugin: [Writing a plugin](../plugins.md).\n",
-        markdown_text(module.__doc__ or ""),
+        for_hooks_page(markdown_text(module.__doc__ or "")),
     ]
     for name, fn in hookspecs(module).items():
         parts.append(f"## `{name}`\n")
         signature = str(inspect.signature(fn)).replace("'", "")  # string annotations (__future__), unquoted
         parts.append(f"```python\n@hookimpl\ndef {name}{signature}: ...\n```\n")
-        parts.append(markdown_text(fn.__doc__ or "(no docstring)"))
+        parts.append(for_hooks_page(markdown_text(fn.__doc__ or "(no docstring)")))
         registry = by_kind.get(kind_of.get(name, ""))
         if registry is None:
             continue
@@ -153,9 +163,9 @@ def api_pages(modules: list[str] | None = None) -> dict[str, str]:
         index.append(f"## `{package}`\n")
         for name in (m for m in modules if m == package or m.startswith(f"{package}.")):
             index.append(f"* [`{name}`]({name}.md)")
-            pages[f"reference/api/{name}.md"] = f"# `{name}`\n\n::: {name}\n"
+            pages[f"{API_DIR}/{name}.md"] = f"# `{name}`\n\n::: {name}\n"
         index.append("")
-    pages["reference/api/index.md"] = "\n".join(index)
+    pages[f"{API_DIR}/index.md"] = "\n".join(index)
     return pages
 
 

@@ -1,5 +1,5 @@
-"""The feature channel of a pipeline: which stage reads the hidden states of which (SPEC
-"Feature-level drafts").
+"""The feature channel of a pipeline: which stage reads the hidden states of which
+([feature-level drafts](../../algorithms.md#feature-level-drafts)).
 
 A ``FeatureReader`` at stage k reads from the stage it hands its blocks to (``"next"``, stage
 k+1) or from the target (``"target"``). ``feature_links`` checks this once, when a pipeline is

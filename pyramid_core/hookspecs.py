@@ -84,11 +84,12 @@ def register_wrappers(register: Any) -> None:
     """Register stage wrappers: proposers built around the bottom model stage of a pipeline.
 
     ``register(name, factory, description="")`` where ``factory(stage, *, sampling, stop_ids,
-    **params)`` receives the resolved bottom ``Stage``, the pipeline's ``SamplingConfig`` and
-    stop token ids, and returns a ``Proposer`` (e.g. ``tree``, which drafts token trees). Chosen
-    with ``PipelineSpec(tree=SPEC)`` / ``build_pipeline(..., tree=SPEC)`` / ``--tree SPEC``. A
-    factory that accepts ``on_nonfinite`` is also given the pipeline's ``"raise"`` / ``"warn"``
-    (what NaN or +inf logits of its stage do; ``pyramid_core.validate.score_checked``).
+    **params)`` receives the resolved bottom ``Stage``, the pipeline's ``SamplingConfig`` and stop
+    token ids, and returns a ``Proposer`` (e.g. ``tree``, which drafts token trees). Chosen with
+    ``PipelineSpec(tree="tree:budget=8")`` / ``build_pipeline(..., tree=...)`` / ``--tree
+    tree:budget=8``. A factory that accepts ``on_nonfinite`` is also given the pipeline's
+    ``"raise"`` / ``"warn"`` (what NaN or +inf logits of its stage do;
+    ``pyramid_core.validate.score_checked``).
     """
 
 

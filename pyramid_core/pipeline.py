@@ -1,4 +1,5 @@
-"""The N-stage speculative decoding recursion of SPEC.md.
+"""The N-stage speculative decoding recursion ([the exact N-stage
+chain](../../algorithms.md#the-exact-n-stage-chain)).
 
 ``propose(1, n)`` is the bottom proposer. ``propose(k, n)`` for k >= 2 is a
 ``SpeculativeProposer``: it asks the stage below for blocks of ``ell_{k-1}`` tokens, runs M_k once
@@ -87,8 +88,8 @@ class AutoregressiveProposer:
 
     ``confidence_stop`` > 0 ends a block early, after a token whose row's largest probability
     is below it (the draft is unsure what comes next): whether token j+1 is drawn depends only
-    on row j, known before it is drawn -- a stopping time, so the chain stays exact (SPEC
-    trap 2)."""
+    on row j, known before it is drawn -- a stopping time, so the chain stays exact
+    ([trap 2](../../algorithms.md#the-two-traps))."""
 
     stage: Stage
     sampling: SamplingConfig
@@ -166,7 +167,7 @@ class SpeculativeProposer:
 
 @attrs.define
 class Metrics:
-    """What one generation measured (SPEC "Metrics every run reports")."""
+    """What one generation measured ([metrics](../../algorithms.md#metrics))."""
 
     boundaries: list[BoundaryStats]
     stages: list[StageStats]

@@ -46,9 +46,10 @@ __all__ = [
 class Stage(Protocol):
     """A model adapter: anything that yields next-token logits for a context.
 
-    Implementations keep whatever cache they like (e.g. a KV cache) and must make ``score``
-    correct for *any* context: a context that shares only a prefix with the previous call
-    means "roll back to that prefix" (SPEC: roll back every stage's cache to the accepted prefix).
+    Implementations keep whatever cache they like (e.g. a KV cache) and must make ``score`` correct
+    for *any* context: a context that shares only a prefix with the previous call means "roll back
+    to that prefix" ([rollback](../../algorithms.md#the-exact-n-stage-chain): every stage's cache
+    rolls back to the accepted prefix).
     """
 
     name: str
@@ -72,8 +73,9 @@ class Proposer(Protocol):
 
     def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
         """Up to ``n`` tokens (fewer only if a stop token ends the block, or the proposer has
-        nothing to propose) continuing ``context``. ``rows[j]`` must be the exact distribution
-        token j was drawn from given everything before it -- SPEC trap 1."""
+        nothing to propose) continuing ``context``. ``rows[j]`` must be the exact distribution token
+        j was drawn from given everything before it -- [trap
+        1](../../algorithms.md#the-two-traps)."""
         ...
 
 
@@ -171,7 +173,7 @@ class WrapsStage(Protocol):
     stage: Stage
 
 
-# --- the feature channel (SPEC "Feature-level drafts") ------------------------------------------
+# --- the feature channel (docs/algorithms.md#feature-level-drafts) -------------------------------
 
 FEATURE_FROM = ("next", "target")
 """Where a ``FeatureReader`` reads from: the stage it hands its blocks to, or the target."""

@@ -1,8 +1,8 @@
 """Block-length schedules: how many tokens a boundary asks the stage below for, round by round.
 
-A schedule may follow the acceptances it has already observed -- counts known before the next
-block is drawn, a stopping time in SPEC's sense (trap 2) -- so every lossless rule stays exact
-under it. It never looks at the tokens of the block it sizes.
+A schedule may follow the acceptances it has already observed -- counts known before the next block
+is drawn, a stopping time ([trap 2](../../algorithms.md#the-two-traps)) -- so every lossless rule
+stays exact under it. It never looks at the tokens of the block it sizes.
 
 - ``fixed``: always the boundary's block length (the default).
 - ``adaptive``: Hugging Face's ``num_assistant_tokens_schedule="heuristic"``: start at the

@@ -2,7 +2,7 @@
 
 Shapes are written in einops style: ``rows: Float[Tensor, "n vocab"]``.
 All probability rows are *transformed* rows (temperature, top-k, top-p already applied),
-see SPEC.md "Notation".
+see [notation](../../algorithms.md#notation).
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ class Verdict:
     token:    the token the verifier emits after the accepted ones: the correction drawn at the
               first rejection, or the bonus token when everything was accepted.
     row:      the verifier's *full* distribution at the emitted token's position (the row that
-              travels up with it, SPEC trap 1), not the residual it may have been drawn from.
+              travels up with it, [trap 1](../../algorithms.md#the-two-traps)), not the
+              residual it may have been drawn from.
     """
 
     accepted: tuple[int, ...]
@@ -194,8 +195,8 @@ class BoundaryStats:
     - ``acceptance_per_try`` = accepted / tries. A round that accepts a of m proposed tokens
       made a + 1 tries if it rejected one (a < m) and a tries if it accepted all: the tokens
       after the first rejection are never tried. This is the per-token acceptance alpha of
-      SPEC.md, comparable to 1 - TV(p, q) of an exact pair and to the alpha the latency model
-      takes (for i.i.d. acceptances it is alpha's maximum-likelihood estimate).
+      the [latency model](../../algorithms.md#latency-model), comparable to 1 - TV(p, q) of an
+      exact pair (for i.i.d. acceptances it is alpha's maximum-likelihood estimate).
     - ``accepted_per_proposed`` = accepted / proposed, the share of drafted tokens kept. It is
       below alpha whenever blocks are longer than 1 (untried tokens count as proposed).
 

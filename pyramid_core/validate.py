@@ -1,11 +1,12 @@
 """Checks at the edges of the pipeline: block lengths that can take effect, prompts, the context
 limit, and the logits a stage returns -- each error names the culprit and what would be valid.
 
-Block lengths (SPEC "Exact chain"): stage k+1 is asked for at most ell_{k+1} tokens per round of
-stage k+2, and asks stage k for min(ell_k, tokens still needed) tokens, so a lower length larger
-than the one above it can never take effect. Lengths must be non-decreasing from the bottom
-boundary to the top one (``check_block_lengths``); the pipeline, the latency model and the
-planner share this rule.
+Block lengths ([what enters the
+recursion](../../algorithms.md#what-enters-the-recursion-is-checked)): stage k+1 is asked for at
+most ell_{k+1} tokens per round of stage k+2, and asks stage k for min(ell_k, tokens still needed)
+tokens, so a lower length larger than the one above it can never take effect. Lengths must be
+non-decreasing from the bottom boundary to the top one (``check_block_lengths``); the pipeline, the
+latency model and the planner share this rule.
 
 Logits (``score_checked``): one reduction per forward and one host read -- the sum of all logits
 is finite iff none is NaN or infinite. Only when it is not are the rows looked at one by one: a

@@ -6,16 +6,16 @@ accepted emit a bonus y ~ p_{n+1}. With greedy (one-hot) rows this is "accept wh
 verifier's argmax", with no special case.
 
 Token trees: multi-candidate rejection sampling (SpecInfer, arXiv 2305.09781; Sequoia, arXiv
-2402.12374). Starting at the context, at a node with children x_1..x_k (in draw order) and
-verifier row p, let r = p; for i = 1..k accept x_i with probability min(1, r(x_i) / q_i(x_i)),
-else r <- norm(max(r - q_i, 0)) and try the next child, where q_i is child i's row
-(``Block.rows[i]``) and, for children drawn without replacement (``Block.without_replacement``),
-renormalised without the tokens of x_1..x_{i-1}. An accepted child is descended into; if all are
-rejected y ~ r is emitted; at a leaf the bonus y ~ p comes from the verifier's row after it. The
-emitted token's row is always the verifier's full row p at its node (SPEC trap 1), never r.
+2402.12374). Starting at the context, at a node with children x_1..x_k (in draw order) and verifier
+row p, let r = p; for i = 1..k accept x_i with probability min(1, r(x_i) / q_i(x_i)), else r <-
+norm(max(r - q_i, 0)) and try the next child, where q_i is child i's row (``Block.rows[i]``) and,
+for children drawn without replacement (``Block.without_replacement``), renormalised without the
+tokens of x_1..x_{i-1}. An accepted child is descended into; if all are rejected y ~ r is emitted;
+at a leaf the bonus y ~ p comes from the verifier's row after it. The emitted token's row is always
+the verifier's full row p at its node ([trap 1](../../algorithms.md#the-two-traps)), never r.
 Degenerate rows need no special case: a child whose q_i(x_i) = 0 (greedy top-k children under
-one-hot rows, or q exhausted by removals) is accepted iff r(x_i) > 0, and a q_i of zero mass
-leaves r unchanged -- so one-hot verifier rows accept exactly the child equal to the argmax.
+one-hot rows, or q exhausted by removals) is accepted iff r(x_i) > 0, and a q_i of zero mass leaves
+r unchanged -- so one-hot verifier rows accept exactly the child equal to the argmax.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``feature``: feature-level drafts (EAGLE family) as a model backend -- a draft that reads the
-hidden states of a stage above it (``pyramid_core.backends.hf.head_stage``; SPEC "Feature-level
-drafts")::
+hidden states of a stage above it (``pyramid_core.backends.hf.head_stage``;
+[feature-level drafts](../../algorithms.md#feature-level-drafts))::
 
     feature:path=DIR                          a head trained by `pyramid distill feature`
     feature:path=DIR,features_from=target     read the target's features instead of the next stage's

@@ -95,16 +95,10 @@ def register_backends(register: Any) -> None:
 
 def smollm2_family() -> Chain:
     """The distilled family shipped with pyramid, smallest first, with block lengths per
-    boundary (1, 3): the best 3-stage chain of the planner, whose lengths never decrease upwards
-    (a lower length above the upper one cannot take effect; the family shipped 3,1 before, which
-    ran as 1,1). Measured by ``pyramid plan --stage smollm2:stage=draft --stage
-    smollm2:stage=qualifier --stage smollm2 --per-kind 1 --new-tokens 32 --repeats 5
-    --max-length 8`` (compiled stages) on the 2-core CPU this project is developed on, while
-    the machine was shared (load average ~2.4): alpha draft->qualifier 0.47, qualifier->target
-    0.54, draft->target 0.35; T(1) = 22.7, 95.4 and 377.0 ms (draft, qualifier, target);
-    predicted 3.4 tokens/s, 1.27x the target alone for 1,3 -- behind draft->target at length 3
-    (1.50x), ahead of qualifier->target (1.25x). `pyramid plan` measures and picks them on yours.
-    """
+    boundary (1, 3): the best 3-stage chain of the planner on the CPU it was developed on, with
+    lengths that never decrease upwards (the measurement:
+    [block lengths of the shipped chain](../../distill.md#block-lengths-of-the-shipped-chain)).
+    `pyramid plan` measures and picks them on yours."""
     return Chain("smollm2-family", ("smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"), (1, 3),
                  "SmolLM2-135M with its distilled draft and qualifier")
 

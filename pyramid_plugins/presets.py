@@ -1,4 +1,5 @@
-"""Built-in presets (SPEC.md, PyramidSD arXiv 2510.12966, FSD arXiv 2502.20704).
+"""Built-in presets ([PyramidSD](../../algorithms.md#pyramidsd), arXiv 2510.12966; FSD, arXiv
+2502.20704).
 
 - ``sd``    exact rejection sampling at every boundary, any number of stages (lossless).
 - ``fsd``   two stages, fuzzy JS acceptance with tau 0.4.

@@ -19,11 +19,12 @@ verdict. If c's subtree is rejected, a's state becomes (paper: the residual upda
     Z = Σ_y max(w_a r_a(y) - q_c(y), 0),   r_a <- norm(max(w_a r_a - q_c, 0)),
     w_a <- Z / (Z + 1 - w_a)                              (1 in the 0/0 case, see ``block``)
 
-and the next child is tried against the new state. When no child is left, draw η_a ~ U(0, 1):
-accept a's path if η_a < w_a and emit y ~ r_a (a leaf: the bonus from p[a + 1]; an inner node:
-the residual left by its rejected children), else report a's subtree rejected to its parent.
-The context always accepts (its weight stays 1). The Verdict's ``row`` is the verifier's full row
-at the emitted token's node, p[accepted[-1] + 1] (p[0] for an empty path) -- SPEC trap 1.
+and the next child is tried against the new state. When no child is left, draw η_a ~ U(0, 1): accept
+a's path if η_a < w_a and emit y ~ r_a (a leaf: the bonus from p[a + 1]; an inner node: the residual
+left by its rejected children), else report a's subtree rejected to its parent. The context always
+accepts (its weight stays 1). The Verdict's ``row`` is the verifier's full row at the emitted
+token's node, p[accepted[-1] + 1] (p[0] for an empty path) -- [trap
+1](../../algorithms.md#the-two-traps).
 
 On a chain this is exactly ``block``: the leaf x_γ is kept with w_γ, and after its rejection its
 parent's weight becomes h_{γ-1} = Z_{γ-1} / (Z_{γ-1} + 1 - w_{γ-1}), and so on up; chains

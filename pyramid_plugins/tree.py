@@ -1,5 +1,5 @@
 """``tree``: multi-candidate (token-tree) drafting -- SpecInfer (arXiv 2305.09781) and Sequoia
-(arXiv 2402.12374), SPEC.md "Tree drafting".
+(arXiv 2402.12374); [tree drafting](../../algorithms.md#tree-drafting).
 
 ``TreeProposer`` wraps the bottom model ``Stage`` and proposes a token tree instead of a chain.
 The tree grows one depth at a time with ONE ``stage.score(context, partial_tree)`` call per depth,

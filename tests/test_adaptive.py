@@ -1,4 +1,4 @@
-"""Draft lengths that adapt (SPEC trap 2: a stopping time keeps a chain exact): the adaptive
+"""Draft lengths that adapt (docs/algorithms.md, trap 2: a stopping time keeps a chain exact): the adaptive
 block-length schedule, the bottom stage's confidence stop, the latency model with realised length
 distributions, and ``pyramid check --compare``.
 
@@ -118,7 +118,7 @@ def test_adaptive_lengths_and_confidence_stops_stay_exact(n: int, policies: list
 
 class DropsUnsureTokens(AutoregressiveProposer):
     """Negative control: decides on the token it just drew (not a stopping time) -- a drafted
-    token whose own probability is below 0.3 is dropped and ends the block (SPEC trap 2)."""
+    token whose own probability is below 0.3 is dropped and ends the block (docs/algorithms.md, trap 2)."""
 
     def propose(self, context: torch.Tensor, n: int, rng: Rng) -> Block:
         block = super().propose(context, n, rng)

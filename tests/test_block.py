@@ -1,4 +1,4 @@
-"""``block``: block verification (Sun et al., arXiv 2403.10444; SPEC.md "Block verification").
+"""``block``: block verification (Sun et al., arXiv 2403.10444; docs/algorithms.md "Block verification").
 
 What is checked, and how:
 - an independent numpy reference of the rule (written from the formula, sharing no code with
@@ -303,7 +303,7 @@ def test_a_deterministic_proposer_stays_exact() -> None:
 class ConfidenceStopProposer:
     """A bottom proposer that ends its block on its own confidence: before drawing token j >= 2 it
     stops when the largest probability of its row is below ``threshold``. The decision uses only
-    the earlier tokens and rows -- a stopping time (SPEC trap 2) -- so the block stays exact."""
+    the earlier tokens and rows -- a stopping time (docs/algorithms.md, trap 2) -- so the block stays exact."""
 
     stage: TableModel
     threshold: float
@@ -578,7 +578,7 @@ def test_one_token_blocks_are_verified_as_exact_verifies_them() -> None:
 
 
 def test_the_verdict_row_is_the_verifiers_full_row() -> None:
-    """SPEC trap 1: whatever tau is, ``row`` is p[tau] itself -- never the weighted residual. 600
+    """docs/algorithms.md, trap 1: whatever tau is, ``row`` is p[tau] itself -- never the weighted residual. 600
     decisions on a fixed 3-token block; every tau with reference probability >= 0.05 occurs."""
     q = torch.tensor([[0.4, 0.2, 0.2, 0.2], [0.2, 0.4, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25]])
     p = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.3, 0.2, 0.3, 0.2], [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])

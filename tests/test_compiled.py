@@ -5,7 +5,7 @@ Tolerances: a packed linear sums in another order than eager ``F.linear``, so lo
 in the last bits. On these models (logits of magnitude ~10-30) compiled and eager logits agree
 within ``ATOL = 1e-3`` absolute; a rolled-back or tree-compacted compiled cache must reproduce a
 fresh compiled recompute of the same context within ``TIGHT = 1e-4``. Greedy identity is asserted
-against the compiled target's own greedy decoding (SPEC "Compiled stages").
+against the compiled target's own greedy decoding (docs/algorithms.md "Compiled stages").
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from pyramid_plugins.fuzzy import FuzzyPolicy
 @attrs.frozen
 class ResidualRow:
     """Exact rejection sampling, but the row sent up with a correction is the residual it was
-    drawn from instead of the verifier's full row (SPEC.md trap 1)."""
+    drawn from instead of the verifier's full row (docs/algorithms.md, trap 1)."""
 
     def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
         v = ExactPolicy().decide(block, p, rng)

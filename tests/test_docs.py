@@ -17,8 +17,11 @@ import importlib.util
 import re
 import sys
 import types
+import unicodedata
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from pyramid_core import hookspecs
 from pyramid_core.cli import BUILTIN_COMMANDS, build_parser
@@ -184,3 +187,131 @@ def test_the_tutorials_section_has_every_notebook() -> None:
 def test_every_hand_written_page_is_in_the_site_nav() -> None:
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     assert [p.name for p in sorted(DOCS.glob("*.md")) if f": {p.name}" not in nav] == []
+
+
+# --- the docs are the reference: the code cites sections of docs/, never a "SPEC" -----------------
+
+PACKAGES = ("pyramid_core", "pyramid_plugins")
+# Files that still cite a "SPEC" document while they are being rewritten. This list must shrink to
+# empty: remove a file as soon as it links docs/algorithms.md instead (a listed file that no longer
+# cites SPEC fails test_the_spec_allow_list_holds_only_files_that_still_need_it).
+SPEC_ALLOW_LIST_MUST_SHRINK_TO_EMPTY = frozenset({
+    "pyramid_core/backends/hf/stage.py",
+    "pyramid_core/backends/hf/head_stage.py",
+    "pyramid_core/backends/hf/hidden.py",
+})
+# "SPEC" as an argument placeholder (a NAME[:key=value,...] spec string), not a document: argparse
+# metavars, ``--stage SPEC`` / ``tree=SPEC`` in messages, and Spec-Bench's SPEC_BENCH_ROWS
+PLACEHOLDER = re.compile(r'metavar="SPEC"|--[a-z-]+ SPEC\b|tree=SPEC\b|\bSPEC_BENCH_ROWS\b')
+# [text](../../page.md#anchor) in a docstring, and docs/page.md#anchor in comments and messages
+DOC_LINK = re.compile(r"\]\(((?:\.\./)*)([\w/-]+\.md)#([^)\s]*)\)")
+PLAIN_DOC_LINK = re.compile(r"\bdocs/([\w/-]+\.md)#([\w-]+)")
+
+
+def package_sources() -> dict[str, str]:
+    return {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
+            for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def spec_citations(text: str) -> list[int]:
+    """Line numbers citing a "SPEC" (placeholders aside)."""
+    return [n for n, line in enumerate(text.splitlines(), 1) if "SPEC" in PLACEHOLDER.sub("", line)]
+
+
+def slugify(heading: str) -> str:
+    """A heading's anchor as mkdocs' toc extension makes it (Python-Markdown's default slugify,
+    on the heading's text: code spans keep their text, emphasis marks go)."""
+    text = unicodedata.normalize("NFKD", heading.replace("`", "").replace("*", ""))
+    text = re.sub(r"[^\w\s-]", "", text.encode("ascii", "ignore").decode("ascii")).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def anchors(page: str) -> set[str]:
+    """The heading anchors of a Markdown page (fenced code skipped; a repeated slug gets _1, _2)."""
+    found: set[str] = set()
+    fenced = False
+    for line in page.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#{1,6} +(.+?) *#*$", line)):
+            slug = base = slugify(m.group(1))
+            n = 0
+            while slug in found:
+                n += 1
+                slug = f"{base}_{n}"
+            found.add(slug)
+    return found
+
+
+def broken_links(text: str, prefix: str) -> list[str]:
+    """Links of ``text`` to a section of a docs page that do not resolve: a Markdown link must go
+    through ``prefix`` (the way from the page it renders on to docs/), then name an existing page
+    and one of its heading anchors."""
+    bad = []
+    links = [(m.group(0), m.group(1), m.group(2), m.group(3)) for m in DOC_LINK.finditer(text)]
+    links += [(m.group(0), prefix, m.group(1), m.group(2)) for m in PLAIN_DOC_LINK.finditer(text)]
+    for link, up, page, anchor in links:
+        target = DOCS / page
+        if up != prefix:
+            bad.append(f"{link}: the relative path must start with {prefix!r}")
+        elif not target.is_file():
+            bad.append(f"{link}: no page docs/{page}")
+        elif anchor not in anchors(target.read_text(encoding="utf-8")):
+            bad.append(f"{link}: no heading with anchor #{anchor} in docs/{page}")
+    return bad
+
+
+def test_no_module_cites_a_spec_document() -> None:
+    """The project's reference is docs/algorithms.md; the code cites its sections by link."""
+    found = {path: lines for path, text in package_sources().items()
+             if path not in SPEC_ALLOW_LIST_MUST_SHRINK_TO_EMPTY and (lines := spec_citations(text))}
+    assert found == {}, (f"'SPEC' cited at {found} (file: line numbers); link the section of docs/algorithms.md "
+                         "instead, e.g. [the two traps](../../algorithms.md#the-two-traps)")
+
+
+def test_the_spec_allow_list_holds_only_files_that_still_need_it() -> None:
+    sources = package_sources()
+    stale = [path for path in sorted(SPEC_ALLOW_LIST_MUST_SHRINK_TO_EMPTY)
+             if path not in sources or not spec_citations(sources[path])]
+    assert stale == [], f"{stale} no longer cite SPEC: remove them from SPEC_ALLOW_LIST_MUST_SHRINK_TO_EMPTY"
+
+
+def test_every_section_link_in_the_code_and_the_docs_resolves() -> None:
+    """Docstrings render on the API pages (gen.API_DIR), so they link docs/ through
+    gen.API_TO_DOCS; the hand-written pages sit in docs/ itself."""
+    assert gen.API_TO_DOCS == "../" * (gen.API_DIR.count("/") + 1) == "../../"
+    sources = package_sources()
+    bad = {path: b for path, text in sources.items() if (b := broken_links(text, gen.API_TO_DOCS))}
+    bad |= {page.name: b for page in sorted(DOCS.glob("*.md"))
+            if (b := broken_links(page.read_text(encoding="utf-8"), ""))}
+    assert bad == {}
+    linked = sum(len(DOC_LINK.findall(text)) for text in sources.values())
+    assert linked >= 20  # the check has something to check
+
+
+def test_the_link_checks_catch_a_spec_citation_and_a_broken_link() -> None:
+    """Negative controls."""
+    assert spec_citations('x = 1\n"""Exact (SPEC trap 1)."""\np.add_argument("--stage", metavar="SPEC")') == [2]
+    assert spec_citations("use --tree SPEC or tree=SPEC; SPEC_BENCH_ROWS") == []
+    good = "[the two traps](../../algorithms.md#the-two-traps), docs/algorithms.md#greedy-mode"
+    assert broken_links(good, "../../") == []
+    assert broken_links("[x](../../algorithms.md#the-two-trap)", "../../") == [
+        "](../../algorithms.md#the-two-trap): no heading with anchor #the-two-trap in docs/algorithms.md"]
+    assert len(broken_links("[x](../algorithms.md#the-two-traps)", "../../")) == 1  # wrong depth
+    assert len(broken_links("[x](../../nowhere.md#a) docs/algorithms.md#spec", "../../")) == 2
+
+
+def test_anchors_are_the_ones_mkdocs_makes() -> None:
+    """Our slugify against Python-Markdown's toc extension (what mkdocs runs) on every page."""
+    markdown = pytest.importorskip("markdown")
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        md = markdown.Markdown(extensions=["toc", "tables", "fenced_code"])
+        html = md.convert(text)
+        assert anchors(text) == set(re.findall(r'<h[1-6] id="([^"]+)"', html)), page.name
+    assert slugify("Forward cost T(M)") == "forward-cost-tm"
+    assert {"the-two-traps", "block-verification", "greedy-mode"} <= anchors((DOCS / "algorithms.md").read_text())
+
+
+def test_the_hook_page_moves_api_page_links_one_level_up() -> None:
+    assert gen.for_hooks_page("[t](../../algorithms.md#the-two-traps)") == "[t](../algorithms.md#the-two-traps)"

@@ -1,10 +1,10 @@
-"""Chi-square exactness of whole pipelines over ``TableModel`` stages (SPEC "Exact chain").
+"""Chi-square exactness of whole pipelines over ``TableModel`` stages (docs/algorithms.md "The exact N-stage chain").
 
 With ``exact`` at every boundary, the generated tokens must be an exact sample of the target
 M_N, for any number of stages and any block lengths. Every test below states its sample size;
 a lossless configuration must give p > ALPHA = 1e-4, and every test also shows its power: the
 same samples reject (p < 1e-6) the distribution of the stage below the target, and the
-deliberately wrong chains of SPEC's two traps are rejected by the very same checks.
+deliberately wrong chains of the two traps of docs/algorithms.md are rejected by the very same checks.
 
 Tables: neighbouring stages differ by a total variation of 0.2-0.5 (checked below), so every
 boundary both accepts and rejects often.
@@ -191,7 +191,7 @@ def test_later_position_matches_the_propagated_markov_marginal(n: int, ells: lis
 
 
 # ----------------------------------------------------------------------------------------------
-# Negative controls: the two traps of SPEC.md, in a chain built by hand
+# Negative controls: the two traps of docs/algorithms.md, in a chain built by hand
 # ----------------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,9 @@
-"""The feature channel and feature-level drafts (SPEC "Feature-level drafts").
+"""The feature channel and feature-level drafts (docs/algorithms.md "Feature-level drafts").
 
 - ``HFStage.features``: the hidden states its forwards computed, equal to a fresh full forward's
   (tolerance 1e-4, float32), kept and rolled back with the cache, gathered with a token tree.
 - ``FeatureStage``: incremental scoring equals scoring from a fresh stage (the rows are a
-  function of the context and of the source's features of that context only -- SPEC trap 2);
+  function of the context and of the source's features of that context only -- docs/algorithms.md, trap 2);
   chains and trees through the pipeline are greedy-identical to the target, and a sampled chain
   is exact (chi-square on the joint of two tokens, 4,000 runs, p > 1e-4; the same samples
   against a perturbed target's joint must be rejected, p < 1e-6).

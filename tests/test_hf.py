@@ -1,7 +1,7 @@
 """The Hugging Face backend on tiny random Llama models (seconds on a CPU).
 
 Greedy identity: every pipeline must emit exactly the target's own ``model.generate`` greedy
-tokens (SPEC "Greedy mode"), for 2 and 3 stages, several block lengths, model and ngram drafts.
+tokens (docs/algorithms.md "Greedy mode"), for 2 and 3 stages, several block lengths, model and ngram drafts.
 """
 
 from __future__ import annotations

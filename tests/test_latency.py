@@ -1,4 +1,4 @@
-"""The latency model (SPEC "Latency model"): closed forms, limits, and a Monte-Carlo check of
+"""The latency model (docs/algorithms.md "Latency model"): closed forms, limits, and a Monte-Carlo check of
 expected tokens per verification on a pipeline with known per-token acceptance."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HSD planner (SPEC "Latency model": the best hierarchy is a shortest path over candidates
+"""The HSD planner (docs/algorithms.md "Latency model": the best hierarchy is a shortest path over candidates
 ordered by cost): the DP against brute force, hand-checkable plans, the measurements on explicit
 tables and tiny random models, and ``pyramid plan`` end to end on a tiny saved model."""
 

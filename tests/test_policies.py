@@ -1,6 +1,6 @@
 """``ExactPolicy.decide`` on explicit probability vectors -- no model involved.
 
-SPEC "Exact (lossless) chain": accept x_j with probability min(1, p_j(x_j)/q_j(x_j)); at the first
+docs/algorithms.md "The exact N-stage chain": accept x_j with probability min(1, p_j(x_j)/q_j(x_j)); at the first
 rejection emit y ~ norm(max(p_j - q_j, 0)); if all are accepted emit a bonus y ~ p_{n+1}; the row
 that travels up with the emitted token is the verifier's full row p_j (trap 1).
 
@@ -158,7 +158,7 @@ def test_bonus_token_when_all_accepted_comes_from_the_last_row() -> None:
 
 
 def test_verdict_row_is_the_full_verifier_row_not_the_residual() -> None:
-    """SPEC trap 1: the row travelling up with a correction is p_j itself."""
+    """docs/algorithms.md, trap 1: the row travelling up with a correction is p_j itself."""
     p = torch.stack([P0, P1])
     rng = Rng(0)
     seen = {"rejected": 0, "accepted": 0}

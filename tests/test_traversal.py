@@ -91,7 +91,7 @@ def reference_traversal(tokens: Sequence[int], parents: Sequence[int], q: Sequen
 
 def reference_top_down(tokens: Sequence[int], parents: Sequence[int], q: Sequence[np.ndarray], p: Sequence[np.ndarray],
                        without: bool) -> Outcomes:
-    """Exact outcome law of SPEC's token-level tree rule (``exact``): from the context down, try
+    """Exact outcome law of the token-level tree rule of ``exact`` (docs/algorithms.md): from the context down, try
     the children in order, accept x w.p. min(1, r(x)/q(x)), else r <- norm(max(r - q, 0)) (and,
     without replacement, q loses x); descend into an accepted child; emit y ~ r when all fail."""
     kids, out = _children(parents), {}
@@ -542,7 +542,7 @@ def test_traversal_is_registered_through_its_entry_point() -> None:
 
 
 def test_the_emitted_row_is_the_verifiers_row_at_the_emitted_node() -> None:
-    """SPEC trap 1 on the fixed trees: ``row`` is p[accepted[-1] + 1] (p[0] for an empty path)."""
+    """docs/algorithms.md, trap 1 on the fixed trees: ``row`` is p[accepted[-1] + 1] (p[0] for an empty path)."""
     for without in (True, False):
         block, p, _, _ = fixed_tree(without)
         rng = Rng(1)

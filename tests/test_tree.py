@@ -1,4 +1,4 @@
-"""Token trees (SPEC "Tree drafting"): the ``tree`` proposer, lossless multi-candidate
+"""Token trees (docs/algorithms.md "Tree drafting"): the ``tree`` proposer, lossless multi-candidate
 verification by ``exact``, trees at any boundary, metrics, the CLI, and HF tree attention.
 
 Statistical conventions (tests/stats.py): every run is seeded; a lossless configuration must pass
@@ -61,7 +61,7 @@ def enumerate_node(p: Sequence[float], q: Sequence[float], k: int, drawn_with_re
                    verified_with_replacement: bool | None = None) -> tuple[float, np.ndarray]:
     """Exact (P(some child accepted), distribution of the token the node emits) for one node with
     k children drawn from q (i.i.d., or sequentially without replacement -- then at most |supp q|
-    children, as the proposer draws), verified against p with SPEC's rule. An independent
+    children, as the proposer draws), verified against p with the rule of docs/algorithms.md. An independent
     re-implementation in float64, by enumerating every tuple of children."""
     rule_iid = drawn_with_replacement if verified_with_replacement is None else verified_with_replacement
     p_, q_ = np.asarray(p, dtype=float), np.asarray(q, dtype=float)
@@ -99,7 +99,8 @@ def enumerate_node(p: Sequence[float], q: Sequence[float], k: int, drawn_with_re
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("replacement", [True, False])
 def test_the_multi_candidate_rule_is_exact_by_enumeration(k: int, replacement: bool) -> None:
-    """The SPEC rule emits exactly p at a node, for random (p, q) and for the tables used below."""
+    """The rule of docs/algorithms.md "Tree drafting" emits exactly p at a node, for random
+    (p, q) and for the tables used below."""
     gen = np.random.default_rng(k + 10 * replacement)
     pairs = [(P0, Q0), (Q0, P0)] + [(gen.dirichlet(np.ones(V)), gen.dirichlet(np.ones(V))) for _ in range(5)]
     pairs.append(([0.5, 0.5, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]))  # partly disjoint supports
@@ -161,7 +162,7 @@ def test_sequoia_children_verified_with_the_iid_rule_are_detected() -> None:
 
 
 class ResidualRowPolicy:
-    """Negative control (SPEC trap 1): after rejecting every child of a node, the emitted token
+    """Negative control (docs/algorithms.md, trap 1): after rejecting every child of a node, the emitted token
     travels up with the residual it was drawn from instead of the verifier's full row."""
 
     def decide(self, block: Block, p: torch.Tensor, rng: Rng) -> Verdict:
@@ -361,7 +362,7 @@ def test_greedy_trees_accept_the_child_equal_to_the_argmax(shared_rows: bool, wi
 def test_all_children_rejected_emits_from_the_residual_with_the_full_row() -> None:
     """Root children 0 and 1 with rows q = [0.5, 0.5, 0, 0]; verifier p = [0, 0, 0.5, 0.5]: both
     are always rejected, the token comes from the residual (tokens 2, 3 only) and the row that
-    travels up is p itself (SPEC trap 1)."""
+    travels up is p itself (docs/algorithms.md, trap 1)."""
     q = torch.tensor([0.5, 0.5, 0.0, 0.0])
     p = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25] * 4, [0.25] * 4])
     for without in (False, True):

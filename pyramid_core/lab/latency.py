@@ -1,6 +1,6 @@
-"""The latency model of SPEC.md ("Latency model"): closed forms for planning and for comparing
-predicted with measured speedups (``pyramid bench``). Pure maths, one job, hence its length:
-nothing here runs a stage (measuring is ``pyramid_core.lab.measure``).
+"""The [latency model](../../algorithms.md#latency-model): closed forms for planning and for
+comparing predicted with measured speedups (``pyramid bench``). Pure maths, one job, hence its
+length: nothing here runs a stage (measuring is ``pyramid_core.lab.measure``).
 
 References
 ----------
@@ -22,10 +22,10 @@ Forward cost as a function of the tokens fed
 --------------------------------------------
 A stage's forward time is a function T(M) of M, the number of new tokens the forward feeds (the
 positions not yet in its KV cache), given as a ``ForwardCost``; a plain float is a flat T(M),
-the papers' model. On a GPU T(M) is nearly flat for small M; on a CPU it is not: a SmolLM2-135M
-forward costs ~71 ms at M = 1, 115 ms at M = 2, 142 ms at M = 3 and 98 ms at M = 5, because
-small-M GEMM is 2-3x slower than the M = 1 GEMV path (docs/algorithms.md). ``predict_chain``
-charges every forward at its own M (its docstring says which).
+the papers' model. On a GPU T(M) is nearly flat for small M; on a CPU it is not, because
+small-M GEMM is slower than the M = 1 GEMV path (a measured curve:
+[forward cost T(M)](../../algorithms.md#forward-cost-tm)). ``predict_chain`` charges every
+forward at its own M (its docstring says which).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def polybasic_time(
     beta: float = 1.0,
 ) -> float:
     """Time for an n-model chain to generate ``n_tokens`` = N tokens (Polybasic speculative
-    decoding, arXiv 2510.26527, Lemma; as written in SPEC.md)::
+    decoding, arXiv 2510.26527, Lemma; [latency model](../../algorithms.md#latency-model))::
 
         T = sum_{i<n} (N / L_i) T_i + beta (N / L_{n-1}) T_n
 
@@ -421,9 +421,10 @@ def predict_chain(
     *,
     new_tokens: int | None = None,
 ) -> Prediction:
-    """Predict an N-stage exact chain (SPEC "Exact chain") from alpha and ell per boundary and
-    the forward cost per stage: seconds per forward as a float (0 for a model-free proposer such
-    as ``ngram``), or a ``ForwardCost`` T(M) of the tokens M a forward feeds.
+    """Predict an [N-stage exact chain](../../algorithms.md#the-exact-n-stage-chain) from alpha and
+    ell per boundary and the forward cost per stage: seconds per forward as a float (0 for a
+    model-free proposer such as ``ngram``), or a ``ForwardCost`` T(M) of the tokens M a forward
+    feeds.
 
     Steady state (``new_tokens=None``), from the recursion of the pipeline: stage 1 samples
     autoregressively, one forward of one new token per drafted token; stage k >= 2 verifies

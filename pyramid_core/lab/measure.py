@@ -1,5 +1,6 @@
-"""Everything that runs and times stages: the measurements behind the latency model, the
-planner and the bench (SPEC "Latency model", "Metrics every run reports").
+"""Everything that runs and times stages: the measurements behind the latency model, the planner and
+the bench ([latency model](../../algorithms.md#latency-model),
+[metrics](../../algorithms.md#metrics)).
 
 - ``measure_stage_costs`` / ``measure_stage_time``: T(M), the seconds of a cached forward that
   feeds M new tokens, per stage (``latency.ForwardCost``);

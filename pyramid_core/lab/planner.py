@@ -1,4 +1,4 @@
-"""The HSD planner of SPEC.md ("Latency model"): pick the chain of stages and the block lengths
+"""The HSD [planner](../../algorithms.md#planner): pick the chain of stages and the block lengths
 that the latency model predicts to be fastest, from alpha per pair and T per candidate measured
 on the user's hardware (``pyramid plan``).
 

@@ -14,7 +14,7 @@ Two checks, neither needs a model:
     ``token-range``  the emitted token is an integer in ``[0, vocab)``;
     ``token-mass``   the emitted token has positive mass under the verifier's row ``p[j]``;
     ``row``          ``row`` is the verifier's full row ``p[j]`` at the emitted position, never
-                     a residual (SPEC.md, trap 1);
+                     a residual ([trap 1](../../algorithms.md#the-two-traps));
     ``determinism``  a second call with a fresh ``Rng`` of the same seed gives the same verdict
                      (all randomness comes from ``rng``);
     ``pure``         ``decide`` leaves ``block`` and ``p`` unchanged.
@@ -331,7 +331,7 @@ def _check_one(name: str, policy: AcceptancePolicy, case: ContractCase, rebuild:
         diff = float((row64 - expected64).abs().max())
         raise _fail(name, "row", case,
                     f"row is not the verifier's full row {where} at the emitted position (max |difference| {diff:.3g}); "
-                    "it must be p itself, not a residual or the proposer's row (SPEC.md, trap 1)", rebuild)
+                    "it must be p itself, not a residual or the proposer's row (docs/algorithms.md#the-two-traps, trap 1)", rebuild)
     try:
         again = policy.decide(block, p, Rng(case.seed))
         same = (tuple(again.accepted) == tuple(verdict.accepted) and operator.index(again.token) == token
@@ -491,6 +491,6 @@ def check_policy_lossless(
             + f"\n  worst case: empirical [{emp}] vs target [{tgt}]."
             "\n  If the rule is lossy by design (like fuzzy), call with raise_on_failure=False and report "
             "report.max_tv as its distortion; otherwise look for a wrong residual, a wrong emitted row "
-            "(SPEC.md trap 1) or a decision that depends on later tokens."
+            "(docs/algorithms.md#the-two-traps, trap 1) or a decision that depends on later tokens."
         )
     return report

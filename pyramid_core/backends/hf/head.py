@@ -20,9 +20,10 @@ Variants:
   and a high one) to H; ``h^`` lives in that fused space, goes through a norm to the head, and is
   trained on the tokens only, over its own unrolled predictions ("training-time test").
 
-The LM head is the source model's own (shared, frozen) or a frequency-ranked sub-vocabulary head
-of the draft's own (``hf.student.SubVocabHead``): with SmolLM2's 49152 x 576 head the draft's
-cost is dominated by the head, so K = 8192 rows make it ~4x cheaper.
+The LM head is the source model's own (shared, frozen) or a frequency-ranked sub-vocabulary head of
+the draft's own (``hf.student.SubVocabHead``): with SmolLM2's 49152 x 576 head the draft's cost is
+dominated by the head, so K rows (K << vocab) make it several times cheaper (measured: [the feature
+draft](../../distill.md#the-feature-draft)).
 
 A trained head is a folder: ``stage.json`` (format ``pyramid-feature-stage/1``, the base model,
 the architecture, training metadata) and ``model.safetensors`` (only what was trained, fp16);

@@ -39,11 +39,11 @@ def hf_rows(
     sampling: SamplingConfig,
     progress: bool,
 ) -> tuple[list[BenchRow], list[list[int]] | None]:
-    """The HF rows, and the greedy reference of the pyramid rows: the target's own greedy output
-    in the pyramid rows' execution mode -- HF generate over the compiled stage when the target
-    is compiled, plain HF generate otherwise (SPEC "Compiled stages"). Eager HF rows (assisted,
-    prompt lookup) are checked against plain HF generate; the other compiled rows say on how
-    many prompts they agree with it."""
+    """The HF rows, and the greedy reference of the pyramid rows: the target's own greedy output in
+    the pyramid rows' execution mode -- HF generate over the compiled stage when the target is
+    compiled, plain HF generate otherwise ([compiled stages](../../algorithms.md#compiled-stages)).
+    Eager HF rows (assisted, prompt lookup) are checked against plain HF generate; the other
+    compiled rows say on how many prompts they agree with it."""
     # each assistant drafts as many tokens per round as our 2-stage row with the same draft
     assistants: list[tuple[str, HFStage, int]] = []
     if isinstance(draft, HFStage):

@@ -132,12 +132,13 @@ def feature_configs(
     tree: str = "tree:budget=8,branching=4",
     qualifier_length: int = 3,
 ) -> list[BenchConfig]:
-    """The feature-draft rows (EAGLE family, SPEC "Feature-level drafts"): ``feature`` -> target
-    as a chain of ``length`` tokens and as a token tree through ``tree``; with a qualifier,
-    ``feature`` -> qualifier -> target at ``(length, max(length, qualifier_length))``. Give a
-    ``feature`` that reads the target (``features_from=target``): in the 2-stage rows that is
-    the next stage, and across the qualifier it reads the target's features where the target
-    has scored a position and its own predicted ones elsewhere (SPEC's stand-in rule)."""
+    """The feature-draft rows (EAGLE family, [feature-level
+    drafts](../../algorithms.md#feature-level-drafts)): ``feature`` -> target as a chain of
+    ``length`` tokens and as a token tree through ``tree``; with a qualifier, ``feature`` ->
+    qualifier -> target at ``(length, max(length, qualifier_length))``. Give a ``feature`` that
+    reads the target (``features_from=target``): in the 2-stage rows that is the next stage, and
+    across the qualifier it reads the target's features where the target has scored a position and
+    its own predicted ones elsewhere (the stand-in rule of the same section)."""
     rows = [
         BenchConfig("feature→target", (feature, target), ("exact",), (length,)),
         BenchConfig("tree feature→target", (feature, target), ("exact",), (length,), tree=tree),

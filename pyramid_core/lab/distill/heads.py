@@ -1,11 +1,12 @@
 """Training feature-level drafts (``hf.feature_head``) on the offline corpus: ``pyramid distill
 feature``.
 
-The corpus (``distill.corpus``) holds the target's answers and its top-k next-token
-distributions. Training needs, in addition, the target's features of every position: they are
-computed once with the target (no grad, bfloat16 autocast by default: ~2.4x faster on a CPU) for
-a bounded subset of the sequences -- a seeded choice up to ``max_positions`` -- and cached in
-fp16 next to the checkpoints (``features/``; resumable, tied to the corpus hash).
+The corpus (``distill.corpus``) holds the target's answers and its top-k next-token distributions.
+Training needs, in addition, the target's features of every position: they are computed once with
+the target (no grad, bfloat16 autocast by default: faster on a CPU, see [the feature
+draft](../../distill.md#the-feature-draft)) for a bounded subset of the sequences -- a seeded choice
+up to ``max_positions`` -- and cached in fp16 next to the checkpoints (``features/``; resumable,
+tied to the corpus hash).
 
 Loss per slot j (it reads the target's feature of position j-1 and token j):
 - ``eagle1``: ``reg_weight`` x smooth-L1(h^_j, f_j) + ``ce_weight`` x the cross-entropy from the
