@@ -17,6 +17,7 @@ import attrs
 
 from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
+from pyramid_core.options import ExecutionMode
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, VerifiesTrees, tokenizer_of
@@ -40,15 +41,21 @@ DEFAULT_BLOCK_LENGTH = 4
 """Block length per boundary when neither the lengths, a preset nor the default chain give one."""
 
 StageLike = str | Stage | Proposer
+
+
+def _mode_or_none(value: ExecutionMode | bool | str | None) -> ExecutionMode | None:
+    return None if value is None else ExecutionMode.parse(value)
+
 PolicyLike = str | AcceptancePolicy
 
 
 def make_stage(spec: StageLike, *, regs: Registries | None = None, vocab_size: int | None = None,
-               device: str | None = None, compile: bool | str | None = None, **overrides: Any) -> Stage | Proposer:
+               device: str | None = None, compile: ExecutionMode | None = None,
+               **overrides: Any) -> Stage | Proposer:
     """A stage from ``"name:k=v"``: a registered proposer (given ``vocab_size`` when it takes
-    one), else a registered model backend (placed on ``device`` when given, and given
-    ``compile`` -- true, false or auto -- when given and the backend takes it, unless the spec
-    sets it; ``None``: the backend's defaults). A loaded stage is returned as it is."""
+    one), else a registered model backend (placed on ``device`` when given, and given the
+    execution mode ``compile`` when given and the backend takes it, unless the spec sets it;
+    ``None``: the backend's defaults). A loaded stage is returned as it is."""
     if not isinstance(spec, str):
         return spec
     regs = regs or registries()
@@ -62,7 +69,7 @@ def make_stage(spec: StageLike, *, regs: Registries | None = None, vocab_size: i
             check_device(device)
             overrides["device"] = device
         if compile is not None and regs.backends.accepts(name, "compile") and "compile" not in parse_spec(spec)[1]:
-            overrides["compile"] = str(compile).lower()
+            overrides["compile"] = compile
         return regs.backends.create(spec, **overrides)
     if name in regs.wrappers:
         raise PluginError(f"{name!r} is a stage wrapper, not a stage: it wraps the bottom model stage of a "
@@ -154,9 +161,9 @@ class PipelineSpec:
     sampling:       applied identically at every stage
     device:         where model backends are placed (``None``: each backend's default)
     stop_ids:       ``None``: the target tokenizer's end-of-sequence token, if any
-    compile:        the execution mode of model backends that have one: ``True``, ``False`` or
-                    ``"auto"`` (fast where supported); ``None``: each backend's default
-                    (a stage spec's own ``compile=`` wins)
+    compile:        the execution mode of model backends that have one (``ExecutionMode``; a bool
+                    or a word is parsed once, here); ``None``: each backend's default (a stage
+                    spec's own ``compile=`` wins)
     length_schedule: ``"fixed"`` block lengths, or ``"adaptive"`` (+2 after a fully accepted
                     block, -1 otherwise; ``pyramid_core.schedule``), at every boundary
     confidence_stop: > 0: a model bottom stage ends its block after a token whose row's largest
@@ -177,7 +184,7 @@ class PipelineSpec:
     sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
     device: str | None = None
     stop_ids: tuple[int, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
-    compile: bool | str | None = None
+    compile: ExecutionMode | None = attrs.field(default=None, converter=_mode_or_none)
     length_schedule: str = "fixed"
     confidence_stop: float = 0.0
     on_nonfinite: str = "raise"
@@ -302,7 +309,7 @@ def build_pipeline(
     preset: str | None = None,
     tree: str | None = None,
     device: str | None = None,
-    compile: bool | str | None = None,
+    compile: ExecutionMode | bool | str | None = None,
     length_schedule: str = "fixed",
     confidence_stop: float = 0.0,
     regs: Registries | None = None,

@@ -2,7 +2,7 @@
 
 A spec string names a registered factory and, optionally, its parameters by name:
 ``"fuzzy:div=js,tau=0.3"``. Values are converted with the factory's annotations (int, float,
-bool, str). A parameter annotated with a registered kind -- ``AcceptancePolicy``,
+bool, str, or a type with a ``parse`` classmethod such as ``ExecutionMode``). A parameter annotated with a registered kind -- ``AcceptancePolicy``,
 ``Divergence``, ... (``Registry.nested``) -- takes a spec of that kind, resolved by the
 registry of that kind: ``assisted:inner=exact``, or with parameters of its own in parentheses,
 ``assisted:inner=(fuzzy:div=tv,tau=0.3)``.
@@ -107,6 +107,14 @@ def _convert(kind: str, name: str, param: str, value: Any, annotation: Any, nest
                 return nested[target](value)
             except (ConfigError, PluginError) as exc:
                 raise ConfigError(f"{kind} {name!r}: parameter {param}={value!r}: {exc}") from None
+    for target in targets:  # an option type that parses its own words (e.g. ``ExecutionMode``)
+        parse = getattr(target, "parse", None) if isinstance(target, type) and target not in (bool, int, float, str) \
+            else None
+        if callable(parse):
+            try:
+                return parse(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{kind} {name!r}: {exc}") from None
     for target in targets:
         try:
             if target is bool:

@@ -24,19 +24,9 @@ from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig, is_fea
 from pyramid_core.backends.hf.head_stage import FeatureStage, load_feature_stage
 from pyramid_core.errors import ConfigError
 from pyramid_core.hookspecs import hookimpl
+from pyramid_core.options import ExecutionMode
 
 __all__ = ["feature_stage", "untrained_feature_stage"]
-
-
-def _compile(value: str | bool) -> bool:
-    text = str(value).lower()
-    if text not in ("true", "false", "auto"):
-        raise ConfigError(f"feature: compile must be one of true, false, auto, got {value!r}")
-    if text == "auto":
-        from pyramid_core.backends.hf.fast import packing_available
-
-        return packing_available()
-    return text == "true"
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -51,7 +41,7 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def feature_stage(path: str = "", base: str = "", features_from: str = "next", device: str = "cpu",
-                  dtype: str = "float32", compile: str = "false", variant: str = "eagle1", layers: str = "-1",
+                  dtype: str = "float32", compile: ExecutionMode = ExecutionMode.EAGER, variant: str = "eagle1", layers: str = "-1",
                   depth: int = 1, sub_vocab: int = 0, seed: int = 0) -> FeatureStage:
     """A trained head (``path=``) or an untrained one on a Hugging Face model (``base=``)."""
     if bool(path) == bool(base):
@@ -62,19 +52,19 @@ def feature_stage(path: str = "", base: str = "", features_from: str = "next", d
             raise ConfigError(f"feature: {path} holds no feature head (no stage.json of format pyramid-feature-stage/1)")
         try:
             return load_feature_stage(path, device=device, dtype=dtype, features_from=features_from,
-                                      compile=_compile(compile))
+                                      compile=compile)
         except ValueError as exc:
             raise ConfigError(f"feature:path={path}: {exc}") from None
     if sub_vocab:
         raise ConfigError("feature: an untrained head takes the base model's LM head (sub_vocab=0); "
                           "a sub-vocabulary head comes from training (`pyramid distill feature --sub-vocab K`)")
     return untrained_feature_stage(base, variant=variant, layers=_layers(layers), depth=depth, seed=seed,
-                                   features_from=features_from, device=device, dtype=dtype, compile=_compile(compile))
+                                   features_from=features_from, device=device, dtype=dtype, compile=compile)
 
 
 def untrained_feature_stage(base: str, *, variant: str = "eagle1", layers: tuple[int, ...] = (-1,), depth: int = 1,
                             seed: int = 0, features_from: str = "next", device: str = "cpu", dtype: str = "float32",
-                            compile: bool = False) -> FeatureStage:
+                            compile: ExecutionMode = ExecutionMode.EAGER) -> FeatureStage:
     """A freshly initialised head (seeded) on the model in directory ``base``."""
     from pathlib import Path
 

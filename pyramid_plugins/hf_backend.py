@@ -22,24 +22,15 @@ from pyramid_core.backends.hf.stage import HFStage
 from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError
 from pyramid_core.hookspecs import hookimpl
+from pyramid_core.options import ExecutionMode
 from pyramid_core.recipes import Chain
 from pyramid_plugins.feature import feature_stage
 
 __all__ = ["hf_stage", "smollm2_stage", "smollm2_family"]
 
 
-COMPILE = ("auto", "true", "false")
-
-
-def _compile(value: str | bool) -> bool | str:
-    text = str(value).lower()
-    if text not in COMPILE:
-        raise ConfigError(f"compile must be one of {', '.join(COMPILE)}, got {value!r}")
-    return text if text == "auto" else text == "true"
-
-
 def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers: int = 0,
-             compile: str = "false", features_from: str = "next") -> HFStage | FeatureStage:
+             compile: ExecutionMode = ExecutionMode.EAGER, features_from: str = "next") -> HFStage | FeatureStage:
     """A local Hugging Face causal-LM directory as a stage. ``compile=true`` runs its forwards in
     the fast execution mode (``pyramid_core.backends.hf.fast``: oneDNN pre-packed weights on CPU),
     ``false`` (default) eagerly, ``auto`` fast wherever that mode is supported (the commands'
@@ -55,14 +46,14 @@ def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers:
         raise ConfigError(f"num_layers must be >= 0 (0 = all layers), got {num_layers}")
     check_device(device)  # before loading: a device this torch cannot use
     return HFStage.from_pretrained(path, device=device, dtype=dtype, num_layers=num_layers or None,
-                                   compile=_compile(compile))
+                                   compile=compile)
 
 
 SMOLLM2_STAGES = ("target", "qualifier", "draft", "feature")
 
 
 def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int = 0, stage: str = "target",
-                  compile: str = "false", features_from: str = "next") -> HFStage | FeatureStage:
+                  compile: ExecutionMode = ExecutionMode.EAGER, features_from: str = "next") -> HFStage | FeatureStage:
     """SmolLM2-135M-Instruct, converted once by `pyramid setup` (``stage=target``), or a stage
     of the distilled family shipped with pyramid (``stage=draft`` / ``stage=qualifier``, and
     ``stage=feature``: the feature-level draft, reading ``features_from=next|target``)."""

@@ -10,6 +10,7 @@ against the compiled target's own greedy decoding (docs/algorithms.md "Compiled 
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,16 @@ from pyramid_core import (
     make_stage,
 )
 from pyramid_core.backends.hf import HFStage
-from pyramid_core.backends.hf.fast import PackedLinear, buffer_cache, packed_view, packing_available
+from pyramid_core.backends.hf.cache import StageCache, slot_layer_class
+from pyramid_core.backends.hf.fast import PackedLinear, packed_view, packing_available
+from pyramid_core.backends.hf.runtime import resolve_mode
 from pyramid_core.backends.hf.student import build_student
 from pyramid_core.backends.hf.tiny import save_with_words
+from pyramid_core.hookspecs import hookimpl
+from pyramid_core.options import ExecutionMode
+from pyramid_core.plugins import registries_with
+from pyramid_core.testing import TableModel
+from pyramid_core.tree import TokenTree
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
 
@@ -98,7 +106,7 @@ def test_compiled_stage_scores_like_eager(stages: tuple[HFStage, HFStage]) -> No
         context = torch.cat([context, ids(3, seed=len(context))])
 
 
-def test_rollback_of_the_buffer_cache_matches_a_fresh_recompute(stages: tuple[HFStage, HFStage]) -> None:
+def test_rollback_of_the_stage_cache_matches_a_fresh_recompute(stages: tuple[HFStage, HFStage]) -> None:
     _, fast = stages
     fresh = HFStage(fast.model, name="fresh", compile=True)
     full = ids(300, seed=3)  # beyond the buffer's first capacity (256): it must grow
@@ -114,7 +122,7 @@ def test_rollback_of_the_buffer_cache_matches_a_fresh_recompute(stages: tuple[HF
     assert keys.shape[-2] == len(fast.cached_tokens)  # the views cover exactly the cached tokens
 
 
-def test_tree_compaction_of_the_buffer_cache(stages: tuple[HFStage, HFStage]) -> None:
+def test_tree_compaction_of_the_stage_cache(stages: tuple[HFStage, HFStage]) -> None:
     eager, fast = stages
     context = ids(30, seed=4)
     t = tree([4, 8, 1, 6, 2, 9], [-1, -1, 0, 0, 2, 3])
@@ -165,9 +173,11 @@ def test_compile_option_through_specs(tmp_path: Path, tiny_models: dict[str, Any
     assert not make_stage(f"hf:path={path}").compiled  # type: ignore[union-attr]
     assert make_stage(f"hf:path={path},compile=auto").compiled  # type: ignore[union-attr]
     assert not make_stage(f"hf:path={path},dtype=bfloat16,compile=auto").compiled  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match=r"compile must be one of auto, true, false, got 'fast'"):
-        make_stage(f"hf:path={path},compile=fast")
-    with pytest.raises(ConfigError, match=r"compile=true on CPU runs float32 weights"):
+    assert make_stage(f"hf:path={path},compile=fast").compiled  # type: ignore[union-attr]
+    assert not make_stage(f"hf:path={path},compile=eager").compiled  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"compile must be one of auto, true \(fast\), false \(eager\), got 'maybe'"):
+        make_stage(f"hf:path={path},compile=maybe")
+    with pytest.raises(ConfigError, match=r"compile=true: the fast mode on CPU runs float32 weights"):
         make_stage(f"hf:path={path},dtype=bfloat16,compile=true")
     # PipelineSpec.compile reaches every model backend; a stage spec's own compile= wins
     spec = PipelineSpec(("ngram", f"hf:path={path},compile=false", f"hf:path={path}"), compile=True)
@@ -175,20 +185,67 @@ def test_compile_option_through_specs(tmp_path: Path, tiny_models: dict[str, Any
     assert [getattr(s, "compiled", None) for s in stages] == [None, False, True]
 
 
-def test_buffer_cache_is_a_cache_of_buffer_layers() -> None:
-    cache = buffer_cache(3)
-    assert len(cache.layers) == 3 and {type(layer).__name__ for layer in cache.layers} == {"BufferLayer"}
+def test_stage_cache_moves_its_fill_position_and_gathers() -> None:
+    """The one cache of every model stage: slot layers write at the fill position and hand views
+    of the filled part; truncate moves the position; keep gathers slots (and tracks) in order."""
+    cache = StageCache(3)
+    assert len(cache.layers) == 3 and all(isinstance(layer, slot_layer_class()) for layer in cache.layers)
     layer = cache.layers[0]
     k = torch.arange(2 * 300 * 4, dtype=torch.float32).reshape(1, 2, 300, 4)
     keys, values = layer.update(k[:, :, :200], -k[:, :, :200])
-    keys, values = layer.update(k[:, :, 200:], -k[:, :, 200:])
+    keys, values = layer.update(k[:, :, 200:], -k[:, :, 200:])  # beyond the first 256 slots: it grows
     assert torch.equal(keys, k) and torch.equal(values, -k) and layer.get_seq_length() == 300
-    layer.crop(-100)
+    layer.crop(-100)  # transformers' convention: negative drops, positive keeps
     assert torch.equal(layer.keys, k[:, :, :200])
+    layer.crop(150)
+    assert torch.equal(layer.keys, k[:, :, :150])
     layer.keep(torch.tensor([5, 1, 7]))
     assert torch.equal(layer.keys, k[:, :, [5, 1, 7]]) and layer.get_seq_length() == 3
-    with pytest.raises(ValueError, match="negative"):
-        layer.crop(2)
+    # token ids and tracks follow the same slots
+    ids = torch.tensor([4, 8, 15, 16, 23, 42])
+    cache.write_ids(0, ids)
+    cache.write_track("f", 0, torch.arange(6.0).unsqueeze(1))
+    assert cache.prefix(torch.tensor([4, 8, 15, 99, 23])) == 3 and cache.prefix(ids[:2]) == 2
+    assert cache.prefix(torch.cat([ids, torch.tensor([1])])) == 6
+    cache.truncate(4)
+    assert cache.ids.tolist() == [4, 8, 15, 16] and cache.prefix(ids) == 4
+    # a tree after the 4 cached tokens: nodes 0..3 (tokens 7, 9, 5, 2), node 2 under node 0, 3 under 2
+    cache.write_track("f", 4, torch.tensor([[10.0], [11.0], [12.0], [13.0]]))
+    cache.set_tree(TokenTree.from_parents([-1, -1, 0, 2]), [7, 9, 5, 2], torch.zeros(5, 1))
+    assert cache.slots == 8
+    cache.settle(torch.tensor([4, 8, 15, 16, 7, 5, 3]), 7)  # follows nodes 0 and 2, then leaves the tree
+    assert cache.tree is None and cache.ids.tolist() == [4, 8, 15, 16, 7, 5]
+    assert cache.track("f", slice(0, 6)).flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 10.0, 12.0]
+
+
+def test_execution_mode_keeps_its_type_from_the_flag_to_the_stage() -> None:
+    """compile is parsed once (flag, spec word or keyword) and reaches a backend as the same
+    ``ExecutionMode`` object; ``auto`` has one meaning: fast only on a CPU, in float32."""
+    from pyramid_core.cli import build_parser
+
+    ns = build_parser().parse_args(["generate", "--prompt", "x", "--compile"])
+    spec = PipelineSpec(("dummy",), compile=ns.compile)
+    assert spec.compile is ExecutionMode.FAST and PipelineSpec(("x",), compile=False).compile is ExecutionMode.EAGER
+    seen: list[object] = []
+
+    def backend(compile: ExecutionMode = ExecutionMode.EAGER) -> object:
+        seen.append(compile)
+        return TableModel([0.5, 0.5])
+
+    probe = types.ModuleType("probe_plugin")
+    probe.register_backends = hookimpl(lambda register: register("probe", backend, "records its compile"))  # type: ignore[attr-defined]
+    regs = registries_with(probe)
+    make_stage("probe", regs=regs, compile=spec.compile)
+    make_stage("probe:compile=auto", regs=regs, compile=spec.compile)  # the spec's own wins, parsed once
+    assert seen == [ExecutionMode.FAST, ExecutionMode.AUTO] and all(type(v) is ExecutionMode for v in seen)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_mode(ExecutionMode.AUTO, cuda, torch.float32, "s") is ExecutionMode.EAGER
+    assert resolve_mode(ExecutionMode.AUTO, cpu, torch.bfloat16, "s") is ExecutionMode.EAGER
+    assert resolve_mode(ExecutionMode.EAGER, cpu, torch.float32, "s") is ExecutionMode.EAGER
+    if packing_available():
+        assert resolve_mode(ExecutionMode.AUTO, cpu, torch.float32, "s") is ExecutionMode.FAST
+    with pytest.raises(ValueError, match=r"stage 's': compile=true: the fast mode is implemented for CPU stages"):
+        resolve_mode(ExecutionMode.FAST, cuda, torch.float32, "s")
 
 
 def test_cli_compile_flags() -> None:
@@ -196,6 +253,6 @@ def test_cli_compile_flags() -> None:
 
     parser = build_parser()
     for command in (["generate", "--prompt", "x"], ["bench"], ["plan", "--stage", "ngram"], ["sweep", "--preset", "sd"]):
-        assert parser.parse_args(command).compile == "auto"
-        assert parser.parse_args([*command, "--no-compile"]).compile is False
-        assert parser.parse_args([*command, "--compile"]).compile is True
+        assert parser.parse_args(command).compile is ExecutionMode.AUTO
+        assert parser.parse_args([*command, "--no-compile"]).compile is ExecutionMode.EAGER
+        assert parser.parse_args([*command, "--compile"]).compile is ExecutionMode.FAST

@@ -195,11 +195,7 @@ PACKAGES = ("pyramid_core", "pyramid_plugins")
 # Files that still cite a "SPEC" document while they are being rewritten. This list must shrink to
 # empty: remove a file as soon as it links docs/algorithms.md instead (a listed file that no longer
 # cites SPEC fails test_the_spec_allow_list_holds_only_files_that_still_need_it).
-SPEC_ALLOW_LIST_MUST_SHRINK_TO_EMPTY = frozenset({
-    "pyramid_core/backends/hf/stage.py",
-    "pyramid_core/backends/hf/head_stage.py",
-    "pyramid_core/backends/hf/hidden.py",
-})
+SPEC_ALLOW_LIST_MUST_SHRINK_TO_EMPTY: frozenset[str] = frozenset()
 # "SPEC" as an argument placeholder (a NAME[:key=value,...] spec string), not a document: argparse
 # metavars, ``--stage SPEC`` / ``tree=SPEC`` in messages, and Spec-Bench's SPEC_BENCH_ROWS
 PLACEHOLDER = re.compile(r'metavar="SPEC"|--[a-z-]+ SPEC\b|tree=SPEC\b|\bSPEC_BENCH_ROWS\b')

@@ -229,7 +229,7 @@ def test_feature_training_learns_resumes_and_loads(target_model: Any, tmp_path: 
 
     from pyramid_core.backends.hf.head_stage import load_feature_stage
     from pyramid_core.backends.hf.tiny import save_with_words
-    from pyramid_core.lab.distill import feature as feature_mod
+    from pyramid_core.lab.distill import heads as feature_mod
     from pyramid_core.lab.distill.corpus import TeacherRows, TrainSequence
     from pyramid_core.lab.distill.heads import FeatureTrainConfig, train_feature_head
 

@@ -99,10 +99,9 @@ def plain_kv(model: Any, ids: list[int]) -> tuple[torch.Tensor, list[tuple[torch
     """Logits and per-layer (keys, values) of one uncached forward over ``ids``."""
     with torch.inference_mode():
         out = model(torch.tensor([ids]), use_cache=True)
-    fresh = HFStage(model)
     cache = out.get("cache")
-    fresh._cache = cache if cache is not None else out.get("past_key_values")
-    return out.logits[0], fresh.kv_state()
+    cache = cache if cache is not None else out.get("past_key_values")
+    return out.logits[0], [(layer.keys[0], layer.values[0]) for layer in cache.layers]
 
 
 def assert_kv_equal(a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from pyramid_core.build import PipelineSpec
 from pyramid_core.cli.argtypes import block_length, int_at_least
 from pyramid_core.errors import ConfigError
+from pyramid_core.options import ExecutionMode
 from pyramid_core.schedule import SCHEDULES
 from pyramid_core.types import SamplingConfig
 from pyramid_core.validate import NONFINITE_MODES
@@ -75,9 +76,12 @@ def pipeline_args(p: argparse.ArgumentParser, *, default_length: str) -> None:
 def compile_arg(p: argparse.ArgumentParser) -> None:
     """``--compile`` / ``--no-compile``: the model stages' execution mode (default: the fast
     compiled mode wherever it is supported, eager elsewhere)."""
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default="auto",
+    p.set_defaults(compile=ExecutionMode.AUTO)
+    p.add_argument("--compile", dest="compile", action="store_const", const=ExecutionMode.FAST,
                    help="run model stages in the fast execution mode (oneDNN pre-packed weights on CPU); "
-                        "default: wherever it is supported; --no-compile: eager")
+                        "default: wherever it is supported")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=ExecutionMode.EAGER,
+                   help="run model stages eagerly")
 
 
 def nonfinite_arg(p: argparse.ArgumentParser) -> None:

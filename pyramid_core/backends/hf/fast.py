@@ -1,7 +1,7 @@
 """The fast (``compile=true``) execution mode of model stages on CPU: oneDNN pre-packed linear
-layers and a KV cache that never re-copies itself.
+layers.
 
-Why (measured on SmolLM2-135M, docs/compile.md): an eager ``F.linear`` with a few rows (M = 2..16
+Why (figures in docs/compile.md): an eager ``F.linear`` with a few rows (M = 2..16
 tokens per forward) runs a small-M GEMM that costs 1.5-3x the one-row GEMV, so a verification
 forward of M tokens cost ~2x a decode step. oneDNN's linear on weights reordered once into its
 blocked layout (what inductor's ``freezing`` emits for every linear) runs M = 1..8 at nearly the
@@ -21,23 +21,21 @@ measured slower than this and took minutes to compile (docs/compile.md).
   one token with a mask -- every verification forward; torch's SDPA takes ``enable_gqa`` with a
   mask on CPU, so the view uses it (registered as an attention implementation of its own, set on
   the view's copy of the config only).
-- ``BufferLayer`` / ``buffer_cache``: a KV cache layer that writes new keys and values into a
-  preallocated buffer (doubling when full) and hands attention views of the filled part, where
-  Hugging Face's ``DynamicLayer`` concatenates -- copying the whole cache -- at every forward.
-  Rollback moves the fill pointer; ``keep(index)`` gathers kept positions (tree compaction).
+
+Every model stage, eager or fast, keeps its keys and values in one ``StageCache``
+(``backends.hf.cache``); ``backends.hf.runtime`` decides when this mode runs.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import importlib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PackedLinear", "packed_view", "packing_available", "buffer_layer_class", "buffer_cache", "PACK_HINT"]
+__all__ = ["PackedLinear", "packed_view", "packing_available", "PACK_HINT"]
 
 PACK_HINT = 16
 """Rows the oneDNN weight layout is tuned for; one packed weight serves every M (measured flat up
@@ -146,95 +144,3 @@ def packed_view(model: nn.Module) -> nn.Module:
         return new
 
     return rebuild(model)
-
-
-def _cache_utils() -> Any:
-    """``transformers.cache_utils`` when its caches are lists of layer objects (>= 4.56), else None."""
-    try:
-        module: Any = importlib.import_module("transformers.cache_utils")
-    except ImportError:  # pragma: no cover
-        return None
-    return module if hasattr(module, "DynamicLayer") and hasattr(module, "Cache") else None
-
-
-@functools.cache
-def buffer_layer_class() -> Any:
-    """The ``BufferLayer`` class (a ``DynamicLayer`` subclass), or None on an older transformers."""
-    utils = _cache_utils()
-    if utils is None:  # pragma: no cover - older transformers keep the default cache
-        return None
-
-    base: Any = utils.DynamicLayer
-
-    class BufferLayer(base):  # type: ignore[misc]
-        """A ``DynamicLayer`` that writes into a preallocated buffer instead of concatenating
-        (module docstring). ``keys`` / ``values`` are views of the filled part."""
-
-        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-            self.device = key_states.device
-            self._k = key_states.new_empty((*key_states.shape[:-2], 256, key_states.shape[-1]))
-            self._v = value_states.new_empty((*value_states.shape[:-2], 256, value_states.shape[-1]))
-            self._n = 0
-            self._views()
-            self.is_initialized = True
-
-        def _views(self) -> None:
-            self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
-
-        def _reserve(self, n: int) -> None:
-            if n <= self._k.shape[-2]:
-                return
-            capacity = max(n, 2 * self._k.shape[-2])
-            for name in ("_k", "_v"):
-                old = getattr(self, name)
-                new = old.new_empty((*old.shape[:-2], capacity, old.shape[-1]))
-                new[..., : self._n, :] = old[..., : self._n, :]
-                setattr(self, name, new)
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n = self._n + key_states.shape[-2]
-            self._reserve(n)
-            self._k[..., self._n : n, :] = key_states
-            self._v[..., self._n : n, :] = value_states
-            self._n = n
-            self._views()
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self._n if self.is_initialized else 0
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove > 0:
-                raise ValueError("BufferLayer.crop takes a negative number of positions to drop")
-            if tokens_to_remove == 0 or not self.is_initialized:
-                return
-            self._n = max(0, self._n + tokens_to_remove)
-            self._views()
-
-        def keep(self, index: Tensor) -> None:
-            """Keep only positions ``index`` (in this order) at the front of the buffer."""
-            if not self.is_initialized:
-                return
-            for name in ("_k", "_v"):
-                buf = getattr(self, name)
-                buf[..., : index.numel(), :] = buf.index_select(-2, index.to(buf.device))
-            self._n = int(index.numel())
-            self._views()
-
-        def reset(self) -> None:
-            self._n = 0
-            if self.is_initialized:
-                self._views()
-
-    return BufferLayer
-
-
-def buffer_cache(num_layers: int) -> Any:
-    """A ``Cache`` of ``num_layers`` buffer layers (``None`` on a transformers without layered
-    caches: the model then makes its own)."""
-    layer = buffer_layer_class()
-    if layer is None:  # pragma: no cover
-        return None
-    return _cache_utils().Cache(layers=[layer() for _ in range(num_layers)])

@@ -1,12 +1,13 @@
-"""``FeatureStage``: a feature-level draft (``hf.feature_head``) as a pipeline ``Stage`` that
-reads the hidden states of a stage above it (``FeatureReader``; SPEC "Feature-level drafts").
+"""``FeatureStage``: a feature-level draft (``backends.hf.head``) as a pipeline ``Stage`` that
+reads the hidden states of a stage above it (``FeatureReader``;
+[feature-level drafts](../../algorithms.md#feature-level-drafts)).
 
 Because it is a ``Stage`` -- ``score(context, block)`` gives logits for a chain or a token tree
 -- the pipeline samples it with ``AutoregressiveProposer`` and the ``tree`` wrapper grows token
 trees from it, both unchanged: the rows a block carries are the transformed rows its tokens were
 drawn from (trap 1).
 
-Which feature each slot reads. Slot j (``hf.feature_head``) reads ``u_{j-1}``: the source's
+Which feature each slot reads. Slot j (``backends.hf.head``) reads ``u_{j-1}``: the source's
 feature of position j-1 when the source has consumed x_0 .. x_{j-1} (``FeatureSource.features``
 matches tokens, so a feature of a token that is not in the context is never read), else the
 draft's own prediction h^_{j-1} (the token the verifier emitted last, tokens a qualifier buffered
@@ -16,35 +17,35 @@ So a row is a deterministic function of the context and of the source's features
 of that context -- both fixed before the next token is drawn, never a function of that token
 (trap 2) -- and the chain stays exact.
 
-Caches. Its own KV cache holds slots 0 .. len(cached)-1 and is rolled back by common prefix, like
-``HFStage``; a token tree's nodes follow them (node i at position L + depth) and are dropped by
-the next call that does not grow the same tree (their slots read stand-ins, which the accepted
-path's real features replace anyway). ``compile=True`` runs a pre-packed view and a buffer cache
-(``hf.fast``), as ``HFStage`` does.
+Caches. One ``StageCache`` (``backends.hf.cache``) holds the head's keys and values, its h^ per
+slot (track ``"h"``) and whether each slot read a real feature (track ``"real"``), rolled back by
+the cached prefix like ``HFStage``'s; a token tree's nodes follow the linear slots (node i at
+position L + depth) and are dropped by the next call that does not grow the same tree (their
+slots read stand-ins, which the accepted path's real features replace anyway).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pyramid_core.backends.hf.head import FeatureHead
+from pyramid_core.backends.hf.cache import StageCache
+from pyramid_core.backends.hf.fast import PackedLinear, packed_view
+from pyramid_core.backends.hf.head import FeatureHead, feature_base, load_feature_head
+from pyramid_core.backends.hf.loading import load_model, load_tokenizer
+from pyramid_core.backends.hf.runtime import resolve_mode
+from pyramid_core.options import ExecutionMode
 from pyramid_core.protocols import FEATURE_FROM, FeatureSource
 from pyramid_core.types import Block
 
 __all__ = ["FeatureStage", "load_feature_stage"]
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    m = min(len(a), len(b))
-    if a[:m] == b[:m]:
-        return m
-    i = 0
-    while a[i] == b[i]:
-        i += 1
-    return i
+H, REAL = "h", "real"
+"""``StageCache`` tracks: h^ per slot (``Float[Tensor, "slots H"]``), and whether the slot read
+the source's feature (``Bool[Tensor, "slots"]``; False: a stand-in)."""
 
 
 def _causal(new: int, cached: int, device: torch.device) -> Tensor | None:
@@ -62,11 +63,12 @@ class FeatureStage:
     head:          the trained (or freshly initialised) head, on its base model
     tokenizer:     the base model's (compared across stages before decoding)
     features_from: ``"next"`` (the stage it hands its blocks to, default) or ``"target"``
-    compile:       the fast CPU execution mode (``hf.fast``)
+    compile:       the execution mode (``ExecutionMode``), resolved once here
     """
 
     def __init__(self, head: FeatureHead, tokenizer: Any = None, *, name: str = "feature",
-                 features_from: str = "next", vocab_size: int | None = None, compile: bool = False) -> None:
+                 features_from: str = "next", vocab_size: int | None = None,
+                 compile: ExecutionMode | bool | str = ExecutionMode.EAGER) -> None:
         if features_from not in FEATURE_FROM:
             raise ValueError(f"stage {name!r}: features_from must be one of {', '.join(FEATURE_FROM)}, "
                              f"got {features_from!r}")
@@ -77,48 +79,30 @@ class FeatureStage:
         self.feature_layers = tuple(head.cfg.layers)
         self.feature_width = int(head.feature_width)
         self.device: torch.device = head.fc.weight.device
+        self.dtype: torch.dtype = head.fc.weight.dtype
         width = head.vocab_size
         if vocab_size is None:
             vocab_size = len(tokenizer) if tokenizer is not None else width
         if not 1 <= vocab_size <= width:
             raise ValueError(f"stage {name!r}: vocab_size {vocab_size} does not fit the head's {width} logit columns")
         self.vocab_size = int(vocab_size)
-        self.compiled = bool(compile)
+        self.mode = resolve_mode(ExecutionMode.parse(compile), self.device, self.dtype, name)
         self.runner: Any = head
         self.lm_head: Any = head.head_module()
-        self._new_cache: Any = self._dynamic_cache
         if self.compiled:
-            self._compile()
+            self.runner = packed_view(head)
+            if head.own_head is not None:
+                self.lm_head = self.runner.own_head
+            else:
+                self.lm_head = PackedLinear(self.lm_head.weight, getattr(self.lm_head, "bias", None))  # type: ignore[arg-type]
         self._source: FeatureSource | None = None
-        self._cache: Any = self._new_cache()
-        self.reset()
+        self._cache = StageCache(head.cfg.depth)
+        self._root: Tensor | None = None  # the fused feature the cached tree's root children read
 
-    # --- execution modes -------------------------------------------------------------------------
-
-    def _dynamic_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.head.config)
-
-    def _compile(self) -> None:
-        from pyramid_core.backends.hf.fast import (
-            PackedLinear,
-            buffer_cache,
-            packed_view,
-            packing_available,
-        )
-
-        dtype = self.head.fc.weight.dtype
-        if self.device.type != "cpu" or not packing_available() or dtype != torch.float32:
-            raise ValueError(f"stage {self.name!r}: compile=true needs a float32 stage on a CPU with oneDNN "
-                             f"(this one: {self.device}, {dtype}); use compile=false")
-        self.runner = packed_view(self.head)
-        head = self.head.head_module()
-        if self.head.own_head is not None:
-            self.lm_head = self.runner.own_head
-        else:
-            self.lm_head = PackedLinear(head.weight, getattr(head, "bias", None))  # type: ignore[arg-type]
-        self._new_cache = lambda: buffer_cache(self.head.cfg.depth)
+    @property
+    def compiled(self) -> bool:
+        """Whether the forwards run in the fast mode."""
+        return self.mode is ExecutionMode.FAST
 
     # --- FeatureReader ---------------------------------------------------------------------------
 
@@ -135,112 +119,91 @@ class FeatureStage:
     # --- state -----------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        if self.compiled and self._cache is not None:
-            self._cache.reset()
-        else:
-            self._cache = self._new_cache()
-        self._ids: list[int] = []  # tokens whose slots are cached (slot j read x_j)
-        self._real: list[bool] = []  # slot j read the source's feature of position j-1
-        self._h = torch.empty(0, self.head.hidden, device=self.device, dtype=self.head.fc.weight.dtype)  # h^ per slot
-        self._slots = 0  # linear slots in the KV cache (tree nodes follow)
-        self._tree: tuple[list[int], list[int]] | None = None
-        self._tree_h: Tensor | None = None
-        self._tree_rows: Tensor | None = None
-        self._root = self._h  # the fused feature the tree's root children read
+        self._cache.reset()
+        self._root = None
 
     @property
     def cached_tokens(self) -> tuple[int, ...]:
-        return tuple(self._ids)
+        return tuple(self._cache.ids.tolist())
+
+    def _slice(self, name: str, start: int, end: int) -> Tensor:
+        if end <= start:
+            shape = (0,) if name == REAL else (0, self.head.hidden)
+            return torch.empty(shape, device=self.device, dtype=torch.bool if name == REAL else self.dtype)
+        return self._cache.track(name, slice(start, end))
 
     @property
     def real_feature_slots(self) -> tuple[bool, ...]:
         """Per cached slot, whether it read the source's feature (False: a stand-in)."""
-        return tuple(self._real)
+        return tuple(self._slice(REAL, 0, self._cache.length).tolist())
 
     def predicted_features(self) -> Tensor:
         """``Float[Tensor, "slots H"]``: h^ of every cached slot (for tests)."""
-        return self._h
+        return self._slice(H, 0, self._cache.length)
 
     def kv_state(self) -> list[tuple[Tensor, Tensor]]:
         """(keys, values) per head layer for the cached slots, ``Float[Tensor, "heads slots d"]``."""
-        layers = getattr(self._cache, "layers", [])
-        return [(layer.keys[0, :, : self._slots], layer.values[0, :, : self._slots]) for layer in layers
-                if getattr(layer, "keys", None) is not None]
-
-    def _crop(self, keep: int) -> None:
-        """Keep linear slots 0 .. keep-1 (and drop any tree)."""
-        total = self._slots + (len(self._tree[0]) if self._tree is not None else 0)
-        if keep < total:
-            if keep == 0:
-                if self.compiled:
-                    self._cache.reset()
-                else:
-                    self._cache = self._new_cache()
-            else:
-                self._cache.crop(keep - total)
-        self._tree = self._tree_h = self._tree_rows = None
-        self._slots = min(self._slots, keep)
-        del self._ids[keep:], self._real[keep:]
-        self._h = self._h[:keep]
+        return self._cache.kv_state()
 
     # --- the forward -----------------------------------------------------------------------------
 
-    def _run(self, u_prev: Tensor, tokens: list[int], first: int, mask: Tensor | None) -> Tensor:
+    def _run(self, u_prev: Tensor, tokens: Tensor, first: int, mask: Tensor | None) -> Tensor:
         """h^ for slots reading ``u_prev`` (``Float[Tensor, "s H"]``) and ``tokens``; the first
         at position ``first``. ``mask`` as in ``FeatureHead.slots`` (None: causal)."""
-        s = len(tokens)
+        s = int(tokens.numel())
         positions = torch.arange(first, first + s, device=self.device).unsqueeze(0)
-        ids = torch.tensor([tokens], device=self.device)
         try:
-            h: Tensor = self.runner.slots(u_prev.unsqueeze(0), ids, positions, mask=mask, cache=self._cache)
+            h: Tensor = self.runner.slots(u_prev.unsqueeze(0), tokens.to(self.device).unsqueeze(0), positions,
+                                          mask=mask, cache=self._cache.kv)
         except BaseException:
             self.reset()
             raise
         return h[0]
 
-    def _source_features(self, full: list[int], context: Tensor, start: int) -> tuple[int, Tensor | None]:
-        """(m, fused features of positions start .. m-1): what the source has for ``full``."""
+    def _source_features(self, context: Tensor, start: int) -> tuple[int, Tensor | None]:
+        """(m, fused features of positions start .. m-1): what the source has for ``context``."""
         if self._source is None:
             return 0, None
         raw = self._source.features(context, start, self.feature_layers)
         if raw.shape[0] == 0:
             return start, None
-        return start + int(raw.shape[0]), self.runner.fuse_features(raw.to(self.device, self._h.dtype))
+        return start + int(raw.shape[0]), self.runner.fuse_features(raw.to(self.device, self.dtype))
 
-    def _advance(self, full: list[int], context: Tensor) -> tuple[int, Tensor | None, int]:
+    def _advance(self, full: Tensor) -> tuple[int, Tensor | None, int]:
         """Bring the cached slots up to every slot of ``full``; returns (m, fused features of
         positions p0 .. m-1, p0) as the source gave them for ``full``."""
-        keep = _common_prefix(self._ids, full)
-        standin = next((j for j in range(keep) if not self._real[j]), keep)
+        cache = self._cache
+        keep = cache.prefix(full)
+        real = self._slice(REAL, 0, keep).cpu()
+        standin = int((~real).nonzero()[0, 0]) if bool((~real).any()) else keep
         p0 = max(0, min(keep, standin) - 1)
-        m, feats = self._source_features(full, context, p0)
+        m, feats = self._source_features(full, p0)
         # a slot that read a stand-in where the source now has the real feature is recomputed
-        redo = next((j for j in range(standin, keep) if not self._real[j] and 1 <= j <= m), keep)
-        keep = min(keep, redo)
-        self._crop(keep)
-        zero = torch.zeros(1, self.head.hidden, device=self.device, dtype=self._h.dtype)
-        j = keep
-        end = len(full)
+        index = torch.arange(standin, keep)
+        redo = (~real[standin:keep]) & (index >= 1) & (index <= m)
+        keep = int(index[redo][0]) if bool(redo.any()) else keep
+        cache.truncate(keep)
+        j, end = keep, int(full.numel())
         if j < end and j <= m:  # slots that read real features (or slot 0's zeros): one forward
             stop = min(end, m + 1)
-            parts = [zero] if j == 0 else []
+            parts = [torch.zeros(1, self.head.hidden, device=self.device, dtype=self.dtype)] if j == 0 else []
             if stop > max(j, 1):
                 assert feats is not None
                 parts.append(feats[max(j, 1) - 1 - p0: stop - 1 - p0])
-            h = self._run(torch.cat(parts), full[j:stop], j, _causal(stop - j, self._slots, self.device))
-            self._append(full[j:stop], [True] * (stop - j), h)
+            h = self._run(torch.cat(parts), full[j:stop], j, _causal(stop - j, cache.length, self.device))
+            self._append(j, full[j:stop], True, h)
             j = stop
         while j < end:  # stand-ins: slot j reads h^_{j-1}, computed just before
-            h = self._run(self._h[j - 1: j], full[j: j + 1], j, None)
-            self._append(full[j: j + 1], [False], h)
+            h = self._run(self._slice(H, j - 1, j), full[j: j + 1], j, None)
+            self._append(j, full[j: j + 1], False, h)
             j += 1
         return m, feats, p0
 
-    def _append(self, tokens: list[int], real: list[bool], h: Tensor) -> None:
-        self._ids += tokens
-        self._real += real
-        self._h = torch.cat([self._h, h])
-        self._slots += len(tokens)
+    def _append(self, start: int, tokens: Tensor, real: bool, h: Tensor) -> None:
+        cache = self._cache
+        cache.write_track(H, start, h)
+        cache.write_track(REAL, start, torch.full((h.shape[0],), real, dtype=torch.bool, device=self.device))
+        cache.write_ids(start, tokens)
 
     def _logits(self, h: Tensor) -> Tensor:
         out: Tensor = self.runner.logits(h, self.lm_head)
@@ -250,88 +213,78 @@ class FeatureStage:
     def score(self, context: Tensor, block: Block | None = None) -> Tensor:
         """Logits ``Float[Tensor, "n+1 vocab"]`` (the ``Stage`` row convention): row 0 after
         ``context``, row i+1 after node i (a chain's token i, or a tree's root-to-node-i path)."""
-        ids: list[int] = context.tolist()
-        if not ids:
+        length = int(context.numel())
+        if not length:
             raise ValueError(f"stage {self.name!r}: the context is empty (give at least one token)")
-        if block is not None and len(block) and block.parents is not None:
-            return self._score_tree(ids, context, block)
+        if block is not None and len(block) and block.tree is not None:
+            return self._score_tree(context.cpu(), block)
         n = 0 if block is None else len(block)
-        full = ids + (block.tokens.tolist() if block is not None and n else [])
-        full_t = torch.cat([context, block.tokens.to(context.device)]) if block is not None and n else context
-        if self._tree is not None:
-            self._crop(self._slots)
-        self._advance(full, full_t)
-        return self._logits(self._h[len(ids) - 1: len(full)])
+        full = torch.cat([context.cpu(), block.tokens.cpu()]) if block is not None and n else context.cpu()
+        self._cache.drop_tree()
+        self._advance(full)
+        return self._logits(self._slice(H, length - 1, length + n))
 
-    def _score_tree(self, ids: list[int], context: Tensor, block: Block) -> Tensor:
-        assert block.parents is not None
+    def _score_tree(self, context: Tensor, block: Block) -> Tensor:
+        tree = block.tree
+        assert tree is not None
         tokens: list[int] = block.tokens.tolist()
-        parents: list[int] = block.parents.tolist()
-        cached = self._tree
-        grown = cached is not None and ids == self._ids and tokens[: len(cached[0])] == cached[0] \
-            and parents[: len(cached[1])] == cached[1]
+        cache, length = self._cache, int(context.numel())
+        cached = cache.tree
+        grown = cached is not None and cache.length == length and cache.prefix(context) == length \
+            and tokens[: len(cache.tree_tokens)] == cache.tree_tokens \
+            and tree.parents[: len(cached.parents)] == cached.parents
         if grown:
-            assert cached is not None and self._tree_h is not None and self._tree_rows is not None
-            first = len(cached[0])
-            h_nodes, rows = self._tree_h, self._tree_rows
+            assert cache.tree_rows is not None and self._root is not None
+            first = len(cache.tree_tokens)
+            h_nodes, rows, root = self._slice(H, length, length + first), cache.tree_rows, self._root
         else:
-            if cached is not None:
-                self._crop(self._slots)
-            m, feats, p0 = self._advance(ids, context)
-            first, length = 0, len(ids)
+            cache.drop_tree()
+            m, feats, p0 = self._advance(context)
+            first = 0
             # the root's children read the feature of position L-1: the source's if it has it
-            root = feats[length - 1 - p0: length - p0] if feats is not None and m >= length else self._h[length - 1:]
-            h_nodes = torch.empty(0, self.head.hidden, device=self.device, dtype=self._h.dtype)
-            rows = self._logits(self._h[length - 1:])
+            root = feats[length - 1 - p0: length - p0] if feats is not None and m >= length \
+                else self._slice(H, length - 1, length)
+            h_nodes = self._slice(H, length, length)
+            rows = self._logits(self._slice(H, length - 1, length))
             self._root = root
-        length = len(ids)
-        depths: list[int] = []
-        for p in parents:
-            depths.append(depths[p] + 1 if p >= 0 else 0)
-        lineage: list[list[int]] = []
-        for node, p in enumerate(parents):
-            lineage.append((lineage[p] if p >= 0 else []) + [node])
-        node = first
-        while node < len(tokens):  # one forward per depth: a node's parent is computed before it
-            depth = depths[node]
-            group = list(range(node, len(tokens)))
-            group = [i for i in group if depths[i] == depth]
-            group = group[: next((k for k, i in enumerate(group) if i != node + k), len(group))]
-            u = torch.cat([self._root if parents[i] < 0 else h_nodes[parents[i]: parents[i] + 1] for i in group])
-            keys = length + node + len(group)
-            mask = torch.zeros(len(group), keys, dtype=torch.bool, device=self.device)
+        ancestors = tree.ancestor_mask().to(self.device)
+        node, n = first, len(tokens)
+        while node < n:  # one forward per depth: a node's parent is computed before it
+            depth = tree.depths[node]
+            end = node
+            while end < n and tree.depths[end] == depth:
+                end += 1
+            group = range(node, end)
+            u = torch.cat([root if tree.parents[i] < 0 else h_nodes[tree.parents[i]: tree.parents[i] + 1]
+                           for i in group])
+            mask = torch.zeros(len(group), length + end, dtype=torch.bool, device=self.device)
             mask[:, :length] = True
-            for r, i in enumerate(group):
-                mask[r, [length + a for a in lineage[i]]] = True
-            positions = torch.tensor([[length + depths[i] for i in group]], device=self.device)
-            x = torch.tensor([[tokens[i] for i in group]], device=self.device)
+            mask[:, length:] = ancestors[node:end, :end]
+            positions = torch.tensor([[length + depth] * len(group)], device=self.device)
+            x = block.tokens[node:end].to(self.device).unsqueeze(0)
             try:
-                h = self.runner.slots(u.unsqueeze(0), x, positions, mask=mask[None, None], cache=self._cache)[0]
+                h = self.runner.slots(u.unsqueeze(0), x, positions, mask=mask[None, None], cache=cache.kv)[0]
             except BaseException:
                 self.reset()
                 raise
             h_nodes = torch.cat([h_nodes, h])
             rows = torch.cat([rows, self._logits(h)])
-            node += len(group)
-        self._tree = (tokens, parents)
-        self._tree_h, self._tree_rows = h_nodes, rows
+            node = end
+        cache.write_track(H, length, h_nodes)
+        cache.set_tree(tree, tokens, rows)
         return rows
 
     def __repr__(self) -> str:
         return (f"FeatureStage(name={self.name!r}, variant={self.head.cfg.variant}, layers={list(self.feature_layers)}, "
-                f"features_from={self.feature_from}, vocab_size={self.vocab_size}, compiled={self.compiled})")
+                f"features_from={self.feature_from}, vocab_size={self.vocab_size}, mode={self.mode.value})")
 
 
 def load_feature_stage(path: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-                       features_from: str = "next", compile: bool = False, name: str | None = None) -> FeatureStage:
-    """The trained feature head in folder ``path`` (``hf.feature_head``) as a stage, on its base
+                       features_from: str = "next", compile: ExecutionMode | bool | str = ExecutionMode.EAGER,
+                       name: str | None = None) -> FeatureStage:
+    """The trained feature head in folder ``path`` (``backends.hf.head``) as a stage, on its base
     model loaded through ``load_model`` -- the same model object as a target stage loaded from
     the same (path, device, dtype), so the embedding and a shared head are not duplicated."""
-    from pathlib import Path
-
-    from pyramid_core.backends.hf.head import feature_base, load_feature_head
-    from pyramid_core.backends.hf.loading import load_model, load_tokenizer
-
     folder = Path(path).expanduser()
     base_dir = feature_base(folder)
     base = load_model(base_dir, device=device, dtype=dtype)

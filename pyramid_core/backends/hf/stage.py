@@ -1,83 +1,65 @@
-"""``HFStage``: a Hugging Face causal LM as a pipeline ``Stage``, with one reusable KV cache.
+"""``HFStage``: a Hugging Face causal LM as a pipeline ``Stage``, over one ``StageCache``.
 
-Every ``score`` call is handed the full context (SPEC: roll back every stage's cache to the
-accepted prefix). The stage remembers which token ids its cache holds, keeps the longest prefix
-it shares with the new context -- but never the position whose logits are asked for -- and feeds
-the rest in one forward:
+Every ``score`` call is handed the full context (the pipeline rolls every stage back to the
+accepted prefix: [the exact chain](../../algorithms.md#the-exact-n-stage-chain)).
+The stage's ``StageCache`` (``backends.hf.cache``) says how many leading tokens of it are cached;
+the stage keeps those -- but never the position whose logits are asked for -- and feeds the rest
+in one forward, written from that slot on:
 
     cached:  c_0 .. c_{m-1}
     asked:   x_0 .. x_{L-1} | b_0 .. b_{n-1}        rows at positions L-1 .. L+n-1
-    keep  =  min(common_prefix(cached, asked), L - 1)
+    keep  =  min(cached prefix of asked, L - 1)
     feed  =  asked[keep:]   at positions keep .. L+n-1
 
 Only the first ``vocab_size`` logit columns are returned: models whose embedding matrix is padded
 beyond the tokenizer's length never put mass on the padding ids.
 
-Token trees (SPEC "Tree drafting") are scored in one forward over the flattened nodes, with a 4-D
-additive attention mask -- each node attends to the whole context, its ancestors and itself --
-and position ids = context length + depth. The nodes then sit in the cache after the context, in
-node order, and are remembered apart from the linear ``cached_tokens``:
-
-    cache:   x_0 .. x_{L-1} | node_0 .. node_{n-1}      (node i at position L + depth(i))
-
-The next call settles the tree before anything else: the longest root-to-node path that the new
-context continues (excluding its last token, whose logits are asked for) is gathered to
-consecutive positions L, L+1, ... and every other node is dropped, so tree entries are never
-reused at a wrong position. A tree that extends the previous one over the same context (the tree
-proposer asking depth by depth) feeds only the new nodes. Needs the eager or sdpa attention of a
-model without sliding-window layers.
+Token trees ([tree drafting](../../algorithms.md#tree-drafting))
+are scored in one forward over the flattened nodes, with a 4-D additive attention mask -- each
+node attends to the whole context, its ancestors and itself -- and position ids = context length
++ depth. The nodes then sit in the cache after the context, in node order. The next call settles
+the tree first (``StageCache.settle``): the path the new context follows is gathered right after
+the context and every other node is dropped. A tree that extends the previous one over the same
+context (the tree proposer asking depth by depth) feeds only the new nodes. Needs the eager or
+sdpa attention of a model without sliding-window layers.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pyramid_core.backends.hf.hidden import FeatureBuffer
+from pyramid_core.backends.hf.cache import StageCache
+from pyramid_core.backends.hf.fast import packed_view
+from pyramid_core.backends.hf.hidden import FeatureLayers
 from pyramid_core.backends.hf.layers import truncate_layers
 from pyramid_core.backends.hf.loading import load_model, load_tokenizer
+from pyramid_core.backends.hf.runtime import resolve_mode
 from pyramid_core.backends.hf.student import is_student_dir, student_base
+from pyramid_core.options import ExecutionMode
+from pyramid_core.tree import TokenTree
 from pyramid_core.types import Block
 
 __all__ = ["HFStage"]
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    m = min(len(a), len(b))
-    if a[:m] == b[:m]:  # the usual case: one C-level comparison
-        return m
-    i = 0
-    while a[i] == b[i]:
-        i += 1
-    return i
+FEATURES = "features"
+"""The ``StageCache`` track of the kept hidden states: ``Float[Tensor, "slots layers hidden"]``."""
 
 
-def _tree_depths(parents: list[int]) -> list[int]:
-    """Depth of every node of a flattened tree (0 for children of the context)."""
-    depths: list[int] = []
-    for parent in parents:
-        depths.append(depths[parent] + 1 if parent >= 0 else 0)
-    return depths
-
-
-def _tree_mask(parents: list[int], first: int, length: int, linear_from: int, dtype: torch.dtype) -> Tensor:
+def _tree_mask(tree: TokenTree, first: int, length: int, linear_from: int, dtype: torch.dtype) -> Tensor:
     """Additive attention mask ``Float[Tensor, "1 1 q kv"]`` for one forward that feeds context
     positions ``linear_from .. length-1`` (causal) and then tree nodes ``first .. n-1``. Keys: the
     context's positions 0 .. length-1, then one slot per node 0 .. n-1; a node sees the whole
     context, its ancestors and itself."""
-    n, linear = len(parents), length - linear_from
+    n, linear = len(tree.parents), length - linear_from
     allowed = torch.zeros(linear + n - first, length + n, dtype=torch.bool)
     allowed[:linear] = torch.arange(length + n).unsqueeze(0) <= torch.arange(linear_from, length).unsqueeze(1)
     allowed[linear:, :length] = True
-    lineage: list[list[int]] = []  # ancestors-or-self of each node, as key slots
-    for node, parent in enumerate(parents):
-        lineage.append((lineage[parent] if parent >= 0 else []) + [length + node])
-    for row, node in enumerate(range(first, n), start=linear):
-        allowed[row, lineage[node]] = True
+    allowed[linear:, length:] = tree.ancestor_mask()[first:]
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
@@ -88,7 +70,8 @@ class HFStage:
     ``tokenizer`` (optional) is compared across stages before decoding
     (``pyramid_core.build.check_same_tokenizer``); ``vocab_size`` defaults to ``len(tokenizer)``
     when a tokenizer is given, else ``config.vocab_size``. ``num_layers=k`` keeps only the first
-    k decoder layers, sharing the weights of ``model`` (see ``truncate_layers``).
+    k decoder layers, sharing the weights of ``model`` (see ``truncate_layers``). ``compile`` is
+    the execution mode (``ExecutionMode``; a bool or a word is parsed), resolved once here.
     """
 
     def __init__(
@@ -99,7 +82,7 @@ class HFStage:
         name: str | None = None,
         vocab_size: int | None = None,
         num_layers: int | None = None,
-        compile: bool | str = False,
+        compile: ExecutionMode | bool | str = ExecutionMode.EAGER,
     ) -> None:
         total = int(model.config.num_hidden_layers)
         self.source = model  # kept alive: a truncated view shares its weights
@@ -132,27 +115,25 @@ class HFStage:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-        # what score() runs: the model itself, or its fast view (compile=True, hf.fast); ``model``
-        # stays the plain module (what HF generate runs)
-        self.compiled = self._wants_compile(compile)
-        self.runner: Any = model
-        self._new_cache: Any = lambda: None  # None: the model makes its own cache
-        if self.compiled:
-            self._compile()
-        self._cache: Any = self._new_cache()
-        self._ids: list[int] = []
-        # a token tree cached after ``_ids`` (tokens, parents), and the rows its score returned
-        self._tree: tuple[list[int], list[int]] | None = None
-        self._tree_rows: Tensor | None = None
-        # hidden states of chosen layers for the cached positions (``enable_features``, hf.features)
+        # what score() runs: the model itself, or its fast view; ``model`` stays the plain module
+        # (what HF generate runs)
+        self.dtype: torch.dtype = next(model.parameters()).dtype
+        self.mode = resolve_mode(ExecutionMode.parse(compile), self.device, self.dtype, self.name)
+        self.runner: Any = packed_view(model) if self.mode is ExecutionMode.FAST else model
+        self._cache = StageCache(self.num_layers)
+        # hidden states of chosen layers for the cached positions (``enable_features``)
         self.feature_size = int(model.config.hidden_size)
-        self._features = FeatureBuffer(self.num_layers, self.feature_size, self.name)
+        self._features = FeatureLayers(self.num_layers, self.name)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the forwards run in the fast mode."""
+        return self.mode is ExecutionMode.FAST
 
     def enable_features(self, layers: tuple[int, ...]) -> None:
-        """Keep the hidden states of ``layers`` (``hf.features`` numbering; ``()``: none) for
-        every position the forwards feed from now on; a change forgets the cache."""
-        if tuple(layers) != self._features.layers:
-            self._features.set_layers(tuple(layers))
+        """Keep the hidden states of ``layers`` (``backends.hf.hidden`` numbering; ``()``: none)
+        for every position the forwards feed from now on; a change forgets the cache."""
+        if self._features.set_layers(tuple(layers)):
             self.reset()
 
     @property
@@ -163,53 +144,17 @@ class HFStage:
         """``Float[Tensor, "m-start width"]``: features of positions ``start .. m-1`` of
         ``context``, m = the longest prefix of ``context`` whose tokens this stage has consumed
         (cached positions, then the path of a cached token tree that ``context`` follows)."""
-        buf = self._features
-        if not buf.enabled:
+        if not self._features.enabled:
             raise ValueError(f"stage {self.name!r}: features are not enabled (enable_features(layers) first)")
-        ids: list[int] = context.tolist()
-        linear = min(_common_prefix(self._ids, ids), buf.n)
-        nodes: list[int] = []
-        if self._tree is not None and linear == len(self._ids) and buf.tree is not None:
-            tokens, parents = self._tree
-            children: dict[int, dict[int, int]] = {}
-            for node in range(len(tokens)):
-                children.setdefault(parents[node], {}).setdefault(tokens[node], node)
-            node = -1
-            for token in ids[linear:]:
-                node = children.get(node, {}).get(token, -1)
-                if node < 0:
-                    break
-                nodes.append(node)
-        return buf.gather(linear, nodes, start, buf.layers if layers is None else tuple(layers))
-
-    def _wants_compile(self, compile: bool | str) -> bool:
-        """``True`` / ``False``, or ``"auto"``: the fast mode wherever it is supported (a float32
-        stage on a CPU with oneDNN)."""
-        if isinstance(compile, bool):
-            return compile
-        if compile != "auto":
-            raise ValueError(f"stage {self.name!r}: compile must be true, false or auto, got {compile!r}")
-        from pyramid_core.backends.hf.fast import packing_available
-
-        dtype = next(self.model.parameters()).dtype
-        return self.device.type == "cpu" and dtype == torch.float32 and packing_available()
-
-    def _compile(self) -> None:
-        """The fast execution mode (``compile=True``): on CPU, oneDNN pre-packed linears and a
-        buffer KV cache (``hf.fast``)."""
-        from pyramid_core.backends.hf.fast import buffer_cache, packed_view, packing_available
-
-        if self.device.type != "cpu":
-            raise ValueError(f"stage {self.name!r}: compile=true is implemented for CPU stages (oneDNN pre-packed "
-                             f"weights); this stage is on {self.device} -- use compile=false there")
-        if not packing_available():
-            raise ValueError(f"stage {self.name!r}: compile=true needs a torch build with oneDNN (mkldnn), "
-                             "which this one lacks; use compile=false")
-        dtype = next(self.model.parameters()).dtype
-        if dtype != torch.float32:
-            raise ValueError(f"stage {self.name!r}: compile=true on CPU runs float32 weights, got {dtype}")
-        self.runner = packed_view(self.model)
-        self._new_cache = lambda: buffer_cache(self.num_layers)
+        cache = self._cache
+        linear = cache.prefix(context)
+        slots = torch.arange(start, max(start, linear))
+        if linear == cache.length and cache.tree is not None:
+            path = cache.tree_path(context, int(context.numel()))[max(0, start - linear):]
+            slots = torch.cat([slots, cache.length + torch.tensor(path, dtype=torch.long)])
+        if not slots.numel() or not cache.has_track(FEATURES):
+            return torch.empty(0, len(layers or self._features.layers) * self.feature_size, device=self.device)
+        return self._features.select(cache.track(FEATURES, slots), self._features.layers if layers is None else layers)
 
     @staticmethod
     def _logit_width(model: Any) -> int:
@@ -231,7 +176,7 @@ class HFStage:
         num_layers: int | None = None,
         name: str | None = None,
         vocab_size: int | None = None,
-        compile: bool | str = False,
+        compile: ExecutionMode | bool | str = ExecutionMode.EAGER,
     ) -> HFStage:
         """Load a local model directory (and its tokenizer, if it has one). Stages loaded from
         the same (path, device, dtype) share one model in memory, e.g. a layer-truncated draft
@@ -253,83 +198,20 @@ class HFStage:
     @property
     def cached_tokens(self) -> tuple[int, ...]:
         """The token ids whose keys and values the cache holds."""
-        return tuple(self._ids)
+        return tuple(self._cache.ids.tolist())
 
     def kv_state(self) -> list[tuple[Tensor, Tensor]]:
         """(keys, values) per layer, each ``Float[Tensor, "heads seq head_dim"]`` (for tests)."""
-        cache = self._cache
-        if cache is None:
-            return []
-        if hasattr(cache, "layers"):
-            return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
-        return [(k[0], v[0]) for k, v in zip(cache.key_cache, cache.value_cache, strict=True)]
+        return self._cache.kv_state() if self._cache.length else []
 
     @property
     def cached_tree(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         """(tokens, parents) of the token tree cached after ``cached_tokens``, if any."""
-        return None if self._tree is None else (tuple(self._tree[0]), tuple(self._tree[1]))
+        tree = self._cache.tree
+        return None if tree is None else (tuple(self._cache.tree_tokens), tuple(tree.parents))
 
     def reset(self) -> None:
-        if self.compiled and self._cache is not None:
-            self._cache.reset()  # keeps the buffers for the next generation
-        else:
-            self._cache = self._new_cache()
-        self._ids = []
-        self._tree = None
-        self._tree_rows = None
-        self._features.reset()
-
-    def _rollback(self, keep: int) -> None:
-        """Crop the cache to its first ``keep`` positions."""
-        have = len(self._ids)
-        if keep >= have:
-            return
-        if keep == 0 or not all(getattr(layer, "is_croppable", True) for layer in getattr(self._cache, "layers", ())):
-            self.reset()
-        else:
-            self._cache.crop(keep - have)  # negative = number of positions to drop
-            del self._ids[keep:]
-            self._features.crop(keep)
-
-    def _gather(self, index: list[int]) -> bool:
-        """Keep only the cache positions ``index``, in this order, in every layer (False if
-        this cache cannot be gathered; the caller then resets it)."""
-        layers = getattr(self._cache, "layers", None)
-        kinds = {type(layer).__name__ for layer in layers or ()}
-        if layers is None or not kinds <= {"DynamicLayer", "BufferLayer"}:
-            return False
-        where = torch.tensor(index, device=self.device)
-        for layer in layers:
-            if type(layer).__name__ == "BufferLayer":
-                layer.keep(where)
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                layer.keys = layer.keys.index_select(-2, where)
-                layer.values = layer.values.index_select(-2, where)
-        return True
-
-    def _settle_tree(self, ids: list[int], limit: int) -> None:
-        """Compact a cached tree: keep the longest root-to-node path that ``ids`` continues
-        (up to position ``limit``, exclusive), gathered right after ``_ids``; drop the rest."""
-        assert self._tree is not None
-        tokens, parents = self._tree
-        base = len(self._ids)
-        path: list[int] = []
-        if ids[:base] == self._ids:
-            children: dict[int, dict[int, int]] = {}
-            for node in range(len(tokens)):  # first child per token (duplicates share their KV)
-                children.setdefault(parents[node], {}).setdefault(tokens[node], node)
-            node = -1
-            for token in ids[base:limit]:
-                node = children.get(node, {}).get(token, -1)
-                if node < 0:
-                    break
-                path.append(node)
-        self._tree = self._tree_rows = None
-        if self._gather(list(range(base)) + [base + node for node in path]):
-            self._ids += [tokens[node] for node in path]
-            self._features.settle(base, path)
-        else:
-            self.reset()
+        self._cache.reset()
 
     def _check_tree_support(self) -> None:
         config = self.model.config
@@ -342,55 +224,58 @@ class HFStage:
                 f"{', sliding window' if sliding else ''})"
             )
 
-    def _score_tree(self, ids: list[int], block: Block) -> Tensor:
-        """Rows for a token tree after context ``ids``: one forward over the nodes not cached."""
-        assert block.parents is not None
-        self._check_tree_support()
-        tokens: list[int] = block.tokens.tolist()
-        parents: list[int] = block.parents.tolist()
-        n, length = len(tokens), len(ids)
-        cached = self._tree
-        if cached is not None and ids == self._ids and tokens[: len(cached[0])] == cached[0] \
-                and parents[: len(cached[1])] == cached[1]:
-            first, linear_from = len(cached[0]), length  # the same tree, grown: feed the new nodes
-            if first == n:
-                assert self._tree_rows is not None
-                return self._tree_rows
-        else:
-            if cached is not None:
-                self._settle_tree(ids, length - 1)
-            self._rollback(min(_common_prefix(self._ids, ids), length - 1))
-            first, linear_from = 0, len(self._ids)
-        device = self.device
-        depths = _tree_depths(parents)
-        feed = torch.tensor([ids[linear_from:] + tokens[first:]], device=device)
-        positions = torch.tensor([list(range(linear_from, length)) + [length + d for d in depths[first:]]], device=device)
-        dtype = next(self.model.parameters()).dtype
-        mask = _tree_mask(parents, first, length, linear_from, dtype).to(device)
-        rows = n - first + (1 if first == 0 else 0)  # row 0 is recomputed unless it is cached
-        kwargs: dict[str, Any] = {self._cache_kw: self._cache}
+    def _forward(self, feed: Tensor, positions: Tensor, rows: int, slot: int, mask: Tensor | None = None) -> Tensor:
+        """One forward feeding ``feed`` (``Long[Tensor, "m"]``) at ``positions``, written into
+        cache slots ``slot ..``; the logits of its last ``rows`` inputs."""
+        kwargs: dict[str, Any] = {self._cache_kw: self._cache.kv}
         if self._keep_kw is not None:
             kwargs[self._keep_kw] = rows
         if self._features.enabled:
             kwargs["output_hidden_states"] = True
+        if mask is not None:
+            kwargs["attention_mask"] = mask.to(self.device)
         try:
-            out = self.runner(input_ids=feed, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
+            out = self.runner(input_ids=feed.to(self.device).unsqueeze(0), position_ids=positions.to(self.device).unsqueeze(0),
+                              use_cache=True, **kwargs)
         except BaseException:
-            self.reset()
+            self.reset()  # the cache may hold part of this forward
             raise
         if self._features.enabled:
-            linear = length - linear_from
-            self._features.write(linear_from, out.hidden_states, linear)
-            self._features.write_tree(first, out.hidden_states, linear, n - first)
-        if self._cache is None:
-            cache = out.get("cache")
-            self._cache = cache if cache is not None else out.get("past_key_values")
+            self._cache.write_track(FEATURES, slot, self._features.stack(out.hidden_states))
         logits: Tensor = out.logits[0, -rows:, : self.vocab_size]
+        return logits
+
+    def _score_tree(self, context: Tensor, block: Block) -> Tensor:
+        """Rows for a token tree after ``context``: one forward over the nodes not cached."""
+        self._check_tree_support()
+        tree = block.tree
+        assert tree is not None
+        tokens: list[int] = block.tokens.tolist()
+        n, length, cache = len(tokens), int(context.numel()), self._cache
+        cached = cache.tree
+        grown = cached is not None and cache.length == length and cache.prefix(context) == length \
+            and tokens[: len(cache.tree_tokens)] == cache.tree_tokens \
+            and tree.parents[: len(cached.parents)] == cached.parents
+        if grown:
+            first, linear_from = len(cache.tree_tokens), length  # the same tree, grown: feed the new nodes
+            if first == n:
+                assert cache.tree_rows is not None
+                return cache.tree_rows
+        else:
+            first, linear_from = 0, cache.reuse(context, length - 1)
+        depths = torch.tensor(tree.depths[first:], dtype=torch.long)
+        feed = torch.cat([context[linear_from:].cpu(), block.tokens[first:].cpu()])
+        positions = torch.cat([torch.arange(linear_from, length), length + depths])
+        mask = _tree_mask(tree, first, length, linear_from, self.dtype)
+        rows = n - first + (1 if first == 0 else 0)  # row 0 is recomputed unless it is cached
+        slot = linear_from if first == 0 else length + first
+        logits = self._forward(feed, positions, rows, slot, mask)
         if first:
-            assert self._tree_rows is not None
-            logits = torch.cat([self._tree_rows, logits])
-        self._ids = ids
-        self._tree, self._tree_rows = (tokens, parents), logits
+            assert cache.tree_rows is not None
+            logits = torch.cat([cache.tree_rows, logits])
+        else:
+            cache.write_ids(linear_from, context[linear_from:])
+        cache.set_tree(tree, tokens, logits)
         return logits
 
     @torch.inference_mode()
@@ -398,48 +283,21 @@ class HFStage:
         """Logits ``Float[Tensor, "n+1 vocab"]``: row 0 after ``context``, row i+1 after
         ``context + block.tokens[:i+1]`` (one forward over the positions not in the cache); for a
         token tree, row i+1 after the context and the root-to-node-i path."""
-        n = 0 if block is None else len(block)
-        if n and block is not None and block.parents is not None:
-            return self._score_tree(context.tolist(), block)
-        if self._tree is not None:  # a tree from the previous call: keep only the path we follow
-            asked = context.tolist()
-            self._settle_tree(asked + (block.tokens.tolist() if n and block is not None else []), len(asked) - 1)
-        if n:
-            assert block is not None
-            full = torch.cat([context, block.tokens.to(context.device)])
-        else:
-            full = context
-        ids: list[int] = full.tolist()
-        length = len(ids) - n
+        length = int(context.numel())
         if length < 1:
             raise ValueError(f"stage {self.name!r}: the context is empty (give at least one token)")
-        keep = min(_common_prefix(self._ids, ids), length - 1)
-        self._rollback(keep)
-        keep = len(self._ids)
-        device = self.device
-        feed = full[keep:].to(device).unsqueeze(0)
-        positions = torch.arange(keep, len(ids), device=device).unsqueeze(0)
-        kwargs: dict[str, Any] = {self._cache_kw: self._cache}
-        if self._keep_kw is not None:
-            kwargs[self._keep_kw] = n + 1
-        if self._features.enabled:
-            kwargs["output_hidden_states"] = True
-        try:
-            out = self.runner(input_ids=feed, position_ids=positions, use_cache=True, **kwargs)
-        except BaseException:
-            self.reset()  # the cache may hold part of this forward
-            raise
-        if self._features.enabled:
-            self._features.write(keep, out.hidden_states, feed.shape[1])
-        if self._cache is None:
-            cache = out.get("cache")
-            self._cache = cache if cache is not None else out.get("past_key_values")
-        self._ids = ids
-        logits: Tensor = out.logits
-        return logits[0, -(n + 1) :, : self.vocab_size]
+        n = 0 if block is None else len(block)
+        if n and block is not None and block.tree is not None:
+            return self._score_tree(context, block)
+        full = torch.cat([context.cpu(), block.tokens.cpu()]) if n and block is not None else context.cpu()
+        keep = self._cache.reuse(full, length - 1)
+        feed = full[keep:]
+        logits = self._forward(feed, torch.arange(keep, length + n), n + 1, keep)
+        self._cache.write_ids(keep, feed)
+        return logits
 
     def __repr__(self) -> str:
         return (
             f"HFStage(name={self.name!r}, layers={self.num_layers}, vocab_size={self.vocab_size}, "
-            f"device={self.device}, dtype={next(self.model.parameters()).dtype}, compiled={self.compiled})"
+            f"device={self.device}, dtype={self.dtype}, mode={self.mode.value})"
         )
