@@ -24,12 +24,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor
 
 from pyramid_core.tree import TokenTree
 
-__all__ = ["StageCache", "slot_layer_class", "INITIAL_SLOTS"]
+__all__ = ["StageCache", "StaticShape", "slot_layer_class", "fixed_slot_layer_class", "INITIAL_SLOTS"]
 
 INITIAL_SLOTS = 256
 """Slots a buffer is created with; it doubles when full."""
@@ -112,6 +113,67 @@ def slot_layer_class() -> Any:
     return SlotLayer
 
 
+@functools.cache
+def fixed_slot_layer_class() -> Any:
+    """The ``FixedSlotLayer`` class: keys and values in fixed buffers, written at ``at``."""
+    from transformers.cache_utils import DynamicLayer  # lazy: transformers
+
+    base: Any = DynamicLayer
+
+    class FixedSlotLayer(base):  # type: ignore[misc]
+        """Keys and values ``Float[Tensor, "1 heads capacity head_dim"]`` that never move (a CUDA
+        graph holds their addresses): ``update`` writes the fed slots at the slots in ``at``
+        (a device tensor) and returns the whole buffers; attention masks what is not filled."""
+
+        def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+            # zeros, not empty: a masked slot is multiplied by 0, and 0 * NaN would be NaN
+            self._k = torch.zeros(shape, dtype=dtype, device=device)
+            self._v = torch.zeros(shape, dtype=dtype, device=device)
+            self.keys, self.values = self._k, self._v
+            self.device, self.dtype = device, dtype
+            self.is_initialized = True
+            self.n = 0
+            self.at: Tensor | None = None
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[Tensor, Tensor]:
+            assert self.at is not None, "FixedSlotLayer: set the write slots (StageCache.write_at) first"
+            self._k.index_copy_(-2, self.at, key_states)
+            self._v.index_copy_(-2, self.at, value_states)
+            return self._k, self._v
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+        def truncate(self, n: int) -> None:
+            self.n = max(0, min(self.n, n))
+
+        def keep(self, index: Tensor) -> None:
+            where = index.to(self._k.device)
+            m = int(where.numel())
+            self._k[..., :m, :] = self._k.index_select(-2, where)
+            self._v[..., :m, :] = self._v.index_select(-2, where)
+            self.n = m
+
+        def reset(self) -> None:
+            self.n = 0
+
+    return FixedSlotLayer
+
+
+@attrs.frozen
+class StaticShape:
+    """Fixed buffers for a static ``StageCache``: ``capacity`` slots of ``heads`` x ``head_dim``
+    keys and values per layer; ``limit``: the most slots it may grow to (the model's context)."""
+
+    capacity: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    limit: int | None = None
+
+
 class StageCache:
     """Token ids, keys and values, and per-slot tracks of one stage (module docstring).
 
@@ -120,11 +182,15 @@ class StageCache:
              stage returned for it; ``None`` when no tree is cached
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, static: StaticShape | None = None) -> None:
         from transformers.cache_utils import Cache  # lazy: transformers
 
-        layer = slot_layer_class()
+        self.static = static
+        layer = slot_layer_class() if static is None else fixed_slot_layer_class()
         self.layers = [layer() for _ in range(num_layers)]
+        self.capacity = 0
+        if static is not None:
+            self._allocate(static.capacity)
         self.kv: Any = Cache(layers=self.layers)
         self._ids = torch.empty(INITIAL_SLOTS, dtype=torch.long)
         self.length = 0
@@ -132,6 +198,43 @@ class StageCache:
         self.tree_tokens: list[int] = []
         self.tree_rows: Tensor | None = None
         self._tracks: dict[str, Tensor] = {}
+
+    # --- static buffers (graph mode) ----------------------------------------------------------
+
+    def _allocate(self, capacity: int) -> None:
+        static = self.static
+        assert static is not None
+        shape = (1, static.heads, capacity, static.head_dim)
+        old = [(layer._k, layer._v, layer.n) for layer in self.layers] if self.capacity else None
+        for i, layer in enumerate(self.layers):
+            layer.allocate(shape, static.dtype, static.device)
+            if old is not None:
+                k, v, n = old[i]
+                layer._k[..., : k.shape[-2], :] = k
+                layer._v[..., : v.shape[-2], :] = v
+                layer.n = n
+        self.capacity = capacity
+
+    def reserve(self, slots: int) -> None:
+        """Static buffers with room for ``slots`` slots (new buffers, filled part copied, when
+        they must grow: graphs captured over the old ones must be captured again)."""
+        if self.static is None or slots <= self.capacity:
+            return
+        limit = self.static.limit
+        if limit is not None and slots > limit:
+            raise ValueError(f"a static cache of at most {limit} slots cannot hold {slots}")
+        grown = max(slots, 2 * self.capacity)
+        self._allocate(grown if limit is None else min(grown, max(limit, slots)))
+
+    def write_at(self, slots: Tensor) -> None:
+        """The slots (``Long[Tensor, "fed"]``, on the cache's device) the next forward writes."""
+        for layer in self.layers:
+            layer.at = slots
+
+    def filled(self, n: int) -> None:
+        """After a static forward: every layer holds slots ``0 .. n-1``."""
+        for layer in self.layers:
+            layer.n = n
 
     # --- what is cached -------------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ from pyramid_core.types import Block
 
 __all__ = ["FeatureStage", "load_feature_stage"]
 
+HEAD_MODES = frozenset({ExecutionMode.EAGER, ExecutionMode.FAST})
+"""The execution modes of a feature head (its forwards are not captured as graphs yet)."""
+
 H, REAL = "h", "real"
 """``StageCache`` tracks: h^ per slot (``Float[Tensor, "slots H"]``), and whether the slot read
 the source's feature (``Bool[Tensor, "slots"]``; False: a stand-in)."""
@@ -86,7 +89,7 @@ class FeatureStage:
         if not 1 <= vocab_size <= width:
             raise ValueError(f"stage {name!r}: vocab_size {vocab_size} does not fit the head's {width} logit columns")
         self.vocab_size = int(vocab_size)
-        self.mode = resolve_mode(ExecutionMode.parse(compile), self.device, self.dtype, name)
+        self.mode = resolve_mode(ExecutionMode.parse(compile), self.device, self.dtype, name, HEAD_MODES)
         self.runner: Any = head
         self.lm_head: Any = head.head_module()
         if self.compiled:

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyramid_core.backends.hf.cache import StageCache
+from pyramid_core.backends.hf.cache import StageCache, StaticShape
 from pyramid_core.backends.hf.fast import packed_view
+from pyramid_core.backends.hf.graphs import StaticForward
 from pyramid_core.backends.hf.hidden import FeatureLayers
 from pyramid_core.backends.hf.layers import truncate_layers
 from pyramid_core.backends.hf.loading import load_model, load_tokenizer
@@ -46,12 +47,15 @@ from pyramid_core.types import Block
 
 __all__ = ["HFStage"]
 
+STATIC_SLOTS = 1024
+"""Slots a static cache (graph mode) starts with; it grows, up to the model's context, by doubling."""
+
 FEATURES = "features"
 """The ``StageCache`` track of the kept hidden states: ``Float[Tensor, "slots layers hidden"]``."""
 
 
-def _tree_mask(tree: TokenTree, first: int, length: int, linear_from: int, dtype: torch.dtype) -> Tensor:
-    """Additive attention mask ``Float[Tensor, "1 1 q kv"]`` for one forward that feeds context
+def _tree_allowed(tree: TokenTree, first: int, length: int, linear_from: int) -> Tensor:
+    """``Bool[Tensor, "q kv"]``: what each input of one forward sees, when it feeds context
     positions ``linear_from .. length-1`` (causal) and then tree nodes ``first .. n-1``. Keys: the
     context's positions 0 .. length-1, then one slot per node 0 .. n-1; a node sees the whole
     context, its ancestors and itself."""
@@ -60,8 +64,7 @@ def _tree_mask(tree: TokenTree, first: int, length: int, linear_from: int, dtype
     allowed[:linear] = torch.arange(length + n).unsqueeze(0) <= torch.arange(linear_from, length).unsqueeze(1)
     allowed[linear:, :length] = True
     allowed[linear:, length:] = tree.ancestor_mask()[first:]
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return allowed
 
 
 class HFStage:
@@ -120,7 +123,17 @@ class HFStage:
         self.dtype: torch.dtype = next(model.parameters()).dtype
         self.mode = resolve_mode(ExecutionMode.parse(compile), self.device, self.dtype, self.name)
         self.runner: Any = packed_view(model) if self.mode is ExecutionMode.FAST else model
-        self._cache = StageCache(self.num_layers)
+        self._static: StaticForward | None = None
+        if self.mode in (ExecutionMode.GRAPHS, ExecutionMode.STATIC):
+            config = model.config
+            heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+            head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+            capacity = min(STATIC_SLOTS, self._context_length or STATIC_SLOTS)
+            shape = StaticShape(capacity, heads, head_dim, self.dtype, self.device, self._context_length)
+            self._cache = StageCache(self.num_layers, static=shape)
+            self._static = StaticForward(model, self._cache, self._cache_kw, capture=self.mode is ExecutionMode.GRAPHS)
+        else:
+            self._cache = StageCache(self.num_layers)
         # hidden states of chosen layers for the cached positions (``enable_features``)
         self.feature_size = int(model.config.hidden_size)
         self._features = FeatureLayers(self.num_layers, self.name)
@@ -134,6 +147,8 @@ class HFStage:
         """Keep the hidden states of ``layers`` (``backends.hf.hidden`` numbering; ``()``: none)
         for every position the forwards feed from now on; a change forgets the cache."""
         if self._features.set_layers(tuple(layers)):
+            if self._static is not None:
+                self._static.keep_hidden_states(self._features.enabled)
             self.reset()
 
     @property
@@ -224,26 +239,36 @@ class HFStage:
                 f"{', sliding window' if sliding else ''})"
             )
 
-    def _forward(self, feed: Tensor, positions: Tensor, rows: int, slot: int, mask: Tensor | None = None) -> Tensor:
+    def _forward(self, feed: Tensor, positions: Tensor, rows: int, slot: int, allowed: Tensor | None = None) -> Tensor:
         """One forward feeding ``feed`` (``Long[Tensor, "m"]``) at ``positions``, written into
-        cache slots ``slot ..``; the logits of its last ``rows`` inputs."""
+        cache slots ``slot ..``, each input seeing the slots ``allowed`` marks
+        (``Bool[Tensor, "m keys"]``; ``None``: causal); the logits of its last ``rows`` inputs."""
+        try:
+            if self._static is not None:
+                logits, hidden = self._static(feed, positions, slot, allowed)
+                self._cache.filled(slot + int(feed.numel()))
+            else:
+                logits, hidden = self._eager(feed, positions, rows, allowed)
+        except BaseException:
+            self.reset()  # the cache may hold part of this forward
+            raise
+        if hidden is not None:
+            self._cache.write_track(FEATURES, slot, self._features.stack(hidden))
+        return logits[-rows:, : self.vocab_size]
+
+    def _eager(self, feed: Tensor, positions: Tensor, rows: int, allowed: Tensor | None
+               ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         kwargs: dict[str, Any] = {self._cache_kw: self._cache.kv}
         if self._keep_kw is not None:
             kwargs[self._keep_kw] = rows
         if self._features.enabled:
             kwargs["output_hidden_states"] = True
-        if mask is not None:
-            kwargs["attention_mask"] = mask.to(self.device)
-        try:
-            out = self.runner(input_ids=feed.to(self.device).unsqueeze(0), position_ids=positions.to(self.device).unsqueeze(0),
-                              use_cache=True, **kwargs)
-        except BaseException:
-            self.reset()  # the cache may hold part of this forward
-            raise
-        if self._features.enabled:
-            self._cache.write_track(FEATURES, slot, self._features.stack(out.hidden_states))
-        logits: Tensor = out.logits[0, -rows:, : self.vocab_size]
-        return logits
+        if allowed is not None:
+            mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+            kwargs["attention_mask"] = mask[None, None].to(self.device)
+        out = self.runner(input_ids=feed.to(self.device).unsqueeze(0),
+                          position_ids=positions.to(self.device).unsqueeze(0), use_cache=True, **kwargs)
+        return out.logits[0], out.hidden_states if self._features.enabled else None
 
     def _score_tree(self, context: Tensor, block: Block) -> Tensor:
         """Rows for a token tree after ``context``: one forward over the nodes not cached."""
@@ -266,10 +291,10 @@ class HFStage:
         depths = torch.tensor(tree.depths[first:], dtype=torch.long)
         feed = torch.cat([context[linear_from:].cpu(), block.tokens[first:].cpu()])
         positions = torch.cat([torch.arange(linear_from, length), length + depths])
-        mask = _tree_mask(tree, first, length, linear_from, self.dtype)
+        allowed = _tree_allowed(tree, first, length, linear_from)
         rows = n - first + (1 if first == 0 else 0)  # row 0 is recomputed unless it is cached
         slot = linear_from if first == 0 else length + first
-        logits = self._forward(feed, positions, rows, slot, mask)
+        logits = self._forward(feed, positions, rows, slot, allowed)
         if first:
             assert cache.tree_rows is not None
             logits = torch.cat([cache.tree_rows, logits])
