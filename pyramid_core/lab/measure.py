@@ -27,7 +27,9 @@ import torch
 from pyramid_core.build import build_pipeline
 from pyramid_core.devices import sync
 from pyramid_core.errors import ConfigError
-from pyramid_core.lab.latency import ForwardCost, iid_alpha, predict_chain
+from pyramid_core.lab.latency.chain import predict_chain
+from pyramid_core.lab.latency.cost import ForwardCost
+from pyramid_core.lab.latency.forms import iid_alpha
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage
