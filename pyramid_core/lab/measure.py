@@ -25,6 +25,7 @@ import attrs
 import torch
 
 from pyramid_core.build import build_pipeline
+from pyramid_core.channel import reader_of
 from pyramid_core.devices import sync
 from pyramid_core.errors import ConfigError
 from pyramid_core.lab.latency.chain import predict_chain
@@ -314,8 +315,6 @@ def measure_candidates(
     features), because its acceptance falls with the draft depth (drafted positions read its own
     predicted features), which teacher-forced agreement would not show. It is listed among
     ``Measured.proposers``: first stage only."""
-    from pyramid_core.channel import reader_of
-
     if len(candidates) != len(names):
         raise ConfigError(f"{len(candidates)} candidates need {len(names)} names, one each")
     _check_prompts(prompts_token_ids, new_tokens)
