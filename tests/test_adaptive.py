@@ -20,7 +20,8 @@ import torch
 from stats import ALPHA, REJECT, chisquare_pvalue, counts, markov_marginal, sample_positions
 
 from pyramid_core import Block, ConfigError, Pipeline, Rng, SamplingConfig, build_pipeline
-from pyramid_core.lab.latency import expected_tokens, predict_chain
+from pyramid_core.lab.latency.chain import predict_chain
+from pyramid_core.lab.latency.forms import expected_tokens
 from pyramid_core.lab.measure import length_distributions
 from pyramid_core.pipeline import AutoregressiveProposer, SpeculativeProposer, StageVerifier
 from pyramid_core.schedule import AdaptiveLength, FixedLength, make_schedule

@@ -23,7 +23,7 @@ from pyramid_core.testing import (
     check_policy_lossless,
     contract_cases,
 )
-from pyramid_core.testing.conformance import CHAIN_KINDS
+from pyramid_core.testing.contract_cases import CHAIN_KINDS
 from pyramid_plugins.exact import ExactPolicy, residual
 from pyramid_plugins.fallback import Fallback
 from pyramid_plugins.fuzzy import FuzzyPolicy

@@ -648,8 +648,8 @@ def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path) -> None:
 def test_an_unusable_device_is_named(device: str) -> None:
     import argparse
 
-    from pyramid_core.cli.distill import _device
+    from pyramid_core.cli.distill_common import usable_device
 
     with pytest.raises(ConfigError, match=f"--device '{device}' is not usable here"):
-        _device(argparse.Namespace(device=device))
-    assert _device(argparse.Namespace(device=None)) == "cpu"
+        usable_device(argparse.Namespace(device=device))
+    assert usable_device(argparse.Namespace(device=None)) == "cpu"

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from pyramid_core.errors import ConfigError
-from pyramid_core.lab.latency import (
+from pyramid_core.lab.latency.chain import predict_chain
+from pyramid_core.lab.latency.forms import (
     expected_tokens,
     pair_speedup,
     polybasic_time,
-    predict_chain,
     psd_throughput,
     sd_throughput,
 )

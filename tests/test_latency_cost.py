@@ -14,7 +14,9 @@ import torch
 
 from pyramid_core.backends.hf import HFStage
 from pyramid_core.errors import ConfigError
-from pyramid_core.lab.latency import ForwardCost, as_forward_cost, expected_tokens, predict_chain
+from pyramid_core.lab.latency.chain import predict_chain
+from pyramid_core.lab.latency.cost import ForwardCost, as_forward_cost
+from pyramid_core.lab.latency.forms import expected_tokens
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.rng import Rng
 from pyramid_core.testing import TableModel

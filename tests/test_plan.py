@@ -19,7 +19,9 @@ from pyramid_core.backends.hf import HFStage
 from pyramid_core.backends.hf.tiny import save_with_words, tiny_llama
 from pyramid_core.cli import build_parser, main
 from pyramid_core.errors import ConfigError
-from pyramid_core.lab.latency import ForwardCost, as_forward_cost, expected_tokens, predict_chain
+from pyramid_core.lab.latency.chain import predict_chain
+from pyramid_core.lab.latency.cost import ForwardCost, as_forward_cost
+from pyramid_core.lab.latency.forms import expected_tokens
 from pyramid_core.lab.measure import (
     alpha_for_tokens_per_forward,
     measure_pairwise_alpha,

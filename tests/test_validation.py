@@ -23,7 +23,7 @@ from pyramid_core import (
     make_stage,
 )
 from pyramid_core.backends.hf import HFStage
-from pyramid_core.lab.latency import predict_chain
+from pyramid_core.lab.latency.chain import predict_chain
 from pyramid_core.lab.planner import plan_chain
 from pyramid_core.plugins import registries
 from pyramid_core.testing import TableModel

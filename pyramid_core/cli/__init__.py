@@ -17,8 +17,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from pyramid_core import plugins
 from pyramid_core.cli import bench, check, generate, plan, profile, setup
-from pyramid_core.errors import PyramidError
+from pyramid_core.errors import PluginError, PyramidError
 
 __all__ = ["main", "build_parser", "BUILTIN_COMMANDS"]
 
@@ -40,6 +41,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _distill(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    # lazy: the seven distill modules load when a parser is built, not on `import pyramid_core.cli`
     from pyramid_core.cli.distill import configure
 
     return configure(p)
@@ -60,15 +62,11 @@ BUILTIN_COMMANDS: tuple[tuple[str, Configure, str], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every built-in command and of every command a loaded plugin registers."""
-    from pyramid_core.plugins import registries
-
     parser = Parser(prog="pyramid", description="Multi-stage speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = [*BUILTIN_COMMANDS, *((r.name, r.factory, r.description) for r in registries().commands)]
+    commands = [*BUILTIN_COMMANDS, *((r.name, r.factory, r.description) for r in plugins.registries().commands)]
     for name, configure, description in commands:
         if name in sub.choices:
-            from pyramid_core.errors import PluginError
-
             raise PluginError(f"command {name!r} of a plugin clashes with a built-in `pyramid {name}`")
         p = sub.add_parser(name, help=description, description=description)
         p.set_defaults(func=configure(p), command_prog=None)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pyramid_core import plugins
+from pyramid_core.build import default_chain, make_stage
 from pyramid_core.cli.common import (
     block_length,
     compile_arg,
@@ -17,6 +19,10 @@ from pyramid_core.cli.common import (
     sampling,
     sampling_args,
 )
+from pyramid_core.devices import check_device
+from pyramid_core.errors import ConfigError
+from pyramid_core.protocols import Stage
+from pyramid_core.validate import check_block_lengths
 
 if TYPE_CHECKING:
     from pyramid_core.lab.outputs import RecordLog
@@ -78,9 +84,6 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
 
 
 def _lengths(value: str | None, n: int, flag: str) -> list[int] | None:
-    from pyramid_core.errors import ConfigError
-    from pyramid_core.validate import check_block_lengths
-
     if not value:
         return None
     try:
@@ -96,21 +99,17 @@ def _lengths(value: str | None, n: int, flag: str) -> list[int] | None:
 
 
 def run_bench(ns: argparse.Namespace) -> int:
-    from pyramid_core.build import default_chain, make_stage
-    from pyramid_core.devices import check_device
-    from pyramid_core.errors import ConfigError
+    # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.bench import run_bench, write_bench
     from pyramid_core.lab.outputs import output_dir
     from pyramid_core.lab.prompts import load_prompts
     from pyramid_core.lab.specbench import is_specbench_file
-    from pyramid_core.plugins import registries
-    from pyramid_core.protocols import Stage
 
     out = output_dir(ns.out, "--out")  # before anything runs
     lengths2, lengths3 = _lengths(ns.lengths2, 1, "--lengths-2"), _lengths(ns.lengths3, 2, "--lengths-3")
     if ns.device:
         check_device(ns.device)
-    regs = registries()
+    regs = plugins.registries()
     specbench = bool(ns.prompts) and is_specbench_file(ns.prompts)
     per_kind, max_new = (1, 24) if ns.quick else (ns.per_kind, 128 if specbench else 64)
     max_new = ns.max_new_tokens if ns.max_new_tokens is not None else max_new
@@ -165,11 +164,9 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
     """The feature-draft rows (``bench.feature_configs``) for ``--feature``, or by default for
     the family's shipped head when the target is the family's own (``smollm2``); ``upper`` is
     the qualifier's block length in the 3-stage row (the 3-stage rows' second length)."""
+    # lazy: the hf backend loads with its plugin; lab/ stays out of CLI start-up
     from pyramid_core.backends.hf.smollm2 import family_dir
-    from pyramid_core.build import make_stage
-    from pyramid_core.errors import ConfigError
     from pyramid_core.lab.bench import feature_configs
-    from pyramid_core.protocols import Stage
 
     spec = ns.feature
     if spec is None:
@@ -189,6 +186,7 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
 def _open_log(path: Path, ns: argparse.Namespace, command: str) -> RecordLog:
     """The run's ``RecordLog``, identified by every option but the command's plumbing; says on
     stderr when it resumes, or when an old log of other arguments was moved aside."""
+    # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.outputs import RecordLog
 
     args = {k: v for k, v in sorted(vars(ns).items()) if k not in ("func", "command_prog", "command", "argv")}
@@ -206,6 +204,7 @@ def _specbench(ns: argparse.Namespace, out: Path, target: Any, draft: Any, quali
     """``pyramid bench --prompts question.jsonl``: the Spec-Bench run (``bench.run_specbench``)."""
     import json
 
+    # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.bench import run_specbench
     from pyramid_core.lab.specbench import load_questions
 
@@ -248,13 +247,10 @@ def configure_sweep(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
 def run_sweep(ns: argparse.Namespace) -> int:
     import math
 
-    from pyramid_core.devices import check_device
-    from pyramid_core.errors import ConfigError
+    # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.outputs import output_dir
     from pyramid_core.lab.prompts import load_prompts
     from pyramid_core.lab.sweep import run_sweep, write_sweep
-    from pyramid_core.plugins import registries
-    from pyramid_core.validate import check_block_lengths
 
     out = output_dir(ns.out, "--out")  # before anything runs
     try:
@@ -278,7 +274,7 @@ def run_sweep(ns: argparse.Namespace) -> int:
                 raise ConfigError(f"--length-grid {g}: {exc}") from None
     if ns.device:
         check_device(ns.device)
-    regs = registries()
+    regs = plugins.registries()
     prompts = load_prompts(ns.prompts, per_kind=ns.per_kind)
     presets = list(ns.preset)
     ns.policy, ns.length, ns.preset = None, None, presets[0]

@@ -8,7 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
+from pyramid_core import plugins
 from pyramid_core.cli.common import int_at_least, pipeline_args, sampling, sampling_args
+from pyramid_core.errors import ConfigError
+from pyramid_core.registry import split_top
 
 __all__ = ["configure"]
 
@@ -35,17 +40,14 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 
 
 def run(ns: argparse.Namespace) -> int:
-    import torch
-
-    from pyramid_core.errors import ConfigError
-    from pyramid_core.plugins import registries
+    # lazy: scipy (seconds to import)
     from pyramid_core.testing.exactness import parse_dist, run_check
 
     if not ns.dist:
         raise ConfigError("give one --dist per stage, smallest first (e.g. --dist 0.5,0.5 --dist 0.2,0.8)")
     dists = [parse_dist(d, name=f"--dist #{i + 1} (stage {i + 1})") for i, d in enumerate(ns.dist)]
     n = len(dists)
-    regs = registries()
+    regs = plugins.registries()
     if ns.compare:
         return _compare(ns, dists, regs)
     common = {"preset": ns.preset, "samples": ns.samples, "seed": ns.seed, "sampling": sampling(ns),
@@ -93,8 +95,7 @@ def run(ns: argparse.Namespace) -> int:
 
 def _compare(ns: argparse.Namespace, dists: list[list[float]], regs: Any) -> int:
     """``--compare``: every rule on the same tables, lengths, sampling and seed."""
-    from pyramid_core.errors import ConfigError
-    from pyramid_core.registry import split_top
+    # lazy: scipy (seconds to import)
     from pyramid_core.testing.exactness import run_check
 
     if ns.policy or ns.preset:

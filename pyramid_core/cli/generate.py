@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from pyramid_core import plugins
 from pyramid_core.cli.common import (
     compile_arg,
     int_at_least,
@@ -16,6 +17,8 @@ from pyramid_core.cli.common import (
     pipeline_spec,
     sampling_args,
 )
+from pyramid_core.errors import ConfigError
+from pyramid_core.protocols import tokenizer_of
 
 __all__ = ["configure"]
 
@@ -46,16 +49,14 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 
 
 def run(ns: argparse.Namespace) -> int:
-    from pyramid_core.errors import ConfigError
+    # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.outputs import output_file
     from pyramid_core.lab.prompts import encode_prompt
-    from pyramid_core.plugins import registries
-    from pyramid_core.protocols import tokenizer_of
 
     metrics_path = output_file(ns.metrics, "--metrics") if ns.metrics else None
     if ns.compare and ns.max_new_tokens < 1:
         raise ConfigError(f"--compare times HF generate, which needs --max-new-tokens >= 1, got {ns.max_new_tokens}")
-    regs = registries()
+    regs = plugins.registries()
     spec = pipeline_spec(ns, ns.stage or (), tree=ns.tree, device=ns.device)
     stage_specs = [str(s) for s in spec.plan(regs)[0]]
     pipe = spec.resolve(regs)
@@ -98,9 +99,9 @@ def run(ns: argparse.Namespace) -> int:
 def _compare(pipe: Any, ids: list[int], tokens: list[int], tokens_per_s: float,
              ns: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Plain HF ``generate`` of the target on the same prompt: timing and greedy identity."""
+    # lazy: the hf backend loads with its plugin
     from pyramid_core.backends.hf.baseline import run_baselines
     from pyramid_core.backends.hf.stage import HFStage
-    from pyramid_core.errors import ConfigError
 
     if not isinstance(pipe.target, HFStage):
         raise ConfigError("--compare needs a Hugging Face target stage")

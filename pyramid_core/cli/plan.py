@@ -8,7 +8,13 @@ import shlex
 import time
 from collections.abc import Callable
 
+from pyramid_core import plugins
+from pyramid_core.build import PipelineSpec
+from pyramid_core.channel import reader_of
 from pyramid_core.cli.common import compile_arg, int_at_least
+from pyramid_core.errors import ConfigError
+from pyramid_core.protocols import Stage, tokenizer_of
+from pyramid_core.registry import parse_spec
 
 __all__ = ["configure"]
 
@@ -36,15 +42,10 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 
 def run(ns: argparse.Namespace) -> int:
     """Measure T per candidate and alpha per pair here, then pick the chain (pyramid_core.lab.planner)."""
-    from pyramid_core.build import PipelineSpec
-    from pyramid_core.channel import reader_of
-    from pyramid_core.errors import ConfigError
+    # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.measure import measure_candidates
     from pyramid_core.lab.planner import plan_chain
     from pyramid_core.lab.prompts import encode_prompt, load_prompts
-    from pyramid_core.plugins import registries
-    from pyramid_core.protocols import Stage, tokenizer_of
-    from pyramid_core.registry import parse_spec
 
     specs: list[str] = ns.stage or []
     if not specs:
@@ -53,7 +54,7 @@ def run(ns: argparse.Namespace) -> int:
     twice = sorted({s for s in specs if specs.count(s) > 1})
     if twice:
         raise ConfigError(f"--stage {twice[0]!r} is given twice; each candidate once")
-    regs = registries()
+    regs = plugins.registries()
     if parse_spec(specs[-1])[0] in regs.proposers:
         raise ConfigError(f"the target (the last --stage, {specs[-1]!r}) must be a model backend, not a proposer")
     # loaded as one pipeline's stages are: the target first, every model on --device

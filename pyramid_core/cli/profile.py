@@ -7,7 +7,14 @@ import argparse
 import json
 from collections.abc import Callable
 
+import torch
+
+from pyramid_core import plugins
+from pyramid_core.build import make_stage
 from pyramid_core.cli.common import compile_arg, int_at_least
+from pyramid_core.devices import check_device
+from pyramid_core.errors import ConfigError
+from pyramid_core.protocols import Stage
 
 __all__ = ["configure"]
 
@@ -27,14 +34,8 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 
 
 def run(ns: argparse.Namespace) -> int:
-    import torch
-
-    from pyramid_core.build import make_stage
-    from pyramid_core.devices import check_device
-    from pyramid_core.errors import ConfigError
+    # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.measure import measure_stage_costs
-    from pyramid_core.plugins import registries
-    from pyramid_core.protocols import Stage
 
     try:
         widths = [int(w) for w in ns.widths.split(",")]
@@ -44,7 +45,7 @@ def run(ns: argparse.Namespace) -> int:
         raise ConfigError(f"--widths must be strictly increasing integers >= 1 (tokens per forward), got {ns.widths!r}")
     if ns.device:
         check_device(ns.device)
-    regs = registries()
+    regs = plugins.registries()
     rows = []
     for spec in ns.stage:
         stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile)

@@ -6,6 +6,8 @@ import argparse
 import json
 from collections.abc import Callable
 
+from pyramid_core import plugins
+
 __all__ = ["configure_setup", "configure_plugins"]
 
 
@@ -15,6 +17,7 @@ def configure_setup(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
 
 
 def run_setup(ns: argparse.Namespace) -> int:
+    # lazy: the hf backend loads with its plugin
     from pyramid_core.backends.hf.smollm2 import ensure_smollm2
 
     path = ensure_smollm2(progress=not ns.quiet)
@@ -28,9 +31,7 @@ def configure_plugins(p: argparse.ArgumentParser) -> Callable[[argparse.Namespac
 
 
 def run_plugins(ns: argparse.Namespace) -> int:
-    from pyramid_core.plugins import registries
-
-    regs = registries()
+    regs = plugins.registries()
     if ns.json:
         print(json.dumps([
             {"name": p.name, "package": p.package, "version": p.version,

@@ -26,9 +26,12 @@ import attrs
 import torch
 
 from pyramid_core.build import build_pipeline
+from pyramid_core.channel import reader_of
 from pyramid_core.devices import sync
 from pyramid_core.errors import ConfigError
-from pyramid_core.lab.latency import ForwardCost, iid_alpha, predict_chain
+from pyramid_core.lab.latency.chain import predict_chain
+from pyramid_core.lab.latency.cost import ForwardCost
+from pyramid_core.lab.latency.forms import iid_alpha
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage
@@ -313,8 +316,6 @@ def measure_candidates(
     features), because its acceptance falls with the draft depth (drafted positions read its own
     predicted features), which teacher-forced agreement would not show. It is listed among
     ``Measured.proposers``: first stage only."""
-    from pyramid_core.channel import reader_of
-
     if len(candidates) != len(names):
         raise ConfigError(f"{len(candidates)} candidates need {len(names)} names, one each")
     _check_prompts(prompts_token_ids, new_tokens)

@@ -43,13 +43,9 @@ from typing import Any
 import attrs
 
 from pyramid_core.errors import ConfigError
-from pyramid_core.lab.latency import (
-    ForwardCost,
-    Prediction,
-    as_forward_cost,
-    expected_tokens,
-    predict_chain,
-)
+from pyramid_core.lab.latency.chain import Prediction, predict_chain
+from pyramid_core.lab.latency.cost import ForwardCost, as_forward_cost
+from pyramid_core.lab.latency.forms import expected_tokens
 
 __all__ = ["ChainPlan", "Plan", "plan_chain"]
 

@@ -1,16 +1,16 @@
-"""Helpers for testing pipelines and plugins without neural models."""
+"""Helpers for testing pipelines and plugins without neural models: ``TableModel`` stages,
+injected faults, and the conformance checks a policy author runs on a new rule
+(``check_policy_contract``, ``check_policy_lossless``)."""
 
-from pyramid_core.testing.conformance import (
+from pyramid_core.testing.contract import ContractReport, check_policy_contract
+from pyramid_core.testing.contract_cases import ContractCase, contract_cases
+from pyramid_core.testing.faults import FAULTS, Fault, FaultyStage, InjectedFault, fail_module
+from pyramid_core.testing.lossless import (
     DEFAULT_TABLES,
-    ContractCase,
-    ContractReport,
     LosslessCheck,
     LosslessReport,
-    check_policy_contract,
     check_policy_lossless,
-    contract_cases,
 )
-from pyramid_core.testing.faults import FAULTS, Fault, FaultyStage, InjectedFault, fail_module
 from pyramid_core.testing.table import TableModel, validate_distribution
 
 __all__ = [

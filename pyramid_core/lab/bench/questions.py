@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 
 from pyramid_core.backends.hf.baseline import HF_GENERATE, HF_GENERATE_COMPILED
 from pyramid_core.backends.hf.stage import HFStage
@@ -17,6 +18,13 @@ from pyramid_core.errors import ConfigError
 from pyramid_core.lab.bench.report import TARGET_ALONE
 from pyramid_core.lab.bench.run import default_configs
 from pyramid_core.lab.prompts import encode_prompt
+from pyramid_core.lab.specbench import (
+    answer_questions,
+    group_report,
+    model_id,
+    report_markdown,
+    write_answers,
+)
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import Stage, tokenizer_of
@@ -40,8 +48,6 @@ class SpecBenchResult:
     skipped: tuple[Any, ...]
 
     def to_markdown(self) -> str:
-        from pyramid_core.lab.specbench import report_markdown
-
         text = report_markdown(self.report, self.baseline)
         if self.skipped:
             text += f"\nSkipped (beyond the context length): {len(self.skipped)} question(s): {list(self.skipped)}\n"
@@ -67,10 +73,6 @@ def run_specbench(
     the target (the baseline; over the compiled stage when the target is compiled, the fastest
     HF configuration here) and the ``SPEC_BENCH_ROWS`` pipelines; write one Spec-Bench answer file
     per method under ``out_dir`` and report speedup and accept length per group."""
-    import torch
-
-    from pyramid_core.lab.specbench import answer_questions, group_report, model_id, write_answers
-
     regs = regs or registries()
     tok = tokenizer_of(target)
     if tok is None or not isinstance(target, HFStage):

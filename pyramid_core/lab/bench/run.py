@@ -39,7 +39,8 @@ from pyramid_core.build import PipelineSpec
 from pyramid_core.errors import ConfigError, PyramidError
 from pyramid_core.lab.bench.baselines import PLAIN_HF, hf_rows
 from pyramid_core.lab.bench.report import TARGET_ALONE, BenchResult, BenchRow
-from pyramid_core.lab.latency import ForwardCost, predict_chain
+from pyramid_core.lab.latency.chain import predict_chain
+from pyramid_core.lab.latency.cost import ForwardCost
 from pyramid_core.lab.measure import (
     alpha_for_tokens_per_forward,
     length_distributions,

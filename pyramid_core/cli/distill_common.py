@@ -1,0 +1,97 @@
+"""What the ``pyramid distill`` subcommands share: their common options, where they write (checked
+before they start), the target they distil from, and the command line they record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyramid_core.errors import ConfigError
+
+__all__ = ["common_args", "home", "check_outputs", "command_line", "load_target", "usable_device", "corpus_dir",
+           "corpus_manifest"]
+
+
+def common_args(p: argparse.ArgumentParser) -> None:
+    """``--workdir``, ``--corpus``, ``--seed``, ``--smoke``, ``--quiet``, ``--device``."""
+    p.add_argument("--workdir", metavar="DIR", help="folder for corpus, checkpoints and stages (default $PYRAMID_HOME/distill)")
+    p.add_argument("--corpus", metavar="DIR", help="corpus folder (default WORKDIR/corpus)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny run of every step, evaluation included (well under a minute on a CPU; what CI runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", help="where the target and the students run (cpu, cuda, ...; default cpu)")
+
+
+def home(ns: argparse.Namespace) -> Path:
+    """Where corpus, checkpoints and trained stages go: --workdir, default $PYRAMID_HOME/distill."""
+    # lazy: the hf backend loads with its plugin
+    from pyramid_core.backends.hf.smollm2 import model_home
+
+    return Path(ns.workdir).expanduser() if getattr(ns, "workdir", None) else model_home() / "distill"
+
+
+def corpus_dir(ns: argparse.Namespace) -> Path:
+    """The corpus folder: --corpus, default WORKDIR/corpus."""
+    return Path(ns.corpus or home(ns) / "corpus")
+
+
+def check_outputs(ns: argparse.Namespace, *, corpus: bool = False, out: str = "") -> None:
+    """Check every place the command writes before it starts: the workdir, the corpus folder
+    when the command builds it, ``--out`` as a folder (``out="dir"``) or a file (``"file"``),
+    and ``--ship``."""
+    # lazy: lab/ stays out of CLI start-up
+    from pyramid_core.lab.outputs import output_dir, output_file
+
+    if getattr(ns, "workdir", None) or out != "file":  # eval reads the workdir only with --corpus-sample
+        output_dir(home(ns), "--workdir")
+    if corpus:
+        output_dir(Path(ns.corpus) if ns.corpus else home(ns) / "corpus", "--corpus")
+    if out == "dir" and getattr(ns, "out", None):
+        output_dir(ns.out, "--out")
+    if out == "file" and getattr(ns, "out", None):
+        output_file(ns.out, "--out")
+    if getattr(ns, "ship", None):
+        output_dir(ns.ship, "--ship")
+
+
+def command_line(ns: argparse.Namespace) -> str:
+    """The command as it was given (``pyramid_core.cli.main`` keeps its argv on ``ns.argv``)."""
+    argv = getattr(ns, "argv", None)
+    return "pyramid " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+
+def load_target(ns: argparse.Namespace) -> tuple[Any, Any]:
+    """The target's model (on ``--device``) and tokenizer; refused before ``pyramid setup``."""
+    # lazy: the hf backend loads with its plugin
+    from pyramid_core.backends.hf.loading import load_model, load_tokenizer
+    from pyramid_core.backends.hf.smollm2 import smollm2_dir, smollm2_ready
+
+    if not smollm2_ready():
+        raise ConfigError("distillation needs the target: run `pyramid setup` first")
+    return load_model(smollm2_dir(), device=usable_device(ns)), load_tokenizer(smollm2_dir())
+
+
+def usable_device(ns: argparse.Namespace) -> str:
+    """``--device`` (default cpu), refused with torch's reason when it is not usable here."""
+    name = getattr(ns, "device", None) or "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as exc:
+        raise ConfigError(f"--device {name!r} is not usable here: {exc}") from None
+    return name
+
+
+def corpus_manifest(ns: argparse.Namespace) -> dict[str, Any]:
+    """The finished corpus's ``corpus.json``; refused when ``pyramid distill corpus`` has not run."""
+    path = corpus_dir(ns) / "corpus.json"
+    if not path.is_file():
+        raise ConfigError(f"no finished corpus at {path.parent}; run `pyramid distill corpus` first")
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest

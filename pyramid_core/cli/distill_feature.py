@@ -1,0 +1,117 @@
+"""``pyramid distill feature``: trains a feature-level draft (EAGLE family) on the corpus, with the
+target's features computed once (``pyramid_core.lab.distill.heads``); ``--ship`` copies the head
+and records its held-out evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pyramid_core.cli.distill_common import (
+    command_line,
+    common_args,
+    corpus_dir,
+    corpus_manifest,
+    home,
+    load_target,
+)
+from pyramid_core.cli.distill_eval import eval_args, eval_defaults, eval_markdown, evaluate
+from pyramid_core.cli.distill_train import train_args
+from pyramid_core.errors import ConfigError
+
+__all__ = ["configure"]
+
+
+def configure(f: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    common_args(f)
+    f.add_argument("--variant", choices=("eagle1", "eagle3"), default="eagle1",
+                   help="eagle1: the final-normed feature, regressed (default); eagle3: several layers fused")
+    f.add_argument("--layers", help="target layers read (-1 = final-normed; default: eagle1 -1, eagle3 2,14,-1)")
+    f.add_argument("--depth", type=int, default=1, help="decoder layers in the head (default 1)")
+    f.add_argument("--sub-vocab", type=int, default=8192, help="rows of its own sub-vocabulary head; 0 = the target's head")
+    f.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
+    f.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    f.add_argument("--unroll", type=int, default=2, help="training-time test: passes over its own predictions (default 2)")
+    f.add_argument("--ce-weight", type=float, default=0.1, help="eagle1: weight of the token loss (default 0.1)")
+    f.add_argument("--max-positions", type=int, default=400_000,
+                   help="bound on the corpus positions whose target features are computed and cached (default 400000)")
+    f.add_argument("--no-autocast", action="store_true", help="compute features and train in float32 (default bfloat16 autocast)")
+    f.add_argument("--partial-corpus", action="store_true",
+                   help="train on the shards of a corpus still being built (its hash is then over the shards used)")
+    f.add_argument("--out", help="output folder (default WORKDIR/feature)")
+    f.add_argument("--ship", metavar="DIR", help="also copy the trained head to DIR and write its held-out evaluation "
+                                                 "into DIR/stage.json (e.g. the family's feature/ folder)")
+    train_args(f)
+    eval_args(f)
+    return run
+
+
+def _feature_config(ns: argparse.Namespace) -> Any:
+    # lazy: lab/ stays out of CLI start-up
+    from pyramid_core.lab.distill.heads import FeatureTrainConfig
+
+    text = ns.layers or ("-1" if ns.variant == "eagle1" else "2,14,-1")
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--layers must be comma-separated layer numbers, got {text!r}") from None
+    if ns.smoke:
+        return FeatureTrainConfig(layers=layers, variant=ns.variant, depth=ns.depth, sub_vocab=min(ns.sub_vocab, 512),
+                                  steps=3, batch_tokens=256, warmup=1, unroll=ns.unroll, max_positions=2000,
+                                  seed=ns.seed, save_every=2)
+    return FeatureTrainConfig(layers=layers, variant=ns.variant, depth=ns.depth, sub_vocab=ns.sub_vocab, steps=ns.steps,
+                              batch_tokens=ns.batch_tokens, lr=ns.lr, unroll=ns.unroll, ce_weight=ns.ce_weight,
+                              max_positions=ns.max_positions, seed=ns.seed)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Train (or resume) a feature head on the corpus; with --ship, copy it and evaluate it."""
+    # lazy: lab/ stays out of CLI start-up
+    from pyramid_core.lab.distill.corpus import corpus_hash, load_corpus
+    from pyramid_core.lab.distill.heads import train_feature_head
+
+    model, tokenizer = load_target(ns)
+    folder = corpus_dir(ns)
+    if ns.partial_corpus:
+        sequences = load_corpus(folder, require_manifest=False)
+        shards = len(list(folder.glob("shard-*.pt")))
+        manifest: dict[str, Any] = {"sha256": corpus_hash(sequences), "partial_shards": shards,
+                                    "target_positions": sum(s.n_targets for s in sequences)}
+    else:
+        manifest = corpus_manifest(ns)
+        sequences = load_corpus(folder)
+    if not sequences:
+        raise ConfigError(f"no corpus sequences in {folder}; run `pyramid distill corpus` first")
+    cfg = _feature_config(ns)
+    out = Path(ns.out or home(ns) / ("smoke-feature" if ns.smoke else "feature"))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    metadata = {"role": "feature", "command": command_line(ns), "seed": cfg.seed,
+                "corpus_sha256": manifest.get("sha256"), "corpus_positions": manifest.get("target_positions"),
+                "corpus_partial_shards": manifest.get("partial_shards")}
+    report = train_feature_head(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
+                                max_minutes=ns.max_minutes, autocast=not ns.no_autocast,
+                                corpus_sha256=manifest.get("sha256"), progress=not ns.quiet)
+    print(json.dumps(report, indent=2))
+    if not report["finished"]:
+        print(f"stopped after {report['steps']} steps (--max-minutes); run the same command to resume", file=sys.stderr)
+        return 0
+    if ns.ship:
+        ship = Path(ns.ship)
+        ship.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "stage.json"):
+            shutil.copy2(out / name, ship / name)
+        ns.stage = [f"hf:path={ship}", "smollm2"]
+        eval_defaults(ns)
+        evaluation = evaluate(ns.stage, ns)
+        info = json.loads((ship / "stage.json").read_text())
+        info["training"] = report
+        info["evaluation"] = evaluation
+        (ship / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(eval_markdown(evaluation))
+        print(f"feature head written to {ship}")
+    return 0
