@@ -33,6 +33,7 @@ def run(ns: argparse.Namespace) -> int:
     from pyramid_core.devices import check_device
     from pyramid_core.errors import ConfigError
     from pyramid_core.lab.measure import measure_stage_costs
+    from pyramid_core.lab.outputs import md_escape
     from pyramid_core.plugins import registries
     from pyramid_core.protocols import Stage
 
@@ -65,7 +66,7 @@ def run(ns: argparse.Namespace) -> int:
     print(head)
     print("|" + "---|" * (2 + 2 * len(widths) - 1))
     for r in rows:
-        print(f"| {r['spec']} | {'yes' if r['compiled'] else 'no'} | "
+        print(f"| {md_escape(r['spec'])} | {'yes' if r['compiled'] else 'no'} | "
               + " | ".join(f"{r['ms'][str(m)]:.1f}" for m in widths) + " | "
               + " | ".join(f"{r['ratio'][str(m)]:.2f}" for m in widths[1:]) + " |")
     print(f"\nmedian of {ns.repeats} forwards per M after a {ns.context}-token context, {meta['threads']} threads, "
