@@ -2,9 +2,10 @@
 
 `tests` runs the whole suite, notebooks included, once per supported transformers line;
 `typecheck`, `lint`, `docs`, `notebooks` and `plugin_example` check one thing each; `stress`
-runs the property-based suite with ten times the examples. Every session
-that imports torch installs the CPU build CI uses first (users with CUDA install their own
-build of torch and run the commands of a session by hand).
+runs the property-based suite with ten times the examples. Every session installs under
+constraints.txt, the versions CI installs, and every session that imports torch installs the CPU
+build CI uses first (users with CUDA install their own build of torch and run the commands of a
+session by hand).
 """
 
 from __future__ import annotations
@@ -18,21 +19,41 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
 TORCH = "torch==2.13.0"
-# The newest release of each transformers line that installs here (5.25.0 needs a `kernels`
-# release PyPI does not have yet): the 4.x line is the last before the 5.0 API changes (cache
-# arguments, generation config handling, tokenizer classes), 5.x the current one.
-TRANSFORMERS = {"4.57": "transformers==4.57.6", "5.24": "transformers==5.24.0"}
-# The line the tutorials' committed outputs come from (what a fresh `pip install` resolves to).
-# On the other line SmolLM2's greedy continuations differ, so there the notebooks are executed
-# but their outputs are not compared (nbval --nbval-lax).
-NOTEBOOK_LINE = "5.24"
+CONSTRAINTS = "constraints.txt"  # every package CI installs, at the version it installs
+# The newest release of each transformers line that installs here: the 4.x line is the last
+# before the 5.0 API changes (cache arguments, generation config handling, tokenizer classes),
+# 5.x the current one -- the version constraints.txt pins, what a fresh install resolves to.
+TRANSFORMERS = {"4.57": "transformers==4.57.6", "5.25": "transformers==5.25.0"}
+# The line the tutorials' committed outputs come from (CI's, constraints.txt's). On the other
+# line SmolLM2's greedy continuations differ, so there the notebooks are executed but their
+# outputs are not compared (nbval --nbval-lax).
+NOTEBOOK_LINE = "5.25"
+# constraints.txt's lines a transformers release other than the pinned one brings its own
+# versions of (4.57.6 needs huggingface-hub < 1.0 and tokenizers <= 0.23.0)
+HF_STACK = ("transformers", "tokenizers", "huggingface-hub", "hf-xet", "kernels")
+
+
+def constraints(session: nox.Session, transformers: str | None) -> str:
+    """constraints.txt, or for another transformers release a copy without ``HF_STACK``."""
+    if transformers is None or transformers in Path(CONSTRAINTS).read_text(encoding="utf-8").splitlines():
+        return CONSTRAINTS
+
+    def name(line: str) -> str:
+        return line.split("==")[0].strip().lower().replace("_", "-")
+
+    kept = [line for line in Path(CONSTRAINTS).read_text(encoding="utf-8").splitlines() if name(line) not in HF_STACK]
+    path = Path(session.create_tmp()) / "constraints.txt"
+    path.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    return str(path)
 
 
 def install(session: nox.Session, *extras: str, transformers: str | None = None) -> None:
-    """torch first (so pip never picks another build), then the project with ``extras``."""
-    session.install(TORCH)
+    """torch first (so pip never picks another build), then the project with ``extras``, both
+    under constraints.txt."""
+    pins = constraints(session, transformers)
+    session.install("-c", pins, TORCH)
     target = f".[{','.join(extras)}]" if extras else "."
-    session.install("-e", target, *([transformers] if transformers else []))
+    session.install("-c", pins, "-e", target, *([transformers] if transformers else []))
 
 
 @nox.session(python=PYTHON)
@@ -66,20 +87,22 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff on the whole tree, notebooks included."""
-    session.install("ruff>=0.6")
+    session.install("-c", CONSTRAINTS, "ruff")
     session.run("ruff", "check", ".")
 
 
 @nox.session(python=PYTHON)
 def docs(session: nox.Session) -> None:
-    """The documentation site with warnings as errors (`mkdocs build --strict`, into site/);
+    """The documentation site with warnings as errors, into site/: .ci/docs, the build CI runs
+    (`mkdocs build --strict`; on failure the warnings and the log's tail);
     `nox -s docs -- serve` serves it on http://127.0.0.1:8000 instead."""
     install(session, "docs")
-    session.env["NO_MKDOCS_2_WARNING"] = "1"  # mkdocs-material's banner about MkDocs 2, not a build warning
     if session.posargs[:1] == ["serve"]:
+        session.env["NO_MKDOCS_2_WARNING"] = "1"  # mkdocs-material's banner about MkDocs 2
+        session.env["DISABLE_MKDOCS_2_WARNING"] = "true"  # and properdocs' (via mkdocs-gen-files)
         session.run("mkdocs", "serve", *session.posargs[1:])
     else:
-        session.run("mkdocs", "build", "--strict", *session.posargs)
+        session.run("bash", ".ci/docs", "site", external=True)
 
 
 @nox.session(python=PYTHON)

@@ -76,6 +76,7 @@ def hooks_page(module: types.ModuleType | None = None, regs: Any = None) -> str:
     """``reference/hooks.md``: each hook of ``module`` (default ``pyramid_core.hookspecs``) and
     what the plugins of ``regs`` (default: the installed ones) register through it."""
     from pyramid_core import hookspecs as default_module
+    from pyramid_core.lab.outputs import md_escape
     from pyramid_core.plugins import HOOKS, registries
 
     module = module or default_module
@@ -103,7 +104,7 @@ def hooks_page(module: types.ModuleType | None = None, regs: Any = None) -> str:
         rows = [f"| `{e.name}` | `{e.plugin}` | {e.description.replace('|', '/')} |" for e in entries]
         parts.append(f"Registered through it by the installed plugins ({registry.kind}):\n\n"
                      "| name | plugin | description |\n|---|---|---|\n" + "\n".join(rows) + "\n")
-    rows = [f"| `{p.name}` | {p.package} {p.version} | "
+    rows = [f"| `{p.name}` | {md_escape(p.package)} {md_escape(p.version)} | "
             f"{', '.join(f'{kind} `{what}`' for kind, what in p.registered) or '-'} |" for p in regs.plugins]
     parts.append("## Installed plugins\n\nWhat `pyramid plugins` lists where the site was built:\n\n"
                  "| plugin | package | registers |\n|---|---|---|\n" + "\n".join(rows) + "\n")

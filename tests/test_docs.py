@@ -5,16 +5,23 @@ pyproject.toml and as installed), every name the built-in plugins register, the 
 ``pyramid_core.cli.build_parser()`` -- and are compared with the hand-written pages in
 ``docs/`` (a hook, a plugin or a registered name must appear as `name` in docs/plugins.md, a
 command as `pyramid NAME` on some page). The generated reference pages (docs/gen_reference.py)
-are checked to cover the same lists. No mkdocs is needed: the pages are Markdown, and the
-generator's page texts are plain functions. Negative controls show each check catching an
+are checked to cover the same lists. No mkdocs is needed for these: the pages are Markdown, and
+the generator's page texts are plain functions. Negative controls show each check catching an
 omission.
+
+The site itself is built by ``.ci/docs`` (the command CI and ``nox -s docs`` run: ``mkdocs build
+--strict``, any warning an error) where mkdocs is installed: the docs as committed build, and a
+copy with a broken link and an unescaped bench label fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
+import shutil
+import subprocess
 import sys
 import types
 import unicodedata
@@ -311,3 +318,56 @@ def test_anchors_are_the_ones_mkdocs_makes() -> None:
 
 def test_the_hook_page_moves_api_page_links_one_level_up() -> None:
     assert gen.for_hooks_page("[t](../../algorithms.md#the-two-traps)") == "[t](../algorithms.md#the-two-traps)"
+
+# --- the site build (.ci/docs) -------------------------------------------------------------------
+
+SITE_SOURCES = ("mkdocs.yml", "docs", "tutorials", ".ci/docs")  # what mkdocs.yml and gen_reference read
+
+
+def build_site(root: Path) -> subprocess.CompletedProcess[str]:
+    """``root/.ci/docs`` with this interpreter's mkdocs and this checkout's packages."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run(["bash", str(root / ".ci" / "docs")], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+
+
+def copy_site_sources(dest: Path) -> Path:
+    for name in SITE_SOURCES:
+        source, target = ROOT / name, dest / name
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return dest
+
+
+def test_ci_and_nox_build_the_site_with_ci_docs() -> None:
+    """The build the tests below run is the one CI and `nox -s docs` run."""
+    assert "\nbash .ci/docs\n" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert '"bash", ".ci/docs"' in (ROOT / "noxfile.py").read_text(encoding="utf-8")
+
+
+def test_the_site_builds_without_warnings_and_a_planted_warning_fails_it(tmp_path: Path) -> None:
+    """Two builds (10-20 s each): the docs as committed pass; a copy with a link to a missing
+    page and a bench row whose tree label is unescaped (Markdown reads ``[...](draft)`` as a
+    link) fails, and the script prints both warnings but not the whole log."""
+    pytest.importorskip("mkdocs", reason="the docs toolchain (pip install -e '.[docs]') is not installed")
+    clean = build_site(copy_site_sources(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "no warnings" in clean.stdout
+
+    planted = copy_site_sources(tmp_path / "planted")
+    with (planted / "docs" / "index.md").open("a", encoding="utf-8") as f:
+        f.write("\nSee [the missing page](no-such-page.md).\n")
+    with (planted / "docs" / "benchmarks.md").open("a", encoding="utf-8") as f:
+        f.write("\n| config | ms/forward per stage |\n|---|---|\n"
+                "| tree draft→target | tree[budget=8,4,top-k](draft) 4.4 / smollm2-135m 34.9 |\n")
+    broken = build_site(planted)
+    out = broken.stdout + broken.stderr
+    assert broken.returncode != 0, out
+    warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert any("index.md" in w and "no-such-page.md" in w for w in warnings), out
+    assert any("benchmarks.md" in w and "'draft'" in w for w in warnings), out
+    assert len(out.splitlines()) < 40, out  # the warnings and the log's tail, not the INFO lines

@@ -95,8 +95,8 @@ def run(ns: argparse.Namespace) -> int:
 
 def _compare(ns: argparse.Namespace, dists: list[list[float]], regs: Any) -> int:
     """``--compare``: every rule on the same tables, lengths, sampling and seed."""
-    # lazy: scipy (seconds to import)
-    from pyramid_core.testing.exactness import run_check
+    from pyramid_core.lab.outputs import md_escape  # lazy: lab is kept out of CLI start-up
+    from pyramid_core.testing.exactness import run_check  # lazy: scipy (seconds to import)
 
     if ns.policy or ns.preset:
         raise ConfigError("--compare names the policies itself; drop --policy / --preset")
@@ -124,6 +124,6 @@ def _compare(ns: argparse.Namespace, dists: list[list[float]], regs: Any) -> int
           "chi-square p |")
     print("|" + "---|" * (len(bounds) + 4))
     for rule, res, _ in results:
-        print(f"| {rule} | " + " | ".join(f"{a:.4f}" for a in res.acceptance)
+        print(f"| {md_escape(rule)} | " + " | ".join(f"{a:.4f}" for a in res.acceptance)
               + f" | {res.tokens_per_target_forward:.3f} | {res.tv:.4f} | {res.p_value:.3g} |")
     return 0

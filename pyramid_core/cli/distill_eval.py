@@ -100,6 +100,8 @@ def evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
 
 def eval_markdown(result: dict[str, Any]) -> str:
     """The tables of an ``evaluate`` result, in Markdown."""
+    from pyramid_core.lab.outputs import md_escape  # lazy: lab is kept out of CLI start-up
+
     lines = ["| stage | agreement with target | agreement with next stage | ms/forward | c (vs next) | c (vs target) "
              "| agreement on training text (greedy / sampled / python) |",
              "|---|---|---|---|---|---|---|"]
@@ -108,16 +110,16 @@ def eval_markdown(result: dict[str, Any]) -> str:
         cn = "–" if r["cost_vs_next"] is None else f"{r['cost_vs_next']:.3f}"
         seen = r.get("corpus_agreement")
         seen_text = " / ".join(f"{seen.get(k, float('nan')):.3f}" for k in ("greedy", "sampled", "python")) if seen else "–"
-        lines.append(f"| {spec} | {r['agreement_with_target']:.3f} | {nxt} | {r['ms_per_forward']:.1f} | {cn} "
+        lines.append(f"| {md_escape(spec)} | {r['agreement_with_target']:.3f} | {nxt} | {r['ms_per_forward']:.1f} | {cn} "
                      f"| {r['cost_vs_target']:.3f} | {seen_text} |")
     kinds = sorted({k for r in result["results"] for k in r["by_kind"]})
-    lines += ["", "| stage | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-    lines += [f"| {spec} | " + " | ".join(f"{r['by_kind'].get(k, float('nan')):.3f}" for k in kinds) + " |"
+    lines += ["", "| stage | " + " | ".join(md_escape(k) for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines += [f"| {md_escape(spec)} | " + " | ".join(f"{r['by_kind'].get(k, float('nan')):.3f}" for k in kinds) + " |"
               for spec, r in zip(result["stages"], result["results"], strict=True)]
     for spec, r in zip(result["stages"], result["results"], strict=True):
         if r.get("by_depth"):
             depths = ", ".join(f"{d + 1}: {a:.3f}" for d, a in enumerate(r["by_depth"]))
-            lines.append(f"\n{spec}: agreement with the target by draft depth ({depths})")
+            lines.append(f"\n{md_escape(spec)}: agreement with the target by draft depth ({depths})")
     return "\n".join(lines) + "\n"
 
 

@@ -36,6 +36,7 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 def run(ns: argparse.Namespace) -> int:
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.measure import measure_stage_costs
+    from pyramid_core.lab.outputs import md_escape  # lazy: lab is kept out of CLI start-up
 
     try:
         widths = [int(w) for w in ns.widths.split(",")]
@@ -66,7 +67,7 @@ def run(ns: argparse.Namespace) -> int:
     print(head)
     print("|" + "---|" * (2 + 2 * len(widths) - 1))
     for r in rows:
-        print(f"| {r['spec']} | {'yes' if r['compiled'] else 'no'} | "
+        print(f"| {md_escape(r['spec'])} | {'yes' if r['compiled'] else 'no'} | "
               + " | ".join(f"{r['ms'][str(m)]:.1f}" for m in widths) + " | "
               + " | ".join(f"{r['ratio'][str(m)]:.2f}" for m in widths[1:]) + " |")
     print(f"\nmedian of {ns.repeats} forwards per M after a {ns.context}-token context, {meta['threads']} threads, "

@@ -1,5 +1,6 @@
-"""Where commands write: output paths checked before the work starts, and a JSON-lines log that
-keeps every finished piece of a run (a configuration, a prompt) as soon as it is measured.
+"""Where commands write: output paths checked before the work starts, a JSON-lines log that
+keeps every finished piece of a run (a configuration, a prompt) as soon as it is measured, and
+the escaping of names written into Markdown reports.
 
 - ``output_dir(path, flag)`` / ``output_file(path, flag)``: the path made ready (missing parent
   folders created) and probed by writing to it, or a ``ConfigError`` naming the flag -- a file
@@ -8,12 +9,15 @@ keeps every finished piece of a run (a configuration, a prompt) as soon as it is
   the run's arguments. A rerun with the same arguments sees what is already recorded
   (``done``) and skips it; a rerun with other arguments moves the old log aside (it is kept,
   never overwritten) and starts a new one. A line cut short by an interrupted write is ignored.
+- ``md_escape(text)``: a label, a stage spec, a note or any other string as literal Markdown
+  text, safe inside a table cell; every writer of a Markdown report passes its names through it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -22,7 +26,29 @@ from typing import Any
 
 from pyramid_core.errors import ConfigError
 
-__all__ = ["output_dir", "output_file", "RecordLog"]
+__all__ = ["output_dir", "output_file", "RecordLog", "md_escape"]
+
+# Markdown syntax anywhere in a line (a backslash escape works in CommonMark and Python-Markdown;
+# the tables extension adds ``\|``). Parentheses need no escape: they only make a link right
+# after a ``]``, and every ``]`` is escaped.
+_MD_INLINE = re.compile(r"[\\`*_\[\]|]")
+# what Python-Markdown cannot backslash-escape: ``<`` opening a tag or an autolink, ``&`` opening
+# an entity, ``~`` (strikethrough on GitHub); written as entities instead
+_MD_ENTITY = re.compile(r"<(?=[A-Za-z/!?])|&(?=[#A-Za-z0-9])|~")
+_ENTITIES = {"<": "&lt;", "&": "&amp;", "~": "&#126;"}
+# block syntax at the start of a line (a heading, a quote, a list item), e.g. after ``- ``
+_MD_LEADING = re.compile(r"^(\s*)(?:([#>+-])|(\d+)([.)]))")
+
+
+def md_escape(text: str) -> str:
+    """``text`` as literal Markdown: rendered (by mkdocs' Python-Markdown with ``tables``, or by
+    GitHub) it reads as ``text``, never as a link, emphasis, code, HTML or a cell border; e.g.
+    the tree label ``tree[budget=8](draft)`` is written ``tree\\[budget=8\\](draft)``. Line
+    breaks become spaces (a table row is one line)."""
+    out = _MD_INLINE.sub(r"\\\g<0>", " ".join(text.splitlines()))
+    out = _MD_ENTITY.sub(lambda m: _ENTITIES[m.group()], out)
+    return _MD_LEADING.sub(lambda m: m.group(1) + (f"\\{m.group(2)}" if m.group(2) else f"{m.group(3)}\\{m.group(4)}"),
+                           out, count=1)
 
 
 def _parents_usable(path: Path, flag: str) -> None:

@@ -46,6 +46,7 @@ from pyramid_core.errors import ConfigError
 from pyramid_core.lab.latency.chain import Prediction, predict_chain
 from pyramid_core.lab.latency.cost import ForwardCost, as_forward_cost
 from pyramid_core.lab.latency.forms import expected_tokens
+from pyramid_core.lab.outputs import md_escape
 
 __all__ = ["ChainPlan", "Plan", "plan_chain"]
 
@@ -182,7 +183,7 @@ class Plan:
             by_m = "-" if free else self.forward_costs[i].format_ms()
             row = [f"{a:.2f}" if rank[i] < rank[j] and not is_proposer[j] else "-"
                    for j, a in enumerate(self.alpha[i])]
-            lines.append(f"| {short[i]} | {name}{kind} | {ms} | {by_m} | " + " | ".join(row) + " |")
+            lines.append(f"| {short[i]} | {md_escape(name)}{kind} | {ms} | {by_m} | " + " | ".join(row) + " |")
         lines += ["", "ms/forward: one decode forward (M = 1); by M -- M: ms of a forward feeding M new "
                   "tokens (a verification of a block of ℓ feeds M = ℓ + 1; interpolated between measured M).",
                   "", "α → #j: per-token acceptance when the row's candidate drafts for candidate #j "
@@ -191,7 +192,7 @@ class Plan:
                   "|---|---|---|---|---|---|"]
         for r, c in enumerate(self.ranked, 1):
             lines.append(
-                f"| {r} | {' → '.join(c.names)} | {','.join(map(str, c.block_lengths)) or '-'} | "
+                f"| {r} | {' → '.join(md_escape(n) for n in c.names)} | {','.join(map(str, c.block_lengths)) or '-'} | "
                 f"{' / '.join(f'{a:.2f}' for a in c.alphas) or '-'} | {c.tokens_per_s:.1f} | {c.speedup:.2f}x |"
             )
         return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.lab.outputs import md_escape
 
 __all__ = ["Question", "Answer", "GROUPS", "MT_BENCH", "is_specbench_file", "load_questions", "answer_questions",
            "write_answers", "group_report", "report_markdown", "Generate"]
@@ -225,9 +226,9 @@ def report_markdown(report: dict[str, dict[str, dict[str, float]]], baseline: st
     lines = ["| method | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
     for name, rows in report.items():
         cells = [f"{rows[g]['speedup']:.2f}x / {rows[g]['accept_length']:.2f}" if g in rows else "-" for g in groups]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_escape(name)} | " + " | ".join(cells) + " |")
     counts = ", ".join(f"{g} {int(next(iter(report.values()))[g]['questions'])}" for g in groups
                        if g in next(iter(report.values())))
-    lines += ["", f"Each cell: speedup over {baseline!r} (mean over questions of tokens/s, over the baseline's) / "
+    lines += ["", f"Each cell: speedup over {md_escape(repr(baseline))} (mean over questions of tokens/s, over the baseline's) / "
               f"mean accept length (tokens per target verification, bonus included). Questions: {counts}."]
     return "\n".join(lines) + "\n"

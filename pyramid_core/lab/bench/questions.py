@@ -17,6 +17,7 @@ from pyramid_core.build import PipelineSpec
 from pyramid_core.errors import ConfigError
 from pyramid_core.lab.bench.report import TARGET_ALONE
 from pyramid_core.lab.bench.run import default_configs
+from pyramid_core.lab.outputs import md_escape
 from pyramid_core.lab.prompts import encode_prompt
 from pyramid_core.lab.specbench import (
     answer_questions,
@@ -50,7 +51,8 @@ class SpecBenchResult:
     def to_markdown(self) -> str:
         text = report_markdown(self.report, self.baseline)
         if self.skipped:
-            text += f"\nSkipped (beyond the context length): {len(self.skipped)} question(s): {list(self.skipped)}\n"
+            text += (f"\nSkipped (beyond the context length): {len(self.skipped)} question(s): "
+                     f"{md_escape(str(list(self.skipped)))}\n")
         return text
 
 

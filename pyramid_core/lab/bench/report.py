@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from pyramid_core.backends.hf.baseline import HF_GENERATE
+from pyramid_core.lab.outputs import md_escape
 
 __all__ = ["BenchRow", "BenchResult", "write_bench", "HF_BASELINE", "TARGET_ALONE"]
 
@@ -162,20 +163,22 @@ class BenchResult:
 
         worst = max(g["prediction_errors"].items(), key=lambda kv: kv[1], default=None)
         return "\n".join([
-            f"Goals (ratios from this run; speedups over {g['baseline']!r}, the fastest HF generate measured):",
+            f"Goals (ratios from this run; speedups over {md_escape(repr(g['baseline']))}, the fastest HF "
+            "generate measured):",
             line("pyramid target alone (N=1)", g["n1_over_baseline"], 0.98),
             line("framework overhead, worst pyramid row", g["max_overhead_fraction"], 0.03, at_least=False, pct=True),
             line("ngram→target", g["ngram_speedup"], 1.3),
             line("tree draft→target", g["tree_speedup"], 1.3),
             line("sd 3-stage", g["sd_3stage_speedup"], 1.0),
             line("latency model, worst |predicted - measured| / measured over the chain rows"
-                 + (f" ({worst[0]})" if worst else ""), g["max_prediction_error"], 0.10, at_least=False, pct=True),
-            line(f"best lossless pipeline ({g['best_lossless_pipeline']}) over the best HF assisted "
-                 f"({g['best_hf_assisted']})", g["best_lossless_over_hf_assisted"], 1.25),
-            line(f"best pipeline of any kind ({g['best_pipeline']}) over the best HF assisted",
+                 + (f" ({md_escape(worst[0])})" if worst else ""), g["max_prediction_error"], 0.10, at_least=False,
+                 pct=True),
+            line(f"best lossless pipeline ({md_escape(str(g['best_lossless_pipeline']))}) over the best HF assisted "
+                 f"({md_escape(str(g['best_hf_assisted']))})", g["best_lossless_over_hf_assisted"], 1.25),
+            line(f"best pipeline of any kind ({md_escape(str(g['best_pipeline']))}) over the best HF assisted",
                  g["best_over_hf_assisted"], 1.25),
         ] + ([] if g["best_feature_row"] is None else [
-            line(f"best feature row ({g['best_feature_row']})", g["best_feature_speedup"], 1.8),
+            line(f"best feature row ({md_escape(g['best_feature_row'])})", g["best_feature_speedup"], 1.8),
             line("best feature row over the best HF assisted", g["best_feature_over_hf_assisted"], 1.25),
             line("tree feature→target, tokens per target forward", g["feature_tree_tokens_per_target_forward"], 3.0,
                  unit=""),
@@ -210,14 +213,15 @@ class BenchResult:
         lines = [head, "|" + "---|" * 11]
         for r in self.rows:
             stage_ms = " / ".join(
-                f"{s['name']} {num(s['ms_per_forward'], '.1f')}" if s["forwards"] else f"{s['name']} -"
+                f"{md_escape(s['name'])} {num(s['ms_per_forward'], '.1f')}" if s["forwards"]
+                else f"{md_escape(s['name'])} -"
                 for s in r.stages
             ) or "-"
             ident = "-" if r.identical is None else ("yes" if r.identical else "**NO**")
             if r.identical is False and not r.lossless:
                 ident = "no (lossy)"
             lines.append(
-                f"| {r.label} | {num(r.tokens_per_s, '.1f')} | {num(r.speedup, '.2f')}x | "
+                f"| {md_escape(r.label)} | {num(r.tokens_per_s, '.1f')} | {num(r.speedup, '.2f')}x | "
                 f"{num(r.predicted_speedup, '.2f') + ('x' if r.predicted_speedup is not None else '')} | "
                 f"{num(r.tokens_per_target_forward, '.2f')} | "
                 f"{' / '.join(num(a, '.2f') for a in r.acceptance_per_try) or '-'} | "
@@ -226,12 +230,12 @@ class BenchResult:
                 f"{num(100 * r.overhead_fraction, '.0f') + ('%' if math.isfinite(r.overhead_fraction) else '')} | "
                 f"{self._quality(r) if sampled else ident} |"
             )
-        notes = [f"- {r.label}: {r.note}" for r in self.rows if r.note]
+        notes = [f"- {md_escape(r.label)}: {md_escape(r.note)}" for r in self.rows if r.note]
         m = self.meta
         lines += [
             "",
-            f"{m['prompts']} prompts, {self._mode()}, up to {m['max_new_tokens']} new tokens each; {m['device']}. "
-            f"speedup: tokens/s over {m['baseline']!r} (the fastest HF generate configuration measured); "
+            f"{m['prompts']} prompts, {self._mode()}, up to {m['max_new_tokens']} new tokens each; "
+            f"{md_escape(str(m['device']))}. speedup: tokens/s over {md_escape(repr(m['baseline']))} (the fastest HF generate configuration measured); "
             "predicted: speedup over the target alone from the latency model (alpha per boundary from this "
             "run, T(M) per stage timed in this run at each number M of tokens a forward feeds, each stage's "
             "prefill as measured; no framework overhead); "
@@ -245,7 +249,7 @@ class BenchResult:
         lines += ["", self.goals_markdown().rstrip()]
         if self.mismatches:
             lines += ["", "**GREEDY OUTPUT MISMATCH** (lossless rows differing from the target): "
-                      + "; ".join(self.mismatches)]
+                      + "; ".join(md_escape(x) for x in self.mismatches)]
         return "\n".join(lines) + "\n"
 
 
