@@ -1,15 +1,24 @@
-"""CUDA check: pipelines on a GPU give the same greedy tokens as HF `generate`, sample exactly,
-and how fast they are. Needs a CUDA device; uses random weights (no model hub, no setup).
+"""CUDA check: what pyramid's stages and pipelines do on a GPU, in one run of a few minutes.
 
-    python benchmarks/cuda_check.py [--out results.json]
+    python benchmarks/cuda_check.py --out DIR [--device cuda] [--budget-s 420]
 
-1. Exactness on the GPU: a 3-stage exact chain of TableModels on `cuda` (policies, RNG and
-   residual sampling all on the device), chi-square against the target table.
-2. Greedy identity and speed: a random Llama with SmolLM2-135M's shape (30 layers, hidden 576,
-   vocab 49152) as the target, its first 8 layers and its perturbed copy as drafts; pipelines
-   (target alone, ngram -> target, perturbed -> target, truncated -> perturbed -> target) in
-   float32 (asserted token-identical to HF greedy) and bfloat16 (agreement reported; bf16
-   batched and incremental forwards may legitimately round differently).
+Sections (each writes its results to DIR/cuda_check.json as soon as it ends, and a section that
+fails is reported and skipped, so a run always leaves what it measured):
+
+1. exactness on the device: 3-stage chains of explicit tables on the GPU, ``exact`` and
+   ``block`` at both boundaries; chi-square against the target table (4,000 samples each,
+   p > 1e-3 to pass).
+2. T(M): ms per forward feeding M = 1, 2, 4, 8, 16 tokens after a 64-token context, per stage
+   of the SmolLM2 family (after ``pyramid setup``) and per mode (``eager``, ``graphs``), timed
+   with CUDA events; the largest |logit| difference graphs vs eager (float32); graphs captured.
+3. pipelines in both modes (bfloat16 and float32): target alone, ngram -> target,
+   draft -> target, tree draft -> target, draft -> qualifier -> target, feature -> target;
+   greedy tokens identical to the target alone in the same mode, and to eager HF ``generate``;
+   tokens/s next to HF ``generate`` (eager) and HF ``generate`` with its static cache and
+   ``torch.compile`` (one prompt, compiled untimed first); host synchronisations per round.
+
+With ``--device cpu`` it runs every section on the CPU (``static`` instead of ``graphs``): a dry
+run of this script before it goes to a GPU.
 """
 
 from __future__ import annotations
@@ -18,141 +27,255 @@ import argparse
 import json
 import sys
 import time
+import traceback
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def smollm2_shaped(seed: int, dtype: torch.dtype, device: str) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
-    return model
+PROMPTS = [
+    "Explain in three sentences why the sky is blue.",
+    "Write a short Python function that reverses a string, with a docstring.",
+    "Translate into French: The library opens at nine and closes at five.",
+]
 
 
-def perturb(model: Any, scale: float, seed: int) -> Any:
-    import copy
-
-    other = copy.deepcopy(model)
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            if p.dim() >= 2:
-                p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * scale * p.std())
-    return other
-
-
-def exactness_on_device(device: str) -> dict[str, Any]:
-    from pyramid_core.pipeline import Pipeline
+def exactness(device: str, n: int) -> dict[str, Any]:
+    from pyramid_core.build import build_pipeline
     from pyramid_core.rng import Rng
     from pyramid_core.testing import TableModel
     from pyramid_core.testing.exactness import chi_square_p_value
-    from pyramid_plugins.exact import ExactPolicy
 
     tables = [[0.5, 0.3, 0.15, 0.05], [0.2, 0.45, 0.25, 0.1], [0.1, 0.3, 0.4, 0.2]]
-    stages = [TableModel(t, name=f"s{i}", device=device) for i, t in enumerate(tables)]
-    pipe = Pipeline(stages, [ExactPolicy(), ExactPolicy()], [3, 2])
-    counts = [0] * 4
-    rng = Rng(0)
-    n = 4000
-    t0 = time.perf_counter()
-    prompt = torch.zeros(1, dtype=torch.long, device=device)
-    for _ in range(n):
-        proposer, _ = pipe.build()
-        counts[int(proposer.propose(prompt, 1, rng).tokens[0])] += 1
-    p = chi_square_p_value(counts, tables[-1])
-    return {"samples": n, "counts": counts, "p_value": p, "seconds": time.perf_counter() - t0, "ok": p > 1e-3}
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def hf_greedy(model: Any, ids: list[int], n: int) -> tuple[list[int], float]:
-    x = torch.tensor([ids], device=next(model.parameters()).device)
-    with torch.inference_mode():
-        model.generate(x, max_new_tokens=4, do_sample=False)
-        _sync()
+    out: dict[str, Any] = {}
+    for policy in ("exact", "block"):
+        stages = [TableModel(t, name=f"s{i}", device=device) for i, t in enumerate(tables)]
+        pipe = build_pipeline(stages, [policy, policy], [2, 3])
+        counts = [0] * 4
+        rng = Rng(0)
+        prompt = torch.zeros(1, dtype=torch.long, device=device)
         t0 = time.perf_counter()
-        out = model.generate(x, max_new_tokens=n, do_sample=False)
-        _sync()
-    return out[0, len(ids):].tolist(), time.perf_counter() - t0
+        for _ in range(n):
+            proposer, _ = pipe.build()
+            counts[int(proposer.propose(prompt, 1, rng).tokens[0])] += 1
+        p = chi_square_p_value(counts, tables[-1])
+        out[policy] = {"samples": n, "counts": counts, "p_value": p, "ok": p > 1e-3,
+                       "seconds": round(time.perf_counter() - t0, 1)}
+    return out
 
 
-def speed(dtype: torch.dtype, device: str, n_new: int) -> dict[str, Any]:
+def family_stage(which: str, device: str, dtype: str, mode: str) -> Any:
+    from pyramid_core.build import make_stage
+    from pyramid_core.options import ExecutionMode
+
+    spec = f"smollm2:dtype={dtype}" if which == "target" else f"smollm2:stage={which},dtype={dtype}"
+    compile = ExecutionMode.EAGER if which == "feature" else ExecutionMode.parse(mode)
+    return make_stage(spec, device=device, compile=compile)
+
+
+def timed_ms(fn: Any, device: str, repeats: int) -> float:
+    """Median ms of ``fn()`` (CUDA events on a GPU, the host clock elsewhere)."""
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def t_of_m(device: str, graph_mode: str, repeats: int) -> dict[str, Any]:
+    from pyramid_core.types import Block
+
+    out: dict[str, Any] = {}
+    context = (torch.arange(64) * 37 % 49152).long()
+    for dtype in ("bfloat16", "float32"):
+        for which in ("target", "draft", "qualifier"):
+            row: dict[str, Any] = {}
+            logits: dict[str, Tensor] = {}
+            for mode in ("eager", graph_mode):
+                stage = family_stage(which, device, dtype, mode)
+                ms = {}
+                for m in (1, 2, 4, 8, 16):
+                    block = None if m == 1 else Block(torch.arange(1, m), torch.zeros(m - 1, 0))
+                    ctx = context if m == 1 else context
+                    stage.reset()
+                    stage.score(ctx[:-1])  # the context is cached; each timed call feeds m tokens
+
+                    def once(stage: Any = stage, ctx: Any = ctx, block: Any = block) -> None:
+                        stage.score(ctx, block)
+                        stage._cache.truncate(len(ctx) - 1)  # the next call feeds the same m tokens
+
+                    for _ in range(3):
+                        once()
+                    ms[m] = round(timed_ms(once, device, repeats), 3)
+                logits[mode] = stage.score(context, Block(torch.arange(1, 8), torch.zeros(7, 0))).float().cpu()
+                static = getattr(stage, "_static", None)
+                row[mode] = {"ms": ms, "T16/T1": round(ms[16] / ms[1], 3),
+                             "captures": getattr(static, "captures", None)}
+                del stage
+            row["max_abs_logit_diff"] = float((logits["eager"] - logits[graph_mode]).abs().max())
+            out[f"{which} {dtype}"] = row
+            print(which, dtype, json.dumps(row), flush=True)
+    return out
+
+
+def hf_generate_tps(model: Any, ids: list[int], n: int, static_compile: bool) -> tuple[list[int], float]:
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    import copy
+
+    config = copy.deepcopy(model.generation_config)  # no end-of-sequence stop: n tokens, like the pipelines
+    config.eos_token_id = None
+    config.pad_token_id = 0
+    kwargs: dict[str, Any] = {"do_sample": False, "max_new_tokens": n, "attention_mask": torch.ones_like(x),
+                              "generation_config": config}
+    runner = model
+    if static_compile:
+        runner = copy.copy(model)
+        runner.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        kwargs["cache_implementation"] = "static"
+    with torch.inference_mode():
+        runner.generate(x, **kwargs)  # untimed: warms up (and compiles)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = runner.generate(x, **kwargs)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    return out[0, len(ids):].tolist(), n / (time.perf_counter() - t0)
+
+
+def count_syncs(fn: Any) -> int:
+    """Host synchronisations ``fn`` makes (torch's sync debug mode, CUDA only)."""
+    if not torch.cuda.is_available():
+        return -1
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+def pipelines(device: str, graph_mode: str, dtype: str, new_tokens: int, hf_compile: bool) -> dict[str, Any]:
     from pyramid_core import SamplingConfig, build_pipeline
-    from pyramid_core.backends.hf import HFStage
+    from pyramid_core.lab.prompts import encode_prompt
 
-    target_model = smollm2_shaped(0, dtype, device)
-    near_model = perturb(target_model, 0.02, 1)
-    target = HFStage(target_model, name="target", vocab_size=49152)
-    near = HFStage(near_model, name="near", vocab_size=49152)
-    trunc = HFStage(near_model, name="near[:8]", vocab_size=49152, num_layers=8)
-    prompt = (torch.arange(40) * 37 % 49152).tolist() * 2  # repetitive: gives ngram something to find
-    ref, hf_s = hf_greedy(target_model, prompt, n_new)
-    rows: dict[str, Any] = {"hf_generate": {"tokens_per_s": len(ref) / hf_s}}
-    configs = {
-        "target alone": ([target], []),
-        "ngram -> target": (["ngram", target], [4]),
-        "near -> target": ([near, target], [4]),
-        "near[:8] -> near -> target": ([trunc, near, target], [3, 6]),
-    }
-    for label, (stages, lengths) in configs.items():
-        pipe = build_pipeline(stages, ["exact"] * len(lengths), lengths, sampling=SamplingConfig.greedy(), stop_ids=[])
-        pipe.generate(prompt, 4)  # warm-up
-        gen = pipe.generate(prompt, n_new)
-        m = gen.metrics
-        same = gen.token_list == ref
-        agree = sum(a == b for a, b in zip(gen.token_list, ref)) / len(ref)
-        rows[label] = {
-            "identical": same, "agreement": agree, "tokens_per_s": m.tokens_per_s,
-            "speedup_vs_hf": m.tokens_per_s * hf_s / len(ref),
-            "tokens_per_target_forward": m.tokens_per_target_forward,
-            "overhead_fraction": m.overhead_s / m.wall_s,
-            "acceptance": [b.acceptance_rate for b in m.boundaries],
+    greedy = SamplingConfig.greedy()
+    out: dict[str, Any] = {}
+    for mode in ("eager", graph_mode):
+        target = family_stage("target", device, dtype, mode)
+        draft = family_stage("draft", device, dtype, mode)
+        qualifier = family_stage("qualifier", device, dtype, mode)
+        feature = family_stage("feature", device, dtype, mode)
+        prompts = [encode_prompt(target.tokenizer, p, True) for p in PROMPTS]
+        configs: dict[str, tuple[list[Any], list[int], str | None]] = {
+            "target (N=1)": ([target], [], None),
+            "ngram -> target": (["ngram", target], [3], None),
+            "draft -> target": ([draft, target], [3], None),
+            "tree draft -> target": ([draft, target], [3], "tree:budget=8,branching=4"),
+            "draft -> qualifier -> target": ([draft, qualifier, target], [1, 3], None),
+            "feature -> target": ([feature, target], [2], None),
         }
-    # sampling mode runs on the device too
-    pipe = build_pipeline([near, target], ["exact"], [4], sampling=SamplingConfig(temperature=0.8, top_p=0.9), stop_ids=[])
-    gen = pipe.generate(prompt, 32, seed=0)
-    rows["sampling near -> target"] = {"tokens": gen.metrics.new_tokens, "reproducible": gen.token_list == pipe.generate(prompt, 32, seed=0).token_list}
-    return rows
+        ref: list[list[int]] = []
+        rows: dict[str, Any] = {}
+        for label, (stages, lengths, tree) in configs.items():
+            pipe = build_pipeline(stages, ["exact"] * len(lengths), lengths, tree=tree, sampling=greedy, stop_ids=[])
+            pipe.generate(prompts[0], 8)  # warm-up (captures the buckets it uses)
+            tokens, wall, new, fwd = [], 0.0, 0, 0
+            for p in prompts:
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                gen = pipe.generate(p, new_tokens)
+                tokens.append(gen.token_list)
+                wall += gen.metrics.wall_s
+                new += gen.metrics.new_tokens
+                fwd += gen.metrics.target_forwards
+            if label.startswith("target"):
+                ref = tokens
+            syncs = count_syncs(lambda pipe=pipe: pipe.generate(prompts[0], 16))
+            gen16 = pipe.generate(prompts[0], 16)
+            rows[label] = {"tokens_per_s": round(new / wall, 1), "tokens_per_target_forward": round(new / fwd, 2),
+                           "identical_to_target_alone": tokens == ref,
+                           "syncs_per_round": round(syncs / max(1, gen16.metrics.target_forwards), 1)}
+            print(mode, dtype, label, json.dumps(rows[label]), flush=True)
+        hf_tokens, hf_tps = [], []
+        for p in prompts:
+            toks, tps = hf_generate_tps(target.model, p, new_tokens, False)
+            hf_tokens.append(toks)
+            hf_tps.append(tps)
+        rows["HF generate (eager)"] = {"tokens_per_s": round(sum(hf_tps) / len(hf_tps), 1)}
+        for label in configs:
+            rows[label]["identical_to_hf_generate"] = rows[label]["identical_to_target_alone"] and ref == hf_tokens
+        out[mode] = rows
+        del target, draft, qualifier, feature
+        torch.cuda.empty_cache() if device.startswith("cuda") else None
+    if hf_compile:
+        try:
+            from pyramid_core.backends.hf.loading import load_model
+            from pyramid_core.backends.hf.smollm2 import smollm2_dir
+
+            model = load_model(smollm2_dir(), device=device, dtype=dtype)
+            ids = encode_prompt(family_stage("target", "cpu", "float32", "eager").tokenizer, PROMPTS[0], True)
+            _, tps = hf_generate_tps(model, ids, new_tokens, True)
+            out["HF generate (static cache + torch.compile), first prompt"] = {"tokens_per_s": round(tps, 1)}
+        except Exception as exc:  # reported, not fatal
+            out["HF generate (static cache + torch.compile), first prompt"] = {"error": repr(exc)[:300]}
+    return out
+
+
+Tensor = torch.Tensor
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out")
-    ap.add_argument("--new-tokens", type=int, default=96)
-    ap.add_argument("--device", default="cuda", help="cpu only for a dry run of this script")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=4000)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-hf-compile", action="store_true")
     ns = ap.parse_args()
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
     dev = ns.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else "cpu"
-    report: dict[str, Any] = {"device": name, "torch": torch.__version__}
+    graph_mode = "graphs" if dev.startswith("cuda") else "static"
     import transformers
 
-    report["transformers"] = transformers.__version__
-    report["exactness"] = exactness_on_device(dev)
-    print(json.dumps(report, indent=1), flush=True)
-    report["float32"] = speed(torch.float32, dev, ns.new_tokens)
-    print(json.dumps(report["float32"], indent=1), flush=True)
-    report["bfloat16"] = speed(torch.bfloat16, dev, ns.new_tokens)
-    print(json.dumps(report["bfloat16"], indent=1), flush=True)
-    if ns.out:
-        with open(ns.out, "w") as fh:
-            json.dump(report, fh, indent=1)
-    ok = report["exactness"]["ok"] and all(
-        v.get("identical", True) for k, v in report["float32"].items() if isinstance(v, dict)
-    )
-    print("CUDA CHECK", "PASSED" if ok else "FAILED")
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "cpu",
+                              "torch": torch.__version__, "transformers": transformers.__version__, "sections": {}}
+    sections = [
+        ("exactness", lambda: exactness(dev, ns.samples)),
+        ("t_of_m", lambda: t_of_m(dev, graph_mode, ns.repeats)),
+        ("pipelines bfloat16", lambda: pipelines(dev, graph_mode, "bfloat16", ns.new_tokens, not ns.no_hf_compile)),
+        ("pipelines float32", lambda: pipelines(dev, graph_mode, "float32", ns.new_tokens, False)),
+    ]
+    ok = True
+    for name, fn in sections:
+        t0 = time.perf_counter()
+        try:
+            report["sections"][name] = {"result": fn()}
+        except Exception:
+            ok = False
+            report["sections"][name] = {"error": traceback.format_exc()[-2000:]}
+            print(report["sections"][name]["error"], file=sys.stderr, flush=True)
+        report["sections"][name]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"== {name}: {report['sections'][name]['seconds']} s", flush=True)
+        (out / "cuda_check.json").write_text(json.dumps(report, indent=1))
     return 0 if ok else 1
 
 

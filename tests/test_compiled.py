@@ -175,7 +175,7 @@ def test_compile_option_through_specs(tmp_path: Path, tiny_models: dict[str, Any
     assert not make_stage(f"hf:path={path},dtype=bfloat16,compile=auto").compiled  # type: ignore[union-attr]
     assert make_stage(f"hf:path={path},compile=fast").compiled  # type: ignore[union-attr]
     assert not make_stage(f"hf:path={path},compile=eager").compiled  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match=r"compile must be one of auto, true \(fast\), false \(eager\), got 'maybe'"):
+    with pytest.raises(ConfigError, match=r"backend 'hf': compile must be one of auto, true \(fast\), false \(eager\), graphs, static, got 'maybe'"):
         make_stage(f"hf:path={path},compile=maybe")
     with pytest.raises(ConfigError, match=r"compile=true: the fast mode on CPU runs float32 weights"):
         make_stage(f"hf:path={path},dtype=bfloat16,compile=true")
@@ -239,7 +239,7 @@ def test_execution_mode_keeps_its_type_from_the_flag_to_the_stage() -> None:
     make_stage("probe:compile=auto", regs=regs, compile=spec.compile)  # the spec's own wins, parsed once
     assert seen == [ExecutionMode.FAST, ExecutionMode.AUTO] and all(type(v) is ExecutionMode for v in seen)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_mode(ExecutionMode.AUTO, cuda, torch.float32, "s") is ExecutionMode.EAGER
+    assert resolve_mode(ExecutionMode.AUTO, cuda, torch.float32, "s") is ExecutionMode.GRAPHS
     assert resolve_mode(ExecutionMode.AUTO, cpu, torch.bfloat16, "s") is ExecutionMode.EAGER
     assert resolve_mode(ExecutionMode.EAGER, cpu, torch.float32, "s") is ExecutionMode.EAGER
     if packing_available():
