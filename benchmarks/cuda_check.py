@@ -204,7 +204,7 @@ def pipelines(device: str, graph_mode: str, dtype: str, new_tokens: int, hf_comp
                 fwd += gen.metrics.target_forwards
             if label.startswith("target"):
                 ref = tokens
-            syncs = count_syncs(lambda pipe=pipe: pipe.generate(prompts[0], 16))
+            syncs = count_syncs(lambda pipe=pipe, first=prompts[0]: pipe.generate(first, 16))
             gen16 = pipe.generate(prompts[0], 16)
             rows[label] = {"tokens_per_s": round(new / wall, 1), "tokens_per_target_forward": round(new / fwd, 2),
                            "identical_to_target_alone": tokens == ref,
