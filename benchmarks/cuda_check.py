@@ -139,12 +139,11 @@ def hf_generate_tps(model: Any, ids: list[int], n: int, static_compile: bool) ->
     kwargs: dict[str, Any] = {"do_sample": False, "max_new_tokens": n, "attention_mask": torch.ones_like(x),
                               "generation_config": config}
     runner = model
-    if static_compile:
-        runner = copy.copy(model)
-        runner.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    if static_compile:  # transformers compiles the decoding step itself with a static cache on CUDA
         kwargs["cache_implementation"] = "static"
     with torch.inference_mode():
         runner.generate(x, **kwargs)  # untimed: warms up (and compiles)
+        runner.generate(x, **kwargs)
         if x.is_cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -168,13 +167,14 @@ def count_syncs(fn: Any) -> int:
     return sum("synchroniz" in str(w.message) for w in seen)
 
 
-def pipelines(device: str, graph_mode: str, dtype: str, new_tokens: int, hf_compile: bool) -> dict[str, Any]:
+def pipelines(device: str, graph_mode: str, dtype: str, new_tokens: int, hf_compile: bool,
+              modes: tuple[str, ...] = ("eager", "graphs"), only: tuple[str, ...] = ()) -> dict[str, Any]:
     from pyramid_core import SamplingConfig, build_pipeline
     from pyramid_core.lab.prompts import encode_prompt
 
     greedy = SamplingConfig.greedy()
     out: dict[str, Any] = {}
-    for mode in ("eager", graph_mode):
+    for mode in [graph_mode if m == "graphs" else m for m in modes]:
         target = family_stage("target", device, dtype, mode)
         draft = family_stage("draft", device, dtype, mode)
         qualifier = family_stage("qualifier", device, dtype, mode)
@@ -191,6 +191,8 @@ def pipelines(device: str, graph_mode: str, dtype: str, new_tokens: int, hf_comp
         ref: list[list[int]] = []
         rows: dict[str, Any] = {}
         for label, (stages, lengths, tree) in configs.items():
+            if only and not label.startswith("target") and label not in only:
+                continue
             pipe = build_pipeline(stages, ["exact"] * len(lengths), lengths, tree=tree, sampling=greedy, stop_ids=[])
             pipe.generate(prompts[0], 8)  # warm-up (captures the buckets it uses)
             tokens, wall, new, fwd = [], 0.0, 0, 0
@@ -216,7 +218,9 @@ def pipelines(device: str, graph_mode: str, dtype: str, new_tokens: int, hf_comp
             hf_tokens.append(toks)
             hf_tps.append(tps)
         rows["HF generate (eager)"] = {"tokens_per_s": round(sum(hf_tps) / len(hf_tps), 1)}
-        for label in configs:
+        for label in rows:
+            if label.startswith("HF"):
+                continue
             rows[label]["identical_to_hf_generate"] = rows[label]["identical_to_target_alone"] and ref == hf_tokens
         out[mode] = rows
         del target, draft, qualifier, feature
@@ -227,11 +231,11 @@ def pipelines(device: str, graph_mode: str, dtype: str, new_tokens: int, hf_comp
             from pyramid_core.backends.hf.smollm2 import smollm2_dir
 
             model = load_model(smollm2_dir(), device=device, dtype=dtype)
-            ids = encode_prompt(family_stage("target", "cpu", "float32", "eager").tokenizer, PROMPTS[0], True)
-            _, tps = hf_generate_tps(model, ids, new_tokens, True)
-            out["HF generate (static cache + torch.compile), first prompt"] = {"tokens_per_s": round(tps, 1)}
+            tokenizer = family_stage("target", "cpu", "float32", "eager").tokenizer
+            tps = [hf_generate_tps(model, encode_prompt(tokenizer, p, True), new_tokens, True)[1] for p in PROMPTS]
+            out["HF generate (static cache + torch.compile)"] = {"tokens_per_s": round(sum(tps) / len(tps), 1)}
         except Exception as exc:  # reported, not fatal
-            out["HF generate (static cache + torch.compile), first prompt"] = {"error": repr(exc)[:300]}
+            out["HF generate (static cache + torch.compile)"] = {"error": repr(exc)[:300]}
     return out
 
 
@@ -246,6 +250,10 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-hf-compile", action="store_true")
+    ap.add_argument("--sections", default="exactness,t_of_m,pipelines bfloat16,pipelines float32",
+                    help="comma-separated sections to run")
+    ap.add_argument("--modes", default="eager,graphs", help="pipeline modes (comma-separated)")
+    ap.add_argument("--rows", default="", help="pipeline rows to run besides the target alone (default all)")
     ns = ap.parse_args()
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,12 +266,16 @@ def main() -> int:
 
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "cpu",
                               "torch": torch.__version__, "transformers": transformers.__version__, "sections": {}}
+    modes = tuple(m for m in ns.modes.split(",") if m)
+    only = tuple(r for r in ns.rows.split(",") if r)
     sections = [
         ("exactness", lambda: exactness(dev, ns.samples)),
         ("t_of_m", lambda: t_of_m(dev, graph_mode, ns.repeats)),
-        ("pipelines bfloat16", lambda: pipelines(dev, graph_mode, "bfloat16", ns.new_tokens, not ns.no_hf_compile)),
-        ("pipelines float32", lambda: pipelines(dev, graph_mode, "float32", ns.new_tokens, False)),
+        ("pipelines bfloat16", lambda: pipelines(dev, graph_mode, "bfloat16", ns.new_tokens, not ns.no_hf_compile,
+                                                 modes, only)),
+        ("pipelines float32", lambda: pipelines(dev, graph_mode, "float32", ns.new_tokens, False, modes, only)),
     ]
+    sections = [s for s in sections if s[0] in ns.sections.split(",")]
     ok = True
     for name, fn in sections:
         t0 = time.perf_counter()

@@ -73,7 +73,13 @@ class StaticForward:
         """Return the hidden states from now on (or not): captured graphs are captured again."""
         if flag != self.hidden_states:
             self.hidden_states = flag
-            self._graphs.clear()
+            self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """Forget every captured graph, and their memory pool: a graph is never captured into a
+        pool that freed graphs used (the caching allocator refuses that)."""
+        self._graphs.clear()
+        self._pool = None
 
     def _inputs(self, b: int) -> dict[str, Tensor]:
         cap = self.cache.capacity
@@ -94,7 +100,7 @@ class StaticForward:
     def _graph(self, b: int) -> tuple[Any, dict[str, Tensor], Any]:
         """The captured forward of bucket ``b`` (captured now if it is not yet)."""
         if self._capacity != self.cache.capacity:  # new buffers: graphs that point at the old ones go
-            self._graphs.clear()
+            self._drop_graphs()
             self._capacity = self.cache.capacity
         entry = self._graphs.get(b)
         if entry is not None:
