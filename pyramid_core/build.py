@@ -17,14 +17,14 @@ import attrs
 
 from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
-from pyramid_core.options import ExecutionMode
+from pyramid_core.options import DecodeOptions, ExecutionMode
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, VerifiesTrees, tokenizer_of
 from pyramid_core.recipes import Chain, Preset
 from pyramid_core.registry import parse_spec
 from pyramid_core.types import SamplingConfig
-from pyramid_core.validate import check_block_lengths, check_nonfinite_mode
+from pyramid_core.validate import check_block_lengths
 
 __all__ = [
     "PipelineSpec",
@@ -188,13 +188,16 @@ class PipelineSpec:
     length_schedule: str = "fixed"
     confidence_stop: float = 0.0
     on_nonfinite: str = "raise"
+    decode: DecodeOptions = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.preset is not None and self.policies is not None:
             raise ConfigError(f"give either a preset ({self.preset!r}) or policies, not both")
-        check_nonfinite_mode(self.on_nonfinite)
+        decode = DecodeOptions(self.sampling, self.stop_ids, self.length_schedule, self.confidence_stop,
+                               self.on_nonfinite)  # every decode option checked here, once
+        object.__setattr__(self, "decode", decode)
 
-    def plan(self, regs: Registries | None = None) -> tuple[tuple[StageLike, ...], list[PolicyLike], list[int]]:
+    def parts(self, regs: Registries | None = None) -> tuple[tuple[StageLike, ...], list[PolicyLike], list[int]]:
         """(stages, a policy per boundary, a block length per boundary), defaults filled in and
         counts checked, without loading anything."""
         regs = regs or registries()
@@ -221,7 +224,7 @@ class PipelineSpec:
         """The stages, loaded: the target first (a proposer below it gets its vocabulary size),
         every model backend on ``device``; tokenizers checked to agree."""
         regs = regs or registries()
-        specs = self.plan(regs)[0]
+        specs = self.parts(regs)[0]
         target = make_stage(specs[-1], regs=regs, device=self.device, compile=self.compile)
         if not isinstance(target, Stage):
             raise ConfigError(f"the target (stage {len(specs)}, {specs[-1]!r}) must be a model stage, not a proposer")
@@ -235,13 +238,13 @@ class PipelineSpec:
         """The same spec with its stages loaded (``load_stages``) -- to build several pipelines
         over one load -- and, where they came from the default chain, its block lengths pinned."""
         regs = regs or registries()
-        lengths = self.plan(regs)[2] if not self.stages and self.preset is None else self.block_lengths
+        lengths = self.parts(regs)[2] if not self.stages and self.preset is None else self.block_lengths
         return attrs.evolve(self, stages=tuple(self.load_stages(regs)), block_lengths=lengths)
 
     def resolve(self, regs: Registries | None = None) -> Pipeline:
         """The ``Pipeline`` this spec describes."""
         regs = regs or registries()
-        specs, policy_specs, lengths = self.plan(regs)
+        specs, policy_specs, lengths = self.parts(regs)
         policies = [make_policy(p, regs=regs) for p in policy_specs]
         if self.tree is not None:
             _check_wrapper(self.tree, regs)  # before any loading
@@ -249,7 +252,7 @@ class PipelineSpec:
                 _check_tree_policy(self.tree, policies[0], policy_specs[0], regs)
         resolved = self.load_stages(regs)
         target = resolved[-1]
-        stop_ids = self.stop_ids
+        stop_ids = self.decode.stop_ids
         if stop_ids is None:
             eos = getattr(tokenizer_of(target), "eos_token_id", None)
             stop_ids = () if eos is None else (int(eos),)
@@ -261,11 +264,10 @@ class PipelineSpec:
                 )
             extra: dict[str, Any] = {}
             if regs.wrappers.accepts(parse_spec(self.tree)[0], "on_nonfinite"):
-                extra["on_nonfinite"] = self.on_nonfinite
-            resolved[0] = regs.wrappers.create(self.tree, stage=resolved[0], sampling=self.sampling,
+                extra["on_nonfinite"] = self.decode.on_nonfinite
+            resolved[0] = regs.wrappers.create(self.tree, stage=resolved[0], sampling=self.decode.sampling,
                                                stop_ids=list(stop_ids), **extra)
-        return Pipeline(resolved, policies, lengths, self.sampling, list(stop_ids), self.length_schedule,
-                        self.confidence_stop, check_nonfinite_mode(self.on_nonfinite))
+        return Pipeline.with_options(resolved, policies, lengths, attrs.evolve(self.decode, stop_ids=stop_ids))
 
 
 def _check_wrapper(tree: str, regs: Registries) -> None:

@@ -8,15 +8,26 @@ per fed-length bucket), ``STATIC`` (the same static-shape forwards, not captured
 them on any device) or ``AUTO``: the fastest mode the backend supports for the stage's device and
 dtype. ``AUTO`` is resolved in one place, by the backend that builds the stage
 (``pyramid_core.backends.hf.runtime.resolve_mode``).
+
+``DecodeOptions`` is how a pipeline decodes -- the sampling transform, the stop tokens, the
+length schedule, the confidence stop and what a non-finite logit does -- validated by its
+constructor, the one place these values are checked (``PipelineSpec`` and ``Pipeline`` both build
+one from what they are given).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
+
+import attrs
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.schedule import SCHEDULES
+from pyramid_core.types import SamplingConfig
+from pyramid_core.validate import NonFiniteMode, check_nonfinite_mode
 
-__all__ = ["ExecutionMode"]
+__all__ = ["ExecutionMode", "DecodeOptions"]
 
 _WORDS = {
     "auto": "AUTO",
@@ -51,3 +62,47 @@ class ExecutionMode(enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def _stop_ids(value: Sequence[int] | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    ids = tuple(value)
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    if bad:
+        raise ConfigError(f"stop_ids must be non-negative token ids, got {bad[0]!r} in {list(ids)}")
+    return ids
+
+
+def _schedule(instance: object, attribute: object, value: str) -> None:
+    if value not in SCHEDULES:
+        raise ConfigError(f"unknown length schedule {value!r}; valid: {', '.join(SCHEDULES)}")
+
+
+def _confidence(value: object) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"confidence_stop must be a number in [0, 1) (0 = off), got {value!r}") from None
+    if not 0.0 <= number < 1.0:
+        raise ConfigError(f"confidence_stop must be in [0, 1) (0 = off), got {value!r}")
+    return number
+
+
+@attrs.frozen
+class DecodeOptions:
+    """How a pipeline decodes (module docstring).
+
+    sampling:        the transform applied identically at every stage
+    stop_ids:        token ids that end a generation; ``None``: the target tokenizer's EOS, if any
+    length_schedule: ``"fixed"`` or ``"adaptive"`` block lengths (``pyramid_core.schedule``)
+    confidence_stop: > 0: a model bottom stage ends its block after a token whose row's largest
+                     probability is below it (0: off)
+    on_nonfinite:    ``"raise"`` or ``"warn"``: what a NaN / +inf logit does
+    """
+
+    sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
+    stop_ids: tuple[int, ...] | None = attrs.field(default=None, converter=_stop_ids)
+    length_schedule: str = attrs.field(default="fixed", validator=_schedule)
+    confidence_stop: float = attrs.field(default=0.0, converter=_confidence)
+    on_nonfinite: NonFiniteMode = attrs.field(default="raise", converter=check_nonfinite_mode)

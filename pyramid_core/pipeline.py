@@ -23,6 +23,7 @@ from torch import Tensor
 from pyramid_core.channel import FeatureLinks, feature_links
 from pyramid_core.devices import sync
 from pyramid_core.errors import ConfigError
+from pyramid_core.options import DecodeOptions
 from pyramid_core.protocols import (
     AcceptancePolicy,
     CountsForwards,
@@ -39,7 +40,6 @@ from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats
 from pyramid_core.validate import (
     NonFiniteMode,
     check_block_lengths,
-    check_nonfinite_mode,
     check_prompt,
     score_checked,
 )
@@ -254,10 +254,18 @@ class Pipeline:
     length_schedule: str = "fixed"
     confidence_stop: float = 0.0
     on_nonfinite: NonFiniteMode = "raise"
+    decode: DecodeOptions = attrs.field(init=False)
     _bottom_is_stage: bool = attrs.field(init=False, default=False)
     _resettable: list[Resettable] = attrs.field(init=False, factory=list)
     _features: FeatureLinks = attrs.field(init=False, factory=lambda: FeatureLinks((), ()))
     _context_limits: list[tuple[str, int]] = attrs.field(init=False, factory=list)
+
+    @classmethod
+    def with_options(cls, stages: Sequence[Stage | Proposer], policies: Sequence[AcceptancePolicy],
+                     block_lengths: Sequence[int], decode: DecodeOptions) -> Pipeline:
+        """A pipeline decoding with ``decode`` (its ``stop_ids`` ``None`` means none)."""
+        return cls(stages, policies, block_lengths, decode.sampling, list(decode.stop_ids or ()),
+                   decode.length_schedule, decode.confidence_stop, decode.on_nonfinite)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.stages)
@@ -272,10 +280,9 @@ class Pipeline:
                 f"{n} stages need {n - 1} block lengths (one per boundary), got {len(self.block_lengths)}"
             )
         check_block_lengths(self.block_lengths)
-        check_nonfinite_mode(self.on_nonfinite)
-        make_schedule(self.length_schedule, 1)  # a valid name, or the error that lists them
-        if not 0.0 <= self.confidence_stop < 1.0:
-            raise ConfigError(f"confidence_stop must be in [0, 1) (0 = off), got {self.confidence_stop!r}")
+        # the decode options, checked by the one routine that checks them (DecodeOptions)
+        self.decode = DecodeOptions(self.sampling, tuple(self.stop_ids), self.length_schedule, self.confidence_stop,
+                                    self.on_nonfinite)
         if n == 1 and not isinstance(self.stages[0], Stage):
             raise ConfigError(
                 f"the target ({_stage_name(self.stages[0], 0)}) must be a model Stage; "

@@ -235,7 +235,7 @@ def test_a_plugin_that_fails_to_import_is_named(tmp_path: Path) -> None:
 def test_pipeline_spec_is_one_frozen_value_with_one_resolve() -> None:
     spec = PipelineSpec((TableModel(Q), TableModel(Q), TableModel(P)), preset="psd-f",
                         sampling=SamplingConfig(temperature=0.7))
-    stages, policies, lengths = spec.plan()
+    stages, policies, lengths = spec.parts()
     assert len(stages) == 3 and policies == ["fuzzy:div=js,tau=0.4", "fuzzy:div=js,tau=0.5"] and lengths == [15, 25]
     pipe = spec.resolve()
     assert [type(p) for p in pipe.policies] == [FuzzyPolicy, FuzzyPolicy] and pipe.sampling.temperature == 0.7
@@ -245,6 +245,24 @@ def test_pipeline_spec_is_one_frozen_value_with_one_resolve() -> None:
         PipelineSpec((TableModel(Q), TableModel(P)), block_lengths=(1, 2)).resolve()
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         spec.preset = "sd"  # type: ignore[misc]
+
+
+def test_decode_options_are_checked_once_where_they_enter() -> None:
+    """PipelineSpec checks every decode option up front, through DecodeOptions (no model loaded)."""
+    from pyramid_core.options import DecodeOptions
+
+    with pytest.raises(ConfigError, match=r"confidence_stop must be in \[0, 1\) \(0 = off\), got 1.5"):
+        PipelineSpec(("x",), confidence_stop=1.5)
+    with pytest.raises(ConfigError, match=r"unknown length schedule 'slow'; valid: fixed, adaptive"):
+        PipelineSpec(("x",), length_schedule="slow")
+    with pytest.raises(ConfigError, match=r"on_nonfinite must be one of raise, warn, got 'ignore'"):
+        PipelineSpec(("x",), on_nonfinite="ignore")
+    with pytest.raises(ConfigError, match=r"stop_ids must be non-negative token ids, got -3 in \[2, -3\]"):
+        PipelineSpec(("x",), stop_ids=(2, -3))
+    spec = PipelineSpec(("x",), confidence_stop=0.25, stop_ids=[5])
+    assert spec.decode == DecodeOptions(SamplingConfig(), (5,), "fixed", 0.25, "raise")
+    pipe = build_pipeline([TableModel(Q), TableModel(P)], ["exact"], [3], confidence_stop=0.25)
+    assert pipe.decode.confidence_stop == 0.25 and pipe.decode.stop_ids == ()
 
 
 def test_metrics_pool_sums_every_counter() -> None:

@@ -279,7 +279,7 @@ def run_sweep(ns: argparse.Namespace) -> int:
     presets = list(ns.preset)
     ns.policy, ns.length, ns.preset = None, None, presets[0]
     spec = pipeline_spec(ns, ns.stage or (), device=ns.device)
-    n = len(spec.plan(regs)[0])  # the preset and the stage count, before anything is written
+    n = len(spec.parts(regs)[0])  # the preset and the stage count, before anything is written
     if grid is not None:
         for g in grid:
             if len(g) != n - 1:
@@ -287,7 +287,7 @@ def run_sweep(ns: argparse.Namespace) -> int:
     log = _open_log(out / "sweep.partial.jsonl", ns, "sweep")
     points = run_sweep(spec, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
                        chat=ns.chat, presets=presets, regs=regs, log=log)
-    stages = [str(s) for s in spec.plan(regs)[0]]
+    stages = [str(s) for s in spec.parts(regs)[0]]
     files = write_sweep(points, out, title=f"{', '.join(presets)}: {' -> '.join(stages)}")
     print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'exact':>6} {'agree':>6}  "
           "acceptance per try | accepted/proposed")

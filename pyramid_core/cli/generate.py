@@ -58,7 +58,7 @@ def run(ns: argparse.Namespace) -> int:
         raise ConfigError(f"--compare times HF generate, which needs --max-new-tokens >= 1, got {ns.max_new_tokens}")
     regs = plugins.registries()
     spec = pipeline_spec(ns, ns.stage or (), tree=ns.tree, device=ns.device)
-    stage_specs = [str(s) for s in spec.plan(regs)[0]]
+    stage_specs = [str(s) for s in spec.parts(regs)[0]]
     pipe = spec.resolve(regs)
     tok = tokenizer_of(pipe.target)
     if tok is None:

@@ -197,7 +197,7 @@ def run_check(
         replacement=replacement,
         mean_tree_nodes=tree_nodes / tree_rounds if tree_rounds else float("nan"),
         tokens_per_forward=[drawn / f if f else float("nan") for f in forwards],
-        policies=[p if isinstance(p, str) else repr(p) for p in spec.plan(regs)[1]],
+        policies=[p if isinstance(p, str) else repr(p) for p in spec.parts(regs)[1]],
         block_lengths=ells,
         acceptance_per_try=[a / t if t else float("nan") for a, t in zip(accepted, tries, strict=True)],
         accepted_per_proposed=per_proposed,
