@@ -297,7 +297,7 @@ class Pipeline:
                     f"{_stage_name(stage, k)} must be a model Stage (stage {k + 1} verifies the stage below it, "
                     "which a proposer cannot do); a proposer -- a model-free one such as ngram, or a token-tree "
                     "wrapper around a model -- can only be the first stage. Only the bottom stage drafts token "
-                    "trees: wrap stage 1 (tree=SPEC / --tree SPEC) and the stages above verify the tree"
+                    "trees: wrap stage 1 (tree=NAME[:k=v,...] / --tree NAME[:k=v,...]) and the stages above verify the tree"
                 )
         for k, policy in enumerate(self.policies):
             if not isinstance(policy, AcceptancePolicy):

@@ -235,5 +235,5 @@ def register_wrappers(register: Any) -> None:
         "tree",
         tree_wrapper,
         "token-tree drafting around the bottom model stage (SpecInfer / Sequoia); params branching=4-2-1, "
-        "replacement=true|false, budget=N (0 = full schedule); use build_pipeline(tree=SPEC) / --tree SPEC",
+        "replacement=true|false, budget=N (0 = full schedule); use build_pipeline(tree=NAME[:k=v,...]) / --tree NAME[:k=v,...]",
     )

@@ -120,7 +120,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("distill-unknown-role", ["distill", "train", "--role", "critic"], r"argument --role: invalid choice: 'critic'"),
     ("distill-per-kind-zero", ["distill", "eval", "--per-kind", "0"], r"argument --per-kind: must be >= 1"),
     # plan and profile
-    ("plan-no-stage", ["plan"], r"give the candidates as --stage SPEC"),
+    ("plan-no-stage", ["plan"], r"give the candidates as --stage NAME\[:k=v,\.\.\.\]"),
     ("plan-proposer-target", ["plan", "--stage", "TINY", "--stage", "ngram"], r"must be a model backend, not a proposer"),
     ("plan-twice", ["plan", "--stage", "TINY", "--stage", "TINY"], r"is given twice; each candidate once"),
     ("plan-max-length-zero", ["plan", "--stage", "TINY", "--max-length", "0"], r"argument --max-length: must be >= 1"),

@@ -203,9 +203,8 @@ PACKAGES = ("pyramid_core", "pyramid_plugins")
 # empty: remove a file as soon as it links docs/algorithms.md instead (a listed file that no longer
 # cites SPEC fails test_the_spec_allow_list_holds_only_files_that_still_need_it).
 SPEC_ALLOW_LIST_MUST_SHRINK_TO_EMPTY: frozenset[str] = frozenset()
-# "SPEC" as an argument placeholder (a NAME[:key=value,...] spec string), not a document: argparse
-# metavars, ``--stage SPEC`` / ``tree=SPEC`` in messages, and Spec-Bench's SPEC_BENCH_ROWS
-PLACEHOLDER = re.compile(r'metavar="SPEC"|--[a-z-]+ SPEC\b|tree=SPEC\b|\bSPEC_BENCH_ROWS\b')
+# nothing stands in for "SPEC" any more: placeholders say NAME[:k=v,...], STAGE, POLICY or TREE
+PLACEHOLDER = re.compile(r"(?!)")
 # [text](../../page.md#anchor) in a docstring, and docs/page.md#anchor in comments and messages
 DOC_LINK = re.compile(r"\]\(((?:\.\./)*)([\w/-]+\.md)#([^)\s]*)\)")
 PLAIN_DOC_LINK = re.compile(r"\bdocs/([\w/-]+\.md)#([\w-]+)")
@@ -294,8 +293,8 @@ def test_every_section_link_in_the_code_and_the_docs_resolves() -> None:
 
 def test_the_link_checks_catch_a_spec_citation_and_a_broken_link() -> None:
     """Negative controls."""
-    assert spec_citations('x = 1\n"""Exact (SPEC trap 1)."""\np.add_argument("--stage", metavar="SPEC")') == [2]
-    assert spec_citations("use --tree SPEC or tree=SPEC; SPEC_BENCH_ROWS") == []
+    assert spec_citations('x = 1\n"""Exact (SPEC trap 1)."""\np.add_argument("--stage", metavar="SPEC")') == [2, 3]
+    assert spec_citations("use --tree NAME[:k=v,...] or tree=NAME[:k=v,...]") == []
     good = "[the two traps](../../algorithms.md#the-two-traps), docs/algorithms.md#greedy-mode"
     assert broken_links(good, "../../") == []
     assert broken_links("[x](../../algorithms.md#the-two-trap)", "../../") == [

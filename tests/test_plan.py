@@ -539,7 +539,7 @@ def test_cli_plan_end_to_end(saved_model: Path, prompt_file: Path, capsys: pytes
 
 def test_cli_plan_errors(saved_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan"]) == 2
-    assert "give the candidates as --stage SPEC" in capsys.readouterr().err
+    assert "give the candidates as --stage NAME[:k=v,...]" in capsys.readouterr().err
     assert main(["plan", "--stage", f"hf:path={saved_model}", "--stage", "ngram"]) == 2
     assert "the target (the last --stage, 'ngram') must be a model backend" in capsys.readouterr().err
     assert main(["plan", "--stage", "ngram", "--stage", "ngram", "--stage", f"hf:path={saved_model}"]) == 2

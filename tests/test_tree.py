@@ -678,7 +678,7 @@ def test_hf_sampled_trees_accept_more_than_chains(tiny_models: dict[str, Any]) -
 
 
 def test_cli_generate_with_a_tree_draft_is_greedy_identical(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    """``pyramid generate --tree SPEC`` wraps the first stage (a 1-layer view of a saved tiny
+    """``pyramid generate --tree NAME[:k=v,...]`` wraps the first stage (a 1-layer view of a saved tiny
     Llama) in a tree proposer; ``--compare`` checks the greedy output against HF generate."""
     from pyramid_core.backends.hf.tiny import save_with_words, tiny_llama
     from pyramid_core.cli import main

@@ -254,7 +254,7 @@ def test_a_tree_above_the_bottom_stage_is_refused_saying_only_the_bottom_drafts_
     text = str(info.value)
     assert "must be a model Stage (stage 2 verifies the stage below it" in text
     assert "a token-tree wrapper around a model -- can only be the first stage" in text
-    assert "Only the bottom stage drafts token trees: wrap stage 1 (tree=SPEC / --tree SPEC)" in text
+    assert "Only the bottom stage drafts token trees: wrap stage 1 (tree=NAME[:k=v,...] / --tree NAME[:k=v,...])" in text
 
 
 def test_the_docs_state_the_tree_limit() -> None:

@@ -31,22 +31,22 @@ __all__ = ["configure_bench", "configure_sweep"]
 
 
 def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument("--target", metavar="SPEC", help="target backend (default: the default chain's target, smollm2)")
-    p.add_argument("--draft", "--stage", dest="draft", metavar="SPEC",
+    p.add_argument("--target", metavar="STAGE", help="target backend (default: the default chain's target, smollm2)")
+    p.add_argument("--draft", "--stage", dest="draft", metavar="STAGE",
                    help="draft backend for draft->target, HF assisted and the trees (default: the default "
                         "chain's first stage, smollm2:stage=draft)")
-    p.add_argument("--qualifier", metavar="SPEC",
+    p.add_argument("--qualifier", metavar="STAGE",
                    help="qualifier backend for the 3-stage rows and HF assisted; 'none' drops them (default: the "
                         "default chain's middle stage, smollm2:stage=qualifier)")
-    p.add_argument("--ngram", default="ngram", metavar="SPEC", help="model-free proposer (default ngram)")
-    p.add_argument("--tree", default="tree:budget=8,branching=4", metavar="SPEC", help="tree wrapper spec")
-    p.add_argument("--feature", metavar="SPEC",
+    p.add_argument("--ngram", default="ngram", metavar="STAGE", help="model-free proposer (default ngram)")
+    p.add_argument("--tree", default="tree:budget=8,branching=4", metavar="TREE", help="tree wrapper spec")
+    p.add_argument("--feature", metavar="STAGE",
                    help="feature-level draft (EAGLE family) for the feature rows; 'none' drops them (default: "
                         "smollm2:stage=feature when the target is the family's and the head is shipped)")
     p.add_argument("--feature-length", type=block_length, default=2, metavar="L",
                    help="block length of the feature->target rows (default 2: `pyramid plan`'s choice for the "
                         "shipped head on a 2-core CPU)")
-    p.add_argument("--feature-tree", default="tree:budget=8,branching=4", metavar="SPEC",
+    p.add_argument("--feature-tree", default="tree:budget=8,branching=4", metavar="TREE",
                    help="tree wrapper spec of the tree feature->target row")
     p.add_argument("--lengths-2", dest="lengths2", metavar="L",
                    help="block length of the draft->target rows (default: the default chain's first)")
@@ -224,7 +224,7 @@ def _specbench(ns: argparse.Namespace, out: Path, target: Any, draft: Any, quali
 def configure_sweep(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--preset", required=True, action="append",
                    help="fsd | psd-a | psd-f | sd (or a plugin's); repeat to plot several presets' frontiers")
-    p.add_argument("--stage", action="append", metavar="SPEC",
+    p.add_argument("--stage", action="append", metavar="STAGE",
                    help="stages smallest first (default: the default chain, the distilled SmolLM2 family)")
     p.add_argument("--taus", default="0.1,0.3,0.5,0.7", help="comma-separated tau values (every fuzzy boundary)")
     p.add_argument("--length-grid", action="append", metavar="L1,L2,...",

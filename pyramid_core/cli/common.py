@@ -60,7 +60,7 @@ def sampling(ns: argparse.Namespace) -> SamplingConfig:
 
 def pipeline_args(p: argparse.ArgumentParser, *, default_length: str) -> None:
     """``--policy``, ``--length`` and ``--preset`` (per boundary, smallest first)."""
-    p.add_argument("--policy", action="append", metavar="SPEC",
+    p.add_argument("--policy", action="append", metavar="POLICY",
                    help="one per boundary, smallest first (default: the default policy, exact)")
     p.add_argument("--length", action="append", type=block_length, metavar="L",
                    help=f"block length per boundary, smallest first, never decreasing upwards (default {default_length})")

@@ -49,7 +49,7 @@ def eval_defaults(ns: argparse.Namespace, corpus_sample: tuple[int, int] = (0, 0
 def configure(e: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     e.add_argument("--workdir", metavar="DIR", help="folder holding corpus/ (for --corpus-sample)")
     e.add_argument("--corpus", metavar="DIR", help="corpus folder (default WORKDIR/corpus)")
-    e.add_argument("--stage", action="append", metavar="SPEC",
+    e.add_argument("--stage", action="append", metavar="STAGE",
                    help="stages smallest first, the target last (default: the shipped draft, qualifier, smollm2)")
     eval_args(e)
     e.add_argument("--json", action="store_true")

@@ -25,12 +25,12 @@ __all__ = ["configure"]
 
 def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--prompt", required=True)
-    p.add_argument("--stage", action="append", metavar="SPEC",
+    p.add_argument("--stage", action="append", metavar="STAGE",
                    help="a stage, smallest first, repeated; NAME[:key=value,...] naming a proposer "
                         "(e.g. ngram) or a backend (e.g. smollm2, hf:path=DIR). Default: the default chain "
                         "(the distilled family smollm2:stage=draft, smollm2:stage=qualifier, smollm2)")
     pipeline_args(p, default_length="4; the default chain's own without --stage")
-    p.add_argument("--tree", metavar="SPEC",
+    p.add_argument("--tree", metavar="TREE",
                    help="draft token trees with the first stage, e.g. tree:branching=4-2-1,replacement=false "
                         "or tree:budget=16,branching=4 (verify them with the exact policy)")
     p.add_argument("--max-new-tokens", type=int_at_least(0), default=64)

@@ -20,7 +20,7 @@ __all__ = ["configure"]
 
 
 def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument("--stage", action="append", metavar="SPEC",
+    p.add_argument("--stage", action="append", metavar="STAGE",
                    help="a candidate, repeated; the last is the target. Model backends (e.g. "
                         "smollm2:num_layers=12, hf:path=DIR), model-free proposers (e.g. ngram) or feature "
                         "drafts (smollm2:stage=feature), which draft at the bottom of a chain only")
@@ -49,7 +49,7 @@ def run(ns: argparse.Namespace) -> int:
 
     specs: list[str] = ns.stage or []
     if not specs:
-        raise ConfigError("give the candidates as --stage SPEC, repeated, the target last "
+        raise ConfigError("give the candidates as --stage NAME[:k=v,...], repeated, the target last "
                           "(e.g. --stage ngram --stage smollm2:num_layers=12 --stage smollm2)")
     twice = sorted({s for s in specs if specs.count(s) > 1})
     if twice:

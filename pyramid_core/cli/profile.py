@@ -20,7 +20,7 @@ __all__ = ["configure"]
 
 
 def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument("--stage", action="append", metavar="SPEC", required=True,
+    p.add_argument("--stage", action="append", metavar="STAGE", required=True,
                    help="a model stage, repeated (e.g. --stage smollm2:compile=false --stage smollm2:compile=true)")
     p.add_argument("--widths", default="1,2,4,8,16", metavar="M1,M2,...",
                    help="tokens per forward M to time, increasing (default 1,2,4,8,16)")

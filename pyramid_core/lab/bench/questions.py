@@ -31,10 +31,10 @@ from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import Stage, tokenizer_of
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["SPEC_BENCH_ROWS", "SpecBenchResult", "run_specbench"]
+__all__ = ["QUESTION_ROWS", "SpecBenchResult", "run_specbench"]
 
 
-SPEC_BENCH_ROWS = (TARGET_ALONE, "ngram→target", "draft→target", "sd: draft→qualifier→target", "tree draft→target")
+QUESTION_ROWS = (TARGET_ALONE, "ngram→target", "draft→target", "sd: draft→qualifier→target", "tree draft→target")
 """The pyramid rows a Spec-Bench run answers every question with (each costs a full pass)."""
 
 
@@ -73,7 +73,7 @@ def run_specbench(
 ) -> SpecBenchResult:
     """Answer Spec-Bench ``questions`` (``pyramid_core.lab.specbench``) greedily with HF generate of
     the target (the baseline; over the compiled stage when the target is compiled, the fastest
-    HF configuration here) and the ``SPEC_BENCH_ROWS`` pipelines; write one Spec-Bench answer file
+    HF configuration here) and the ``QUESTION_ROWS`` pipelines; write one Spec-Bench answer file
     per method under ``out_dir`` and report speedup and accept length per group."""
     regs = regs or registries()
     tok = tokenizer_of(target)
@@ -98,7 +98,7 @@ def run_specbench(
 
     methods: dict[str, Any] = {HF_GENERATE_COMPILED if target.compiled else HF_GENERATE: hf_generate}
     configs = [c for c in default_configs(target, draft, qualifier=qualifier, tree=tree, lengths2=lengths2,
-                                          lengths3=lengths3) if c.label in SPEC_BENCH_ROWS]
+                                          lengths3=lengths3) if c.label in QUESTION_ROWS]
     for cfg in configs:
         pipe = cfg.spec(greedy, stop_ids).resolve(regs)
 
