@@ -27,7 +27,6 @@ from pyramid_core.options import DecodeOptions
 from pyramid_core.protocols import (
     AcceptancePolicy,
     CountsForwards,
-    HasContextLength,
     HasVocabulary,
     Proposer,
     Resettable,
@@ -40,7 +39,9 @@ from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats
 from pyramid_core.validate import (
     NonFiniteMode,
     check_block_lengths,
+    check_fits,
     check_prompt,
+    context_length,
     score_checked,
 )
 
@@ -312,8 +313,8 @@ class Pipeline:
         self._bottom_is_stage = isinstance(self.stages[0], Stage)
         self._resettable = [s for s in self.stages if isinstance(s, Resettable)]
         self._features = feature_links(self.stages, _stage_name)  # feature readers and their sources
-        self._context_limits = [(_stage_name(s, i), int(s.context_length)) for i, s in enumerate(self.stages)
-                                if isinstance(s, HasContextLength) and s.context_length is not None]
+        self._context_limits = [(_stage_name(s, i), limit) for i, s in enumerate(self.stages)
+                                if (limit := context_length(s)) is not None]
 
     @property
     def target(self) -> Stage:
@@ -369,11 +370,7 @@ class Pipeline:
 
     def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         for name, limit in self._context_limits:
-            if prompt_len + max_new_tokens > limit:
-                fix = (f"use max_new_tokens <= {limit - prompt_len}" if prompt_len < limit
-                       else f"shorten the prompt to fewer than {limit} tokens")
-                raise ConfigError(
-                    f"the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
-                    f"{prompt_len + max_new_tokens} tokens do not fit stage {name!r}, whose context length is "
-                    f"{limit} tokens; {fix}"
-                )
+            check_fits(name, limit, prompt_len + max_new_tokens,
+                       f"the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens})",
+                       lambda limit: (f"use max_new_tokens <= {limit - prompt_len}" if prompt_len < limit
+                                      else f"shorten the prompt to fewer than {limit} tokens"))

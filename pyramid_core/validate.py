@@ -22,22 +22,24 @@ import math
 import numbers
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from pyramid_core.errors import ConfigError, NonFiniteError, NonFiniteWarning, StageOutputError
-from pyramid_core.protocols import Stage
+from pyramid_core.protocols import HasContextLength, Stage
 from pyramid_core.types import Block
 
 __all__ = [
     "NONFINITE_MODES",
     "NonFiniteMode",
     "check_block_lengths",
+    "check_fits",
     "check_nonfinite_mode",
     "check_prompt",
+    "context_length",
     "effective_block_lengths",
     "score_checked",
 ]
@@ -84,6 +86,21 @@ def check_nonfinite_mode(mode: object) -> NonFiniteMode:
     if mode == "warn":
         return "warn"
     raise ConfigError(f"on_nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {mode!r}")
+
+
+def context_length(stage: object) -> int | None:
+    """The longest context ``stage`` can score (``HasContextLength``), or ``None``: no known limit."""
+    limit = stage.context_length if isinstance(stage, HasContextLength) else None
+    return None if limit is None else int(limit)
+
+
+def check_fits(name: str, limit: int | None, tokens: int, what: str, fix: Callable[[int], str]) -> None:
+    """Refuse ``tokens`` positions in stage ``name`` of context length ``limit`` (``None``: no
+    limit) when they do not fit: ``what`` says where they come from (e.g. "the prompt (2 tokens)
+    + max_new_tokens (600)"), ``fix(limit)`` what would fit."""
+    if limit is not None and tokens > limit:
+        raise ConfigError(f"{what} = {tokens} tokens do not fit stage {name!r}, whose context length is "
+                          f"{limit} tokens; {fix(limit)}")
 
 
 def check_prompt(prompt: Tensor | Sequence[int], vocab_size: int) -> Tensor:

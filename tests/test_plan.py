@@ -423,6 +423,19 @@ def test_measure_stage_costs_feeds_m_tokens_to_the_model(tiny_models: dict[str, 
     assert all(t > 0 for _, t in cost.points) and stage.cached_tokens == ()
 
 
+def test_measure_stage_costs_refuses_positions_past_the_context_length(tiny_models: dict[str, Any]) -> None:
+    """Before: positions past the model's context were timed without a word. The tiny model
+    holds 512 tokens; 1 warm-up + 2 timed rounds with M up to 4 reach context + 3 + 3."""
+    stage = HFStage(tiny_models["near"], name="near")
+    assert stage.context_length == 512
+    cost = measure_stage_costs(stage, context_len=506, block_sizes=(1, 4), repeats=2, warmup=1)  # 512: fits
+    assert [m for m, _ in cost.points] == [1, 4]
+    with pytest.raises(ConfigError, match=r"a 507-token context \+ 3 rounds \(1 warm-up, 2 timed\) \+ 3 block tokens "
+                                          r"\(M = 4\) = 513 tokens do not fit stage 'near', whose context length is "
+                                          r"512 tokens; use a context of at most 506 tokens"):
+        measure_stage_costs(stage, context_len=507, block_sizes=(1, 4), repeats=2, warmup=1)
+
+
 def test_measure_stage_costs_runs_a_feature_draft_forward_at_every_m(tiny_models: dict[str, Any]) -> None:
     """A feature draft keeps a row per cached position: every timed forward, M = 1 included,
     must still run the head over M new slots (a measurement whose M = 1 context had been fed as

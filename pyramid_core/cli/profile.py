@@ -24,7 +24,8 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
                    help="a model stage, repeated (e.g. --stage smollm2:compile=false --stage smollm2:compile=true)")
     p.add_argument("--widths", default="1,2,4,8,16", metavar="M1,M2,...",
                    help="tokens per forward M to time, increasing (default 1,2,4,8,16)")
-    p.add_argument("--context", type=int_at_least(1), default=200, help="tokens already in the cache (default 200)")
+    p.add_argument("--context", type=int_at_least(1), default=200, help="tokens already in the cache (default 200); with the rounds and the widest M it must fit "
+                        "the stage's context length")
     p.add_argument("--repeats", type=int_at_least(1), default=10,
                    help="timed forwards per M, interleaved; the median is kept")
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")

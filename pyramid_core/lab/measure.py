@@ -36,6 +36,7 @@ from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage
 from pyramid_core.types import Block, SamplingConfig
+from pyramid_core.validate import check_fits, context_length
 
 __all__ = [
     "DEFAULT_BLOCK_SIZES",
@@ -228,7 +229,10 @@ def measure_stage_costs(
     rolls its cache back to the context without its last token and feeds that token and the
     block, M tokens -- exactly what a verification of a block of M - 1 tokens does after the
     stage's previous round. Each forward is timed alone (``time.perf_counter``, device
-    synchronised); medians resist a busy machine. The stage's cache is reset before and after."""
+    synchronised); medians resist a busy machine. The stage's cache is reset before and after.
+    Positions past the stage's context length (``HasContextLength``) are refused up front, as
+    ``Pipeline.generate`` refuses them: the last round reaches ``context_len + warmup + repeats
+    + max(M) - 1`` tokens."""
     if not isinstance(context_len, int) or context_len < 1:
         raise ConfigError(f"context_len must be an integer >= 1, got {context_len!r}")
     if not isinstance(repeats, int) or repeats < 1:
@@ -241,6 +245,13 @@ def measure_stage_costs(
     for before, m in zip([0, *sizes], sizes):
         if isinstance(m, bool) or not isinstance(m, int) or m <= before:
             raise ConfigError(f"block_sizes must be strictly increasing integers >= 1, got {m!r} in {sizes}")
+    rounds = warmup + repeats
+    # the last round's widest forward reaches position context_len + rounds + max(M) - 1
+    check_fits(stage.name, context_length(stage), context_len + rounds + sizes[-1] - 1,
+               f"a {context_len}-token context + {rounds} rounds ({warmup} warm-up, {repeats} timed) + "
+               f"{sizes[-1] - 1} block tokens (M = {sizes[-1]})",
+               lambda limit: f"use a context of at most {limit - rounds - sizes[-1] + 1} tokens "
+                             "(or fewer repeats, or a smaller M)")
     total = context_len + warmup + repeats + sizes[-1]
     ids = (torch.arange(total, dtype=torch.long) * 7919 + 13) % stage.vocab_size  # any valid tokens
     ids = ids.to(stage.device)
