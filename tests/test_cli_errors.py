@@ -128,6 +128,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("profile-decreasing-widths", ["profile", "--stage", "TINY", "--widths", "4,2"],
      r"--widths must be strictly increasing integers >= 1"),
     ("profile-proposer", ["profile", "--stage", "ngram"], r"--stage 'ngram' is a proposer; `profile` times model stages"),
+    ("profile-context-too-long", ["profile", "--stage", "TINY", "--context", "600"],
+     r"a 600-token context \+ 12 rounds \(2 warm-up, 10 timed\) \+ 15 block tokens \(M = 16\) = 627 tokens do not "
+     r"fit stage .*whose context length is 512 tokens; use a context of at most 485 tokens"),
     # the command itself
     ("unknown-command", ["bogus"], r"argument command: invalid choice: 'bogus'"),
 ]
@@ -161,6 +164,19 @@ def test_a_misuse_is_one_line_and_exit_status_2(argv: list[str], message: str, p
     assert lines[0].startswith(_prefix(argv)), err
     assert "Traceback" not in err
     assert re.search(message, lines[0]), (message, lines[0])
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(places: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Any command stopped by Ctrl-C (``bench`` and ``sweep`` say more: tests/test_outputs.py)."""
+    import pyramid_core.lab.measure as measure
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(measure, "measure_stage_costs", interrupted)
+    rc, err = _run(_argv(["profile", "--stage", "TINY"], places), capsys)
+    assert (rc, err) == (130, "pyramid profile: interrupted\n")
 
 
 def _plugin(name: str, **hooks: Any) -> types.ModuleType:

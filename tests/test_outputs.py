@@ -5,6 +5,13 @@ JSON-lines log, so an interrupted run keeps what it measured and a rerun resumes
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +23,7 @@ from pyramid_core import ConfigError, PipelineSpec, SamplingConfig
 from pyramid_core.backends.hf import HFStage
 from pyramid_core.cli import main
 from pyramid_core.lab.bench import BenchConfig, run_bench
-from pyramid_core.lab.outputs import RecordLog, output_dir, output_file
+from pyramid_core.lab.outputs import RecordLog, RunLock, output_dir, output_file
 from pyramid_core.lab.prompts import Prompt
 from pyramid_core.lab.sweep import run_sweep
 
@@ -89,15 +96,16 @@ def stages(tiny_models: dict[str, Any]) -> tuple[HFStage, HFStage]:
     return HFStage(tiny_models["target"], tok, name="target"), HFStage(tiny_models["near"], tok, name="near")
 
 
-def _interrupt_on(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, call: int) -> list[int]:
-    """``module.name`` raises ``Interrupted`` on its ``call``-th call; counts every call."""
+def _interrupt_on(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, call: int,
+                  error: type[BaseException] = Interrupted) -> list[int]:
+    """``module.name`` raises ``error`` on its ``call``-th call; counts every call."""
     real = getattr(module, name)
     calls = [0]
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
         if calls[0] == call:
-            raise Interrupted(f"stopped at call {call}")
+            raise error(f"stopped at call {call}")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, wrapper)
@@ -179,3 +187,116 @@ def test_pyramid_bench_resumes_after_an_interruption(tmp_path: Path, monkeypatch
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert len([r for r in data["rows"] if r["framework"] == "pyramid"]) == 6
     assert {"bench.json", "bench.md", "bench.partial.jsonl"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def _tiny_bench_argv(tmp_path: Path) -> list[str]:
+    from pyramid_core.backends.hf.tiny import save_with_words, tiny_llama
+
+    model = save_with_words(tiny_llama(0), tmp_path / "tiny")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3 w1 w2\n")
+    spec = f"hf:path={model}"
+    return ["bench", "--target", spec, "--draft", spec, "--qualifier", "none", "--lengths-2", "2", "--lengths-3",
+            "2,3", "--prompts", str(prompts), "--max-new-tokens", "6", "--no-chat", "--no-compile",
+            "--out", str(tmp_path / "out")]
+
+
+def test_ctrl_c_in_pyramid_bench_says_what_was_kept_and_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a KeyboardInterrupt traceback. Now one line: how many configurations the partial
+    log keeps and the command that resumes; exit status 130; the folder's lock released."""
+    argv = _tiny_bench_argv(tmp_path)
+    with monkeypatch.context() as m:
+        _interrupt_on(m, bench_run, "_pyramid_row", 3, KeyboardInterrupt)
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    log = tmp_path / "out" / "bench.partial.jsonl"  # the last line, after the progress bars
+    assert err.splitlines()[-1] == f"pyramid bench: interrupted; {log} keeps 2 finished configuration(s); run the " \
+                                   f"same command to resume from there: {shlex.join(['pyramid', *argv])}"
+    assert not (tmp_path / "out" / RunLock.NAME).exists()
+
+
+def test_ctrl_c_in_pyramid_sweep_says_what_was_kept_and_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from pyramid_core.backends.hf.tiny import save_with_words, tiny_llama
+
+    model = save_with_words(tiny_llama(0), tmp_path / "tiny")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3 w1 w2\n")
+    argv = ["sweep", "--preset", "fsd", "--stage", f"hf:path={model}", "--stage", f"hf:path={model}", "--taus",
+            "0.1,0.5", "--prompts", str(prompts), "--max-new-tokens", "4", "--no-chat", "--no-compile",
+            "--out", str(tmp_path / "out")]
+    with monkeypatch.context() as m:
+        _interrupt_on(m, sweep_module, "_measure", 2, KeyboardInterrupt)  # after the target alone
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert re.search(r"pyramid sweep: interrupted; \S+sweep\.partial\.jsonl keeps 1 finished configuration\(s\); "
+                     r"run the same command to resume from there: pyramid sweep --preset fsd", err), err
+    assert not (tmp_path / "out" / RunLock.NAME).exists()
+
+
+# --- one run per output folder ------------------------------------------------------------------
+
+HOLD = "import sys, time; from pyramid_core.lab.outputs import RunLock; RunLock(sys.argv[1], 'pyramid bench')" \
+       ".acquire(); print('held', flush=True); time.sleep(60)"
+
+
+def _holder(folder: Path) -> subprocess.Popen[str]:
+    """Another process that takes ``folder``'s lock and keeps it (up to a minute)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("command", [["bench"], ["sweep", "--preset", "fsd"]])
+def test_a_second_run_on_a_locked_folder_is_refused_naming_the_first(
+        command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: both ran, each measuring under the other's load, and both appended to the same
+    partial log. Now the second stops before loading anything: one line naming the running
+    one (pid, host, start time) and the lock file, exit status 2."""
+    holder = _holder(tmp_path)
+    try:
+        assert main([*command, "--out", str(tmp_path)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    lock = tmp_path / RunLock.NAME
+    assert re.search(rf"^pyramid {command[0]}: error: '{re.escape(str(tmp_path))}' is in use by another run "
+                     rf"\(pyramid bench, pid {holder.pid} on host {re.escape(socket.gethostname())}, started "
+                     rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d; lock file '{re.escape(str(lock))}'\); wait for it to end, "
+                     r"stop it, or give another --out$", err.strip()), err
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path: Path) -> None:
+    """A run killed outright (SIGKILL: no clean-up) leaves its lock file; the OS dropped its
+    lock, so the next run takes it over and says whose it was."""
+    holder = _holder(tmp_path)
+    with pytest.raises(ConfigError, match=f"pid {holder.pid} "):
+        RunLock(tmp_path, "pyramid sweep").acquire()
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / RunLock.NAME).exists()  # left behind
+    with RunLock(tmp_path, "pyramid sweep") as lock:
+        assert lock.took_over is not None and lock.took_over["pid"] == holder.pid
+        assert lock.took_over_text is not None and f"left by pyramid bench (pid {holder.pid} on host " \
+            in lock.took_over_text and "which ended without releasing it" in lock.took_over_text
+        assert json.loads((tmp_path / RunLock.NAME).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / RunLock.NAME).exists()
+
+
+def test_the_lock_is_released_at_the_end_and_on_an_error(tmp_path: Path) -> None:
+    with RunLock(tmp_path, "pyramid bench") as lock:
+        assert lock.took_over is None
+        with pytest.raises(ConfigError, match=rf"pid {os.getpid()} on host "):
+            RunLock(tmp_path, "pyramid bench").acquire()  # a second lock, even in the same process
+    assert not (tmp_path / RunLock.NAME).exists()
+    with pytest.raises(Interrupted), RunLock(tmp_path, "pyramid bench"):
+        raise Interrupted("a failure mid-run")
+    assert not (tmp_path / RunLock.NAME).exists()
+    with RunLock(tmp_path, "pyramid bench") as lock:  # free again, nothing to take over
+        assert lock.took_over is None

@@ -7,7 +7,9 @@ Commands only turn their arguments into values (a ``PipelineSpec``, prompts, pat
 them to the library. Every user mistake ends the same way: one line on stderr,
 ``pyramid COMMAND: error: ...`` saying what is wrong and what would be valid, and exit status 2 --
 a bad argument (argparse, without its usage block: ``--help`` shows it) and any
-``PyramidError`` the command raises alike.
+``PyramidError`` the command raises alike. Ctrl-C ends a command with one line,
+``pyramid COMMAND: interrupted``, and exit status 130 (``bench`` and ``sweep`` say what they
+kept and how to resume).
 """
 
 from __future__ import annotations
@@ -87,3 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())  # one line, whatever the message holds
         print(f"{ns.command_prog}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{ns.command_prog}: interrupted", file=sys.stderr)
+        return 130

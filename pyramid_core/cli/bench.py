@@ -79,7 +79,7 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     p.add_argument("--out", default="out/bench",
                    help="output folder for bench.json, bench.md, bench.png; checked before anything runs. Each "
                         "finished configuration is also appended to bench.partial.jsonl there, and a rerun with the "
-                        "same arguments resumes from it")
+                        "same arguments resumes from it. One run at a time per folder (a lock file, .pyramid.lock)")
     return run_bench
 
 
@@ -98,14 +98,45 @@ def _lengths(value: str | None, n: int, flag: str) -> list[int] | None:
         raise ConfigError(f"{flag} {value}: {exc}") from None
 
 
+def _guarded(ns: argparse.Namespace, command: str, body: Callable[[Path, list[RecordLog]], int]) -> int:
+    """``body(out, logs)`` with ``--out`` checked and locked (``outputs.RunLock``: a second run
+    on the same folder is refused, naming the first); on Ctrl-C, says what the partial log
+    ``body`` opened (appended to ``logs``) keeps and how to resume, and returns 130."""
+    import shlex
+
+    # lazy: lab/ stays out of CLI start-up
+    from pyramid_core.lab.outputs import RunLock, output_dir
+
+    out = output_dir(ns.out, "--out")  # before anything runs
+    logs: list[RecordLog] = []
+    with RunLock(out, f"pyramid {command}") as lock:
+        if lock.took_over_text:
+            print(f"pyramid {command}: {lock.took_over_text}", file=sys.stderr)
+        try:
+            return body(out, logs)
+        except KeyboardInterrupt:
+            again = shlex.join(["pyramid", *ns.argv])
+            if not logs:
+                print(f"pyramid {command}: interrupted before any result was recorded; run `{again}` to start "
+                      "again", file=sys.stderr)
+            else:
+                # the references every configuration is compared with are a piece, not a configuration
+                n = sum(1 for key in logs[0].done if key not in ("reference", "refs"))
+                print(f"pyramid {command}: interrupted; {logs[0].path} keeps {n} finished configuration(s); "
+                      f"run the same command to resume from there: {again}", file=sys.stderr)
+            return 130
+
+
 def run_bench(ns: argparse.Namespace) -> int:
+    return _guarded(ns, "bench", lambda out, logs: _run_bench(ns, out, logs))
+
+
+def _run_bench(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.bench import run_bench, write_bench
-    from pyramid_core.lab.outputs import output_dir
     from pyramid_core.lab.prompts import load_prompts
     from pyramid_core.lab.specbench import is_specbench_file
 
-    out = output_dir(ns.out, "--out")  # before anything runs
     lengths2, lengths3 = _lengths(ns.lengths2, 1, "--lengths-2"), _lengths(ns.lengths3, 2, "--lengths-3")
     if ns.device:
         check_device(ns.device)
@@ -144,7 +175,7 @@ def run_bench(ns: argparse.Namespace) -> int:
         return _specbench(ns, out, target, draft, loaded["--qualifier"], max_new, lengths2, lengths3, regs)
     extra = _feature_rows(ns, specs["--target"], target, loaded["--qualifier"], regs,
                           upper=ns.qualifier_length or (lengths3[1] if lengths3 else 8))
-    log = _open_log(out / "bench.partial.jsonl", ns, "bench")
+    log = _open_log(out / "bench.partial.jsonl", ns, "bench", logs)
     result = run_bench(target, draft, prompts, max_new_tokens=max_new, ngram=ns.ngram, tree=ns.tree,
                        lengths2=lengths2, lengths3=lengths3,
                        qualifier=loaded["--qualifier"], qualifier_length=ns.qualifier_length,
@@ -183,14 +214,16 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
                            qualifier_length=upper)
 
 
-def _open_log(path: Path, ns: argparse.Namespace, command: str) -> RecordLog:
-    """The run's ``RecordLog``, identified by every option but the command's plumbing; says on
-    stderr when it resumes, or when an old log of other arguments was moved aside."""
+def _open_log(path: Path, ns: argparse.Namespace, command: str, logs: list[RecordLog]) -> RecordLog:
+    """The run's ``RecordLog`` (appended to ``logs``), identified by every option but the
+    command's plumbing; says on stderr when it resumes, or when an old log of other arguments
+    was moved aside."""
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.outputs import RecordLog
 
     args = {k: v for k, v in sorted(vars(ns).items()) if k not in ("func", "command_prog", "command", "argv")}
     log = RecordLog(path, args)
+    logs.append(log)
     if log.moved_aside is not None:
         print(f"pyramid {command}: {log.moved_aside} keeps the partial results of a run with other arguments; "
               "starting afresh", file=sys.stderr)
@@ -238,21 +271,23 @@ def configure_sweep(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     p.add_argument("--out", default="out/sweep",
                    help="output folder for sweep.json, sweep.csv, sweep.png; checked before anything runs. Each "
                         "finished grid point is also appended to sweep.partial.jsonl there, and a rerun with the same "
-                        "arguments resumes from it")
+                        "arguments resumes from it. One run at a time per folder (a lock file, .pyramid.lock)")
     nonfinite_arg(p)
     sampling_args(p, default_temperature=1.0)
     return run_sweep
 
 
 def run_sweep(ns: argparse.Namespace) -> int:
+    return _guarded(ns, "sweep", lambda out, logs: _run_sweep(ns, out, logs))
+
+
+def _run_sweep(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
     import math
 
     # lazy: lab/ stays out of CLI start-up
-    from pyramid_core.lab.outputs import output_dir
     from pyramid_core.lab.prompts import load_prompts
     from pyramid_core.lab.sweep import run_sweep, write_sweep
 
-    out = output_dir(ns.out, "--out")  # before anything runs
     try:
         taus = [float(t) for t in ns.taus.split(",")]
     except ValueError:
@@ -284,7 +319,7 @@ def run_sweep(ns: argparse.Namespace) -> int:
         for g in grid:
             if len(g) != n - 1:
                 raise ConfigError(f"--length-grid {','.join(map(str, g))}: {n} stages need {n - 1} block length(s)")
-    log = _open_log(out / "sweep.partial.jsonl", ns, "sweep")
+    log = _open_log(out / "sweep.partial.jsonl", ns, "sweep", logs)
     points = run_sweep(spec, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
                        chat=ns.chat, presets=presets, regs=regs, log=log)
     stages = [str(s) for s in spec.parts(regs)[0]]

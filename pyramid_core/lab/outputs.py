@@ -9,6 +9,13 @@ the escaping of names written into Markdown reports.
   the run's arguments. A rerun with the same arguments sees what is already recorded
   (``done``) and skips it; a rerun with other arguments moves the old log aside (it is kept,
   never overwritten) and starts a new one. A line cut short by an interrupted write is ignored.
+- ``RunLock(folder, command)``: one run at a time per output folder. A second run on the same
+  folder is refused with a ``ConfigError`` naming the running one (pid, host, start time) and the
+  lock file. The lock is an ``fcntl.flock`` on ``.pyramid.lock`` there, whose JSON body names the
+  holder: the OS drops a flock when its process dies (even killed with SIGKILL), so a lock file
+  left by a run that ended without releasing it holds no lock and is taken over (``took_over``
+  names that run) -- no guess from a pid that may have been reused, or that lives on another
+  host. (Windows has no ``fcntl``: there the lock is not taken.)
 - ``md_escape(text)``: a label, a stage spec, a note or any other string as literal Markdown
   text, safe inside a table cell; every writer of a Markdown report passes its names through it.
 """
@@ -18,15 +25,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from pyramid_core.errors import ConfigError
 
-__all__ = ["output_dir", "output_file", "RecordLog", "md_escape"]
+__all__ = ["output_dir", "output_file", "RecordLog", "RunLock", "md_escape"]
 
 # Markdown syntax anywhere in a line (a backslash escape works in CommonMark and Python-Markdown;
 # the tables extension adds ``\|``). Parentheses need no escape: they only make a link right
@@ -163,3 +177,95 @@ class RecordLog:
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.done.get(key)
+
+
+def _holder_text(holder: Mapping[str, Any]) -> str:
+    """``pid 123 on host h, started 2025-01-01 12:00:00`` from a lock file's body."""
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {when}"
+
+
+class RunLock:
+    """One run at a time in an output folder (module docstring); a context manager, released on
+    exit whatever the way out (the end, an error, an interrupt).
+
+    Args:
+      folder: the output folder (``output_dir``'s result).
+      command: the command, e.g. ``"pyramid bench"``, for the lock file and the messages.
+    """
+
+    NAME = ".pyramid.lock"
+
+    def __init__(self, folder: str | Path, command: str) -> None:
+        self.path = Path(folder) / self.NAME
+        self.command = command
+        self.took_over: dict[str, Any] | None = None  # the body of a lock file left by an ended run
+        self._fd: int | None = None
+
+    @property
+    def took_over_text(self) -> str | None:
+        """A note on the lock taken over, or ``None``."""
+        if self.took_over is None:
+            return None
+        return (f"took over the lock {str(self.path)!r} left by {self.took_over.get('command', 'a run')} "
+                f"({_holder_text(self.took_over)}), which ended without releasing it")
+
+    def _read(self, fd: int) -> dict[str, Any] | None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        try:
+            body = json.loads(data)
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise a ``ConfigError`` naming the run that holds it."""
+        if fcntl is None or self._fd is not None:
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = self._read(fd)
+                os.close(fd)
+                who = f"{holder.get('command', 'a run')}, {_holder_text(holder)}" if holder else \
+                    "a run whose details are not written yet"
+                raise ConfigError(
+                    f"{str(self.path.parent)!r} is in use by another run ({who}; lock file "
+                    f"{str(self.path)!r}); wait for it to end, stop it, or give another --out") from None
+            try:  # a releasing run may have removed the file between our open and our flock
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.took_over = self._read(fd)
+        body = {"command": self.command, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(body).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (nothing if not held)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: no one locks a file about to vanish
+        finally:
+            os.close(fd)  # drops the flock
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
