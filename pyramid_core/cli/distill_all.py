@@ -62,6 +62,8 @@ def run(ns: argparse.Namespace) -> int:
         if not reports[role]["finished"]:
             print(f"{role}: time budget ran out; run the same command to resume", file=sys.stderr)
             return 4
+    from pyramid_core.backends.hf.student import weights_record
+
     ship = Path(ns.ship or home(ns) / ("smoke-family" if ns.smoke else "family"))
     ship.mkdir(parents=True, exist_ok=True)
     for role in ("draft", "qualifier"):
@@ -69,6 +71,9 @@ def run(ns: argparse.Namespace) -> int:
         dest.mkdir(exist_ok=True)
         for f in ("model.safetensors", "stage.json"):
             shutil.copy2(home(ns) / (f"smoke-{role}" if ns.smoke else role) / f, dest / f)
+        info = json.loads((dest / "stage.json").read_text())  # what loading and `pyramid setup` check
+        (dest / "stage.json").write_text(json.dumps(info | {"weights": weights_record(dest / "model.safetensors")},
+                                                    indent=2) + "\n")
     ns.stage = [f"hf:path={ship / 'draft'}", f"hf:path={ship / 'qualifier'}", "smollm2"]
     evaluation = evaluate(ns.stage, ns)
     family = {

