@@ -106,3 +106,10 @@ class DecodeOptions:
     length_schedule: str = attrs.field(default="fixed", validator=_schedule)
     confidence_stop: float = attrs.field(default=0.0, converter=_confidence)
     on_nonfinite: NonFiniteMode = attrs.field(default="raise", converter=check_nonfinite_mode)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse stop ids the target cannot emit (known once the stages are): they would never stop."""
+        bad = [i for i in self.stop_ids or () if i >= vocab_size]
+        if bad:
+            raise ConfigError(f"stop_ids holds {bad[0]}, outside the vocabulary of the stages (valid ids: "
+                              f"0 .. {vocab_size - 1}); it could never stop a generation")

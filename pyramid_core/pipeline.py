@@ -33,7 +33,7 @@ from pyramid_core.protocols import (
     Stage,
     Verifier,
 )
-from pyramid_core.rng import Rng
+from pyramid_core.rng import Rng, check_seed
 from pyramid_core.schedule import LengthSchedule, make_schedule
 from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats
 from pyramid_core.validate import (
@@ -309,6 +309,7 @@ class Pipeline:
         if len({v for _, _, v in declared}) > 1:
             sizes = ", ".join(f"{_stage_name(s, i)}: {v}" for i, s, v in declared)
             raise ConfigError(f"stages disagree on the vocabulary size ({sizes})")
+        self.decode.check_vocabulary(int(self.target.vocab_size))
         # capabilities are checked here, once (isinstance on a Protocol is slow)
         self._bottom_is_stage = isinstance(self.stages[0], Stage)
         self._resettable = [s for s in self.stages if isinstance(s, Resettable)]
@@ -352,6 +353,8 @@ class Pipeline:
         must hold the prompt and all ``max_new_tokens`` tokens, else a ``ConfigError`` up front."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if seed is not None:
+            seed = check_seed(seed)
         context = check_prompt(prompt, self.target.vocab_size).to(self.target.device)
         self._check_fits(len(context), max_new_tokens)
         self._features.connect()

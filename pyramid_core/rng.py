@@ -2,20 +2,44 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
-__all__ = ["Rng"]
+from pyramid_core.errors import ConfigError
+
+__all__ = ["Rng", "SEED_LIMIT", "check_seed", "seed_range"]
+
+#: Seeds are integers in [0, SEED_LIMIT): ``torch.Generator.manual_seed`` takes unsigned 64-bit
+#: values, and ``Rng`` adds a small offset per device, so the top half is kept free.
+SEED_LIMIT = 2**63
+
+
+def check_seed(value: object, name: str = "seed", limit: int = SEED_LIMIT) -> int:
+    """``value`` as an int in [0, limit) -- an integer, not a bool or a float (``1.5`` is not
+    seed 1) -- else a ``ConfigError`` naming ``name``, the value and the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < limit:
+        kind = f" ({type(value).__name__})" if isinstance(value, (bool, float, str)) else ""
+        raise ConfigError(f"{name} must be an integer in {seed_range(limit)}, got {value!r}{kind}")
+    return int(value)
+
+
+def seed_range(limit: int = SEED_LIMIT) -> str:
+    """``"[0, 2**63)"``: the seeds below ``limit``, as messages write them."""
+    power = limit.bit_length() - 1
+    return f"[0, 2**{power})" if limit == 2**power else f"[0, {limit})"
 
 
 class Rng:
     """Seeded randomness for a run. Every random draw of a pipeline goes through this object,
-    so a seed makes a run reproducible on a given machine."""
+    so a seed makes a run reproducible on a given machine. ``seed``: an int in [0, 2**63)
+    (``check_seed``), or ``None`` for a fresh random one."""
 
     def __init__(self, seed: int | None = None) -> None:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device) -> torch.Generator:

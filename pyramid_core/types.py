@@ -19,7 +19,13 @@ from torch import Tensor
 from pyramid_core.errors import ConfigError
 from pyramid_core.tree import TokenTree
 
-__all__ = ["Block", "Verdict", "SamplingConfig", "BoundaryStats", "StageStats"]
+__all__ = ["Block", "Verdict", "SamplingConfig", "BoundaryStats", "StageStats", "GREEDY_BELOW"]
+
+#: Temperatures below this are greedy (docs/algorithms.md#greedy-mode): there softmax(logits / T)
+#: is one-hot at the argmax in float arithmetic for any two logits that differ by more than 1e-27,
+#: and logits / T would overflow float32 once |logit| * 1e30 passes 3.4e38 (tiny temperatures
+#: used to crash on NaN rows).
+GREEDY_BELOW = 1e-30
 
 
 def _check_1d_long(instance: Any, attribute: attrs.Attribute[Any], value: Tensor) -> None:
@@ -147,7 +153,8 @@ class SamplingConfig:
     """The sampling transform, applied identically at every stage.
 
     temperature 0 means greedy: every row is one-hot at its argmax (first index on ties, as
-    ``torch.argmax`` and Hugging Face greedy decoding do).
+    ``torch.argmax`` and Hugging Face greedy decoding do). So does any temperature below
+    ``GREEDY_BELOW`` (1e-30), the T -> 0 limit reached in float arithmetic.
     """
 
     temperature: float = field(default=1.0, converter=float, validator=_nonneg_float)
@@ -160,7 +167,8 @@ class SamplingConfig:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0 or below ``GREEDY_BELOW``: every stage's rows are one-hot."""
+        return self.temperature < GREEDY_BELOW
 
     def transform(self, logits: Tensor) -> Tensor:
         """Float[Tensor, "n vocab"] logits -> Float[Tensor, "n vocab"] probabilities (float32, or

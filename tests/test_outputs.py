@@ -5,6 +5,7 @@ JSON-lines log, so an interrupted run keeps what it measured and a rerun resumes
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -23,7 +24,7 @@ from pyramid_core import ConfigError, PipelineSpec, SamplingConfig
 from pyramid_core.backends.hf import HFStage
 from pyramid_core.cli import main
 from pyramid_core.lab.bench import BenchConfig, run_bench
-from pyramid_core.lab.outputs import RecordLog, RunLock, output_dir, output_file
+from pyramid_core.lab.outputs import RecordLog, RunLock, json_text, output_dir, output_file
 from pyramid_core.lab.prompts import Prompt
 from pyramid_core.lab.sweep import run_sweep
 
@@ -300,3 +301,52 @@ def test_the_lock_is_released_at_the_end_and_on_an_error(tmp_path: Path) -> None
     assert not (tmp_path / RunLock.NAME).exists()
     with RunLock(tmp_path, "pyramid bench") as lock:  # free again, nothing to take over
         assert lock.took_over is None
+# --- strict JSON: no NaN or Infinity in what the commands write ------------------------------------
+
+
+def _strict(text: str) -> Any:
+    """``json.loads`` that refuses NaN / Infinity / -Infinity, as strict parsers do."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_text_writes_null_for_non_finite_floats() -> None:
+    value = {"a": math.nan, "b": [1.5, math.inf, (-math.inf, 2)], "c": {"d": float("nan")}, "e": None, "f": 3}
+    assert _strict(json_text(value)) == {"a": None, "b": [1.5, None, [None, 2]], "c": {"d": None}, "e": None,
+                                         "f": 3}
+    assert _strict(json_text({"x": object()}, default=lambda _: math.nan)) == {"x": None}
+    with pytest.raises(ValueError, match="NaN is not JSON"):
+        _strict(json.dumps({"a": math.nan}))  # the parser the tests use does refuse NaN
+
+
+def test_check_json_is_strict(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a chain run printed "mean_tree_nodes": NaN."""
+    assert main(["check", "--dist", "0.5,0.5", "--dist", "0.2,0.8", "--samples", "50", "--json"]) == 0
+    out = _strict(capsys.readouterr().out)
+    assert out["mean_tree_nodes"] is None and out["samples"] == 50
+    assert main(["check", "--dist", "0.5,0.5", "--dist", "0.2,0.8", "--samples", "50", "--json",
+                 "--compare", "exact,block"]) == 0
+    assert _strict(capsys.readouterr().out)["compare"][0]["mean_tree_nodes"] is None
+
+
+def test_generate_metrics_are_strict_and_a_tiny_temperature_is_greedy(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_models: dict[str, Any]) -> None:
+    """Before: --metrics of a chain held "mean_tree_nodes": NaN, and --temperature 1e-40 crashed
+    (IndexError in the sampler)."""
+    from pyramid_core.backends.hf.tiny import save_with_words
+
+    target = save_with_words(tiny_models["target"], tmp_path / "target")
+    draft = save_with_words(tiny_models["far"], tmp_path / "far")
+    reports = []
+    for temperature in ("1e-40", "0"):
+        metrics = tmp_path / f"m{temperature}.json"
+        assert main(["generate", "--prompt", "w1 w2 w3", "--no-chat", "--stage", f"hf:path={draft}", "--stage",
+                     f"hf:path={target}", "--length", "3", "--max-new-tokens", "6", "--temperature", temperature,
+                     "--metrics", str(metrics)]) == 0
+        reports.append(_strict(metrics.read_text()))
+    capsys.readouterr()
+    assert reports[0]["metrics"]["boundaries"][0]["mean_tree_nodes"] is None
+    assert reports[0]["tokens"] == reports[1]["tokens"]

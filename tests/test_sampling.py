@@ -171,3 +171,26 @@ def test_transform_keeps_shape_and_handles_minus_infinity() -> None:
         assert out.sum().item() == pytest.approx(1.0)
     # a 1-D row works too
     assert SamplingConfig(top_k=1).transform(torch.tensor([0.0, 2.0, 1.0])).tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-31, 5e-324])
+def test_a_temperature_below_greedy_below_is_greedy(temperature: float) -> None:
+    """Before: logits / 1e-40 overflowed float32 to +-inf and softmax gave NaN rows (IndexError in
+    the sampler). Below ``GREEDY_BELOW`` a row is the greedy row, ties to the first index."""
+    logits = torch.cat([random_logits(4, 9, 5) * 50.0,
+                        torch.tensor([[0.0, 2.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, -math.inf]])])
+    cfg = SamplingConfig(temperature=temperature)
+    assert cfg.is_greedy and cfg.temperature == temperature
+    assert torch.equal(cfg.transform(logits), SamplingConfig.greedy().transform(logits))
+    assert torch.equal(cfg.transform(logits.double()), SamplingConfig.greedy().transform(logits.double()))
+
+
+def test_at_greedy_below_the_temperature_is_applied() -> None:
+    """1e-30 is sampled as given: finite rows, and an exact tie keeps half the mass each."""
+    from pyramid_core.types import GREEDY_BELOW
+
+    cfg = SamplingConfig(temperature=GREEDY_BELOW)
+    assert not cfg.is_greedy
+    out = cfg.transform(torch.tensor([[0.0, 2.0, 2.0, 1.0]]))
+    assert out.isfinite().all()
+    assert out[0].tolist() == [0.0, 0.5, 0.5, 0.0]

@@ -271,3 +271,54 @@ def test_an_unusable_device_is_refused_before_loading(device: str) -> None:
         make_stage("hf:path=/nonexistent", device=device)
     with pytest.raises(ConfigError, match=rf"device '{device}' is not usable here"):
         make_stage(f"hf:path=/nonexistent,device={device}")
+
+
+# --- numbers at the edges: tiny temperatures, seeds, stop ids -------------------------------------
+
+
+def test_a_tiny_temperature_runs_as_greedy_through_a_pipeline() -> None:
+    """Before: temperature 1e-40 crashed with IndexError in the sampler (NaN rows)."""
+    from pyramid_core.testing.exactness import run_check
+
+    dists = [[0.5, 0.5], [0.2, 0.8]]
+    tiny = run_check(dists, None, [1], samples=50, seed=0, sampling=SamplingConfig(temperature=1e-40))
+    greedy = run_check(dists, None, [1], samples=50, seed=0, sampling=SamplingConfig.greedy())
+    assert tiny.counts == greedy.counts == [0, 50]
+    pipe = build_pipeline(tables(2, 64), block_lengths=[2], sampling=SamplingConfig(temperature=1e-40))
+    assert pipe.generate([1, 2], 5, seed=0).token_list == [0] * 5  # uniform rows: the first index
+
+
+@pytest.mark.parametrize(("seed", "message"), [
+    (2**70, r"seed must be an integer in \[0, 2\*\*63\), got 1180591620717411303424$"),
+    (2**63, r"got 9223372036854775808$"),
+    (-1, r"got -1$"),
+    (1.5, r"got 1\.5 \(float\)"),
+    ("a", r"got 'a' \(str\)"),
+    (True, r"got True \(bool\)"),
+])
+def test_a_seed_outside_the_range_or_not_an_integer_is_refused(seed: Any, message: str) -> None:
+    """Before: 2**70 overflowed inside torch (a traceback), 1.5 silently ran as seed 1, "a" was a
+    raw ValueError."""
+    from pyramid_core.rng import Rng
+
+    pipe = build_pipeline(tables(2, 64), block_lengths=[2])
+    with pytest.raises(ConfigError, match=message):
+        pipe.generate([1], 3, seed=seed)
+    with pytest.raises(ConfigError, match=message):
+        Rng(seed)
+
+
+def test_the_largest_seed_and_integer_seeds_of_any_kind_run() -> None:
+    pipe = build_pipeline(tables(2, 64), block_lengths=[2])
+    assert len(pipe.generate([1], 3, seed=2**63 - 1).token_list) == 3
+    assert pipe.generate([1], 3, seed=np.int64(7)).token_list == pipe.generate([1], 3, seed=7).token_list
+
+
+def test_stop_ids_outside_the_vocabulary_are_refused() -> None:
+    """Before: stop id 64 of a 64-token vocabulary was accepted and could never stop anything."""
+    with pytest.raises(ConfigError, match=r"stop_ids holds 64, outside the vocabulary of the stages "
+                                          r"\(valid ids: 0 \.\. 63\); it could never stop a generation"):
+        build_pipeline(tables(2, 64), block_lengths=[2], stop_ids=[3, 64])
+    with pytest.raises(ConfigError, match=r"stop_ids holds 99"):
+        Pipeline(tables(1, 64), stop_ids=[99])
+    assert Pipeline(tables(1, 64), stop_ids=[63]).decode.stop_ids == (63,)

@@ -4,9 +4,13 @@ argparse with the flag's name and what would be valid, before anything runs."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 
-__all__ = ["int_at_least", "block_length"]
+from pyramid_core.errors import ConfigError
+from pyramid_core.rng import SEED_LIMIT, check_seed, seed_range
+
+__all__ = ["int_at_least", "block_length", "seed_value", "seed_below", "negative_numbers_are_values"]
 
 
 def int_at_least(low: int, what: str = "") -> Callable[[str], int]:
@@ -26,3 +30,34 @@ def int_at_least(low: int, what: str = "") -> Callable[[str], int]:
 
 
 block_length = int_at_least(1, " (tokens a stage proposes per round)")
+
+
+def seed_below(limit: int) -> Callable[[str], int]:
+    """An argparse type: a seed, an integer in [0, limit) (``pyramid_core.rng.check_seed``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer seed in {seed_range(limit)}, got {text!r}") from None
+        try:
+            return check_seed(value, "a seed", limit)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = "seed"
+    return parse
+
+
+seed_value = seed_below(SEED_LIMIT)  # what torch.Generator takes, less Rng's per-device offsets
+
+# a value that starts like a negative number: "-0.1", "-1e-3", "-0.1,0.6,0.5"
+_NEGATIVE = re.compile(r"^-\.?\d")
+
+
+def negative_numbers_are_values(p: argparse.ArgumentParser) -> None:
+    """Let ``p`` read ``--dist -0.1,0.6,0.5`` as the flag's value (then refused as a value, by
+    name), not as an unknown option: argparse only does so for a lone negative number. ``p`` must
+    have no option that looks like a negative number."""
+    p._negative_number_matcher = _NEGATIVE

@@ -235,10 +235,10 @@ def _open_log(path: Path, ns: argparse.Namespace, command: str, logs: list[Recor
 def _specbench(ns: argparse.Namespace, out: Path, target: Any, draft: Any, qualifier: Any, max_new: int,
                lengths2: list[int] | None, lengths3: list[int] | None, regs: Any) -> int:
     """``pyramid bench --prompts question.jsonl``: the Spec-Bench run (``bench.run_specbench``)."""
-    import json
 
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.bench import run_specbench
+    from pyramid_core.lab.outputs import json_text
     from pyramid_core.lab.specbench import load_questions
 
     questions = load_questions(ns.prompts, per_group=1 if ns.quick else ns.per_group)
@@ -246,7 +246,7 @@ def _specbench(ns: argparse.Namespace, out: Path, target: Any, draft: Any, quali
                            lengths2=lengths2, lengths3=lengths3, tree=ns.tree, on_too_long=ns.on_too_long, regs=regs)
     md = result.to_markdown()
     (out / "specbench.md").write_text(md)
-    (out / "specbench.json").write_text(json.dumps({"baseline": result.baseline, "report": result.report,
+    (out / "specbench.json").write_text(json_text({"baseline": result.baseline, "report": result.report,
                                                     "skipped": list(result.skipped),
                                                     "answer_files": [str(f) for f in result.files]}, indent=2))
     print(md)

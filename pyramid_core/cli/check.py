@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from pyramid_core import plugins
+from pyramid_core.cli.argtypes import negative_numbers_are_values
 from pyramid_core.cli.common import int_at_least, pipeline_args, sampling, sampling_args
 from pyramid_core.errors import ConfigError
 from pyramid_core.registry import split_top
@@ -21,6 +21,7 @@ __all__ = ["configure"]
 def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--dist", action="append", metavar="P1,P2,...",
                    help="next-token distribution of a stage, smallest first, once per stage")
+    negative_numbers_are_values(p)  # "--dist -0.1,0.6,0.5" is a bad distribution, not an option
     pipeline_args(p, default_length="1")
     p.add_argument("--samples", type=int_at_least(1), default=20_000)
     p.add_argument("--new-tokens", type=int_at_least(1), default=1, metavar="N",
@@ -41,6 +42,7 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 
 def run(ns: argparse.Namespace) -> int:
     # lazy: scipy (seconds to import)
+    from pyramid_core.lab.outputs import json_text  # lazy: lab is kept out of CLI start-up
     from pyramid_core.testing.exactness import parse_dist, run_check
 
     if not ns.dist:
@@ -66,7 +68,7 @@ def run(ns: argparse.Namespace) -> int:
         out["one_minus_tv"] = one_minus_tv
         if chain is not None:
             out["chain"] = chain.as_dict()
-        print(json.dumps(out))
+        print(json_text(out))
         return 0
     shape = "chain" if not ns.tree else (
         f"tree draft ({ns.tree} candidates per position, {'with' if ns.replacement else 'without'} replacement, "
@@ -95,7 +97,10 @@ def run(ns: argparse.Namespace) -> int:
 
 def _compare(ns: argparse.Namespace, dists: list[list[float]], regs: Any) -> int:
     """``--compare``: every rule on the same tables, lengths, sampling and seed."""
-    from pyramid_core.lab.outputs import md_escape  # lazy: lab is kept out of CLI start-up
+    from pyramid_core.lab.outputs import (  # lazy: lab is kept out of CLI start-up
+        json_text,
+        md_escape,
+    )
     from pyramid_core.testing.exactness import run_check  # lazy: scipy (seconds to import)
 
     if ns.policy or ns.preset:
@@ -113,7 +118,7 @@ def _compare(ns: argparse.Namespace, dists: list[list[float]], regs: Any) -> int
                         length_schedule=ns.length_schedule, confidence_stop=ns.confidence_stop, regs=regs)
         results.append((rule, res, time.perf_counter() - t0))
     if ns.json:
-        print(json.dumps({"compare": [{"policy": rule, "elapsed_s": dt, **res.as_dict()} for rule, res, dt in results]}))
+        print(json_text({"compare": [{"policy": rule, "elapsed_s": dt, **res.as_dict()} for rule, res, dt in results]}))
         return 0
     first = results[0][1]
     shape = "chain" if not ns.tree else f"tree draft ({ns.tree} candidates per position)"

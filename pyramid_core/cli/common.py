@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyramid_core.build import PipelineSpec
-from pyramid_core.cli.argtypes import block_length, int_at_least
+from pyramid_core.cli.argtypes import block_length, int_at_least, seed_value
 from pyramid_core.errors import ConfigError
 from pyramid_core.options import ExecutionMode
 from pyramid_core.schedule import SCHEDULES
@@ -50,7 +50,8 @@ def sampling_args(p: argparse.ArgumentParser, default_temperature: float, *,
                    help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=_sampling_field("top_p"), default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     if seed:
-        g.add_argument("--seed", type=int, default=0, help="makes the run reproducible")
+        g.add_argument("--seed", type=seed_value, default=0,
+                       help="makes the run reproducible (an integer in [0, 2**63))")
     return g
 
 

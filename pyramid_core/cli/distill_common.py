@@ -12,17 +12,22 @@ from typing import Any
 
 import torch
 
+from pyramid_core.cli.argtypes import seed_below
 from pyramid_core.errors import ConfigError
 
 __all__ = ["common_args", "home", "check_outputs", "command_line", "load_target", "usable_device", "corpus_dir",
            "corpus_manifest"]
+
+# distillation derives per-epoch and per-try seeds as seed * 1_000_003 + i, which must stay below
+# 2**64 (what torch.manual_seed takes)
+DISTILL_SEED = seed_below(2**44)
 
 
 def common_args(p: argparse.ArgumentParser) -> None:
     """``--workdir``, ``--corpus``, ``--seed``, ``--smoke``, ``--quiet``, ``--device``."""
     p.add_argument("--workdir", metavar="DIR", help="folder for corpus, checkpoints and stages (default $PYRAMID_HOME/distill)")
     p.add_argument("--corpus", metavar="DIR", help="corpus folder (default WORKDIR/corpus)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=DISTILL_SEED, default=0, help="an integer in [0, 2**44)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run of every step, evaluation included (well under a minute on a CPU; what CI runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

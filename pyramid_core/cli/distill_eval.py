@@ -4,7 +4,6 @@ cost ratios; also the evaluation that ``distill all`` and ``distill feature --sh
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,14 +123,16 @@ def eval_markdown(result: dict[str, Any]) -> str:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from pyramid_core.lab.outputs import json_text  # lazy: lab is kept out of CLI start-up
+
     check_outputs(ns, out="file")
     eval_defaults(ns)
     specs = list(ns.stage) if ns.stage else list(default_chain(purpose="no --stage was given").stages)
     result = evaluate(specs, ns)
     if ns.json:
-        print(json.dumps(result, indent=2))
+        print(json_text(result, indent=2))
     else:
         print(eval_markdown(result))
     if ns.out:
-        Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(ns.out).write_text(json_text(result, indent=2) + "\n")
     return 0

@@ -74,6 +74,7 @@ def run(ns: argparse.Namespace) -> int:
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.distill.corpus import corpus_hash, load_corpus
     from pyramid_core.lab.distill.heads import train_feature_head
+    from pyramid_core.lab.outputs import json_text
 
     model, tokenizer = load_target(ns)
     folder = corpus_dir(ns)
@@ -96,7 +97,7 @@ def run(ns: argparse.Namespace) -> int:
     report = train_feature_head(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
                                 max_minutes=ns.max_minutes, autocast=not ns.no_autocast,
                                 corpus_sha256=manifest.get("sha256"), progress=not ns.quiet)
-    print(json.dumps(report, indent=2))
+    print(json_text(report, indent=2))
     if not report["finished"]:
         print(f"stopped after {report['steps']} steps (--max-minutes); run the same command to resume", file=sys.stderr)
         return 0

@@ -4,7 +4,6 @@ resumable checkpoints."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -86,9 +85,11 @@ def train_role(ns: argparse.Namespace, role: str, manifest: dict[str, Any]) -> d
 
 
 def run(ns: argparse.Namespace) -> int:
+    from pyramid_core.lab.outputs import json_text  # lazy: lab is kept out of CLI start-up
+
     check_outputs(ns, out="dir")
     report = train_role(ns, ns.role, corpus_manifest(ns))
-    print(json.dumps(report, indent=2))
+    print(json_text(report, indent=2))
     if not report["finished"]:
         print(f"stopped after {report['steps']} steps (--max-minutes); run the same command to resume", file=sys.stderr)
     return 0

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +49,7 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 
 def run(ns: argparse.Namespace) -> int:
     # lazy: lab/ stays out of CLI start-up
-    from pyramid_core.lab.outputs import output_file
+    from pyramid_core.lab.outputs import json_text, output_file
     from pyramid_core.lab.prompts import encode_prompt
 
     metrics_path = output_file(ns.metrics, "--metrics") if ns.metrics else None
@@ -88,11 +87,11 @@ def run(ns: argparse.Namespace) -> int:
     report: dict[str, Any] = {"stages": stage_specs, "metrics": m.as_dict(), "tokens": gen.token_list}
     rc = 0
     if metrics_path is not None:  # now: --compare may fail after this
-        metrics_path.write_text(json.dumps(report, indent=2))
+        metrics_path.write_text(json_text(report, indent=2))
     if ns.compare:
         report["hf_generate"], rc = _compare(pipe, ids, gen.token_list, m.tokens_per_s, ns)
         if metrics_path is not None:
-            metrics_path.write_text(json.dumps(report, indent=2))
+            metrics_path.write_text(json_text(report, indent=2))
     return rc
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ def run(ns: argparse.Namespace) -> int:
     """Measure T per candidate and alpha per pair here, then pick the chain (pyramid_core.lab.planner)."""
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.measure import measure_candidates
+    from pyramid_core.lab.outputs import json_text
     from pyramid_core.lab.planner import plan_chain
     from pyramid_core.lab.prompts import encode_prompt, load_prompts
 
@@ -81,7 +81,7 @@ def run(ns: argparse.Namespace) -> int:
                           *(["--device", ns.device] if ns.device else []),
                           *([] if ns.chat else ["--no-chat"]), "--prompt", "YOUR PROMPT"])
     if ns.json:
-        print(json.dumps({**plan.as_dict(), "command": command, "prompts": len(prompts),
+        print(json_text({**plan.as_dict(), "command": command, "prompts": len(prompts),
                           "new_tokens": ns.new_tokens, "measure_s": elapsed}))
         return 0
     print(plan.to_markdown())

@@ -4,7 +4,6 @@ measurement (``measure.measure_stage_costs``) the planner and the bench's "predi
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 
 import torch
@@ -37,7 +36,10 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
 def run(ns: argparse.Namespace) -> int:
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.measure import measure_stage_costs
-    from pyramid_core.lab.outputs import md_escape  # lazy: lab is kept out of CLI start-up
+    from pyramid_core.lab.outputs import (  # lazy: lab is kept out of CLI start-up
+        json_text,
+        md_escape,
+    )
 
     try:
         widths = [int(w) for w in ns.widths.split(",")]
@@ -61,7 +63,7 @@ def run(ns: argparse.Namespace) -> int:
     meta = {"context": ns.context, "repeats": ns.repeats, "threads": torch.get_num_threads(),
             "device": str(ns.device or "default"), "torch": torch.__version__}
     if ns.json:
-        print(json.dumps({"stages": rows, **meta}))
+        print(json_text({"stages": rows, **meta}))
         return 0
     head = "| stage | compiled | " + " | ".join(f"T({m}) ms" for m in widths) + " | " + \
            " | ".join(f"T({m})/T({widths[0]})" for m in widths[1:]) + " |"

@@ -16,6 +16,10 @@ the escaping of names written into Markdown reports.
   left by a run that ended without releasing it holds no lock and is taken over (``took_over``
   names that run) -- no guess from a pid that may have been reused, or that lives on another
   host. (Windows has no ``fcntl``: there the lock is not taken.)
+- ``json_text(value)``: strict JSON of a result -- a non-finite float (NaN, an infinity) is written
+  as ``null``, since ``NaN`` / ``Infinity`` are not JSON and strict parsers refuse them. Every
+  results file and ``--json`` / ``--metrics`` output goes through it (``RecordLog``, a resume log
+  read back only by this module, keeps Python's NaN so that a resumed record equals the original).
 - ``md_escape(text)``: a label, a stage spec, a note or any other string as literal Markdown
   text, safe inside a table cell; every writer of a Markdown report passes its names through it.
 """
@@ -23,12 +27,13 @@ the escaping of names written into Markdown reports.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,6 +46,25 @@ except ImportError:  # Windows
 from pyramid_core.errors import ConfigError
 
 __all__ = ["output_dir", "output_file", "RecordLog", "RunLock", "md_escape"]
+__all__ = ["output_dir", "output_file", "RecordLog", "md_escape", "json_text", "finite_or_null"]
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float, in mappings, lists and tuples at any depth, as ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def json_text(value: Any, *, indent: int | None = None, default: Callable[[Any], Any] | None = None) -> str:
+    """``json.dumps(value)`` as strict JSON: non-finite floats become ``null`` (module docstring);
+    ``default`` converts what JSON has no type for, as in ``json.dumps``."""
+    convert = None if default is None else (lambda obj: finite_or_null(default(obj)))
+    return json.dumps(finite_or_null(value), indent=indent, default=convert, allow_nan=False)
 
 # Markdown syntax anywhere in a line (a backslash escape works in CommonMark and Python-Markdown;
 # the tables extension adds ``\|``). Parentheses need no escape: they only make a link right

@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 
 from pyramid_core.errors import ConfigError
-from pyramid_core.lab.outputs import md_escape
+from pyramid_core.lab.outputs import json_text, md_escape
 
 __all__ = ["Question", "Answer", "GROUPS", "MT_BENCH", "is_specbench_file", "load_questions", "answer_questions",
            "write_answers", "group_report", "report_markdown", "Generate"]
@@ -192,7 +192,7 @@ def write_answers(path: str | Path, mid: str, answers: Sequence[Answer]) -> Path
                              "accept_lengths": a.accept_lengths}],
                 "tstamp": time.time(),
             }
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json_text(record) + "\n")
     return out
 
 

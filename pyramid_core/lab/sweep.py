@@ -9,7 +9,6 @@ fraction of positions that agree).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ import attrs
 from pyramid_core.build import PipelineSpec, resolve_preset
 from pyramid_core.errors import ConfigError
 from pyramid_core.lab.measure import target_nll
-from pyramid_core.lab.outputs import RecordLog
+from pyramid_core.lab.outputs import RecordLog, json_text
 from pyramid_core.lab.prompts import Prompt, encode_prompt
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
@@ -178,7 +177,7 @@ def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str
     out.mkdir(parents=True, exist_ok=True)
     rows = [attrs.asdict(p) for p in points]
     written = [out / "sweep.json", out / "sweep.csv"]
-    written[0].write_text(json.dumps({"title": title, "points": rows, "time": time.time()}, indent=2))
+    written[0].write_text(json_text({"title": title, "points": rows, "time": time.time()}, indent=2))
     with written[1].open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()

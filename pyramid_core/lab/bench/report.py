@@ -4,7 +4,6 @@ bench.json, bench.md and a bar plot)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import attrs
 
 from pyramid_core.backends.hf.baseline import HF_GENERATE
-from pyramid_core.lab.outputs import md_escape
+from pyramid_core.lab.outputs import json_text, md_escape
 
 __all__ = ["BenchRow", "BenchResult", "write_bench", "HF_BASELINE", "TARGET_ALONE"]
 
@@ -258,7 +257,7 @@ def write_bench(result: BenchResult, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "bench.json", out / "bench.md"]
-    written[0].write_text(json.dumps(result.as_dict(), indent=2, default=str))
+    written[0].write_text(json_text(result.as_dict(), indent=2, default=str))
     written[1].write_text(result.to_markdown())
     try:
         import matplotlib

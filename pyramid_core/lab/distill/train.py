@@ -14,7 +14,6 @@ steps and when the time budget runs out; the same command continues where it sto
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import statistics
 import time
@@ -35,6 +34,7 @@ from pyramid_core.backends.hf.student import (
 )
 from pyramid_core.errors import ConfigError
 from pyramid_core.lab.distill.corpus import TrainSequence
+from pyramid_core.lab.outputs import json_text
 
 __all__ = ["TrainConfig", "choose_sub_vocab", "train_student", "write_report"]
 
@@ -294,4 +294,4 @@ def train_student(target: Any, sequences: Sequence[TrainSequence], cfg: TrainCon
 
 
 def write_report(path: str | Path, payload: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    Path(path).write_text(json_text(payload, indent=2) + "\n")
