@@ -24,7 +24,7 @@ from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, VerifiesTr
 from pyramid_core.recipes import Chain, Preset
 from pyramid_core.registry import parse_spec
 from pyramid_core.types import SamplingConfig
-from pyramid_core.validate import check_block_lengths
+from pyramid_core.validate import check_block_lengths, policy_label
 
 __all__ = [
     "PipelineSpec",
@@ -267,7 +267,16 @@ class PipelineSpec:
                 extra["on_nonfinite"] = self.decode.on_nonfinite
             resolved[0] = regs.wrappers.create(self.tree, stage=resolved[0], sampling=self.decode.sampling,
                                                stop_ids=list(stop_ids), **extra)
-        return Pipeline.with_options(resolved, policies, lengths, attrs.evolve(self.decode, stop_ids=stop_ids))
+        names = [_policy_name(spec, policy, regs) for spec, policy in zip(policy_specs, policies, strict=True)]
+        return Pipeline.with_options(resolved, policies, lengths, attrs.evolve(self.decode, stop_ids=stop_ids), names)
+
+
+def _policy_name(spec: PolicyLike, policy: AcceptancePolicy, regs: Registries) -> str:
+    """How errors name a policy: its spec and plugin when it was named, else its label."""
+    if not isinstance(spec, str):
+        return policy_label(policy)
+    name = parse_spec(spec)[0]
+    return f"{spec!r} (from plugin {regs.policies.get(name).plugin!r})" if name in regs.policies else repr(spec)
 
 
 def _check_wrapper(tree: str, regs: Registries) -> None:
