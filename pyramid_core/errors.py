@@ -11,6 +11,7 @@ __all__ = [
     "StageOutputError",
     "NonFiniteError",
     "NonFiniteWarning",
+    "PluginWarning",
 ]
 
 
@@ -55,3 +56,8 @@ class NonFiniteError(StageOutputError, ArithmeticError):
 
 class NonFiniteWarning(RuntimeWarning):
     """A stage returned non-finite logits and the pipeline dropped them (``on_nonfinite="warn"``)."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin setting that does nothing (e.g. ``PYRAMID_CORE_DISABLE_PLUGINS`` naming no
+    installed plugin)."""

@@ -302,12 +302,12 @@ class EmittedMass:
     _who: list[tuple[int, str, str]] = attrs.field(init=False, factory=list)
 
     def check(self, row: Tensor, token: int, *, policy: str, boundary: str) -> None:
-        mass = row[token]
-        if not (row.device.type != "cpu" if self.defer is None else self.defer):
-            if not float(mass) > 0:
-                raise _no_mass(token, float(mass), policy, boundary)
+        if not (not row.is_cpu if self.defer is None else self.defer):
+            mass = float(row[token])  # ~2 us: the one tensor read of the check
+            if not mass > 0:
+                raise _no_mass(token, mass, policy, boundary)
             return
-        self._masses.append(mass.detach().clone())  # not a view: the round's rows can be freed
+        self._masses.append(row[token].detach().clone())  # not a view: the round's rows can be freed
         self._who.append((token, policy, boundary))
 
     def flush(self) -> None:
