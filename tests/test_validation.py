@@ -29,12 +29,17 @@ from pyramid_core import (
     make_stage,
 )
 from pyramid_core.backends.hf import HFStage
+from pyramid_core.hookspecs import hookimpl
 from pyramid_core.lab.latency.chain import predict_chain
 from pyramid_core.lab.planner import plan_chain
-from pyramid_core.hookspecs import hookimpl
 from pyramid_core.plugins import registries, registries_with
 from pyramid_core.testing import TableModel
-from pyramid_core.validate import EmittedMass, check_block_lengths, check_verdict, effective_block_lengths
+from pyramid_core.validate import (
+    EmittedMass,
+    check_block_lengths,
+    check_verdict,
+    effective_block_lengths,
+)
 from pyramid_plugins.exact import ExactPolicy
 from pyramid_plugins.tree import TreeProposer
 
