@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -19,12 +19,12 @@ from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
 from pyramid_core.options import DecodeOptions, ExecutionMode
 from pyramid_core.pipeline import Pipeline
-from pyramid_core.plugins import Registries, registries
+from pyramid_core.plugins import HOOKS, Registries, registries
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, VerifiesTrees, tokenizer_of
 from pyramid_core.recipes import Chain, Preset
-from pyramid_core.registry import parse_spec
+from pyramid_core.registry import Registry, parse_spec
 from pyramid_core.types import SamplingConfig
-from pyramid_core.validate import check_block_lengths
+from pyramid_core.validate import check_block_lengths, policy_label
 
 __all__ = [
     "PipelineSpec",
@@ -36,6 +36,8 @@ __all__ = [
     "default_chain",
     "DEFAULT_BLOCK_LENGTH",
 ]
+
+T = TypeVar("T")
 
 DEFAULT_BLOCK_LENGTH = 4
 """Block length per boundary when neither the lengths, a preset nor the default chain give one."""
@@ -63,14 +65,16 @@ def make_stage(spec: StageLike, *, regs: Registries | None = None, vocab_size: i
     if name in regs.proposers:
         if vocab_size is not None and regs.proposers.accepts(name, "vocab_size"):
             overrides.setdefault("vocab_size", vocab_size)
-        return regs.proposers.create(spec, **overrides)
+        return _made(regs.proposers, name, regs.proposers.create(spec, **overrides), Proposer,
+                    "a Proposer (an object with propose(context, n, rng) -> Block)")
     if name in regs.backends:
         if device:
             check_device(device)
             overrides["device"] = device
         if compile is not None and regs.backends.accepts(name, "compile") and "compile" not in parse_spec(spec)[1]:
             overrides["compile"] = compile
-        return regs.backends.create(spec, **overrides)
+        return _made(regs.backends, name, regs.backends.create(spec, **overrides), Stage,
+                    "a model Stage (vocab_size, device, score(context, block) -> logits)")
     if name in regs.wrappers:
         raise PluginError(f"{name!r} is a stage wrapper, not a stage: it wraps the bottom model stage of a "
                           f"pipeline; give it as the tree (build_pipeline(..., tree={spec!r}) / --tree {spec})")
@@ -81,6 +85,18 @@ def make_stage(spec: StageLike, *, regs: Registries | None = None, vocab_size: i
                       f"backends: {', '.join(regs.backends.names()) or 'none'})")
 
 
+def _made(registry: Registry[Any], name: str, value: T, kind: type, what: str) -> T:
+    """``value``, made by the factory registered as ``name``, if it is a ``kind``; else a
+    ``PluginError`` naming the plugin, its hook, what the factory returned and what it must."""
+    if isinstance(value, kind):
+        return value
+    reg = registry.get(name)
+    raise PluginError(
+        f"{registry.kind} {name!r} (from plugin {reg.plugin!r}, hook {HOOKS[registry.kind]}): its factory returned "
+        f"{type(value).__name__} {value!r:.80}; it must return {what}"
+    )
+
+
 def make_policy(spec: PolicyLike, *, regs: Registries | None = None) -> AcceptancePolicy:
     if not isinstance(spec, str):
         return spec
@@ -89,21 +105,22 @@ def make_policy(spec: PolicyLike, *, regs: Registries | None = None) -> Acceptan
 
 def resolve_preset(name: str, n_stages: int, *, regs: Registries | None = None) -> Preset:
     """The registered preset ``name`` instantiated for ``n_stages`` stages."""
-    entry = (regs or registries()).presets.get(name)
+    presets = (regs or registries()).presets
+    entry = presets.get(name)
     try:
-        return entry.factory(n_stages)
+        preset = entry.factory(n_stages)
     except ValueError as exc:
         raise ConfigError(f"preset {name!r} (from plugin {entry.plugin!r}): {exc}") from exc
+    return _made(presets, name, preset, Preset,
+                f"a pyramid_core.recipes.Preset(name, policies, block_lengths) for {n_stages} stages")
 
 
 def default_chain(regs: Registries | None = None, *, purpose: str = "no stages were given") -> Chain:
     """The chain a plugin declared the default (``register_chains(..., default=True)``)."""
     regs = regs or registries()
-    entry = regs.chains.get(regs.chains.default_name(purpose))
-    chain = entry.factory()
-    if not isinstance(chain, Chain):
-        raise PluginError(f"chain {entry.name!r} (from plugin {entry.plugin!r}) is not a pyramid_core.recipes.Chain")
-    return chain
+    name = regs.chains.default_name(purpose)
+    return _made(regs.chains, name, regs.chains.get(name).factory(), Chain,
+                "a pyramid_core.recipes.Chain(name, stages, block_lengths)")
 
 
 def check_same_tokenizer(stages: Sequence[object]) -> None:
@@ -265,9 +282,20 @@ class PipelineSpec:
             extra: dict[str, Any] = {}
             if regs.wrappers.accepts(parse_spec(self.tree)[0], "on_nonfinite"):
                 extra["on_nonfinite"] = self.decode.on_nonfinite
-            resolved[0] = regs.wrappers.create(self.tree, stage=resolved[0], sampling=self.decode.sampling,
-                                               stop_ids=list(stop_ids), **extra)
-        return Pipeline.with_options(resolved, policies, lengths, attrs.evolve(self.decode, stop_ids=stop_ids))
+            wrapped = regs.wrappers.create(self.tree, stage=resolved[0], sampling=self.decode.sampling,
+                                           stop_ids=list(stop_ids), **extra)
+            resolved[0] = _made(regs.wrappers, parse_spec(self.tree)[0], wrapped, Proposer,
+                               "a Proposer (an object with propose(context, n, rng) -> Block) wrapping the stage")
+        names = [_policy_name(spec, policy, regs) for spec, policy in zip(policy_specs, policies, strict=True)]
+        return Pipeline.with_options(resolved, policies, lengths, attrs.evolve(self.decode, stop_ids=stop_ids), names)
+
+
+def _policy_name(spec: PolicyLike, policy: AcceptancePolicy, regs: Registries) -> str:
+    """How errors name a policy: its spec and plugin when it was named, else its label."""
+    if not isinstance(spec, str):
+        return policy_label(policy)
+    name = parse_spec(spec)[0]
+    return f"{spec!r} (from plugin {regs.policies.get(name).plugin!r})" if name in regs.policies else repr(spec)
 
 
 def _check_wrapper(tree: str, regs: Registries) -> None:

@@ -6,10 +6,12 @@ __all__ = [
     "PyramidError",
     "ConfigError",
     "PluginError",
+    "PolicyOutputError",
     "TokenizerMismatchError",
     "StageOutputError",
     "NonFiniteError",
     "NonFiniteWarning",
+    "PluginWarning",
 ]
 
 
@@ -23,6 +25,21 @@ class ConfigError(PyramidError, ValueError):
 
 class PluginError(PyramidError, LookupError):
     """A plugin, or a name a plugin registers, is unknown, duplicated or broken."""
+
+
+class PolicyOutputError(PluginError):
+    """An acceptance policy's ``decide()`` returned a verdict the pipeline cannot use: accepted
+    indices that are not a prefix (or a root path of the tree), an emitted token outside the
+    vocabulary or without mass in its row, a row of the wrong width.
+
+    ``rule`` names the violated rule of the acceptance-policy contract (``prefix``,
+    ``tree-path``, ``token-range``, ``token-mass``, ``row``, ``verdict``) and ``detail`` says
+    what was returned and what would be valid, without naming the policy."""
+
+    def __init__(self, message: str, rule: str = "verdict", detail: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
+        self.detail = detail or message
 
 
 class TokenizerMismatchError(ConfigError):
@@ -39,3 +56,8 @@ class NonFiniteError(StageOutputError, ArithmeticError):
 
 class NonFiniteWarning(RuntimeWarning):
     """A stage returned non-finite logits and the pipeline dropped them (``on_nonfinite="warn"``)."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin setting that does nothing (e.g. ``PYRAMID_CORE_DISABLE_PLUGINS`` naming no
+    installed plugin)."""

@@ -37,11 +37,14 @@ from pyramid_core.rng import Rng, check_seed
 from pyramid_core.schedule import LengthSchedule, make_schedule
 from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats
 from pyramid_core.validate import (
+    EmittedMass,
     NonFiniteMode,
     check_block_lengths,
     check_fits,
     check_prompt,
+    check_verdict,
     context_length,
+    policy_label,
     score_checked,
 )
 
@@ -122,7 +125,11 @@ class AutoregressiveProposer:
 
 @attrs.define(eq=False)
 class SpeculativeProposer:
-    """propose(k, n) for k >= 2: exact samples of ``verifier``'s model when ``policy`` is exact."""
+    """propose(k, n) for k >= 2: exact samples of ``verifier``'s model when ``policy`` is exact.
+
+    Every verdict is checked where it enters (``validate.check_verdict``; the emitted token's
+    mass through ``masses``); errors name the policy by ``policy_name`` (default: its label) and
+    the ``boundary`` ``"k -> k+1"``."""
 
     lower: Proposer
     verifier: Verifier
@@ -130,6 +137,13 @@ class SpeculativeProposer:
     schedule: LengthSchedule
     stats: BoundaryStats
     stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
+    policy_name: str = ""
+    boundary: str = ""
+    masses: EmittedMass = attrs.field(factory=EmittedMass)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.policy_name:
+            self.policy_name = policy_label(self.policy)
 
     def round(self, context: Tensor, budget: int, rng: Rng) -> Block:
         """One verification: a block from below, one forward of this stage, one verdict.
@@ -137,16 +151,18 @@ class SpeculativeProposer:
         block = self.lower.propose(context, min(self.schedule.length(), budget), rng)
         p = self.verifier.verify(context, block)
         verdict = self.policy.decide(block, p, rng)
-        accepted = list(verdict.accepted)
+        accepted, token = check_verdict(verdict, block, int(p.shape[-1]), policy=self.policy_name,
+                                        boundary=self.boundary)
+        self.masses.check(verdict.row, token, policy=self.policy_name, boundary=self.boundary)
         if block.tree is None:
             self.stats.record(len(block), verdict.n_accepted)
             self.schedule.update(len(block), verdict.n_accepted)
-            row_index = accepted  # chain: node i was drawn from row i
+            row_index = list(accepted)  # chain: node i was drawn from row i
         else:
             self.stats.record_tree(len(block), block.tree.depth, verdict.n_accepted)
             self.schedule.update(block.tree.depth, verdict.n_accepted)
             row_index = [block.tree.parents[i] + 1 for i in accepted]
-        tokens = torch.cat([block.tokens[accepted].to(p.device), p.new_tensor([verdict.token], dtype=torch.long)])
+        tokens = torch.cat([block.tokens[list(accepted)].to(p.device), p.new_tensor([token], dtype=torch.long)])
         rows = torch.cat([p[row_index], verdict.row.unsqueeze(0)])
         return Block(tokens, rows)
 
@@ -245,6 +261,9 @@ class Pipeline:
     a larger lower length could never take effect). ``on_nonfinite``: what a NaN or +inf logit
     from a stage does -- ``"raise"`` a ``NonFiniteError`` naming the stage and the position, or
     ``"warn"`` and give those entries zero probability (for probing broken models).
+    ``policy_names``: how errors name the policies (e.g. their specs; default: their labels).
+    Every verdict is checked as it enters the recursion (``SpeculativeProposer``): a bad one
+    raises ``PolicyOutputError`` naming the policy and the boundary.
     """
 
     stages: Sequence[Stage | Proposer]
@@ -255,6 +274,7 @@ class Pipeline:
     length_schedule: str = "fixed"
     confidence_stop: float = 0.0
     on_nonfinite: NonFiniteMode = "raise"
+    policy_names: Sequence[str] = ()
     decode: DecodeOptions = attrs.field(init=False)
     _bottom_is_stage: bool = attrs.field(init=False, default=False)
     _resettable: list[Resettable] = attrs.field(init=False, factory=list)
@@ -263,10 +283,11 @@ class Pipeline:
 
     @classmethod
     def with_options(cls, stages: Sequence[Stage | Proposer], policies: Sequence[AcceptancePolicy],
-                     block_lengths: Sequence[int], decode: DecodeOptions) -> Pipeline:
+                     block_lengths: Sequence[int], decode: DecodeOptions,
+                     policy_names: Sequence[str] = ()) -> Pipeline:
         """A pipeline decoding with ``decode`` (its ``stop_ids`` ``None`` means none)."""
         return cls(stages, policies, block_lengths, decode.sampling, list(decode.stop_ids or ()),
-                   decode.length_schedule, decode.confidence_stop, decode.on_nonfinite)
+                   decode.length_schedule, decode.confidence_stop, decode.on_nonfinite, policy_names)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.stages)
@@ -303,6 +324,8 @@ class Pipeline:
         for k, policy in enumerate(self.policies):
             if not isinstance(policy, AcceptancePolicy):
                 raise ConfigError(f"policy at boundary {k + 1} -> {k + 2} ({policy!r}) has no decide() method")
+        if self.policy_names and len(self.policy_names) != n - 1:
+            raise ConfigError(f"{n} stages need {n - 1} policy names (one per boundary), got {len(self.policy_names)}")
         # model stages always declare a vocabulary; a proposer may (ngram does: its one-hot rows)
         declared = [(i, s, int(s.vocab_size or 0)) for i, s in enumerate(self.stages) if isinstance(s, HasVocabulary)]
         declared = [(i, s, v) for i, s, v in declared if v > 0]
@@ -321,8 +344,11 @@ class Pipeline:
     def target(self) -> Stage:
         return self.stages[-1]  # type: ignore[return-value]
 
-    def build(self) -> tuple[Proposer, Metrics]:
-        """Fold the stages into the recursion: propose(1) <- propose(2) <- ... <- propose(N)."""
+    def build(self, masses: EmittedMass | None = None) -> tuple[Proposer, Metrics]:
+        """Fold the stages into the recursion: propose(1) <- propose(2) <- ... <- propose(N).
+        ``masses`` checks the emitted tokens' mass (``generate`` flushes it; by default a new
+        one, which checks rows on the CPU at once -- call its ``flush`` for accelerator rows)."""
+        masses = masses if masses is not None else EmittedMass()
         stop = torch.tensor(list(self.stop_ids), dtype=torch.long)
         stage_stats = [StageStats(_stage_name(s, i)) for i, s in enumerate(self.stages)]
         bottom = self.stages[0]
@@ -340,7 +366,10 @@ class Pipeline:
             boundaries.append(stats)
             verifier = StageVerifier(self.stages[k], self.sampling, stage_stats[k], self.on_nonfinite)  # type: ignore[arg-type]
             schedule = make_schedule(self.length_schedule, self.block_lengths[k - 1])
-            proposer = SpeculativeProposer(proposer, verifier, self.policies[k - 1], schedule, stats, stop)
+            policy = self.policies[k - 1]
+            name = self.policy_names[k - 1] if self.policy_names else policy_label(policy)
+            proposer = SpeculativeProposer(proposer, verifier, policy, schedule, stats, stop, name, f"{k} -> {k + 1}",
+                                           masses)
         return proposer, Metrics(boundaries, stage_stats)
 
     def generate(
@@ -360,13 +389,19 @@ class Pipeline:
         self._features.connect()
         for s in self._resettable:
             s.reset()
-        proposer, metrics = self.build()
+        masses = EmittedMass()
+        proposer, metrics = self.build(masses)
         rng = Rng(seed)
         t0 = time.perf_counter()
         if max_new_tokens == 0:
             out = context.new_empty(0)
         else:
-            out = proposer.propose(context, max_new_tokens, rng).tokens
+            try:
+                out = proposer.propose(context, max_new_tokens, rng).tokens
+            except Exception:
+                masses.flush()  # a token without mass may be what broke the round above
+                raise
+            masses.flush()
         metrics.wall_s = time.perf_counter() - t0
         metrics.new_tokens = int(out.numel())
         return Generation(out, metrics)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ import attrs
 import pluggy
 
 from pyramid_core import hookspecs
-from pyramid_core.errors import PluginError
+from pyramid_core.errors import PluginError, PluginWarning
 from pyramid_core.protocols import AcceptancePolicy, Divergence, Proposer, Stage
 from pyramid_core.recipes import Chain, Preset
 from pyramid_core.registry import Nested, Registry
@@ -89,7 +90,12 @@ def _new_manager(extra: tuple[object, ...] = ()) -> tuple[pluggy.PluginManager, 
         pm.set_blocked(name)
     dists: dict[str, tuple[str, str]] = {}
     seen: dict[str, str] = {}
-    for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+    points = importlib.metadata.entry_points(group=hookspecs.PROJECT)
+    known = sorted({ep.name for ep in points})
+    for name in sorted(blocked - set(known)):
+        warnings.warn(f"{DISABLE_ENV} names {name!r}, but no installed plugin has that name, so it disables "
+                      f"nothing; installed plugins: {', '.join(known) or 'none'}", PluginWarning, stacklevel=2)
+    for ep in points:
         if ep.name in blocked:
             continue
         dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"

@@ -1,5 +1,6 @@
 """Checks at the edges of the pipeline: block lengths that can take effect, prompts, the context
-limit, and the logits a stage returns -- each error names the culprit and what would be valid.
+limit, the logits a stage returns and the verdicts a policy returns -- each error names the
+culprit and what would be valid.
 
 Block lengths ([what enters the
 recursion](../../algorithms.md#what-enters-the-recursion-is-checked)): stage k+1 is asked for at
@@ -14,25 +15,41 @@ row is bad if it holds NaN or +inf, or no finite logit at all (-inf entries alon
 tokens with zero probability, as ``TableModel`` gives for zeros in its table). On CUDA the read
 waits for the forward, which the pipeline waits for right after anyway (the verifier's timing
 sync, the proposer's sampled token), so it moves that wait earlier rather than adding one.
+
+Verdicts (``check_verdict``, every round; the conformance kit's contract check calls the same
+function): host-side checks only, O(accepted) -- the accepted indices, the emitted token's id, the
+row's width. The emitted token's mass in the returned row needs one element of the row: on the
+CPU it is read at once; on an accelerator ``EmittedMass`` keeps a copy of that element on the
+device and reads all of them with one host read at the end of the generation (or when the
+generation fails), so no round waits for the device more than it already does.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import attrs
 import torch
 from torch import Tensor
 
-from pyramid_core.errors import ConfigError, NonFiniteError, NonFiniteWarning, StageOutputError
+from pyramid_core.errors import (
+    ConfigError,
+    NonFiniteError,
+    NonFiniteWarning,
+    PolicyOutputError,
+    StageOutputError,
+)
 from pyramid_core.protocols import HasContextLength, Stage
-from pyramid_core.types import Block
+from pyramid_core.types import Block, Verdict
 
 __all__ = [
+    "EmittedMass",
     "NONFINITE_MODES",
     "NonFiniteMode",
     "check_block_lengths",
@@ -40,6 +57,8 @@ __all__ = [
     "check_nonfinite_mode",
     "check_prompt",
     "context_length",
+    "check_verdict",
+    "policy_label",
     "effective_block_lengths",
     "score_checked",
 ]
@@ -209,3 +228,113 @@ def score_checked(stage: Stage, context: Tensor, block: Block | None, *, name: s
     if bool(finite.all()):  # only -inf entries: zero-probability tokens
         return logits
     return _nonfinite(logits, finite, name, len(context), block, mode)
+
+
+def policy_label(policy: object) -> str:
+    """A name for messages: a spec string, the policy's ``name`` attribute, or its repr (its
+    class name when the repr is the default ``<... at 0x...>``)."""
+    if isinstance(policy, str):
+        return repr(policy)
+    name = getattr(policy, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    text = repr(policy)
+    return type(policy).__qualname__ if text.startswith("<") else text
+
+
+def _bad_verdict(rule: str, detail: str, policy: str, boundary: str) -> PolicyOutputError:
+    where = f" at boundary {boundary}" if boundary else ""
+    return PolicyOutputError(f"policy {policy}{where} returned {detail}", rule, detail)
+
+
+def check_verdict(verdict: object, block: Block, vocab: int, *, policy: str,
+                  boundary: str = "") -> tuple[tuple[int, ...], int]:
+    """``(accepted, token)`` of a policy's verdict on ``block``, as Python ints, after the
+    host-side rules of the acceptance-policy contract (``pyramid_core.testing.contract``):
+
+    ``verdict``      it is a ``Verdict``;
+    ``prefix``       for a chain of n tokens, ``accepted`` is ``(0, 1, ..., j-1)``, 0 <= j <= n;
+    ``tree-path``    for a tree, ``accepted`` is a root-to-node path (``block.tree.parents``);
+    ``token-range``  the emitted token is an integer id in ``[0, vocab)``;
+    ``row``          ``row`` is a 1-D tensor of ``vocab`` entries.
+
+    O(len(accepted)), no device access. A violation raises ``PolicyOutputError`` naming
+    ``policy`` (a label, see ``policy_label``), the ``boundary`` (``"k -> k+1"``; empty offline),
+    what was returned and what would be valid; its ``rule`` and ``detail`` name the rule."""
+    if not isinstance(verdict, Verdict):
+        raise _bad_verdict("verdict", f"{type(verdict).__name__} ({verdict!r:.80}) from decide(), not a "
+                           "pyramid_core.Verdict(accepted, token, row)", policy, boundary)
+    n = len(block)
+    try:
+        accepted = tuple(operator.index(a) for a in verdict.accepted)
+    except TypeError:
+        raise _bad_verdict("prefix", f"accepted={verdict.accepted!r:.80}, not a sequence of integer indices into "
+                           f"the block of {n} tokens", policy, boundary) from None
+    tree = block.tree
+    if tree is None:
+        if len(accepted) > n or accepted != tuple(range(len(accepted))):
+            raise _bad_verdict("prefix", f"accepted={accepted} for a chain of {n} tokens; it must be (0, 1, ..., j-1) "
+                               f"for some 0 <= j <= {n} -- a policy accepts a prefix and emits one token after it",
+                               policy, boundary)
+    else:
+        parents = tree.parents
+        previous = -1
+        for a in accepted:
+            if not 0 <= a < n or parents[a] != previous:
+                below = "the context" if previous < 0 else f"node {previous}"
+                raise _bad_verdict("tree-path", f"accepted={accepted}, not a root-to-node path of the tree with "
+                                   f"parents {list(parents)}: node {a} does not hang below {below}",
+                                   policy, boundary)
+            previous = a
+    try:
+        token = operator.index(verdict.token)
+    except TypeError:
+        raise _bad_verdict("token-range", f"token={verdict.token!r:.80}, not an integer token id in [0, {vocab})",
+                           policy, boundary) from None
+    if not 0 <= token < vocab:
+        raise _bad_verdict("token-range", f"token={token}, outside the vocabulary [0, {vocab})", policy, boundary)
+    row = verdict.row
+    if not isinstance(row, Tensor) or row.dim() != 1 or row.shape[0] != vocab:
+        shape = f"shape {tuple(row.shape)}" if isinstance(row, Tensor) else type(row).__name__
+        raise _bad_verdict("row", f"a row of {shape}; the row must be a Float[Tensor, 'vocab'] of size {vocab}: the "
+                           "verifier's full row at the emitted position", policy, boundary)
+    return accepted, token
+
+
+def _no_mass(token: int, mass: float, policy: str, boundary: str) -> PolicyOutputError:
+    return _bad_verdict("token-mass", f"token={token}, which has probability {mass:g} in the row it returned; "
+                        "the emitted token must be one the verifier can produce (a draw from that row, or from "
+                        "the residual at a rejection)", policy, boundary)
+
+
+@attrs.define(eq=False)
+class EmittedMass:
+    """Checks that each emitted token has positive mass in the row its verdict returns
+    (rule ``token-mass``). A row on the CPU is checked at once; on an accelerator the element
+    is kept on the device and ``flush()`` checks them all with one host read (module
+    docstring). ``defer`` forces either behaviour (``None``: by the row's device)."""
+
+    defer: bool | None = None
+    _masses: list[Tensor] = attrs.field(init=False, factory=list)
+    _who: list[tuple[int, str, str]] = attrs.field(init=False, factory=list)
+
+    def check(self, row: Tensor, token: int, *, policy: str, boundary: str) -> None:
+        if not (not row.is_cpu if self.defer is None else self.defer):
+            mass = float(row[token])  # ~2 us: the one tensor read of the check
+            if not mass > 0:
+                raise _no_mass(token, mass, policy, boundary)
+            return
+        self._masses.append(row[token].detach().clone())  # not a view: the round's rows can be freed
+        self._who.append((token, policy, boundary))
+
+    def flush(self) -> None:
+        """Check what ``check`` deferred (one host read) and forget it."""
+        if not self._masses:
+            return
+        masses = torch.stack([m.to(self._masses[0].device) for m in self._masses]).float()
+        who, self._masses, self._who = self._who, [], []
+        bad = ~(masses > 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            token, policy, boundary = who[i]
+            raise _no_mass(token, float(masses[i]), policy, boundary)

@@ -16,9 +16,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from pyramid_core import Block, Rng, SamplingConfig, Verdict
+from pyramid_core import Block, ConfigError, Rng, SamplingConfig, Verdict
 from pyramid_core.testing import (
     DEFAULT_TABLES,
+    TableModel,
     check_policy_contract,
     check_policy_lossless,
     contract_cases,
@@ -96,6 +97,31 @@ class CorrectFromP:
         v = ExactPolicy().decide(block, p, rng)
         j = v.n_accepted
         return Verdict(v.accepted, rng.categorical(p[j]), p[j])
+
+
+@attrs.frozen
+class BonusFromPreviousRow:
+    """Exact, but the bonus token is drawn from the row of the last accepted position, p[n-1],
+    instead of p[n]: invisible to tables that ignore the context."""
+
+    def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
+        v = ExactPolicy().decide(block, p, rng)
+        n = len(block)
+        if v.n_accepted == n and n > 0:
+            return Verdict(v.accepted, rng.categorical(p[n - 1]), p[n])
+        return v
+
+
+@attrs.frozen
+class CorrectFromPreviousResidual:
+    """Exact, but a correction at position j >= 1 is drawn from the residual of position j-1."""
+
+    def decide(self, block: Block, p: Tensor, rng: Rng) -> Verdict:
+        v = ExactPolicy().decide(block, p, rng)
+        j = v.n_accepted
+        if 0 < j < len(block):
+            return Verdict(v.accepted, rng.categorical(residual(p[j - 1], block.rows[j - 1])), p[j])
+        return v
 
 
 # ------------------------------------------------------------------ the cases themselves
@@ -233,3 +259,29 @@ def test_bad_arguments_are_reported() -> None:
         check_policy_contract(ExactPolicy(), vocab=1)
     with pytest.raises(AssertionError, match="has no decide"):
         check_policy_contract(object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("policy", [BonusFromPreviousRow(), CorrectFromPreviousResidual()],
+                         ids=lambda v: type(v).__name__)
+def test_a_rule_using_the_wrong_positions_row_fails_the_lossless_check(policy: object) -> None:
+    """Negative controls for the context-dependent tables: the first default case, block lengths
+    (1, 3), 200 runs x 4 tokens per check (800 transitions), family-wise alpha 1e-3. With rows
+    that depend on the token before them both rules are rejected (seeded: p < 1e-18, TV of the
+    transitions >= 0.09); with the same row after any context (``markov=False``, the check as it
+    was) every row is the same and both pass (p > 0.2)."""
+    with pytest.raises(AssertionError, match=rf"{type(policy).__name__}\(\) is not lossless"):
+        check_policy_lossless(policy, tables=DEFAULT_TABLES[:1], samples=200)  # type: ignore[arg-type]
+    blind = check_policy_lossless(policy, tables=DEFAULT_TABLES[:1], samples=200, markov=False)  # type: ignore[arg-type]
+    assert blind.lossless
+
+
+def test_a_table_by_last_token_gives_each_position_its_row() -> None:
+    table = TableModel([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
+    assert table.vocab_size == 3
+    rows = table.score(torch.tensor([0, 2]), Block(torch.tensor([1, 1]), torch.full((2, 3), 1 / 3))).exp()
+    assert torch.allclose(rows, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.5, 0.5]]))
+    tree = Block(torch.tensor([0, 1, 2]), torch.full((3, 3), 1 / 3), torch.tensor([-1, -1, 0]))
+    rows = table.score(torch.tensor([1]), tree).exp()  # after the context, then after each node's token
+    assert torch.allclose(rows, torch.tensor([[0.0, 0.5, 0.5], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]))
+    with pytest.raises(ConfigError, match=r"row 1 \(after token 1\): probabilities must sum to 1"):
+        TableModel([[0.5, 0.5], [0.5, 0.4]])

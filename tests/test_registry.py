@@ -14,6 +14,8 @@ import attrs
 import pytest
 
 from pyramid_core import ConfigError, PluginError, build_pipeline, hookspecs, make_policy
+from pyramid_core.build import default_chain
+from pyramid_core.errors import PluginWarning
 from pyramid_core.hookspecs import hookimpl
 from pyramid_core.plugins import DISABLE_ENV, registries, registries_with, reload_plugins
 from pyramid_core.registry import Registry, parse_spec
@@ -348,3 +350,69 @@ def test_the_documentation_check_catches_an_undocumented_hook() -> None:
     fake.register_policies = hookspecs.register_policies  # type: ignore[attr-defined]
     guide = (ROOT / "docs" / "plugins.md").read_text()
     assert undocumented_hooks(fake, guide) == ["register_gadgets", "register_widgets"]
+
+
+# ----------------------------------------------------------------------------------------------
+# plugins whose factories return the wrong thing
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_preset_factory_returning_a_string_is_named() -> None:
+    """Before: AttributeError ('str' object has no attribute 'policies')."""
+    def register_presets(register: Any) -> None:
+        register("stringy", lambda n_stages: "exact,exact")
+
+    regs = registries_with(plugin_module("bad_preset", register_presets=register_presets))
+    with pytest.raises(PluginError, match=r"^preset 'stringy' \(from plugin 'bad_preset', hook register_presets\): "
+                                          r"its factory returned str 'exact,exact'; it must return a "
+                                          r"pyramid_core.recipes.Preset\(name, policies, block_lengths\) for 3 stages"):
+        build_pipeline([TableModel([0.5, 0.5])] * 3, preset="stringy", regs=regs)
+
+
+def test_a_backend_returning_a_plain_object_is_named() -> None:
+    """Before: 'the target ... must be a model stage, not a proposer'."""
+    def register_backends(register: Any) -> None:
+        register("hollow", lambda: object())
+
+    regs = registries_with(plugin_module("bad_backend", register_backends=register_backends))
+    with pytest.raises(PluginError, match=r"^backend 'hollow' \(from plugin 'bad_backend', hook register_backends\): "
+                                          r"its factory returned object <object object at .*>; it must return a "
+                                          r"model Stage \(vocab_size, device, score\(context, block\) -> logits\)"):
+        build_pipeline([TableModel([0.5, 0.5]), "hollow"], regs=regs)
+
+
+def test_a_proposer_returning_garbage_is_named() -> None:
+    def register_proposers(register: Any) -> None:
+        register("none-proposer", lambda: None)
+
+    regs = registries_with(plugin_module("bad_proposer", register_proposers=register_proposers))
+    with pytest.raises(PluginError, match=r"^proposer 'none-proposer' \(from plugin 'bad_proposer', hook "
+                                          r"register_proposers\): its factory returned NoneType None; it must "
+                                          r"return a Proposer"):
+        build_pipeline(["none-proposer", TableModel([0.5, 0.5])], block_lengths=[2], regs=regs)
+
+
+def test_a_default_chain_returning_garbage_is_named(clean_plugins: pytest.MonkeyPatch) -> None:
+    clean_plugins.setenv(DISABLE_ENV, "hf")  # the built-in default chain
+    reload_plugins()
+
+    def register_chains(register: Any) -> None:
+        register("mine", lambda: ["draft", "target"], default=True)
+
+    regs = registries_with(plugin_module("bad_chain", register_chains=register_chains))
+    with pytest.raises(PluginError, match=r"^chain 'mine' \(from plugin 'bad_chain', hook register_chains\): its "
+                                          r"factory returned list \['draft', 'target'\]; it must return a "
+                                          r"pyramid_core.recipes.Chain\(name, stages, block_lengths\)"):
+        default_chain(regs)
+
+
+def test_disabling_a_plugin_that_does_not_exist_warns_with_the_known_names(clean_plugins: pytest.MonkeyPatch) -> None:
+    """Before: silently ignored."""
+    clean_plugins.setenv(DISABLE_ENV, "ngram,ngarm")
+    reload_plugins()
+    with pytest.warns(PluginWarning, match=r"PYRAMID_CORE_DISABLE_PLUGINS names 'ngarm', but no installed plugin has "
+                                           r"that name, so it disables nothing; installed plugins: .*\bexact\b.*"
+                                           r"\bngram\b") as record:
+        regs = registries()
+    assert len(record) == 1  # 'ngram' exists: no warning for it
+    assert "ngram" not in regs.proposers

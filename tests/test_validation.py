@@ -5,35 +5,55 @@ prompts, the context limit, stage wrappers and devices -- all before any work or
 from __future__ import annotations
 
 import random
+import types
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import pytest
 import stats  # noqa: F401  (one torch thread)
 import torch
 
 from pyramid_core import (
+    Block,
     ConfigError,
     Pipeline,
     PipelineSpec,
     PluginError,
+    PolicyOutputError,
+    Rng,
     SamplingConfig,
+    Verdict,
     build_pipeline,
     make_stage,
 )
 from pyramid_core.backends.hf import HFStage
+from pyramid_core.hookspecs import hookimpl
 from pyramid_core.lab.latency.chain import predict_chain
 from pyramid_core.lab.planner import plan_chain
-from pyramid_core.plugins import registries
+from pyramid_core.plugins import registries, registries_with
 from pyramid_core.testing import TableModel
-from pyramid_core.validate import check_block_lengths, effective_block_lengths
+from pyramid_core.validate import (
+    EmittedMass,
+    check_block_lengths,
+    check_verdict,
+    effective_block_lengths,
+)
 from pyramid_plugins.exact import ExactPolicy
 from pyramid_plugins.tree import TreeProposer
 
 ROOT = Path(__file__).resolve().parents[1]
 P = [0.1, 0.2, 0.3, 0.4]
 Q = [0.4, 0.3, 0.2, 0.1]
+
+
+def plugin_module(name: str, **hooks: Any) -> types.ModuleType:
+    """A plugin object as pluggy sees a module: named functions marked ``@hookimpl``."""
+    mod = types.ModuleType(name)
+    for hook, fn in hooks.items():
+        setattr(mod, hook, hookimpl(fn))
+    return mod
 
 
 def tables(n: int, vocab: int = 4) -> list[TableModel]:
@@ -322,3 +342,96 @@ def test_stop_ids_outside_the_vocabulary_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"stop_ids holds 99"):
         Pipeline(tables(1, 64), stop_ids=[99])
     assert Pipeline(tables(1, 64), stop_ids=[63]).decode.stop_ids == (63,)
+
+
+# ----------------------------------------------------------------------------------------------
+# verdicts: checked where a policy's decide() result enters the recursion
+# ----------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Returns:
+    """A policy whose verdict is ``make(block, p)``."""
+
+    make: Any
+
+    def decide(self, block: Block, p: torch.Tensor, rng: Rng) -> Any:
+        return self.make(block, p)
+
+
+@pytest.mark.parametrize(
+    ("make", "rule", "words"),
+    [
+        (lambda b, p: Verdict((), 99, p[0]), "token-range", "token=99, outside the vocabulary [0, 4)"),
+        (lambda b, p: Verdict((), -3, p[0]), "token-range", "token=-3, outside the vocabulary [0, 4)"),
+        (lambda b, p: Verdict((), 1.5, p[0]), "token-range", "token=1.5, not an integer token id"),
+        (lambda b, p: Verdict(tuple(range(len(b) + 2)), 0, p[0]), "prefix",
+         "accepted=(0, 1, 2, 3, 4) for a chain of 3 tokens; it must be (0, 1, ..., j-1) for some 0 <= j <= 3"),
+        (lambda b, p: Verdict((1,), 0, p[0]), "prefix", "accepted=(1,) for a chain of 3 tokens"),
+        (lambda b, p: Verdict(None, 0, p[0]), "prefix", "accepted=None, not a sequence of integer indices"),
+        (lambda b, p: None, "verdict", "NoneType (None) from decide(), not a pyramid_core.Verdict"),
+        (lambda b, p: ((), 0, p[0]), "verdict", "tuple"),
+        (lambda b, p: Verdict((), 0, p), "row", "a row of shape (4, 4); the row must be a Float[Tensor, 'vocab'] of size 4"),
+        (lambda b, p: Verdict((), 0, p[0, :3]), "row", "of size 4"),
+        (lambda b, p: Verdict((), 1, torch.tensor([0.5, 0.0, 0.5, 0.0])), "token-mass",
+         "token=1, which has probability 0 in the row it returned"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_bad_verdict_is_refused_naming_policy_boundary_and_what_is_valid(make: Any, rule: str, words: str) -> None:
+    """Before: token 99 was emitted as is, -3 counted as a token, the rest ended in IndexError or
+    AttributeError deep in the pipeline."""
+    pipe = Pipeline(tables(3), [ExactPolicy(), Returns(make)], [3, 3])
+    with pytest.raises(PolicyOutputError) as info:
+        pipe.generate([0], 5, seed=0)
+    assert info.value.rule == rule
+    message = str(info.value)
+    assert message.startswith("policy Returns(make=<function") and " at boundary 2 -> 3 returned " in message
+    assert words in message, message
+
+
+def test_a_bad_verdict_names_the_registered_policy_and_its_plugin() -> None:
+    def register_policies(register: Any) -> None:
+        register("ninety-nine", lambda: Returns(lambda b, p: Verdict((), 99, p[0])))
+
+    regs = registries_with(plugin_module("bad_verdicts", register_policies=register_policies))
+    pipe = build_pipeline(tables(2), ["ninety-nine"], [2], regs=regs)
+    with pytest.raises(PolicyOutputError, match=r"^policy 'ninety-nine' \(from plugin 'bad_verdicts'\) at boundary "
+                                                 r"1 -> 2 returned token=99, outside the vocabulary \[0, 4\)"):
+        pipe.generate([0], 5, seed=0)
+
+
+def test_a_tree_verdict_must_be_a_root_path() -> None:
+    block = Block(torch.tensor([1, 2, 3]), torch.full((3, 4), 0.25), torch.tensor([-1, -1, 0]))
+    p = torch.full((4, 4), 0.25)
+    assert check_verdict(Verdict((0, 2), 1, p[3]), block, 4, policy="x") == ((0, 2), 1)
+    assert check_verdict(Verdict((1,), 1, p[2]), block, 4, policy="x") == ((1,), 1)
+    with pytest.raises(PolicyOutputError, match=r"policy x at boundary 1 -> 2 returned accepted=\(1, 2\), not a "
+                                                r"root-to-node path of the tree with parents \[-1, -1, 0\]: node 2 does "
+                                                r"not hang below node 1"):
+        check_verdict(Verdict((1, 2), 1, p[3]), block, 4, policy="x", boundary="1 -> 2")
+    with pytest.raises(PolicyOutputError, match=r"node 2 does not hang below the context"):
+        check_verdict(Verdict((2,), 1, p[3]), block, 4, policy="x")
+
+
+def test_emitted_mass_on_an_accelerator_is_checked_once_at_the_end() -> None:
+    """The deferred path (rows on an accelerator) exercised on the CPU: nothing is read per
+    round, one read at ``flush`` names the first bad round's policy, boundary and token."""
+    masses = EmittedMass(defer=True)
+    row = torch.tensor([0.5, 0.0, 0.5, 0.0])
+    masses.check(row, 0, policy="a", boundary="1 -> 2")
+    masses.check(row, 3, policy="b", boundary="2 -> 3")
+    masses.check(row, 1, policy="c", boundary="1 -> 2")
+    row.zero_()  # the copies are values, not views of the row
+    with pytest.raises(PolicyOutputError, match=r"^policy b at boundary 2 -> 3 returned token=3, which has "
+                                                r"probability 0 in the row it returned"):
+        masses.flush()
+    masses.flush()  # forgotten after the read
+    masses.check(torch.tensor([1.0, 0.0]), 0, policy="a", boundary="1 -> 2")
+    masses.flush()
+
+
+def test_valid_verdicts_pass_and_tokens_are_unchanged() -> None:
+    pipe = Pipeline(tables(3), [ExactPolicy(), ExactPolicy()], [3, 3])
+    a = pipe.generate([0], 40, seed=3).token_list
+    assert len(a) == 40 and all(0 <= t < 4 for t in a)

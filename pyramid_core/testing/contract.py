@@ -29,28 +29,19 @@ from collections.abc import Sequence
 
 import attrs
 import torch
-from torch import Tensor
 
 from pyramid_core.build import make_policy
+from pyramid_core.errors import PolicyOutputError
 from pyramid_core.protocols import AcceptancePolicy
 from pyramid_core.rng import Rng
 from pyramid_core.testing.contract_cases import ContractCase, contract_cases
 from pyramid_core.types import Verdict
+from pyramid_core.validate import check_verdict, policy_label
 
 __all__ = ["ContractReport", "check_policy_contract", "describe_policy", "resolve_policy"]
 
 
-def describe_policy(policy: AcceptancePolicy | str) -> str:
-    """A name for messages: the spec string, the policy's ``name`` attribute, or its repr."""
-    if isinstance(policy, str):
-        return repr(policy)
-    name = getattr(policy, "name", None)
-    if isinstance(name, str) and name:
-        return name
-    text = repr(policy)
-    return type(policy).__qualname__ if text.startswith("<") else text  # not "<... at 0x...>"
-
-
+describe_policy = policy_label  # the spec string, the policy's ``name`` attribute, or its repr
 
 
 def resolve_policy(policy: AcceptancePolicy | str) -> AcceptancePolicy:
@@ -99,30 +90,6 @@ def _expected_row_index(case: ContractCase, accepted: tuple[int, ...]) -> int:
     return accepted[-1] + 1 if accepted else 0
 
 
-def _check_accepted(name: str, case: ContractCase, verdict: Verdict, rebuild: str) -> tuple[int, ...]:
-    n = len(case.block)
-    try:
-        accepted = tuple(operator.index(a) for a in verdict.accepted)
-    except TypeError:
-        raise _fail(name, "prefix", case, f"accepted={verdict.accepted!r} is not a sequence of integer indices", rebuild) from None
-    tree = case.block.tree
-    if tree is None:
-        if accepted != tuple(range(len(accepted))) or len(accepted) > n:
-            raise _fail(name, "prefix", case,
-                        f"accepted={accepted} for a chain of {n} tokens; it must be (0, 1, ..., j-1) for some "
-                        f"0 <= j <= {n} -- a policy accepts a prefix and emits one token after it", rebuild)
-        return accepted
-    parent_of = list(tree.parents)
-    previous = -1
-    for a in accepted:
-        if not 0 <= a < n or parent_of[a] != previous:
-            raise _fail(name, "tree-path", case,
-                        f"accepted={accepted} is not a root-to-node path of the tree with parents {parent_of}: "
-                        f"node {a} does not hang below {'the context' if previous < 0 else f'node {previous}'}", rebuild)
-        previous = a
-    return accepted
-
-
 def _check_one(name: str, policy: AcceptancePolicy, case: ContractCase, rebuild: str) -> int:
     block, p = case.block, case.p
     vocab = int(p.shape[-1])
@@ -135,13 +102,10 @@ def _check_one(name: str, policy: AcceptancePolicy, case: ContractCase, rebuild:
         raise _fail(name, "verdict", case, f"decide() returned {type(verdict).__name__}, not a pyramid_core.Verdict", rebuild)
     if not (torch.equal(block.tokens, before[0]) and torch.equal(block.rows, before[1]) and torch.equal(p, before[2])):
         raise _fail(name, "pure", case, "decide() modified its inputs (block.tokens, block.rows or p) in place", rebuild)
-    accepted = _check_accepted(name, case, verdict, rebuild)
-    try:
-        token = operator.index(verdict.token)
-    except TypeError:
-        raise _fail(name, "token-range", case, f"token={verdict.token!r} is not an integer token id", rebuild) from None
-    if not 0 <= token < vocab:
-        raise _fail(name, "token-range", case, f"token={token} is outside the vocabulary [0, {vocab})", rebuild)
+    try:  # the rules the pipeline checks every round, by the same function
+        accepted, token = check_verdict(verdict, block, vocab, policy=name)
+    except PolicyOutputError as exc:
+        raise _fail(name, exc.rule, case, exc.detail, rebuild) from None
     j = _expected_row_index(case, accepted)
     expected = p[j]
     if not float(expected[token]) > 0:
@@ -150,9 +114,6 @@ def _check_one(name: str, policy: AcceptancePolicy, case: ContractCase, rebuild:
                     f"(support: {expected.nonzero().flatten().tolist()}); the emitted token must be one the verifier can produce",
                     rebuild)
     row = verdict.row
-    if not isinstance(row, Tensor) or tuple(row.shape) != (vocab,):
-        shape = tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__
-        raise _fail(name, "row", case, f"row must be a Float[Tensor, 'vocab'] of size {vocab}, got {shape}", rebuild)
     row64, expected64 = row.detach().to("cpu", torch.float64), expected.to(torch.float64)
     if not torch.allclose(row64, expected64, rtol=1e-5, atol=1e-6):
         where = f"the bonus row p[{j}]" if j == len(block) and block.parents is None else f"p[{j}]"

@@ -27,7 +27,8 @@ from pyramid_core.rng import Rng
 from pyramid_core.testing.table import TableModel, validate_distribution
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["CheckResult", "run_check", "chi_square_p_value", "parse_dist", "MAX_TREE_NODES"]
+__all__ = ["CheckResult", "run_check", "chi_square_p_value", "transition_p_value", "rolled", "parse_dist",
+           "MAX_TREE_NODES"]
 
 MAX_TREE_NODES = 4096  # K candidates per position at every depth: K + K^2 + ... + K^length nodes
 
@@ -42,23 +43,18 @@ def parse_dist(text: str, *, name: str) -> list[float]:
     return values
 
 
-def chi_square_p_value(counts: Sequence[int], expected_probs: Sequence[float], *, min_expected: float = 5.0) -> float:
-    """Pearson chi-square goodness of fit of ``counts`` to ``expected_probs``.
+def rolled(dist: Sequence[float]) -> list[list[float]]:
+    """The ``vocab x vocab`` table by last token whose row t is ``dist`` rotated right by t
+    places (row 0 is ``dist``): every position's distribution depends on the token before it."""
+    return [list(dist[-t:]) + list(dist[:-t]) if t else list(dist) for t in range(len(dist))]
 
-    Zero-probability categories are not cells: one observation in one means the sample cannot
-    come from the target (p = 0); otherwise they are dropped. Cells whose expected count is below
-    ``min_expected`` are pooled (smallest first) so the chi-square approximation holds; a pooled
-    cell that is still small joins the next smallest. Returns 1.0 when fewer than two cells remain.
-    """
-    obs = np.asarray(counts, dtype=float).ravel()
-    p = np.asarray(expected_probs, dtype=float).ravel()
-    if obs.shape != p.shape:
-        raise ValueError(f"counts has {obs.size} categories, expected_probs {p.size}")
+
+def _pearson(obs: np.ndarray, p: np.ndarray, min_expected: float) -> tuple[float, int] | None:
+    """(Pearson statistic, degrees of freedom) of counts ``obs`` against probabilities ``p``,
+    small cells pooled (``chi_square_p_value``); ``None`` if a zero-probability cell was seen."""
     n = obs.sum()
-    if n == 0:
-        raise ValueError("no observations")
     if obs[p <= 0].sum() > 0:
-        return 0.0
+        return None
     keep = p > 0
     obs, expected = obs[keep], n * p[keep] / p[keep].sum()  # rescaling guards against rounding
     order = np.argsort(expected, kind="stable")
@@ -71,8 +67,45 @@ def chi_square_p_value(counts: Sequence[int], expected_probs: Sequence[float], *
         obs = np.concatenate([[obs[0] + obs[1]], obs[2:]])
         expected = np.concatenate([[expected[0] + expected[1]], expected[2:]])
     if len(expected) < 2:
-        return 1.0
-    return float(scipy_stats.chisquare(obs, expected).pvalue)
+        return 0.0, 0
+    return float(((obs - expected) ** 2 / expected).sum()), len(expected) - 1
+
+
+def transition_p_value(counts: np.ndarray, rows: np.ndarray, *, min_expected: float = 5.0) -> float:
+    """Goodness of fit of a Markov chain's transition counts ``counts[a, b]`` (token b after
+    token a) to its transition rows ``rows[a]``: the Pearson statistics of the rows, each
+    given its count, summed, against chi-square with the summed degrees of freedom (Anderson and
+    Goodman 1957). A transition of probability 0 gives p = 0; 1.0 when no row has two cells."""
+    stat, df = 0.0, 0
+    for a in range(counts.shape[0]):
+        if counts[a].sum() == 0:
+            continue
+        part = _pearson(counts[a].astype(float), rows[a].astype(float), min_expected)
+        if part is None:
+            return 0.0
+        stat, df = stat + part[0], df + part[1]
+    return float(scipy_stats.chi2.sf(stat, df)) if df else 1.0
+
+
+def chi_square_p_value(counts: Sequence[int], expected_probs: Sequence[float], *, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit of ``counts`` to ``expected_probs``.
+
+    Zero-probability categories are not cells: one observation in one means the sample cannot
+    come from the target (p = 0); otherwise they are dropped. Cells whose expected count is below
+    ``min_expected`` are pooled (smallest first) so the chi-square approximation holds; a pooled
+    cell that is still small joins the next smallest. Returns 1.0 when fewer than two cells remain.
+    """
+    obs = np.asarray(counts, dtype=float).ravel()
+    p = np.asarray(expected_probs, dtype=float).ravel()
+    if obs.shape != p.shape:
+        raise ValueError(f"counts has {obs.size} categories, expected_probs {p.size}")
+    if obs.sum() == 0:
+        raise ValueError("no observations")
+    part = _pearson(obs, p, min_expected)
+    if part is None:
+        return 0.0
+    stat, df = part
+    return float(scipy_stats.chi2.sf(stat, df)) if df else 1.0
 
 
 @attrs.frozen
@@ -117,11 +150,19 @@ def run_check(
     length_schedule: str = "fixed",
     confidence_stop: float = 0.0,
     regs: Registries | None = None,
+    markov: bool = False,
 ) -> CheckResult:
     """Sample the first ``new_tokens`` generated tokens ``samples`` times through the real
     pipeline over ``TableModel`` stages. ``policies`` / ``lengths`` / ``preset`` as in
     ``PipelineSpec`` (``None``: the default policy at every boundary, block length 1); ``tree``,
-    ``replacement``: see the module docstring (the registered ``tree`` wrapper, from ``regs``)."""
+    ``replacement``: see the module docstring (the registered ``tree`` wrapper, from ``regs``).
+
+    ``markov=True``: every stage's row after token t is its table rotated by t (``rolled``), so
+    rows differ from position to position; the generated tokens (after the prompt ``[0]``) are
+    then a Markov chain under the target, tested by their transition counts
+    (``transition_p_value``). ``empirical``, ``target`` and ``counts`` are then over the
+    ``vocab * vocab`` transitions (a -> b at index ``a * vocab + b``; the target weighs row a by
+    how often a was seen), and ``tv`` is the total variation between them."""
     if len(dists) < 1:
         raise ConfigError("give one --dist per stage (at least the target)")
     if samples < 1:
@@ -136,7 +177,7 @@ def run_check(
     if len(sizes) != 1:
         raise ConfigError(f"every --dist must have the same number of entries, got sizes {[len(d) for d in dists]}")
     sampling = sampling or SamplingConfig()
-    stages: list[Any] = [TableModel(d, name=f"stage {i + 1}") for i, d in enumerate(dists)]
+    stages: list[Any] = [TableModel(rolled(d) if markov else d, name=f"stage {i + 1}") for i, d in enumerate(dists)]
     if lengths is None and preset is None:
         lengths = [1] * (len(dists) - 1)
     spec = PipelineSpec(stages, policies, lengths, preset, sampling=sampling, stop_ids=(),
@@ -154,6 +195,7 @@ def run_check(
         pipe = attrs.evolve(spec, tree=f"tree:branching={branching},replacement={replacement}").resolve(regs)
     vocab = stages[-1].vocab_size
     counts = [0] * vocab
+    moves = np.zeros((vocab, vocab), dtype=np.int64)  # markov: transitions a -> b
     proposed = [0] * len(ells)
     accepted = [0] * len(ells)
     tries = [0] * len(ells)
@@ -166,8 +208,11 @@ def run_check(
     try:
         for _ in range(samples):
             proposer, metrics = pipe.build()
+            previous = int(prompt[-1])
             for token in proposer.propose(prompt, new_tokens, rng).tokens.tolist():
                 counts[token] += 1
+                moves[previous, token] += 1
+                previous = token
             for k, stage in enumerate(metrics.stages[1:]):
                 forwards[k] += stage.forwards
             for k, b in enumerate(metrics.boundaries):
@@ -178,8 +223,16 @@ def run_check(
             tree_rounds += metrics.boundaries[0].tree_rounds if metrics.boundaries else 0
     finally:
         torch.set_num_threads(threads)
-    target = sampling.transform(torch.tensor(dists[-1], dtype=torch.float64).log().unsqueeze(0))[0].tolist()
     drawn = sum(counts)
+    if markov:
+        rows = sampling.transform(torch.tensor(rolled(dists[-1]), dtype=torch.float64).log()).numpy()
+        seen = moves.sum(1, keepdims=True)
+        target = (seen * rows / drawn).ravel().tolist()
+        counts = moves.ravel().tolist()
+        p_value = transition_p_value(moves, rows)
+    else:
+        target = sampling.transform(torch.tensor(dists[-1], dtype=torch.float64).log().unsqueeze(0))[0].tolist()
+        p_value = chi_square_p_value(counts, target)
     empirical = [c / drawn for c in counts]
     tv = 0.5 * sum(abs(e - t) for e, t in zip(empirical, target, strict=True))
     per_proposed = [a / p if p else float("nan") for a, p in zip(accepted, proposed, strict=True)]
@@ -187,7 +240,7 @@ def run_check(
         empirical=empirical,
         target=target,
         tv=tv,
-        p_value=chi_square_p_value(counts, target),
+        p_value=p_value,
         acceptance=per_proposed,
         samples=samples,
         counts=counts,

@@ -2,7 +2,8 @@
 
 Runs the real pipeline over ``TableModel`` stages with the policy at every boundary
 (``pyramid_core.testing.exactness.run_check``) and compares the generated tokens with the target's table
-by a chi-square test. Passing means "no detectable distortion at this sample size" -- a lossy
+by a chi-square test. The tables depend on the context (each row rotated by the token before it),
+so a rule that draws the bonus or the correction from the row of the wrong position fails too. Passing means "no detectable distortion at this sample size" -- a lossy
 rule such as ``fuzzy`` is reported with its p-value and total variation.
 
 It raises ``AssertionError`` naming the policy and the failing checks, so it works as a one-line
@@ -27,7 +28,8 @@ __all__ = ["DEFAULT_TABLES", "LosslessCheck", "LosslessReport", "check_policy_lo
 
 # Default tables for ``check_policy_lossless``: one case per tuple, one distribution per stage,
 # smallest first. A two-stage pair far apart (TV 0.45), and a three-stage chain with zeros, where
-# a wrong emitted row (trap 1) or a wrong residual at the lower boundary reaches the output.
+# a wrong emitted row (trap 1) or a wrong residual at the lower boundary reaches the output. With
+# ``markov=True`` each row is rotated by the token before it (``exactness.rolled``).
 DEFAULT_TABLES: tuple[tuple[tuple[float, ...], ...], ...] = (
     ((0.10, 0.30, 0.20, 0.40), (0.40, 0.15, 0.35, 0.10)),
     ((0.60, 0.20, 0.20, 0.00), (0.10, 0.40, 0.10, 0.40), (0.30, 0.00, 0.50, 0.20)),
@@ -100,6 +102,7 @@ def check_policy_lossless(
     sampling: SamplingConfig | None = None,
     name: str | None = None,
     raise_on_failure: bool = True,
+    markov: bool = True,
 ) -> LosslessReport:
     """Is ``policy`` lossless? For every case of ``tables`` (one distribution per stage, smallest
     first) and every block length L of ``lengths`` (used at every boundary), run the real pipeline
@@ -107,8 +110,13 @@ def check_policy_lossless(
     tokens of each run (default ``max(lengths) + 1``, so bonus tokens and later rounds count) and
     test them against the target's (transformed) table with a chi-square test.
 
-    The tables do not depend on the context, so under losslessness every counted token is an
-    independent draw from the target. Each of the m checks fails at p < alpha / m (Bonferroni),
+    ``markov=True`` (default): each stage's row after token t is its table rotated right by t
+    places (``exactness.rolled``), so consecutive positions have different rows; under
+    losslessness the counted tokens are a Markov chain under the target's rotated rows, tested by
+    their transition counts (``exactness.transition_p_value``; ``max_tv`` is then the total
+    variation over transitions). ``markov=False``: the same row after any context, so every
+    counted token is an independent draw from the target -- blind to a rule that uses the row of
+    the wrong position. Each of the m checks fails at p < alpha / m (Bonferroni),
     so a lossless policy fails with probability at most ``alpha``; runs are seeded, hence
     reproducible. Raises ``AssertionError`` naming the policy and the failing checks unless
     ``raise_on_failure=False``; the returned report has ``lossless``, ``max_tv`` and
@@ -133,7 +141,7 @@ def check_policy_lossless(
         for i, length in enumerate(lengths):
             ells = (int(length),) * (len(dists) - 1)
             result = run_check(dists, [resolved] * len(ells), ells, samples=samples,
-                               seed=seed + 101 * c + i, sampling=sampling, new_tokens=count)
+                               seed=seed + 101 * c + i, sampling=sampling, new_tokens=count, markov=markov)
             checks.append(LosslessCheck(c, dists, ells, result, alpha / m))
     report = LosslessReport(label, alpha, tuple(checks))
     if raise_on_failure and not report.lossless:

@@ -42,14 +42,16 @@ def validate_distribution(dist: Distribution, *, name: str, atol: float = 1e-6) 
 class TableModel:
     """A ``Stage`` with explicit next-token probabilities.
 
-    ``table`` is either a fixed probability vector (the same distribution after any context) or
-    a function ``context -> vector`` where ``context`` is a tuple of token ids (prompt included).
-    Function results are validated and cached per context.
+    ``table`` is a fixed probability vector (the same distribution after any context), a
+    ``vocab x vocab`` matrix (row t is the distribution after a context ending in token t: rows
+    then differ by position, deterministically), or a function ``context -> vector`` where
+    ``context`` is a tuple of token ids (prompt included). Function results are validated and
+    cached per context.
     """
 
     def __init__(
         self,
-        table: Distribution | Callable[[tuple[int, ...]], Distribution],
+        table: Distribution | Sequence[Sequence[float]] | Callable[[tuple[int, ...]], Distribution],
         *,
         vocab_size: int | None = None,
         name: str = "table",
@@ -59,6 +61,7 @@ class TableModel:
         self.device = torch.device(device)
         self._fn: Callable[[tuple[int, ...]], Distribution] | None = None
         self._cache: dict[tuple[int, ...], Tensor] = {}
+        self._by_last: Tensor | None = None  # log rows by last token (a vocab x vocab table)
         self.calls = 0
         if callable(table):
             self._fn = table
@@ -66,8 +69,19 @@ class TableModel:
                 raise ConfigError(f"{name}: a context-dependent table needs vocab_size")
             self.vocab_size = int(vocab_size)
             self._fixed: Tensor | None = None
+        elif torch.as_tensor(table).dim() == 2:
+            matrix = torch.as_tensor(table, dtype=torch.float64)
+            if matrix.shape[0] != matrix.shape[1]:
+                raise ConfigError(f"{name}: a table by last token must be vocab x vocab (row t after token t), "
+                                  f"got shape {tuple(matrix.shape)}")
+            rows = [validate_distribution(r, name=f"{name} row {t} (after token {t})") for t, r in enumerate(matrix)]
+            self.vocab_size = len(rows)
+            if vocab_size is not None and vocab_size != self.vocab_size:
+                raise ConfigError(f"{name}: vocab_size={vocab_size} but the table has {self.vocab_size} rows")
+            self._fixed = None
+            self._by_last = torch.stack(rows).float().log().to(self.device)
         else:
-            probs = validate_distribution(table, name=name)
+            probs = validate_distribution(table, name=name)  # type: ignore[arg-type]  # 1-D here
             self.vocab_size = probs.numel()
             if vocab_size is not None and vocab_size != self.vocab_size:
                 raise ConfigError(f"{name}: vocab_size={vocab_size} but the table has {self.vocab_size} entries")
@@ -91,6 +105,9 @@ class TableModel:
         n = 0 if block is None else len(block)
         if self._fixed is not None:
             return self._fixed.expand(n + 1, -1)
+        if self._by_last is not None:  # row i follows the context's last token, then node i-1's token
+            last = context[-1:] if block is None else torch.cat([context[-1:], block.tokens.to(context.device)])
+            return self._by_last[last.to(self.device)]
         base = tuple(int(t) for t in context.tolist())
         if block is None or n == 0:
             return self._log_row(base).unsqueeze(0)
