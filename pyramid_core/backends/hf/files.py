@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,11 +26,28 @@ JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "stage.j
               "generation_config.json", "special_tokens_map.json")
 
 
+HOME_ENV = "PYRAMID_HOME"
+
+
+def model_home() -> Path:
+    """``$PYRAMID_HOME``, default ``~/.cache/pyramid``."""
+    return Path(os.environ.get(HOME_ENV) or "~/.cache/pyramid").expanduser()
+
+
+def smollm2_dir() -> Path:
+    return model_home() / "smollm2-135m"
+
+
+def family_dir() -> Path:
+    """The distilled draft and qualifier shipped with pyramid (``pyramid distill all``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("pyramid_core") / "data" / "smollm2-family"))
+
+
 def fix_for(path: str | Path) -> str:
     """How to repair a damaged file under ``path``: ``pyramid setup`` for its model cache,
     reinstalling pyramid for the shipped family, else replacing the file."""
-    from pyramid_core.backends.hf.smollm2 import family_dir, smollm2_dir
-
     where = Path(path).expanduser().resolve()
     if where.is_relative_to(smollm2_dir().expanduser().resolve()):
         return "run `pyramid setup` to repair it"

