@@ -17,7 +17,7 @@ import attrs
 
 from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
-from pyramid_core.options import DecodeOptions, ExecutionMode
+from pyramid_core.options import DecodeOptions, ExecutionMode, dtype_word
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.plugins import HOOKS, Registries, registries
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, VerifiesTrees, tokenizer_of
@@ -48,16 +48,20 @@ StageLike = str | Stage | Proposer
 def _mode_or_none(value: ExecutionMode | bool | str | None) -> ExecutionMode | None:
     return None if value is None else ExecutionMode.parse(value)
 
+
+def _dtype_or_none(value: object) -> str | None:
+    return None if value is None else dtype_word(value)
+
 PolicyLike = str | AcceptancePolicy
 
 
 def make_stage(spec: StageLike, *, regs: Registries | None = None, vocab_size: int | None = None,
-               device: str | None = None, compile: ExecutionMode | None = None,
+               device: str | None = None, compile: ExecutionMode | None = None, dtype: str | None = None,
                **overrides: Any) -> Stage | Proposer:
     """A stage from ``"name:k=v"``: a registered proposer (given ``vocab_size`` when it takes
     one), else a registered model backend (placed on ``device`` when given, and given the
-    execution mode ``compile`` when given and the backend takes it, unless the spec sets it;
-    ``None``: the backend's defaults). A loaded stage is returned as it is."""
+    execution mode ``compile`` and the ``dtype`` when given and the backend takes them, unless
+    the spec sets them; ``None``: the backend's defaults). A loaded stage is returned as it is."""
     if not isinstance(spec, str):
         return spec
     regs = regs or registries()
@@ -71,8 +75,11 @@ def make_stage(spec: StageLike, *, regs: Registries | None = None, vocab_size: i
         if device:
             check_device(device)
             overrides["device"] = device
-        if compile is not None and regs.backends.accepts(name, "compile") and "compile" not in parse_spec(spec)[1]:
+        given = parse_spec(spec)[1]
+        if compile is not None and regs.backends.accepts(name, "compile") and "compile" not in given:
             overrides["compile"] = compile
+        if dtype is not None and regs.backends.accepts(name, "dtype") and "dtype" not in given:
+            overrides["dtype"] = dtype_word(dtype)
         return _made(regs.backends, name, regs.backends.create(spec, **overrides), Stage,
                     "a model Stage (vocab_size, device, score(context, block) -> logits)")
     if name in regs.wrappers:
@@ -181,6 +188,9 @@ class PipelineSpec:
     compile:        the execution mode of model backends that have one (``ExecutionMode``; a bool
                     or a word is parsed once, here); ``None``: each backend's default (a stage
                     spec's own ``compile=`` wins)
+    dtype:          the dtype of model backends that take one (``auto``, ``float32``,
+                    ``bfloat16``, ``float16``); ``None``: each backend's default (a stage spec's
+                    own ``dtype=`` wins)
     length_schedule: ``"fixed"`` block lengths, or ``"adaptive"`` (+2 after a fully accepted
                     block, -1 otherwise; ``pyramid_core.schedule``), at every boundary
     confidence_stop: > 0: a model bottom stage ends its block after a token whose row's largest
@@ -205,6 +215,7 @@ class PipelineSpec:
     length_schedule: str = "fixed"
     confidence_stop: float = 0.0
     on_nonfinite: str = "raise"
+    dtype: str | None = attrs.field(default=None, converter=_dtype_or_none)
     decode: DecodeOptions = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -242,10 +253,11 @@ class PipelineSpec:
         every model backend on ``device``; tokenizers checked to agree."""
         regs = regs or registries()
         specs = self.parts(regs)[0]
-        target = make_stage(specs[-1], regs=regs, device=self.device, compile=self.compile)
+        target = make_stage(specs[-1], regs=regs, device=self.device, compile=self.compile, dtype=self.dtype)
         if not isinstance(target, Stage):
             raise ConfigError(f"the target (stage {len(specs)}, {specs[-1]!r}) must be a model stage, not a proposer")
-        resolved = [make_stage(s, regs=regs, vocab_size=target.vocab_size, device=self.device, compile=self.compile)
+        resolved = [make_stage(s, regs=regs, vocab_size=target.vocab_size, device=self.device, compile=self.compile,
+                               dtype=self.dtype)
                     for s in specs[:-1]]
         resolved.append(target)
         check_same_tokenizer(resolved)
@@ -344,15 +356,16 @@ def build_pipeline(
     confidence_stop: float = 0.0,
     regs: Registries | None = None,
     on_nonfinite: str = "raise",
+    dtype: str | None = None,
 ) -> Pipeline:
     """``PipelineSpec(...).resolve(regs)``: policies default to the default policy (``exact``)
     at every boundary and block lengths to 4; a ``preset`` (e.g. ``"psd-f"``) supplies both
     instead (explicit ``block_lengths`` still win). ``stop_ids`` default to the target's EOS
     token. ``tree`` (e.g. ``"tree:branching=4-2-1,replacement=false"``) names a registered stage
-    wrapper around the bottom model stage; ``compile``, ``length_schedule`` and
+    wrapper around the bottom model stage; ``compile``, ``dtype``, ``length_schedule`` and
     ``confidence_stop`` as in ``PipelineSpec``; ``on_nonfinite``: ``"raise"`` or ``"warn"`` (``Pipeline``)."""
     if not stages:
         raise ConfigError("a pipeline needs at least one stage (the target)")
     spec = PipelineSpec(stages, policies, block_lengths, preset, tree, sampling or SamplingConfig(), device, stop_ids,
-                        compile, length_schedule, confidence_stop, on_nonfinite)
+                        compile, length_schedule, confidence_stop, on_nonfinite, dtype)
     return spec.resolve(regs)

@@ -8,7 +8,7 @@ import torch
 
 from pyramid_core.errors import ConfigError
 
-__all__ = ["sync", "check_device", "usable_devices"]
+__all__ = ["sync", "check_device", "usable_devices", "cpu_name"]
 
 
 def sync(device: torch.device) -> None:
@@ -38,3 +38,18 @@ def check_device(device: str) -> str:
         reason = reason if len(reason) <= 160 else reason[:reason.rfind(" ", 0, 150)] + " ..."
         raise ConfigError(f"device {device!r} is not usable here ({reason}); usable: {', '.join(usable_devices())}") from None
     return device
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's words elsewhere), for reports and
+    for the keys of measured choices: ratios measured on one CPU do not hold on another."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

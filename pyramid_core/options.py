@@ -27,7 +27,7 @@ from pyramid_core.schedule import SCHEDULES
 from pyramid_core.types import SamplingConfig
 from pyramid_core.validate import NonFiniteMode, check_nonfinite_mode
 
-__all__ = ["ExecutionMode", "DecodeOptions"]
+__all__ = ["ExecutionMode", "DecodeOptions", "DTYPE_WORDS", "dtype_word"]
 
 _WORDS = {
     "auto": "AUTO",
@@ -62,6 +62,23 @@ class ExecutionMode(enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+DTYPE_WORDS = ("auto", "float32", "bfloat16", "float16")
+"""What ``dtype=`` / ``--dtype`` take: ``auto`` is what the device computes natively (bfloat16 on
+CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere; resolved by the backend)."""
+
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def dtype_word(value: object) -> str:
+    """``"bf16"`` / ``"torch.bfloat16"`` -> ``"bfloat16"``; one of ``DTYPE_WORDS`` or a
+    ``ConfigError`` naming the value."""
+    word = str(value).strip().lower().removeprefix("torch.")
+    word = _DTYPE_ALIASES.get(word, word)
+    if word not in DTYPE_WORDS:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPE_WORDS)}, got {value!r}")
+    return word
 
 
 def _stop_ids(value: Sequence[int] | None) -> tuple[int, ...] | None:

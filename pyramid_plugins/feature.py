@@ -41,7 +41,7 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def feature_stage(path: str = "", base: str = "", features_from: str = "next", device: str = "cpu",
-                  dtype: str = "float32", compile: ExecutionMode = ExecutionMode.EAGER, variant: str = "eagle1", layers: str = "-1",
+                  dtype: str = "auto", compile: ExecutionMode = ExecutionMode.EAGER, variant: str = "eagle1", layers: str = "-1",
                   depth: int = 1, sub_vocab: int = 0, seed: int = 0) -> FeatureStage:
     """A trained head (``path=``) or an untrained one on a Hugging Face model (``base=``)."""
     if bool(path) == bool(base):
@@ -63,7 +63,7 @@ def feature_stage(path: str = "", base: str = "", features_from: str = "next", d
 
 
 def untrained_feature_stage(base: str, *, variant: str = "eagle1", layers: tuple[int, ...] = (-1,), depth: int = 1,
-                            seed: int = 0, features_from: str = "next", device: str = "cpu", dtype: str = "float32",
+                            seed: int = 0, features_from: str = "next", device: str = "cpu", dtype: str = "auto",
                             compile: ExecutionMode = ExecutionMode.EAGER) -> FeatureStage:
     """A freshly initialised head (seeded) on the model in directory ``base``."""
     from pathlib import Path

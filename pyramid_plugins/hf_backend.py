@@ -29,7 +29,7 @@ from pyramid_plugins.feature import feature_stage
 __all__ = ["hf_stage", "smollm2_stage", "smollm2_family"]
 
 
-def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers: int = 0,
+def hf_stage(path: str, device: str = "cpu", dtype: str = "auto", num_layers: int = 0,
              compile: ExecutionMode = ExecutionMode.EAGER, features_from: str = "next") -> HFStage | FeatureStage:
     """A local Hugging Face causal-LM directory as a stage. ``compile=true`` runs its forwards in
     the fast execution mode (``pyramid_core.backends.hf.fast``: oneDNN pre-packed weights on CPU),
@@ -52,7 +52,7 @@ def hf_stage(path: str, device: str = "cpu", dtype: str = "float32", num_layers:
 SMOLLM2_STAGES = ("target", "qualifier", "draft", "feature")
 
 
-def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int = 0, stage: str = "target",
+def smollm2_stage(device: str = "cpu", dtype: str = "auto", num_layers: int = 0, stage: str = "target",
                   compile: ExecutionMode = ExecutionMode.EAGER, features_from: str = "next") -> HFStage | FeatureStage:
     """SmolLM2-135M-Instruct, converted once by `pyramid setup` (``stage=target``), or a stage
     of the distilled family shipped with pyramid (``stage=draft`` / ``stage=qualifier``, and
@@ -78,10 +78,10 @@ def smollm2_stage(device: str = "cpu", dtype: str = "float32", num_layers: int =
 
 @hookimpl
 def register_backends(register: Any) -> None:
-    register("hf", hf_stage, "a local Hugging Face causal LM: hf:path=DIR,device=cpu,dtype=float32,num_layers=0,"
+    register("hf", hf_stage, "a local Hugging Face causal LM: hf:path=DIR,device=cpu,dtype=auto|float32|bfloat16|float16,num_layers=0,"
              "compile=false|true|auto")
     register("smollm2", smollm2_stage, "SmolLM2-135M-Instruct from `pyramid setup`, or its distilled family: "
-             "smollm2:stage=target|qualifier|draft|feature,device=cpu,num_layers=0,compile=false|true|auto")
+             "smollm2:stage=target|qualifier|draft|feature,device=cpu,dtype=auto,num_layers=0,compile=false|true|auto")
 
 
 def smollm2_family() -> Chain:

@@ -19,6 +19,23 @@ def tiny_models() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _mode_choices(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``compile=auto`` keeps the modes it measures in a file (backends.hf.choice): the suite keeps
+    its own, never the user's."""
+    import os
+
+    from pyramid_core.backends.hf.choice import CHOICE_ENV
+
+    before = os.environ.get(CHOICE_ENV)
+    os.environ[CHOICE_ENV] = str(tmp_path_factory.mktemp("choices") / "modes.json")
+    yield
+    if before is None:
+        os.environ.pop(CHOICE_ENV, None)
+    else:
+        os.environ[CHOICE_ENV] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> Any:
     """The suite runs tiny tensors and small models: one thread is faster than two on a
     two-core machine and avoids oversubscription when the machine is busy."""

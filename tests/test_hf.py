@@ -270,7 +270,7 @@ def test_backends_are_registered() -> None:
 
 
 def test_hf_backend_from_spec(saved_tiny: Path) -> None:
-    draft = make_stage(f"hf:path={saved_tiny},num_layers=1")
+    draft = make_stage(f"hf:path={saved_tiny},num_layers=1", dtype="float32")  # the spec's own dtype= would win
     target = make_stage(f"hf:path={saved_tiny},dtype=float32,device=cpu")
     assert isinstance(draft, HFStage) and isinstance(target, HFStage)
     assert (draft.num_layers, target.num_layers) == (1, 2)
@@ -280,7 +280,7 @@ def test_hf_backend_from_spec(saved_tiny: Path) -> None:
     assert draft.model.lm_head.weight.data_ptr() == target.model.lm_head.weight.data_ptr()
     assert draft.score(torch.tensor([1, 2, 3])).shape == (1, 64)
     pipe = build_pipeline([f"hf:path={saved_tiny},num_layers=1", f"hf:path={saved_tiny}"], ["exact"], [3],
-                          sampling=SamplingConfig.greedy())
+                          sampling=SamplingConfig.greedy(), dtype="float32")
     assert pipe.stop_ids == []  # the saved tokenizer has no EOS token
     with torch.inference_mode():
         expected = hf_greedy(target.model, PROMPT, n=12)

@@ -162,7 +162,7 @@ def _run_bench(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
                 raise ConfigError(f"give {flag}: the default chain has no stage for it")
             loaded[flag] = None
             continue
-        stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile)
+        stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile, dtype=ns.dtype)
         if not isinstance(stage, Stage):
             raise ConfigError(f"{flag} ({spec}) must be a model backend, not a proposer")
         loaded[flag] = stage
@@ -207,7 +207,7 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
         return []
     if "features_from=" not in spec:  # the target's features in every row (in a 2-stage row, the next stage's)
         spec += ("," if ":" in spec else ":") + "features_from=target"
-    stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile)
+    stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile, dtype=ns.dtype)
     if not isinstance(stage, Stage):
         raise ConfigError(f"--feature ({spec}) must be a model backend, not a proposer")
     return feature_configs(target, stage, qualifier=qualifier, length=ns.feature_length, tree=ns.feature_tree,

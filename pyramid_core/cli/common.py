@@ -11,7 +11,7 @@ from typing import Any
 from pyramid_core.build import PipelineSpec
 from pyramid_core.cli.argtypes import block_length, int_at_least, seed_value
 from pyramid_core.errors import ConfigError
-from pyramid_core.options import ExecutionMode
+from pyramid_core.options import DTYPE_WORDS, ExecutionMode, dtype_word
 from pyramid_core.schedule import SCHEDULES
 from pyramid_core.types import SamplingConfig
 from pyramid_core.validate import NONFINITE_MODES
@@ -75,14 +75,25 @@ def pipeline_args(p: argparse.ArgumentParser, *, default_length: str) -> None:
 
 
 def compile_arg(p: argparse.ArgumentParser) -> None:
-    """``--compile`` / ``--no-compile``: the model stages' execution mode (default: the fast
-    compiled mode wherever it is supported, eager elsewhere)."""
+    """``--compile`` / ``--no-compile``: the model stages' execution mode (default ``auto``: the
+    mode measured fastest on this machine, per fed length); ``--dtype``: their dtype (default
+    ``auto``: bfloat16 where the device computes it natively)."""
     p.set_defaults(compile=ExecutionMode.AUTO)
     p.add_argument("--compile", dest="compile", action="store_const", const=ExecutionMode.FAST,
                    help="run model stages in the fast execution mode (oneDNN pre-packed weights on CPU); "
-                        "default: wherever it is supported")
+                        "default: each stage times its modes once on this machine and runs the fastest")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=ExecutionMode.EAGER,
                    help="run model stages eagerly")
+    p.add_argument("--dtype", type=_dtype_arg, default="auto", metavar="|".join(DTYPE_WORDS),
+                   help="dtype of the model stages and the HF baselines (default auto: bfloat16 on CUDA and on "
+                        "CPUs with AMX or AVX512-BF16, float32 elsewhere); a stage spec's own dtype= wins")
+
+
+def _dtype_arg(text: str) -> str:
+    try:
+        return dtype_word(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def nonfinite_arg(p: argparse.ArgumentParser) -> None:
@@ -101,7 +112,7 @@ def pipeline_spec(ns: argparse.Namespace, stages: Sequence[Any], *, default_leng
     if lengths is None and default_length is not None and ns.preset is None and stages:
         lengths = [default_length] * (len(stages) - 1)
     return PipelineSpec(tuple(stages), ns.policy, lengths, ns.preset, tree, sampling(ns), device,
-                        compile=getattr(ns, "compile", None),
+                        compile=getattr(ns, "compile", None), dtype=getattr(ns, "dtype", None),
                         length_schedule=getattr(ns, "length_schedule", "fixed"),
                         confidence_stop=getattr(ns, "confidence_stop", 0.0),
                         on_nonfinite=getattr(ns, "nonfinite", "raise"))

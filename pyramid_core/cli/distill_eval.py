@@ -67,7 +67,7 @@ def evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
     from pyramid_core.lab.prompts import encode_prompt, load_prompts
 
     where = usable_device(ns)
-    stages = [make_stage(s, device=where) for s in specs]
+    stages = [make_stage(s, device=where, dtype="float32") for s in specs]  # the figures in docs/distill.md
     models: list[Any] = []
     for spec, stage in zip(specs, stages, strict=True):
         if not isinstance(stage, HFStage | FeatureStage):

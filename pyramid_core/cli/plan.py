@@ -58,7 +58,7 @@ def run(ns: argparse.Namespace) -> int:
     if parse_spec(specs[-1])[0] in regs.proposers:
         raise ConfigError(f"the target (the last --stage, {specs[-1]!r}) must be a model backend, not a proposer")
     # loaded as one pipeline's stages are: the target first, every model on --device
-    candidates = PipelineSpec(tuple(specs), device=ns.device, compile=ns.compile).load_stages(regs)
+    candidates = PipelineSpec(tuple(specs), device=ns.device, compile=ns.compile, dtype=ns.dtype).load_stages(regs)
     target = candidates[-1]
     assert isinstance(target, Stage)
     tok = tokenizer_of(target)

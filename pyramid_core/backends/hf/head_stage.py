@@ -26,6 +26,7 @@ slots read stand-ins, which the accepted path's real features replace anyway).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,13 @@ import torch
 from torch import Tensor
 
 from pyramid_core.backends.hf.cache import StageCache
+from pyramid_core.backends.hf.choice import ModeChoice, choose_modes, fingerprint
 from pyramid_core.backends.hf.fast import PackedLinear, packed_view
 from pyramid_core.backends.hf.head import FeatureHead, feature_base, load_feature_head
 from pyramid_core.backends.hf.loading import load_model, load_tokenizer
-from pyramid_core.backends.hf.runtime import resolve_mode
+from pyramid_core.backends.hf.runtime import measured_candidates, resolve_mode
+from pyramid_core.backends.hf.stage import PROBE_CONTEXT
+from pyramid_core.devices import sync
 from pyramid_core.options import ExecutionMode
 from pyramid_core.protocols import FEATURE_FROM, FeatureSource
 from pyramid_core.types import Block
@@ -90,17 +94,54 @@ class FeatureStage:
             raise ValueError(f"stage {name!r}: vocab_size {vocab_size} does not fit the head's {width} logit columns")
         self.vocab_size = int(vocab_size)
         self.mode = resolve_mode(ExecutionMode.parse(compile), self.device, self.dtype, name, HEAD_MODES)
-        self.runner: Any = head
-        self.lm_head: Any = head.head_module()
-        if self.compiled:
-            self.runner = packed_view(head)
-            if head.own_head is not None:
-                self.lm_head = self.runner.own_head
-            else:
-                self.lm_head = PackedLinear(self.lm_head.weight, getattr(self.lm_head, "bias", None))  # type: ignore[arg-type]
-        self._source: FeatureSource | None = None
         self._cache = StageCache(head.cfg.depth)
+        self.choice: ModeChoice | None = None
+        self._runners: dict[ExecutionMode, tuple[Any, Any]] = {}  # built while timing (``AUTO``)
+        if self.mode is ExecutionMode.AUTO:  # one mode for the stage: a head drafts a token per forward
+            key = fingerprint(head, kind="feature-head", dtype=self.dtype, device=self.device, layers=head.cfg.depth)
+            self.choice = choose_modes(key, self._time_mode, measured_candidates(self.device, self.dtype, HEAD_MODES))
+            self.mode = self.choice.mode_for(1)
+            self._cache.reset()
+        self.runner, self.lm_head = self._runners.get(self.mode) or self._runner(self.mode)
+        self._runners.clear()
+        self._source: FeatureSource | None = None
         self._root: Tensor | None = None  # the fused feature the cached tree's root children read
+
+    def _runner(self, mode: ExecutionMode) -> tuple[Any, Any]:
+        """(the module whose ``slots`` / ``logits`` run the forwards, the LM head) in ``mode``."""
+        head = self.head
+        lm_head: Any = head.head_module()
+        if mode is not ExecutionMode.FAST:
+            return head, lm_head
+        runner = packed_view(head)
+        if head.own_head is not None:
+            return runner, runner.own_head
+        return runner, PackedLinear(lm_head.weight, getattr(lm_head, "bias", None))
+
+    @torch.inference_mode()
+    def _time_mode(self, mode: ExecutionMode, m: int) -> float:
+        """Seconds of one forward of ``m`` slots in ``mode`` after ``PROBE_CONTEXT`` cached ones,
+        logits included (``backends.hf.choice``)."""
+        runner, lm_head = self._runners.get(mode) or self._runners.setdefault(mode, self._runner(mode))
+        cache = self._cache
+        hidden = torch.zeros(1, m, self.head.hidden, device=self.device, dtype=self.dtype)
+        if cache.length != PROBE_CONTEXT:
+            cache.reset()
+            ctx = torch.zeros(1, PROBE_CONTEXT, self.head.hidden, device=self.device, dtype=self.dtype)
+            ids = torch.arange(PROBE_CONTEXT) % self.vocab_size
+            runner.slots(ctx, ids.to(self.device).unsqueeze(0), torch.arange(PROBE_CONTEXT, device=self.device)
+                         .unsqueeze(0), mask=_causal(PROBE_CONTEXT, 0, self.device), cache=cache.kv)
+            cache.write_ids(0, ids)
+        tokens = ((torch.arange(m) * 7 + 3) % self.vocab_size).to(self.device).unsqueeze(0)
+        positions = torch.arange(PROBE_CONTEXT, PROBE_CONTEXT + m, device=self.device).unsqueeze(0)
+        sync(self.device)
+        start = time.perf_counter()
+        h = runner.slots(hidden, tokens, positions, mask=_causal(m, PROBE_CONTEXT, self.device), cache=cache.kv)
+        runner.logits(h[0], lm_head)
+        sync(self.device)
+        seconds = time.perf_counter() - start
+        cache.truncate(PROBE_CONTEXT)
+        return seconds
 
     @property
     def compiled(self) -> bool:

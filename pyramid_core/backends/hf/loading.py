@@ -20,6 +20,7 @@ from pyramid_core.backends.hf.files import (
     fix_for,
     read_json,
 )
+from pyramid_core.backends.hf.runtime import native_dtype
 from pyramid_core.backends.hf.student import (
     STAGE_FILE,
     WEIGHTS_FILE,
@@ -44,14 +45,18 @@ _DTYPES = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (clear error otherwise)."""
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; ``"auto"`` -> what
+    ``device`` computes natively (``runtime.native_dtype``); a clear error otherwise."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    word = dtype.strip().lower().removeprefix("torch.")
+    if word == "auto":
+        return native_dtype(device)
     try:
-        return _DTYPES[dtype.strip().lower().removeprefix("torch.")]
+        return _DTYPES[word]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(sorted(_DTYPES))}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(sorted(_DTYPES))}") from None
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
@@ -73,8 +78,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: s
     student = is_student_dir(path)
     if not student and not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model directory (no config.json) nor a distilled stage (no stage.json)")
-    torch_dtype = resolve_dtype(dtype)
     dev = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     key = (str(path), str(dev), torch_dtype)
     model: Any = _LOADED.get(key)
     if model is None and student:

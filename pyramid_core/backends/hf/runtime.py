@@ -1,10 +1,13 @@
-"""Where a Hugging Face stage's execution mode is decided: once, when the stage is built.
+"""Where a Hugging Face stage's dtype and execution mode are decided: once, when it is built.
 
-``resolve_mode`` is the one meaning of ``ExecutionMode.AUTO`` for every model stage of this
-backend (``HFStage``, ``FeatureStage``): among the modes the stage supports, ``GRAPHS`` on a CUDA
-device, ``FAST`` (oneDNN pre-packed weights) for a float32 stage on a CPU whose torch build can
-pre-pack, ``EAGER`` everywhere else. An explicit mode the stage cannot run here is an error naming
-the stage and what would work.
+- ``native_dtype(device)``: what ``dtype=auto`` means -- ``bfloat16`` where the device computes
+  it natively (CUDA devices that support it; CPUs with AMX or AVX512-BF16), ``float32`` elsewhere.
+- ``resolve_mode``: the one meaning of ``ExecutionMode.AUTO`` for every model stage of this
+  backend (``HFStage``, ``FeatureStage``): ``GRAPHS`` on a CUDA device; on a CPU whose torch build
+  can pre-pack weights, ``AUTO`` stays ``AUTO`` -- the stage then times its candidate modes
+  (``measured_candidates``) and runs the fastest per fed length (``backends.hf.choice``); ``EAGER``
+  everywhere else. An explicit mode the stage cannot run here is an error naming the stage and
+  what would work.
 """
 
 from __future__ import annotations
@@ -14,9 +17,38 @@ import torch
 from pyramid_core.backends.hf.fast import packing_available
 from pyramid_core.options import ExecutionMode
 
-__all__ = ["resolve_mode", "unsupported", "ALL_MODES"]
+__all__ = ["resolve_mode", "unsupported", "measured_candidates", "native_dtype", "ALL_MODES", "FAST_DTYPES"]
 
 ALL_MODES = frozenset({ExecutionMode.EAGER, ExecutionMode.FAST, ExecutionMode.GRAPHS, ExecutionMode.STATIC})
+
+FAST_DTYPES = (torch.float32, torch.bfloat16)
+"""The dtypes oneDNN pre-packs on CPU (bfloat16 through AMX or AVX512-BF16 kernels)."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX tiles or AVX512-BF16), as torch sees it."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def native_dtype(device: torch.device | str) -> torch.dtype:
+    """What ``dtype=auto`` loads a stage in on ``device`` (module docstring)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def measured_candidates(device: torch.device, dtype: torch.dtype,
+                        supported: frozenset[ExecutionMode] = ALL_MODES) -> tuple[ExecutionMode, ...]:
+    """The modes ``AUTO`` times on ``device`` in ``dtype``, eager first; one mode means nothing to
+    measure."""
+    modes = [ExecutionMode.EAGER]
+    if ExecutionMode.FAST in supported and unsupported(ExecutionMode.FAST, device, dtype) is None:
+        modes.append(ExecutionMode.FAST)
+    return tuple(modes)
 
 
 def unsupported(mode: ExecutionMode, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -26,8 +58,8 @@ def unsupported(mode: ExecutionMode, device: torch.device, dtype: torch.dtype) -
             return f"the fast mode is implemented for CPU stages (oneDNN pre-packed weights); this stage is on {device}"
         if not packing_available():
             return "the fast mode needs a torch build with oneDNN (mkldnn), which this one lacks"
-        if dtype != torch.float32:
-            return f"the fast mode on CPU runs float32 weights, this stage has {dtype}"
+        if dtype not in FAST_DTYPES:
+            return f"the fast mode on CPU runs float32 or bfloat16 weights, this stage has {dtype}"
     if mode is ExecutionMode.GRAPHS and device.type != "cuda":
         return f"the graph mode captures CUDA graphs; this stage is on {device} (compile=static runs the same forwards)"
     return None
@@ -35,12 +67,11 @@ def unsupported(mode: ExecutionMode, device: torch.device, dtype: torch.dtype) -
 
 def resolve_mode(mode: ExecutionMode, device: torch.device, dtype: torch.dtype, stage: str,
                  supported: frozenset[ExecutionMode] = ALL_MODES) -> ExecutionMode:
-    """A concrete mode (not ``AUTO``) for stage ``stage`` (module docstring)."""
+    """The mode of stage ``stage``: ``AUTO`` only where it is measured (module docstring)."""
     if mode is ExecutionMode.AUTO:
-        for choice in (ExecutionMode.GRAPHS, ExecutionMode.FAST):
-            if choice in supported and unsupported(choice, device, dtype) is None:
-                return choice
-        return ExecutionMode.EAGER
+        if ExecutionMode.GRAPHS in supported and unsupported(ExecutionMode.GRAPHS, device, dtype) is None:
+            return ExecutionMode.GRAPHS
+        return ExecutionMode.AUTO if len(measured_candidates(device, dtype, supported)) > 1 else ExecutionMode.EAGER
     if mode not in supported:
         valid = ", ".join(sorted(m.value for m in supported | {ExecutionMode.AUTO}))
         raise ValueError(f"stage {stage!r}: compile={mode.value} is not available for this kind of stage (valid: {valid})")

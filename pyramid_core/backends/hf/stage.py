@@ -27,6 +27,7 @@ sdpa attention of a model without sliding-window layers.
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,15 @@ import torch
 from torch import Tensor
 
 from pyramid_core.backends.hf.cache import StageCache, StaticShape
+from pyramid_core.backends.hf.choice import ModeChoice, choose_modes, fingerprint
 from pyramid_core.backends.hf.fast import packed_view
 from pyramid_core.backends.hf.graphs import StaticForward
 from pyramid_core.backends.hf.hidden import FeatureLayers
 from pyramid_core.backends.hf.layers import truncate_layers
 from pyramid_core.backends.hf.loading import load_model, load_tokenizer
-from pyramid_core.backends.hf.runtime import resolve_mode
+from pyramid_core.backends.hf.runtime import measured_candidates, resolve_mode
 from pyramid_core.backends.hf.student import is_student_dir, student_base
+from pyramid_core.devices import sync
 from pyramid_core.options import ExecutionMode
 from pyramid_core.tree import TokenTree
 from pyramid_core.types import Block
@@ -49,6 +52,9 @@ __all__ = ["HFStage"]
 
 STATIC_SLOTS = 1024
 """Slots a static cache (graph mode) starts with; it grows, up to the model's context, by doubling."""
+
+PROBE_CONTEXT = 64
+"""Tokens in the cache when ``compile=auto`` times a stage's modes (``backends.hf.choice``)."""
 
 FEATURES = "features"
 """The ``StageCache`` track of the kept hidden states: ``Float[Tensor, "slots layers hidden"]``."""
@@ -118,11 +124,15 @@ class HFStage:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-        # what score() runs: the model itself, or its fast view; ``model`` stays the plain module
-        # (what HF generate runs)
+        # hidden states of chosen layers for the cached positions (``enable_features``)
+        self.feature_size = int(model.config.hidden_size)
+        self._features = FeatureLayers(self.num_layers, self.name)
+        # what score() runs: the model itself, or its fast view, per fed length (``compile=auto``
+        # measures which); ``model`` stays the plain module (what HF generate runs)
         self.dtype: torch.dtype = next(model.parameters()).dtype
         self.mode = resolve_mode(ExecutionMode.parse(compile), self.device, self.dtype, self.name)
-        self.runner: Any = packed_view(model) if self.mode is ExecutionMode.FAST else model
+        self.runners: dict[ExecutionMode, Any] = {ExecutionMode.EAGER: model}
+        self.choice: ModeChoice | None = None
         self._static: StaticForward | None = None
         if self.mode in (ExecutionMode.GRAPHS, ExecutionMode.STATIC):
             config = model.config
@@ -134,14 +144,51 @@ class HFStage:
             self._static = StaticForward(model, self._cache, self._cache_kw, capture=self.mode is ExecutionMode.GRAPHS)
         else:
             self._cache = StageCache(self.num_layers)
-        # hidden states of chosen layers for the cached positions (``enable_features``)
-        self.feature_size = int(model.config.hidden_size)
-        self._features = FeatureLayers(self.num_layers, self.name)
+        if self.mode in (ExecutionMode.FAST, ExecutionMode.AUTO):
+            self.runners[ExecutionMode.FAST] = packed_view(model)
+        if self.mode is ExecutionMode.AUTO:
+            candidates = measured_candidates(self.device, self.dtype)
+            key = fingerprint(model, kind="hf", dtype=self.dtype, device=self.device, layers=self.num_layers)
+            self.choice = choose_modes(key, self._time_mode, candidates)
+            self.runners = {m: r for m, r in self.runners.items() if m in self.choice.distinct}
+            self.reset()
+        self.runner: Any = self.runners.get(self.mode_for(1), model)  # static / graphs: the model itself
+
+    def mode_for(self, m: int) -> ExecutionMode:
+        """The mode of a forward feeding ``m`` tokens (``compile=auto``: the measured choice)."""
+        if self.choice is not None:
+            return self.choice.mode_for(m)
+        return ExecutionMode.EAGER if self.mode is ExecutionMode.AUTO else self.mode
 
     @property
     def compiled(self) -> bool:
-        """Whether the forwards run in the fast mode."""
-        return self.mode is ExecutionMode.FAST
+        """Whether one-token forwards (decoding) run in the fast mode."""
+        return self.mode_for(1) is ExecutionMode.FAST
+
+    @property
+    def mode_summary(self) -> str:
+        """The mode in words: ``"fast"``, ``"eager"``, or the measured choice per fed length."""
+        return self.choice.summary() if self.choice is not None else self.mode.value
+
+    @torch.inference_mode()
+    def _time_mode(self, mode: ExecutionMode, m: int) -> float:
+        """Seconds of one forward in ``mode`` feeding ``m`` tokens after ``PROBE_CONTEXT`` cached
+        ones (the cache is left holding that context)."""
+        runner = self.runners[mode]
+        cache = self._cache
+        if cache.length != PROBE_CONTEXT:
+            cache.reset()
+            ids = torch.arange(PROBE_CONTEXT) % self.vocab_size
+            self._eager(ids, torch.arange(PROBE_CONTEXT), 1, None, runner)
+            cache.write_ids(0, ids)
+        feed = (torch.arange(m) * 7 + 3) % self.vocab_size
+        sync(self.device)
+        start = time.perf_counter()
+        self._eager(feed, torch.arange(PROBE_CONTEXT, PROBE_CONTEXT + m), m, None, runner)
+        sync(self.device)
+        seconds = time.perf_counter() - start
+        cache.truncate(PROBE_CONTEXT)
+        return seconds
 
     def enable_features(self, layers: tuple[int, ...]) -> None:
         """Keep the hidden states of ``layers`` (``backends.hf.hidden`` numbering; ``()``: none)
@@ -256,7 +303,7 @@ class HFStage:
             self._cache.write_track(FEATURES, slot, self._features.stack(hidden))
         return logits[-rows:, : self.vocab_size]
 
-    def _eager(self, feed: Tensor, positions: Tensor, rows: int, allowed: Tensor | None
+    def _eager(self, feed: Tensor, positions: Tensor, rows: int, allowed: Tensor | None, runner: Any = None
                ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         kwargs: dict[str, Any] = {self._cache_kw: self._cache.kv}
         if self._keep_kw is not None:
@@ -266,8 +313,10 @@ class HFStage:
         if allowed is not None:
             mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
             kwargs["attention_mask"] = mask[None, None].to(self.device)
-        out = self.runner(input_ids=feed.to(self.device).unsqueeze(0),
-                          position_ids=positions.to(self.device).unsqueeze(0), use_cache=True, **kwargs)
+        if runner is None:
+            runner = self.runners.get(self.mode_for(int(feed.numel())), self.model)
+        out = runner(input_ids=feed.to(self.device).unsqueeze(0), position_ids=positions.to(self.device).unsqueeze(0),
+                     use_cache=True, **kwargs)
         return out.logits[0], out.hidden_states if self._features.enabled else None
 
     def _score_tree(self, context: Tensor, block: Block) -> Tensor:
@@ -324,5 +373,5 @@ class HFStage:
     def __repr__(self) -> str:
         return (
             f"HFStage(name={self.name!r}, layers={self.num_layers}, vocab_size={self.vocab_size}, "
-            f"device={self.device}, dtype={self.dtype}, mode={self.mode.value})"
+            f"device={self.device}, dtype={self.dtype}, mode={self.mode_summary})"
         )
