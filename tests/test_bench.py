@@ -61,7 +61,7 @@ def test_bench_tiny_rows_identity_and_files(tiny_stages: tuple[HFStage, HFStage]
     assert result.mismatches and lossy.label in result.mismatches[0]
     md = result.to_markdown()
     table = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + len(result.rows) and all(line.count("|") == 12 for line in table)
+    assert len(table) == 2 + len(result.rows) and all(line.count("|") == 13 for line in table)
     assert "| acceptance per try | accepted/proposed |" in table[0] and "| acceptance |" not in table[0]
     assert "MISMATCH" in md
     files = write_bench(result, tmp_path)
@@ -130,9 +130,10 @@ def test_bench_quick_smollm2(tmp_path: Path) -> None:
     labels = [r["label"] for r in data["rows"]]
     hf = [r["label"] for r in data["rows"] if r["framework"] == "hf"]
     # HF generate eager and over the compiled stage (the CLI compiles by default where it helps),
-    # assisted with the draft and with the qualifier, prompt lookup; then the 11 pyramid rows and
-    # the 3 rows of the shipped feature head
-    assert hf[0] == "HF generate (target)" and len(hf) == 5, hf
+    # the float32 eager reference, assisted with the draft and with the qualifier, prompt lookup;
+    # then the 11 pyramid rows and the 3 rows of the shipped feature head
+    assert hf[0] == "HF generate (target)" and len(hf) == 6, hf
+    assert "HF generate (target, float32 eager)" in hf
     assert sum(r["framework"] == "pyramid" for r in data["rows"]) == 14 and not data["mismatches"]
     assert "sd: draft→qualifier→target" in labels and "tree draft→qualifier→target" in labels
     assert {"feature→target", "tree feature→target", "feature→qualifier→target"} <= set(labels)

@@ -97,26 +97,42 @@ def run(ns: argparse.Namespace) -> int:
 
 def _compare(pipe: Any, ids: list[int], tokens: list[int], tokens_per_s: float,
              ns: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    """Plain HF ``generate`` of the target on the same prompt: timing and greedy identity."""
+    """Plain HF ``generate`` of the target on the same prompt -- eager, and over the stage's
+    compiled runner where it has one -- timed, the pipeline's speedup over the faster of them,
+    and greedy identity within the target's dtype (a divergence at a numerical tie of the dtype
+    is reported as such, not as a failure: ``lab.bench.identity``)."""
     # lazy: the hf backend loads with its plugin
     from pyramid_core.backends.hf.baseline import run_baselines
     from pyramid_core.backends.hf.stage import HFStage
+    from pyramid_core.lab.bench.identity import first_divergence
 
     if not isinstance(pipe.target, HFStage):
         raise ConfigError("--compare needs a Hugging Face target stage")
-    hf = run_baselines(pipe.target, [ids], max_new_tokens=ns.max_new_tokens, stop_ids=pipe.stop_ids,
-                       sampling=pipe.sampling, seed=ns.seed)[0]
-    if not hf.ran:
-        raise ConfigError(f"HF generate of the target failed: {hf.note}")
-    ref = list(hf.outputs[0])
-    hf_tps = len(ref) / hf.wall_s
-    print(f"\nplain HF generate (target alone): {len(ref)} tokens in {hf.wall_s:.2f} s = {hf_tps:.1f} tokens/s; "
-          f"pipeline speedup {tokens_per_s / hf_tps:.2f}x")
-    out: dict[str, Any] = {"tokens": len(ref), "wall_s": hf.wall_s, "tokens_per_s": hf_tps,
-                           "speedup": tokens_per_s / hf_tps}
+    runs = run_baselines(pipe.target, [ids], max_new_tokens=ns.max_new_tokens, stop_ids=pipe.stop_ids,
+                         sampling=pipe.sampling, seed=ns.seed, compiled=True)
+    failed = [r for r in runs if not r.ran]
+    if failed:
+        raise ConfigError(f"HF generate of the target failed ({failed[0].label}): {failed[0].note}")
+    print()
+    table = {}
+    for r in runs:
+        tps = len(r.outputs[0]) / r.wall_s
+        table[r.label] = {"tokens": len(r.outputs[0]), "wall_s": r.wall_s, "tokens_per_s": tps}
+        print(f"{r.label}: {len(r.outputs[0])} tokens in {r.wall_s:.2f} s = {tps:.1f} tokens/s")
+    fastest = max(table, key=lambda k: table[k]["tokens_per_s"])
+    speedup = tokens_per_s / table[fastest]["tokens_per_s"]
+    dtype = str(pipe.target.dtype).removeprefix("torch.")
+    print(f"pipeline speedup over the fastest ({fastest}, {dtype}): {speedup:.2f}x")
+    out: dict[str, Any] = {**table[fastest], "baseline": fastest, "dtype": dtype, "speedup": speedup,
+                           "configurations": table}
     if not pipe.sampling.is_greedy:
         return out, 0
-    same = ref == tokens
-    print("greedy output token-identical to HF generate: " + ("yes" if same else "NO"))
+    ref = list(runs[0].outputs[0])  # eager: the reference text
+    d = first_divergence(pipe.target, ids, ref, tokens)
+    same = d is None or d.tie
+    where = "" if d is None else (f" (left HF's text at new token {d.position}, a numerical tie of {dtype}: "
+                                  f"logit margin {d.margin:.3g})" if d.tie else f" (from new token {d.position})")
+    print("greedy output token-identical to HF generate: " + ("yes" if same else "NO") + where)
     out["identical"] = same
+    out["tie"] = None if d is None else {"position": d.position, "margin": d.margin} if d.tie else None
     return out, 0 if same else 3

@@ -34,6 +34,7 @@ from pyramid_core.errors import ConfigError
 from pyramid_core.lab.outputs import json_text, md_escape
 
 __all__ = ["Question", "Answer", "GROUPS", "MT_BENCH", "is_specbench_file", "load_questions", "answer_questions",
+           "mean_tokens_per_s",
            "write_answers", "group_report", "report_markdown", "Generate"]
 
 MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -212,8 +213,7 @@ def group_report(methods: dict[str, list[Answer]], baseline: str) -> dict[str, d
             mine, base = pick(answers, group), pick(methods[baseline], group)
             if not mine or not base:
                 continue
-            speed = statistics.fmean(a.tokens_per_s for a in mine)
-            base_speed = statistics.fmean(a.tokens_per_s for a in base)
+            speed, base_speed = mean_tokens_per_s(mine), mean_tokens_per_s(base)
             accepts = [x for a in mine for x in a.accept_lengths]
             out[name][group] = {"speedup": speed / base_speed, "tokens_per_s": speed,
                                 "accept_length": statistics.fmean(accepts) if accepts else float("nan"),
@@ -221,14 +221,31 @@ def group_report(methods: dict[str, list[Answer]], baseline: str) -> dict[str, d
     return out
 
 
-def report_markdown(report: dict[str, dict[str, dict[str, float]]], baseline: str) -> str:
+def mean_tokens_per_s(answers: list[Answer]) -> float:
+    """What a method's overall speed is in the report: the mean over answers of tokens/s."""
+    return statistics.fmean(a.tokens_per_s for a in answers) if answers else 0.0
+
+
+def report_markdown(report: dict[str, dict[str, dict[str, float]]], baseline: str, gain_over: str | None = None
+                    ) -> str:
+    """The per-group table; with ``gain_over`` (a method), a last column: each method's overall
+    tokens/s over that method's (speculation's own gain, apart from the runtime's)."""
     groups = [g for g in (*GROUPS, "overall") if any(g in r for r in report.values())]
-    lines = ["| method | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
+    gain = gain_over is not None and "overall" in report.get(gain_over, {})
+    lines = ["| method | " + " | ".join(groups) + (" | gain |" if gain else " |"),
+             "|" + "---|" * (len(groups) + 1 + gain)]
     for name, rows in report.items():
         cells = [f"{rows[g]['speedup']:.2f}x / {rows[g]['accept_length']:.2f}" if g in rows else "-" for g in groups]
+        if gain:
+            assert gain_over is not None
+            base = report[gain_over]["overall"]["tokens_per_s"]
+            cells.append(f"{rows['overall']['tokens_per_s'] / base:.2f}x"
+                         if "overall" in rows and not name.startswith("HF") and base > 0 else "-")
         lines.append(f"| {md_escape(name)} | " + " | ".join(cells) + " |")
     counts = ", ".join(f"{g} {int(next(iter(report.values()))[g]['questions'])}" for g in groups
                        if g in next(iter(report.values())))
-    lines += ["", f"Each cell: speedup over {md_escape(repr(baseline))} (mean over questions of tokens/s, over the baseline's) / "
-              f"mean accept length (tokens per target verification, bonus included). Questions: {counts}."]
+    lines += ["", f"Each cell: speedup over {md_escape(repr(baseline))} (the fastest HF configuration of the run; mean "
+              "over questions of tokens/s, over the baseline's) / mean accept length (tokens per target "
+              f"verification, bonus included). Questions: {counts}."
+              + (f" gain: overall tokens/s over {md_escape(repr(gain_over))}'s." if gain else "")]
     return "\n".join(lines) + "\n"

@@ -18,11 +18,14 @@ from pyramid_core.backends.hf.stage import HFStage
 from pyramid_core.devices import sync
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["BaselineRun", "HF_GENERATE", "HF_GENERATE_COMPILED", "HF_GENERATE_STATIC", "run_baselines", "versions"]
+__all__ = ["BaselineRun", "HF_GENERATE", "HF_GENERATE_COMPILED", "HF_GENERATE_STATIC", "HF_GENERATE_FP32",
+           "run_baselines", "versions"]
 
 HF_GENERATE = "HF generate (target)"
 HF_GENERATE_COMPILED = "HF generate (target, compiled stage)"
 HF_GENERATE_STATIC = "HF generate (static cache + torch.compile)"
+HF_GENERATE_FP32 = "HF generate (target, float32 eager)"
+"""A reference in another dtype when the target is not float32: never the baseline of a speedup."""
 
 
 @attrs.frozen
@@ -96,6 +99,7 @@ def run_baselines(
     prompt_lookup_tokens: int | None = None,
     compiled: bool = False,
     static_compile: bool = False,
+    float32_reference: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> list[BaselineRun]:
@@ -104,7 +108,9 @@ def run_baselines(
     stage runs); with ``static_compile``, with a static cache and a ``torch.compile``d forward
     (every prompt is run once untimed first: each prompt length compiles); then assisted
     generation with each ``(name, stage, tokens per round)`` of ``assistants``, then prompt
-    lookup with ``prompt_lookup_tokens`` tokens (``None``: not run). Each mode is warmed up on
+    lookup with ``prompt_lookup_tokens`` tokens (``None``: not run); with ``float32_reference`` and
+    a target in another dtype, eager HF generate of the same model loaded in float32 (a reference
+    across dtypes, not a baseline: ``plain`` is False). Each mode is warmed up on
     the first prompt, then timed prompt by prompt (prompt i seeded with ``seed + i`` when
     sampling). A mode this transformers version (or device) does not support is returned with
     a ``note``."""
@@ -130,8 +136,20 @@ def run_baselines(
     if prompt_lookup_tokens is not None:
         variants.append((f"HF prompt lookup ({prompt_lookup_tokens})", model,
                          {"prompt_lookup_num_tokens": prompt_lookup_tokens}, 1, False))
+    source = str(getattr(model.config, "name_or_path", "") or "")
+    if float32_reference and target.dtype != torch.float32 and source and target.model is target.source:
+        from pyramid_core.backends.hf.loading import load_model
+
+        try:
+            variants.append((HF_GENERATE_FP32, load_model(source, device=device, dtype=torch.float32), {}, 1, False))
+        except (OSError, ValueError) as exc:
+            runs_note = f"not run: the float32 copy of {source} did not load: {exc}"[:200]
+            variants.append((HF_GENERATE_FP32, None, {"note": runs_note}, 0, False))
     runs: list[BaselineRun] = []
     for label, module, extra, warm, plain in tqdm(variants, desc="bench HF", disable=not progress):
+        if module is None:
+            runs.append(BaselineRun(label, note=extra["note"], plain=plain))
+            continue
         counter = _ForwardCounter(module)
         outs: list[tuple[int, ...]] = []
         wall = 0.0

@@ -9,18 +9,38 @@ from collections.abc import Sequence
 from pyramid_core.backends.hf.baseline import (
     HF_GENERATE,
     HF_GENERATE_COMPILED,
+    HF_GENERATE_FP32,
     HF_GENERATE_STATIC,
     run_baselines,
 )
 from pyramid_core.backends.hf.stage import HFStage
+from pyramid_core.lab.bench.identity import first_divergence
 from pyramid_core.lab.bench.report import BenchRow
 from pyramid_core.protocols import Stage
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["PLAIN_HF", "hf_rows"]
+__all__ = ["PLAIN_HF", "hf_rows", "judge_identity"]
 
 
 PLAIN_HF = (HF_GENERATE, HF_GENERATE_COMPILED, HF_GENERATE_STATIC)
+
+
+def judge_identity(row: BenchRow, target: Stage, cases: Sequence[tuple[str, Sequence[int], Sequence[int]]],
+                   outputs: Sequence[Sequence[int]]) -> None:
+    """Set ``row.identical``, ``row.mismatched_prompts`` and ``row.ties``: each output of
+    ``cases`` (prompt id, prompt tokens, reference tokens) against its reference, a divergence
+    at a numerical tie of the target's dtype not counting as a mismatch
+    (``lab.bench.identity``)."""
+    bad, ties = [], []
+    for (pid, prompt, ref), out in zip(cases, outputs):
+        d = first_divergence(target, prompt, ref, out)
+        if d is None:
+            continue
+        if d.tie:
+            ties.append(f"{pid}@{d.position} (margin {d.margin:.3g})")
+        else:
+            bad.append(pid)
+    row.identical, row.mismatched_prompts, row.ties = not bad, bad, ties
 
 
 def hf_rows(
@@ -52,7 +72,7 @@ def hf_rows(
         assistants.append(("qualifier", qualifier, qualifier_length or (lengths3[1] if lengths3 else 8)))
     runs = run_baselines(target, encoded, max_new_tokens=max_new_tokens, stop_ids=stop_ids, assistants=assistants,
                          prompt_lookup_tokens=prompt_lookup_tokens, compiled=target.compiled,
-                         static_compile=hf_compile, sampling=sampling, progress=progress)
+                         static_compile=hf_compile, float32_reference=True, sampling=sampling, progress=progress)
     outputs = {r.label: [list(o) for o in r.outputs] for r in runs if r.ran}
     eager = outputs.get(HF_GENERATE) if sampling.is_greedy else None  # sampled text is compared by quality
     rows = []
@@ -61,12 +81,15 @@ def hf_rows(
                        target_forwards=run.target_forwards, note=run.note)
         if run.ran and eager is not None:
             bad = [pid for pid, o, r in zip(prompt_ids, outputs[run.label], eager) if o != r]
-            if run.label in (HF_GENERATE_COMPILED, HF_GENERATE_STATIC):  # another execution mode
+            if run.label == HF_GENERATE_FP32:  # another dtype: a reference, not a check
+                row.note = (f"float32 reference: greedy output equal to the {target.dtype} run on "
+                            f"{len(encoded) - len(bad)} of {len(encoded)} prompts")
+            elif run.label in (HF_GENERATE_COMPILED, HF_GENERATE_STATIC):  # another execution mode
                 row.note = (f"compiled: greedy output equal to eager HF generate on {len(encoded) - len(bad)} of "
                             f"{len(encoded)} prompts (float rounding may flip near-ties)")
                 row.identical = True if run.label == HF_GENERATE_COMPILED else None
             else:
-                row.identical, row.mismatched_prompts = not bad, bad
+                judge_identity(row, target, list(zip(prompt_ids, encoded, eager)), outputs[run.label])
         rows.append(row)
     if not sampling.is_greedy:
         return rows, None

@@ -33,11 +33,12 @@ from collections.abc import Sequence
 import attrs
 import torch
 
-from pyramid_core.backends.hf.baseline import versions
+from pyramid_core.backends.hf.baseline import HF_GENERATE, versions
 from pyramid_core.backends.hf.stage import HFStage
 from pyramid_core.build import PipelineSpec
+from pyramid_core.devices import cpu_name
 from pyramid_core.errors import ConfigError, PyramidError
-from pyramid_core.lab.bench.baselines import PLAIN_HF, hf_rows
+from pyramid_core.lab.bench.baselines import PLAIN_HF, hf_rows, judge_identity
 from pyramid_core.lab.bench.report import TARGET_ALONE, BenchResult, BenchRow
 from pyramid_core.lab.latency.chain import predict_chain
 from pyramid_core.lab.latency.cost import ForwardCost
@@ -201,13 +202,10 @@ def _pyramid_row(
     pipe.generate(jobs[0][1], min(2, max_new_tokens))  # warm-up (first-call allocations)
     runs: list[Metrics] = []
     outputs: list[list[int]] = []
-    bad: list[str] = []
-    for i, ids, seed in jobs:
+    for _, ids, seed in jobs:
         gen = pipe.generate(ids, max_new_tokens, seed=seed)
         runs.append(gen.metrics)
         outputs.append(gen.token_list)
-        if refs is not None and gen.token_list != refs[i]:
-            bad.append(prompt_ids[i])
     m = Metrics.pool(runs)
     row = BenchRow(cfg.label, "pyramid", lossless=cfg.lossless, block_lengths=list(pipe.block_lengths))
     row.tokens, row.wall_s, row.target_forwards = m.new_tokens, m.wall_s, m.target_forwards
@@ -221,8 +219,8 @@ def _pyramid_row(
         row.stages.append({"name": st.name, "forwards": st.forwards, "forward_s": st.forward_s,
                            "ms_per_forward": 1000 * st.seconds_per_forward if st.forwards else math.nan})
     row.overhead_fraction = m.overhead_s / m.wall_s if m.wall_s > 0 else math.nan
-    if refs is not None:
-        row.identical, row.mismatched_prompts = not bad, bad
+    if refs is not None:  # after the timing: tie checks run target forwards
+        judge_identity(row, pipe.target, [(prompt_ids[i], ids, refs[i]) for i, ids, _ in jobs], outputs)
     if cfg.tree is not None:
         row.note = "token tree: the chain latency model does not apply (no prediction)"
     elif all(math.isfinite(a) for a in alphas) and row.tokens:
@@ -283,6 +281,18 @@ def _predict(row: BenchRow, pipe: Pipeline, m: Metrics, alphas: list[float], pro
     alone = m.stages[-1].prefill_s / prompts + per_prompt * pred.target_time_per_token
     row.predicted_speedup = alone / (prefill + per_prompt * pred.time_per_token)
     row.predicted_tokens_per_target_forward = pred.tokens_per_target_forward
+
+
+def set_gains(rows: Sequence[BenchRow]) -> None:
+    """``BenchRow.gain``: pyramid rows over pyramid N = 1, HF assisted and prompt-lookup rows over
+    eager HF generate -- speculation's own gain, apart from the runtime's."""
+    by_label = {r.label: r for r in rows if r.tokens}
+    alone, hf_eager = by_label.get(TARGET_ALONE), by_label.get(HF_GENERATE)
+    for r in rows:
+        base = alone if r.framework == "pyramid" else (
+            hf_eager if r.label.startswith(("HF assisted", "HF prompt lookup")) else None)
+        if r.tokens and base is not None and base.tokens_per_s > 0:
+            r.gain = r.tokens_per_s / base.tokens_per_s
 
 
 def run_bench(
@@ -384,6 +394,7 @@ def run_bench(
     ref_tps = fastest.tokens_per_s
     for r in rows:
         r.speedup = r.tokens_per_s / ref_tps if r.tokens and ref_tps > 0 else math.nan
+    set_gains(rows)
     meta = {
         "prompts": len(prompts),
         "sampling": attrs.asdict(sampling),
@@ -397,6 +408,9 @@ def run_bench(
                   f"{versions() if isinstance(target, HFStage) else 'no HF backend'}, "
                   f"{platform.processor() or platform.machine()}",
         "baseline": fastest.label,
+        "dtype": str(getattr(target, "dtype", "")).removeprefix("torch."),
+        "cpu": cpu_name(),
+        "modes": {s.name: s.mode_summary for s in (target, draft, qualifier) if isinstance(s, HFStage)},
         "compiled": bool(getattr(target, "compiled", False)),
         "forward_costs": costs.as_dict(),
         "time": time.time(),
