@@ -44,6 +44,7 @@ __all__ = [
     "length_distributions",
     "Measured",
     "measure_alpha",
+    "measure_bandwidth",
     "measure_candidates",
     "measure_forward_time",
     "measure_pairwise_alpha",
@@ -274,6 +275,20 @@ def measure_stage_costs(
                 seconds[m].append(time.perf_counter() - t0)
     stage.reset()
     return ForwardCost([(m, statistics.median(seconds[m])) for m in sizes], stage.name)
+
+
+def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """Bytes per second this machine reads from memory: the fastest of ``repeats`` sums over a
+    ``nbytes`` float32 tensor (far larger than any cache level), after one untimed sum."""
+    x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    best = math.inf
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        x.sum()
+        sync(x.device)
+        if r:
+            best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
 
 
 def measure_stage_time(stage: Stage, context_len: int, repeats: int = 10, *, warmup: int = 2) -> float:

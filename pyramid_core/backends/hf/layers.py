@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["decoder_layers", "truncate_layers"]
+__all__ = ["decoder_layers", "truncate_layers", "forward_weight_bytes"]
 
 
 def decoder_layers(model: Any) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -66,3 +66,26 @@ def truncate_layers(model: Any, num_layers: int) -> Any:
         parent = child
     parent._modules[attr] = nn.ModuleList(list(layers)[:num_layers])
     return root
+
+
+def forward_weight_bytes(model: Any, num_layers: int | None = None) -> int:
+    """Bytes of weights one decode forward of ``model`` reads (its first ``num_layers`` decoder
+    layers; all by default): every parameter and buffer once (tied weights count once), but
+    neither the layers past ``num_layers`` nor the input embedding, of which a forward reads
+    only the fed rows -- unless it is tied to the LM head, which reads all of it. Divided by the
+    memory bandwidth, the least time a forward can take (``pyramid profile``'s floor)."""
+    _, _, layers = decoder_layers(model)
+    skipped = {id(p) for layer in layers[num_layers or len(layers):] for p in layer.parameters()}
+    embed = model.get_input_embeddings().weight
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if getattr(head, "weight", None) is not embed:
+        skipped.add(id(embed))
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in skipped or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
