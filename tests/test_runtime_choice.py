@@ -329,3 +329,17 @@ def test_profile_times_every_mode_against_the_memory_floor(tmp_path: Path, choic
                  "--repeats", "2", "--no-compile"]) == 0
     out = capsys.readouterr().out
     assert "| floor ms | T(1)/floor |" in out and "| eager |" in out
+
+
+def test_the_floor_of_a_feature_head_counts_the_head_and_the_lm_head_it_uses(tiny_models: dict[str, Any]) -> None:
+    from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig
+    from pyramid_core.backends.hf.head_stage import FeatureStage
+    from pyramid_core.backends.hf.layers import forward_weight_bytes
+    from pyramid_core.cli.profile import _floor_bytes
+
+    model = tiny_models["target"]
+    head = FeatureHead(model, FeatureHeadConfig(layers=(-1,), variant="eagle1"))
+    own = sum(p.numel() * p.element_size() for p in [*head.parameters(), *head.buffers()])
+    lm = model.get_output_embeddings().weight
+    assert _floor_bytes(FeatureStage(head)) == own + lm.numel() * lm.element_size()
+    assert _floor_bytes(HFStage(model)) == forward_weight_bytes(model)

@@ -19,6 +19,7 @@ from pyramid_core.lab.specbench import (
     group_report,
     is_specbench_file,
     load_questions,
+    report_markdown,
     write_answers,
 )
 
@@ -100,6 +101,22 @@ def test_group_report_follows_speed_py() -> None:
     assert report["base"]["rag"]["accept_length"] == 1.0
     with pytest.raises(ConfigError, match="baseline 'nope'"):
         group_report({"base": base}, "nope")
+    table = report_markdown(report, "base", gain_over="base")
+    assert "| overall | gain |" in table and table.splitlines()[3].endswith("| 2.00x |")  # fast: 15 / 7.5 tok/s
+
+
+def test_the_spec_bench_baseline_is_the_fastest_hf_configuration(question_file: Path, tiny_models: dict[str, Any],
+                                                                 tmp_path: Path) -> None:
+    target = save_with_words(tiny_models["target"], tmp_path / "target")
+    out = tmp_path / "out"
+    assert main(["bench", "--prompts", str(question_file), "--target", f"hf:path={target}", "--draft",
+                 f"hf:path={target},num_layers=1", "--qualifier", "none", "--max-new-tokens", "6", "--compile",
+                 "--dtype", "float32", "--out", str(out)]) == 0
+    report = json.loads((out / "specbench.json").read_text())
+    hf = {name: rows["overall"]["tokens_per_s"] for name, rows in report["report"].items() if name.startswith("HF")}
+    assert set(hf) == {"HF generate (target)", "HF generate (target, compiled stage)"}
+    assert report["baseline"] == max(hf, key=lambda k: hf[k])
+    assert "| gain |" in (out / "specbench.md").read_text()
 
 
 def test_bench_on_a_spec_bench_file(question_file: Path, tiny_models: dict[str, Any], tmp_path: Path,

@@ -92,7 +92,11 @@ def run(ns: argparse.Namespace) -> int:
              if free else "")
           + (f"; feature drafts ({', '.join(feats)}): T(M) measured, effective α of a 2-stage run at length "
              f"{ns.feature_length}, first stage only" if feats else "") + ".")
+    modes = ", ".join(f"{getattr(c, 'name', n)}: {getattr(c, 'mode_summary', '-')}" for n, c in zip(specs, candidates)
+                      if hasattr(c, "mode_summary"))
+    print(f"Stages in {str(getattr(target, 'dtype', '-')).removeprefix('torch.')}; execution modes: {modes or '-'}.")
     print(f"\nbest: {' → '.join(plan.chain)}, lengths {list(plan.block_lengths)}: predicted "
-          f"{plan.tokens_per_s:.1f} tokens/s, {plan.speedup:.2f}x the target alone")
+          f"{plan.tokens_per_s:.1f} tokens/s, {plan.speedup:.2f}x the target alone (the speculation gain: over "
+          "pyramid's own N = 1 in the same dtype and modes; `pyramid bench` measures it against HF)")
     print(command)
     return 0

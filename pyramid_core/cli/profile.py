@@ -51,13 +51,18 @@ def _variants(spec: str, stage: Stage, ns: argparse.Namespace, regs: plugins.Reg
 
 
 def _floor_bytes(stage: Stage) -> int | None:
-    """Weight bytes one decode forward of ``stage`` reads (HF model stages; ``None`` otherwise)."""
-    from pyramid_core.backends.hf.layers import forward_weight_bytes
+    """Weight bytes one decode forward of ``stage`` reads (HF model stages: the layers it runs and
+    its LM head; feature heads: the head and the LM head it uses; ``None`` for other stages)."""
+    from pyramid_core.backends.hf.head_stage import FeatureStage
+    from pyramid_core.backends.hf.layers import forward_weight_bytes, unique_bytes
     from pyramid_core.backends.hf.stage import HFStage
 
-    if not isinstance(stage, HFStage):
-        return None
-    return forward_weight_bytes(stage.model, stage.num_layers)
+    if isinstance(stage, HFStage):
+        return forward_weight_bytes(stage.model, stage.num_layers)
+    if isinstance(stage, FeatureStage):
+        head = stage.head
+        return unique_bytes([*head.parameters(), *head.buffers(), *head.head_module().parameters()])
+    return None
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["decoder_layers", "truncate_layers", "forward_weight_bytes"]
+__all__ = ["decoder_layers", "truncate_layers", "forward_weight_bytes", "unique_bytes"]
 
 
 def decoder_layers(model: Any) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -81,11 +82,15 @@ def forward_weight_bytes(model: Any, num_layers: int | None = None) -> int:
     head = get_out() if callable(get_out) else None
     if getattr(head, "weight", None) is not embed:
         skipped.add(id(embed))
+    return unique_bytes(t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in skipped)
+
+
+def unique_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes of ``tensors``, each storage counted once (tied weights)."""
     seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in skipped or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
     return total
