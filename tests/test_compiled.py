@@ -81,11 +81,28 @@ def test_packed_view_leaves_the_model_untouched(tiny_models: dict[str, Any]) -> 
     model = tiny_models["target"]
     view = packed_view(model)
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
-    assert sum(isinstance(m, PackedLinear) for m in view.modules()) == 7 * 2 + 1  # 7 per layer + head
+    # per layer: q/k/v fused, o, gate/up fused, down; then the head
+    assert sum(isinstance(m, PackedLinear) for m in view.modules()) == 4 * 2 + 1
+    members = [m for m in view.modules() if type(m).__name__ == "_FusedMember"]
+    attn = model.model.layers[0].self_attn
+    assert len(members) == 5 * 2 and [m.out_features for m in members[:3]] == [
+        attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
     assert view.get_input_embeddings().weight is model.get_input_embeddings().weight  # shared, not copied
     x = torch.tensor([PROMPT])
     with torch.inference_mode():
         assert (view(x).logits - model(x).logits).abs().max() < ATOL
+
+
+def test_a_fused_member_called_alone_computes_its_own_slice(tiny_models: dict[str, Any]) -> None:
+    """A member of a fused group (q, k, v) called on an input the group has not computed for,
+    or out of order, or twice, returns what its own linear would."""
+    model = tiny_models["target"]
+    attn, view_attn = model.model.layers[0].self_attn, packed_view(model).model.layers[0].self_attn
+    x, y = torch.randn(1, 3, 32), torch.randn(1, 2, 32)
+    with torch.inference_mode():
+        for name, arg in (("k_proj", x), ("q_proj", y), ("k_proj", y), ("k_proj", y), ("v_proj", x), ("v_proj", y)):
+            got, want = getattr(view_attn, name)(arg), getattr(attn, name)(arg)
+            assert got.shape == want.shape and (got - want).abs().max() < 1e-5, name
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,9 @@ def test_the_choice_is_kept_and_measured_again_when_machine_torch_or_model_chang
     assert counting.runs == 2
     monkeypatch.setattr(choice_mod, "cpu_name", lambda: "Another CPU")  # another machine
     assert key() not in (before, torch_key)
+    machine_key = key()
+    monkeypatch.setattr(choice_mod, "REVISION", choice_mod.REVISION + 1)  # modes implemented differently
+    assert key() not in (before, torch_key, machine_key)
     HFStage(model, name="t", compile="auto")
     assert counting.runs == 3
     from pyramid_core.backends.hf.tiny import perturbed

@@ -12,7 +12,8 @@ feeding M tokens runs the choice of the smallest bucket >= M (the largest for lo
 The choice is measured once per machine, torch, transformers, model and dtype and kept in a JSON
 file (``choice_file``: ``$PYRAMID_MODE_CACHE``, default ``<model home>/modes.json``) under a key
 that changes with any of them (``fingerprint``): the CPU's name and instruction sets, the thread
-count, the library versions, and the model's config, layer count and a checksum of its weights.
+count, the library versions, the model's config, layer count and a checksum of its weights, and
+``REVISION`` (this code's).
 A file that cannot be read is measured over; one that cannot be written is left alone.
 """
 
@@ -43,6 +44,10 @@ MARGIN = 0.03
 """A mode other than eager wins a bucket only when it is this much faster (noise never picks it)."""
 
 CHOICE_ENV = "PYRAMID_MODE_CACHE"
+
+REVISION = 2
+"""Part of every key: raised whenever a mode's implementation changes what it costs (2: the fast
+mode fuses sibling linears), so choices measured on the old code are measured again."""
 
 _REPEATS = 7
 
@@ -125,7 +130,7 @@ def fingerprint(model: Any, *, kind: str, dtype: torch.dtype, device: torch.devi
     config_text = to_json(use_diff=False) if callable(to_json) else repr(config)
     key = {"machine": machine_key(), "kind": kind, "dtype": str(dtype), "device": str(device), "layers": layers,
            "config": hashlib.sha256(config_text.encode()).hexdigest()[:16], "weights": _weights_digest(model),
-           "buckets": list(BUCKETS), "margin": MARGIN}
+           "buckets": list(BUCKETS), "margin": MARGIN, "revision": REVISION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
