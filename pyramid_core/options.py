@@ -5,7 +5,8 @@ keyword) and passed down unchanged.
 modules), ``FAST`` (for the Hugging Face backend on CPU: oneDNN pre-packed weights --
 docs/compile.md), ``GRAPHS`` (on CUDA: forwards over a static KV cache, captured as one CUDA graph
 per fed-length bucket), ``STATIC`` (the same static-shape forwards, not captured: for checking
-them on any device) or ``AUTO``: the fastest mode the backend supports for the stage's device and
+them on any device), ``COMPILED`` (on CPU: those static-shape forwards compiled with inductor, one
+graph per bucket; opt-in: docs/compile.md) or ``AUTO``: the fastest mode the backend supports for the stage's device and
 dtype. ``AUTO`` is resolved in one place, by the backend that builds the stage
 (``pyramid_core.backends.hf.runtime.resolve_mode``).
 
@@ -33,7 +34,7 @@ _WORDS = {
     "auto": "AUTO",
     "eager": "EAGER", "false": "EAGER", "no": "EAGER", "off": "EAGER", "0": "EAGER",
     "fast": "FAST", "true": "FAST", "yes": "FAST", "on": "FAST", "1": "FAST",
-    "graphs": "GRAPHS", "static": "STATIC",
+    "graphs": "GRAPHS", "static": "STATIC", "compiled": "COMPILED",
 }
 
 
@@ -45,11 +46,12 @@ class ExecutionMode(enum.Enum):
     FAST = "fast"
     GRAPHS = "graphs"
     STATIC = "static"
+    COMPILED = "compiled"
 
     @classmethod
     def parse(cls, value: ExecutionMode | bool | str) -> ExecutionMode:
         """From a flag, a spec value or a keyword: ``auto``; ``true`` / ``fast``; ``false`` /
-        ``eager`` (and the booleans); ``graphs``; ``static``."""
+        ``eager`` (and the booleans); ``graphs``; ``static``; ``compiled``."""
         if isinstance(value, ExecutionMode):
             return value
         if isinstance(value, bool):
@@ -57,7 +59,7 @@ class ExecutionMode(enum.Enum):
         word = _WORDS.get(str(value).strip().lower())
         if word is None:
             raise ConfigError(f"compile must be one of auto, true (fast), false (eager), graphs, static, "
-                              f"got {value!r}")
+                              f"compiled, got {value!r}")
         return cls[word]
 
     def __str__(self) -> str:

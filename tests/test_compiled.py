@@ -195,7 +195,7 @@ def test_compile_option_through_specs(tmp_path: Path, tiny_models: dict[str, Any
     assert make_stage(f"hf:path={path},dtype=bfloat16,compile=true").compiled  # type: ignore[union-attr]
     assert make_stage(f"hf:path={path},compile=fast").compiled  # type: ignore[union-attr]
     assert not make_stage(f"hf:path={path},compile=eager").compiled  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match=r"backend 'hf': compile must be one of auto, true \(fast\), false \(eager\), graphs, static, got 'maybe'"):
+    with pytest.raises(ConfigError, match=r"backend 'hf': compile must be one of auto, true \(fast\), false \(eager\), graphs, static, compiled, got 'maybe'"):
         make_stage(f"hf:path={path},compile=maybe")
     with pytest.raises(ConfigError, match=r"compile=true: the fast mode on CPU runs float32 or bfloat16 weights"):
         make_stage(f"hf:path={path},dtype=float16,compile=true")

@@ -109,7 +109,7 @@ def test_static_pipelines_are_greedy_identical(tiny_models: dict[str, Any], ell:
 def test_graph_mode_needs_cuda_and_feature_heads_have_no_graph_mode(tiny_models: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"compile=graphs: the graph mode captures CUDA graphs; this stage is on cpu"):
         HFStage(tiny_models["target"], name="t", compile="graphs")
-    with pytest.raises(ConfigError, match=r"compile must be one of auto, .*graphs, static, got 'cudagraph'"):
+    with pytest.raises(ConfigError, match=r"compile must be one of auto, .*graphs, static, compiled, got 'cudagraph'"):
         ExecutionMode.parse("cudagraph")
     from pyramid_core.backends.hf.head_stage import HEAD_MODES
     from pyramid_core.backends.hf.runtime import resolve_mode
@@ -119,3 +119,41 @@ def test_graph_mode_needs_cuda_and_feature_heads_have_no_graph_mode(tiny_models:
     assert resolve_mode(ExecutionMode.AUTO, cuda, torch.bfloat16, "head", HEAD_MODES) is ExecutionMode.EAGER
     with pytest.raises(ValueError, match=r"stage 'head': compile=graphs is not available for this kind of stage"):
         resolve_mode(ExecutionMode.GRAPHS, cuda, torch.bfloat16, "head", HEAD_MODES)
+
+
+def test_compiled_forwards_equal_eager_and_compile_once_per_bucket(tiny_models: dict[str, Any]) -> None:
+    """``compile=compiled`` (CPU): the static forwards compiled by inductor, one graph per bucket;
+    logits as eager's through a long prompt (fed in chunks of the largest bucket), rollback and
+    token trees; a second pass over the same kinds of forwards compiles nothing; a pipeline over
+    the compiled target is greedy-identical to the eager target."""
+    model = tiny_models["target"]
+    eager, compiled = HFStage(model, name="eager"), HFStage(model, name="compiled", compile="compiled")
+    assert compiled.mode is ExecutionMode.COMPILED and compiled._static is not None
+    full = ids(200, seed=11)
+
+    def rounds(start: int) -> None:
+        steps: list[tuple[int, Block | None]] = [
+            (start, None), (start, chain([5, 9, 2])), (start + 4, None), (start + 5, chain([7])),
+            (start + 2, tree([4, 8, 1, 6, 2, 9], [-1, -1, 0, 0, 2, 3])),  # rolls back, then a tree
+        ]
+        for length, block in steps:
+            a, b = eager.score(full[:length], block), compiled.score(full[:length], block)
+            assert a.shape == b.shape and (a - b).abs().max() < TIGHT, (length, block)
+            assert compiled.cached_tokens == eager.cached_tokens
+
+    rounds(100)  # a 100-token prompt: two chunks of 64 slots
+    after_first = compiled._static.compiles
+    assert 1 <= after_first <= len(BUCKETS)
+    for stage in (eager, compiled):
+        stage.reset()
+    rounds(120)  # another prompt length, the same kinds of forwards: nothing new to compile
+    assert compiled._static.compiles == after_first
+    greedy = SamplingConfig.greedy()
+    alone = build_pipeline([eager], sampling=greedy, stop_ids=[]).generate(PROMPT, 24).token_list
+    pipe = build_pipeline(["ngram", compiled], ["exact"], [3], sampling=greedy, stop_ids=[])
+    assert pipe.generate(PROMPT, 24).token_list == alone
+    with pytest.raises(ValueError, match=r"compile=compiled: the compiled mode compiles static forwards with inductor "
+                                         r"for CPU stages; this stage is on cuda"):
+        from pyramid_core.backends.hf.runtime import resolve_mode
+
+        resolve_mode(ExecutionMode.COMPILED, torch.device("cuda"), torch.float32, "s")

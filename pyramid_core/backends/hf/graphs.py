@@ -18,17 +18,24 @@ shapes, so in this mode:
   drops the graphs, which are captured again on their next use.
 
 ``StaticForward`` runs the same static-shape forward without capture where there is no CUDA
-device (``capture=False``): that is what the CPU tests check against eager forwards.
+device (``capture=False``): that is what the CPU tests check against eager forwards. With
+``compiled=True`` (``compile=compiled``, CPU) each bucket's forward is compiled by inductor with
+frozen weights instead -- one graph per bucket, no graph breaks (``fullgraph``), counted in
+``compiles``; a causal feed longer than the largest bucket (a prompt) runs in chunks of it, so
+prompts of any length reuse the same graphs. Inductor keeps its artefacts under
+``<model home>/inductor`` (``$TORCHINDUCTOR_CACHE_DIR`` wins), so a later process loads them.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from pyramid_core.backends.hf.cache import StageCache
+from pyramid_core.backends.hf.files import model_home
 
 __all__ = ["StaticForward", "bucket_of", "BUCKETS"]
 
@@ -57,10 +64,19 @@ class StaticForward:
     ``hidden_states``.
     """
 
-    def __init__(self, model: Any, cache: StageCache, cache_kw: str, *, capture: bool, hidden_states: bool = False
-                 ) -> None:
+    def __init__(self, model: Any, cache: StageCache, cache_kw: str, *, capture: bool, hidden_states: bool = False,
+                 compiled: bool = False) -> None:
         self.model, self.cache, self.cache_kw = model, cache, cache_kw
         self.capture = capture
+        if capture and compiled:
+            raise ValueError("a static forward is captured (CUDA graphs) or compiled (inductor), not both")
+        self.compiled = compiled
+        self.compiles = 0  # graphs inductor compiled so far (a test counts them: none across rounds)
+        self._forward: Any = self._run
+        if compiled:
+            # inductor's artefacts next to the models (not in /tmp): a later process reuses them
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(model_home() / "inductor"))
+            self._forward = torch.compile(self._run, backend=self._inductor, fullgraph=True, dynamic=False)
         self.hidden_states = hidden_states
         self.device: torch.device = model.get_input_embeddings().weight.device
         self.dtype: torch.dtype = next(model.parameters()).dtype
@@ -97,6 +113,14 @@ class StaticForward:
             kwargs["output_hidden_states"] = True
         return self.model(input_ids=inputs["ids"], position_ids=inputs["pos"], attention_mask=inputs["mask"], **kwargs)
 
+    def _inductor(self, gm: Any, example_inputs: Any) -> Any:
+        """The backend of the compiled mode: inductor with frozen weights (constants folded,
+        linears lowered to oneDNN), counted."""
+        from torch._inductor.compile_fx import compile_fx
+
+        self.compiles += 1
+        return compile_fx(gm, example_inputs, config_patches={"freezing": True})
+
     def _graph(self, b: int) -> tuple[Any, dict[str, Tensor], Any]:
         """The captured forward of bucket ``b`` (captured now if it is not yet)."""
         if self._capacity != self.cache.capacity:  # new buffers: graphs that point at the old ones go
@@ -124,6 +148,16 @@ class StaticForward:
 
     def __call__(self, ids: Tensor, positions: Tensor, slot: int, allowed: Tensor | None = None
                  ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        m, top = int(ids.numel()), BUCKETS[-1]
+        if self.compiled and m > top and allowed is None:  # a long causal feed (a prompt): in chunks of
+            parts = [self(ids[i:i + top], positions[i:i + top], slot + i) for i in range(0, m, top)]  # one shape
+            hidden = None if parts[0][1] is None else tuple(
+                torch.cat([p[1][k] for p in parts if p[1] is not None], dim=1) for k in range(len(parts[0][1])))
+            return torch.cat([p[0] for p in parts]), hidden
+        return self._bucketed(ids, positions, slot, allowed)
+
+    def _bucketed(self, ids: Tensor, positions: Tensor, slot: int, allowed: Tensor | None
+                  ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         m = int(ids.numel())
         b = bucket_of(m)
         self.cache.reserve(slot + b)
@@ -149,7 +183,7 @@ class StaticForward:
         else:
             inputs = {"ids": feed.unsqueeze(0).to(self.device), "pos": pos.unsqueeze(0).to(self.device),
                       "mask": mask[None, None].to(self.device), "at": at.to(self.device)}
-            out = self._run(inputs)
+            out = self._forward(inputs)
         logits: Tensor = out.logits[0, :m].clone()
         hidden = tuple(h[:, :m].clone() for h in out.hidden_states) if self.hidden_states else None
         return logits, hidden

@@ -19,7 +19,8 @@ from pyramid_core.options import ExecutionMode
 
 __all__ = ["resolve_mode", "unsupported", "measured_candidates", "native_dtype", "ALL_MODES", "FAST_DTYPES"]
 
-ALL_MODES = frozenset({ExecutionMode.EAGER, ExecutionMode.FAST, ExecutionMode.GRAPHS, ExecutionMode.STATIC})
+ALL_MODES = frozenset({ExecutionMode.EAGER, ExecutionMode.FAST, ExecutionMode.GRAPHS, ExecutionMode.STATIC,
+                       ExecutionMode.COMPILED})
 
 FAST_DTYPES = (torch.float32, torch.bfloat16)
 """The dtypes oneDNN pre-packs on CPU (bfloat16 through AMX or AVX512-BF16 kernels)."""
@@ -60,6 +61,9 @@ def unsupported(mode: ExecutionMode, device: torch.device, dtype: torch.dtype) -
             return "the fast mode needs a torch build with oneDNN (mkldnn), which this one lacks"
         if dtype not in FAST_DTYPES:
             return f"the fast mode on CPU runs float32 or bfloat16 weights, this stage has {dtype}"
+    if mode is ExecutionMode.COMPILED and device.type != "cpu":
+        return (f"the compiled mode compiles static forwards with inductor for CPU stages; this stage is on {device} "
+                "(compile=graphs captures them as CUDA graphs)")
     if mode is ExecutionMode.GRAPHS and device.type != "cuda":
         return f"the graph mode captures CUDA graphs; this stage is on {device} (compile=static runs the same forwards)"
     return None

@@ -134,14 +134,15 @@ class HFStage:
         self.runners: dict[ExecutionMode, Any] = {ExecutionMode.EAGER: model}
         self.choice: ModeChoice | None = None
         self._static: StaticForward | None = None
-        if self.mode in (ExecutionMode.GRAPHS, ExecutionMode.STATIC):
+        if self.mode in (ExecutionMode.GRAPHS, ExecutionMode.STATIC, ExecutionMode.COMPILED):
             config = model.config
             heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
             head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
             capacity = min(STATIC_SLOTS, self._context_length or STATIC_SLOTS)
             shape = StaticShape(capacity, heads, head_dim, self.dtype, self.device, self._context_length)
             self._cache = StageCache(self.num_layers, static=shape)
-            self._static = StaticForward(model, self._cache, self._cache_kw, capture=self.mode is ExecutionMode.GRAPHS)
+            self._static = StaticForward(model, self._cache, self._cache_kw, capture=self.mode is ExecutionMode.GRAPHS,
+                                         compiled=self.mode is ExecutionMode.COMPILED)
         else:
             self._cache = StageCache(self.num_layers)
         if self.mode in (ExecutionMode.FAST, ExecutionMode.AUTO):
