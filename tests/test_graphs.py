@@ -152,6 +152,15 @@ def test_compiled_forwards_equal_eager_and_compile_once_per_bucket(tiny_models: 
     alone = build_pipeline([eager], sampling=greedy, stop_ids=[]).generate(PROMPT, 24).token_list
     pipe = build_pipeline(["ngram", compiled], ["exact"], [3], sampling=greedy, stop_ids=[])
     assert pipe.generate(PROMPT, 24).token_list == alone
+    # another model compiled in the same process gets graphs of its own (its weights are frozen
+    # into them): a draft -> target chain of two compiled stages, each scoring as its eager self
+    near = HFStage(tiny_models["near"], name="near", compile="compiled")
+    near_eager = HFStage(tiny_models["near"], name="near-eager")
+    for length, block in ((30, None), (30, chain([1, 2, 3])), (31, None)):
+        a, b = near_eager.score(full[:length], block), near.score(full[:length], block)
+        assert (a - b).abs().max() < TIGHT, (length, block)
+    pipe = build_pipeline([near, compiled], ["exact"], [3], sampling=greedy, stop_ids=[])
+    assert pipe.generate(PROMPT, 24).token_list == alone
     with pytest.raises(ValueError, match=r"compile=compiled: the compiled mode compiles static forwards with inductor "
                                          r"for CPU stages; this stage is on cuda"):
         from pyramid_core.backends.hf.runtime import resolve_mode

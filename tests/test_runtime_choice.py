@@ -18,6 +18,7 @@ from pyramid_core.backends.hf.choice import (
     BUCKETS,
     MARGIN,
     ModeChoice,
+    choice_key,
     choose_modes,
     fingerprint,
     measure,
@@ -70,6 +71,46 @@ def test_measure_keeps_the_fastest_mode_per_bucket_and_eager_within_the_margin()
     assert back.modes == got.modes and back.ms == got.ms and back.cached
     with pytest.raises(ValueError, match="concrete modes"):
         ModeChoice.from_json({"modes": [[1, "auto"]]})
+
+
+def test_the_compiled_mode_is_chosen_for_every_bucket_or_none() -> None:
+    compiled = ExecutionMode.COMPILED
+    # compiled wins M = 1 only, by little: the eager/fast mix is cheaper overall, compiled is dropped
+    cost = {EAGER: dict.fromkeys(BUCKETS, 1.0), FAST: dict.fromkeys(BUCKETS, 0.8), compiled: {1: 0.7, 2: 0.9, 4: 0.9,
+                                                                                            8: 0.9, 16: 0.9}}
+    got = measure(lambda mode, m: cost[mode][m], (EAGER, FAST, compiled), repeats=1)
+    assert got.distinct == (FAST,) and set(got.ms) == {"eager", "fast", "compiled"}
+    cost[compiled] = dict.fromkeys(BUCKETS, 0.5)  # faster everywhere: every bucket
+    assert measure(lambda mode, m: cost[mode][m], (EAGER, FAST, compiled), repeats=1).distinct == (compiled,)
+
+
+def test_auto_times_the_compiled_mode_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyramid_core.backends.hf.runtime import AUTO_COMPILED_ENV, measured_candidates
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(AUTO_COMPILED_ENV, raising=False)
+    assert ExecutionMode.COMPILED not in measured_candidates(cpu, torch.float32)
+    monkeypatch.setenv(AUTO_COMPILED_ENV, "1")
+    assert measured_candidates(cpu, torch.float32)[-1] is ExecutionMode.COMPILED
+    assert ExecutionMode.COMPILED not in measured_candidates(torch.device("cuda"), torch.float32)
+    assert choice_key("k", (EAGER, FAST)) != choice_key("k", (EAGER, FAST, ExecutionMode.COMPILED))
+
+
+def test_an_auto_stage_that_chose_the_compiled_mode_runs_on_its_static_cache(
+        tiny_models: dict[str, Any], choice_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyramid_core.backends.hf.runtime import AUTO_COMPILED_ENV, measured_candidates
+
+    monkeypatch.setenv(AUTO_COMPILED_ENV, "1")
+    model, cpu = tiny_models["target"], torch.device("cpu")
+    key = choice_key(fingerprint(model, kind="hf", dtype=torch.float32, device=cpu, layers=2),
+                     measured_candidates(cpu, torch.float32))
+    choice_file.write_text(json.dumps({key: {"modes": [[b, "compiled"] for b in BUCKETS], "ms": {}}}))
+    stage, eager = HFStage(model, name="auto", compile="auto"), HFStage(model, name="eager")
+    assert stage.mode_summary == "compiled" and stage._static is not None and stage._static.compiled
+    context = _ids(30)
+    for block in (None, _chain([5, 9, 2]), _tree([4, 8, 1], [-1, -1, 0])):
+        a, b = eager.score(context, block), stage.score(context, block)
+        assert (a - b).abs().max() < TOLERANCE[torch.float32]
 
 
 class _Counting:
@@ -146,8 +187,11 @@ def test_a_kept_choice_naming_a_mode_no_longer_available_is_measured_again(choic
 
 def _mixed(model: Any, dtype: torch.dtype, choice_file: Path, name: str) -> HFStage:
     """An auto stage whose kept choice runs eager up to M = 2 and the fast mode above."""
-    key = fingerprint(model, kind="hf", dtype=dtype, device=torch.device("cpu"),
-                      layers=int(model.config.num_hidden_layers))
+    from pyramid_core.backends.hf.runtime import measured_candidates
+
+    cpu = torch.device("cpu")
+    key = choice_key(fingerprint(model, kind="hf", dtype=dtype, device=cpu, layers=int(model.config.num_hidden_layers)),
+                     measured_candidates(cpu, dtype))
     data = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
     data[key] = {"modes": [[1, "eager"], [2, "eager"], [4, "fast"], [8, "fast"], [16, "fast"]], "ms": {}}
     choice_file.write_text(json.dumps(data))

@@ -6,7 +6,9 @@ Which kernels win depends on the CPU, the dtype and the number of tokens a forwa
 one CPU and 1.2x slower on another). So ``AUTO`` is not a rule but a measurement: the stage times
 each candidate mode (``runtime.measured_candidates``) at every bucket of fed lengths
 (``BUCKETS``), interleaved, and keeps the fastest per bucket -- a mode is preferred over eager
-only when it beats it by ``MARGIN``, so ``auto`` is never measurably slower than eager. A forward
+only when it beats it by ``MARGIN``, so ``auto`` is never measurably slower than eager. The
+compiled mode (a candidate only with ``$PYRAMID_AUTO_COMPILED=1``) keeps the stage's cache static,
+so it is chosen for every bucket or for none. A forward
 feeding M tokens runs the choice of the smallest bucket >= M (the largest for longer feeds).
 
 The choice is measured once per machine, torch, transformers, model and dtype and kept in a JSON
@@ -35,7 +37,7 @@ from pyramid_core.devices import cpu_name
 from pyramid_core.options import ExecutionMode
 
 __all__ = ["BUCKETS", "MARGIN", "CHOICE_ENV", "ModeChoice", "choice_file", "fingerprint", "choose_modes",
-           "machine_key"]
+           "choice_key", "machine_key"]
 
 BUCKETS = (1, 2, 4, 8, 16)
 """Fed lengths the modes are timed at."""
@@ -167,20 +169,33 @@ def measure(timer: Callable[[ExecutionMode, int], float], candidates: Sequence[E
             for c in candidates:
                 samples[c][b].append(timer(c, b))
     ms = {c.value: {b: 1000 * statistics.median(v) for b, v in row.items()} for c, row in samples.items()}
-    eager = ExecutionMode.EAGER
+    eager, compiled = ExecutionMode.EAGER, ExecutionMode.COMPILED
+    mixable = [c for c in candidates if c is not compiled] or list(candidates)
     modes = []
     for b in BUCKETS:
-        best = min(candidates, key=lambda c: ms[c.value][b])
-        if eager in candidates and best is not eager and ms[best.value][b] > (1 - MARGIN) * ms[eager.value][b]:
+        best = min(mixable, key=lambda c: ms[c.value][b])
+        if eager in mixable and best is not eager and ms[best.value][b] > (1 - MARGIN) * ms[eager.value][b]:
             best = eager
         modes.append((b, best))
+    # the compiled mode runs every forward of a stage over its static cache, or none: it wins when it
+    # is MARGIN faster summed over the buckets than the best mix of the others
+    if (compiled in candidates and compiled not in mixable
+            and sum(ms[compiled.value].values()) < (1 - MARGIN) * sum(ms[m.value][b] for b, m in modes)):
+        modes = [(b, compiled) for b in BUCKETS]
     return ModeChoice(tuple(modes), ms)
+
+
+def choice_key(key: str, candidates: Sequence[ExecutionMode]) -> str:
+    """Where the choice of ``key`` among ``candidates`` is kept: another set of candidates is
+    measured again."""
+    return f"{key}:{'+'.join(c.value for c in candidates)}"
 
 
 def choose_modes(key: str, timer: Callable[[ExecutionMode, int], float],
                  candidates: Sequence[ExecutionMode]) -> ModeChoice:
     """The choice kept under ``key``, or measured now (and kept)."""
     path = choice_file()
+    key = choice_key(key, candidates)
     kept = _read(path).get(key)
     if kept is not None:
         try:

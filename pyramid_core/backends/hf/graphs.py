@@ -52,6 +52,16 @@ def bucket_of(m: int) -> int:
     return -(-m // top) * top
 
 
+def _allow_compiles() -> None:
+    """Dynamo keeps the graphs of one function together, whichever object they were compiled for:
+    every compiled stage of a process (draft, qualifier, target, ...) and each of its buckets
+    count against one limit (8 by default). Raise it to what a few chains of stages need."""
+    import torch._dynamo.config as dynamo
+
+    dynamo.recompile_limit = max(int(dynamo.recompile_limit), 256)
+    dynamo.accumulated_recompile_limit = max(int(dynamo.accumulated_recompile_limit), 1024)
+
+
 class StaticForward:
     """Static-shape forwards of ``model`` over ``cache`` (a static ``StageCache``), captured as
     CUDA graphs per bucket when ``capture`` (module docstring).
@@ -76,6 +86,7 @@ class StaticForward:
         if compiled:
             # inductor's artefacts next to the models (not in /tmp): a later process reuses them
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(model_home() / "inductor"))
+            _allow_compiles()
             self._forward = torch.compile(self._run, backend=self._inductor, fullgraph=True, dynamic=False)
         self.hidden_states = hidden_states
         self.device: torch.device = model.get_input_embeddings().weight.device

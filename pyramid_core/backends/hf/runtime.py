@@ -5,22 +5,30 @@
 - ``resolve_mode``: the one meaning of ``ExecutionMode.AUTO`` for every model stage of this
   backend (``HFStage``, ``FeatureStage``): ``GRAPHS`` on a CUDA device; on a CPU whose torch build
   can pre-pack weights, ``AUTO`` stays ``AUTO`` -- the stage then times its candidate modes
-  (``measured_candidates``) and runs the fastest per fed length (``backends.hf.choice``); ``EAGER``
+  (``measured_candidates``: eager, pre-packed, and with ``$PYRAMID_AUTO_COMPILED=1`` the compiled
+  mode) and runs the fastest per fed length (``backends.hf.choice``); ``EAGER``
   everywhere else. An explicit mode the stage cannot run here is an error naming the stage and
   what would work.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pyramid_core.backends.hf.fast import packing_available
 from pyramid_core.options import ExecutionMode
 
-__all__ = ["resolve_mode", "unsupported", "measured_candidates", "native_dtype", "ALL_MODES", "FAST_DTYPES"]
+__all__ = ["resolve_mode", "unsupported", "measured_candidates", "native_dtype", "ALL_MODES", "FAST_DTYPES",
+           "AUTO_COMPILED_ENV"]
 
 ALL_MODES = frozenset({ExecutionMode.EAGER, ExecutionMode.FAST, ExecutionMode.GRAPHS, ExecutionMode.STATIC,
                        ExecutionMode.COMPILED})
+
+AUTO_COMPILED_ENV = "PYRAMID_AUTO_COMPILED"
+"""Set to 1, ``auto`` also times the compiled mode (inductor; compiling every bucket of every stage
+costs seconds to minutes on a machine's first run, hence opt-in)."""
 
 FAST_DTYPES = (torch.float32, torch.bfloat16)
 """The dtypes oneDNN pre-packs on CPU (bfloat16 through AMX or AVX512-BF16 kernels)."""
@@ -49,6 +57,9 @@ def measured_candidates(device: torch.device, dtype: torch.dtype,
     modes = [ExecutionMode.EAGER]
     if ExecutionMode.FAST in supported and unsupported(ExecutionMode.FAST, device, dtype) is None:
         modes.append(ExecutionMode.FAST)
+    if (os.environ.get(AUTO_COMPILED_ENV, "").strip().lower() in ("1", "true", "yes")
+            and ExecutionMode.COMPILED in supported and unsupported(ExecutionMode.COMPILED, device, dtype) is None):
+        modes.append(ExecutionMode.COMPILED)
     return tuple(modes)
 
 

@@ -134,15 +134,9 @@ class HFStage:
         self.runners: dict[ExecutionMode, Any] = {ExecutionMode.EAGER: model}
         self.choice: ModeChoice | None = None
         self._static: StaticForward | None = None
+        self._compiled: tuple[StageCache, StaticForward] | None = None  # ``auto`` timing the compiled mode
         if self.mode in (ExecutionMode.GRAPHS, ExecutionMode.STATIC, ExecutionMode.COMPILED):
-            config = model.config
-            heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-            head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-            capacity = min(STATIC_SLOTS, self._context_length or STATIC_SLOTS)
-            shape = StaticShape(capacity, heads, head_dim, self.dtype, self.device, self._context_length)
-            self._cache = StageCache(self.num_layers, static=shape)
-            self._static = StaticForward(model, self._cache, self._cache_kw, capture=self.mode is ExecutionMode.GRAPHS,
-                                         compiled=self.mode is ExecutionMode.COMPILED)
+            self._cache, self._static = self._static_forward(self.mode)
         else:
             self._cache = StageCache(self.num_layers)
         if self.mode in (ExecutionMode.FAST, ExecutionMode.AUTO):
@@ -151,6 +145,9 @@ class HFStage:
             candidates = measured_candidates(self.device, self.dtype)
             key = fingerprint(model, kind="hf", dtype=self.dtype, device=self.device, layers=self.num_layers)
             self.choice = choose_modes(key, self._time_mode, candidates)
+            if self.choice.distinct == (ExecutionMode.COMPILED,):  # every forward over the static cache
+                self._cache, self._static = self._compiled or self._static_forward(ExecutionMode.COMPILED)
+            self._compiled = None
             self.runners = {m: r for m, r in self.runners.items() if m in self.choice.distinct}
             self.reset()
         self.runner: Any = self.runners.get(self.mode_for(1), model)  # static / graphs: the model itself
@@ -171,10 +168,24 @@ class HFStage:
         """The mode in words: ``"fast"``, ``"eager"``, or the measured choice per fed length."""
         return self.choice.summary() if self.choice is not None else self.mode.value
 
+    def _static_forward(self, mode: ExecutionMode) -> tuple[StageCache, StaticForward]:
+        """A static cache and the static-shape forwards over it, captured (``GRAPHS``), compiled
+        (``COMPILED``) or neither (``STATIC``)."""
+        config = self.model.config
+        heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        capacity = min(STATIC_SLOTS, self._context_length or STATIC_SLOTS)
+        shape = StaticShape(capacity, heads, head_dim, self.dtype, self.device, self._context_length)
+        cache = StageCache(self.num_layers, static=shape)
+        return cache, StaticForward(self.model, cache, self._cache_kw, capture=mode is ExecutionMode.GRAPHS,
+                                    compiled=mode is ExecutionMode.COMPILED)
+
     @torch.inference_mode()
     def _time_mode(self, mode: ExecutionMode, m: int) -> float:
         """Seconds of one forward in ``mode`` feeding ``m`` tokens after ``PROBE_CONTEXT`` cached
         ones (the cache is left holding that context)."""
+        if mode is ExecutionMode.COMPILED:
+            return self._time_compiled(m)
         runner = self.runners[mode]
         cache = self._cache
         if cache.length != PROBE_CONTEXT:
@@ -188,6 +199,28 @@ class HFStage:
         self._eager(feed, torch.arange(PROBE_CONTEXT, PROBE_CONTEXT + m), m, None, runner)
         sync(self.device)
         seconds = time.perf_counter() - start
+        cache.truncate(PROBE_CONTEXT)
+        return seconds
+
+    def _time_compiled(self, m: int) -> float:
+        """``_time_mode`` for the compiled mode, over a static cache of its own (kept: the stage
+        runs on it if the compiled mode is chosen)."""
+        if self._compiled is None:
+            self._compiled = self._static_forward(ExecutionMode.COMPILED)
+        cache, forward = self._compiled
+        if cache.length != PROBE_CONTEXT:
+            cache.reset()
+            ids = torch.arange(PROBE_CONTEXT) % self.vocab_size
+            forward(ids, torch.arange(PROBE_CONTEXT), 0)
+            cache.filled(PROBE_CONTEXT)
+            cache.write_ids(0, ids)
+        feed = (torch.arange(m) * 7 + 3) % self.vocab_size
+        sync(self.device)
+        start = time.perf_counter()
+        forward(feed, torch.arange(PROBE_CONTEXT, PROBE_CONTEXT + m), PROBE_CONTEXT)
+        sync(self.device)
+        seconds = time.perf_counter() - start
+        cache.filled(PROBE_CONTEXT + m)
         cache.truncate(PROBE_CONTEXT)
         return seconds
 
