@@ -22,6 +22,7 @@ import torch
 
 from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig, is_feature_dir
 from pyramid_core.backends.hf.head_stage import FeatureStage, load_feature_stage
+from pyramid_core.backends.hf.hub import resolve_model_dir
 from pyramid_core.errors import ConfigError
 from pyramid_core.hookspecs import hookimpl
 from pyramid_core.options import ExecutionMode
@@ -48,10 +49,11 @@ def feature_stage(path: str = "", base: str = "", features_from: str = "next", d
         raise ConfigError("feature: give path=DIR (a head trained by `pyramid distill feature`) or base=DIR "
                           "(an untrained head on that model), not both or neither")
     if path:
-        if not is_feature_dir(path):
+        directory = resolve_model_dir(path)  # a local directory, or a Hugging Face id
+        if not is_feature_dir(directory):
             raise ConfigError(f"feature: {path} holds no feature head (no stage.json of format pyramid-feature-stage/1)")
         try:
-            return load_feature_stage(path, device=device, dtype=dtype, features_from=features_from,
+            return load_feature_stage(str(directory), device=device, dtype=dtype, features_from=features_from,
                                       compile=compile)
         except ValueError as exc:
             raise ConfigError(f"feature:path={path}: {exc}") from None
@@ -65,9 +67,7 @@ def feature_stage(path: str = "", base: str = "", features_from: str = "next", d
 def untrained_feature_stage(base: str, *, variant: str = "eagle1", layers: tuple[int, ...] = (-1,), depth: int = 1,
                             seed: int = 0, features_from: str = "next", device: str = "cpu", dtype: str = "auto",
                             compile: ExecutionMode = ExecutionMode.EAGER) -> FeatureStage:
-    """A freshly initialised head (seeded) on the model in directory ``base``."""
-    from pathlib import Path
-
+    """A freshly initialised head (seeded) on the model in directory ``base`` (or a Hugging Face id)."""
     from pyramid_core.backends.hf.loading import load_model, load_tokenizer
 
     try:
@@ -76,7 +76,7 @@ def untrained_feature_stage(base: str, *, variant: str = "eagle1", layers: tuple
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = FeatureHead(model, cfg)
-        return FeatureStage(head, load_tokenizer(Path(base).expanduser()), name=f"feature[{variant},untrained]",
+        return FeatureStage(head, load_tokenizer(resolve_model_dir(base)), name=f"feature[{variant},untrained]",
                             features_from=features_from, compile=compile)
     except ValueError as exc:
         raise ConfigError(f"feature:base={base}: {exc}") from None

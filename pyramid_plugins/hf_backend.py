@@ -17,6 +17,7 @@ from typing import Any
 
 from pyramid_core.backends.hf.head import is_feature_dir
 from pyramid_core.backends.hf.head_stage import FeatureStage
+from pyramid_core.backends.hf.hub import resolve_model_dir
 from pyramid_core.backends.hf.smollm2 import family_dir, smollm2_dir, smollm2_ready
 from pyramid_core.backends.hf.stage import HFStage
 from pyramid_core.devices import check_device
@@ -31,21 +32,26 @@ __all__ = ["hf_stage", "smollm2_stage", "smollm2_family"]
 
 def hf_stage(path: str, device: str = "cpu", dtype: str = "auto", num_layers: int = 0,
              compile: ExecutionMode = ExecutionMode.EAGER, features_from: str = "next") -> HFStage | FeatureStage:
-    """A local Hugging Face causal-LM directory as a stage. ``compile=true`` runs its forwards in
-    the fast execution mode (``pyramid_core.backends.hf.fast``: oneDNN pre-packed weights on CPU),
-    ``false`` (default) eagerly, ``auto`` fast wherever that mode is supported (the commands'
-    default: ``--compile`` / ``--no-compile``). A folder written by `pyramid distill feature`
-    loads as a feature draft (``features_from=next|target``, the ``feature`` backend)."""
-    if is_feature_dir(path):
+    """A Hugging Face causal LM as a stage: a local directory, or a Hugging Face id
+    ``org/name[@revision]`` from the local Hugging Face cache or the hub
+    (``pyramid_core.backends.hf.hub``; a local directory of that name wins). ``compile=true`` runs
+    its forwards in the fast execution mode (``pyramid_core.backends.hf.fast``: oneDNN pre-packed
+    weights on CPU), ``false`` (default) eagerly, ``auto`` fast wherever that mode is supported
+    (the commands' default: ``--compile`` / ``--no-compile``). A folder written by
+    `pyramid distill feature` loads as a feature draft (``features_from=next|target``, the
+    ``feature`` backend)."""
+    directory = resolve_model_dir(path)  # once, here: the records name the id (hub.location_label)
+    if is_feature_dir(directory):
         if num_layers:
             raise ConfigError(f"hf: {path} is a feature head; num_layers does not apply to it")
-        return feature_stage(path=path, device=device, dtype=dtype, compile=compile, features_from=features_from)
+        return feature_stage(path=str(directory), device=device, dtype=dtype, compile=compile,
+                             features_from=features_from)
     if features_from != "next":
         raise ConfigError(f"hf: features_from applies to feature heads only; {path} is a model")
     if num_layers < 0:
         raise ConfigError(f"num_layers must be >= 0 (0 = all layers), got {num_layers}")
     check_device(device)  # before loading: a device this torch cannot use
-    return HFStage.from_pretrained(path, device=device, dtype=dtype, num_layers=num_layers or None,
+    return HFStage.from_pretrained(directory, device=device, dtype=dtype, num_layers=num_layers or None,
                                    compile=compile)
 
 
@@ -78,7 +84,7 @@ def smollm2_stage(device: str = "cpu", dtype: str = "auto", num_layers: int = 0,
 
 @hookimpl
 def register_backends(register: Any) -> None:
-    register("hf", hf_stage, "a local Hugging Face causal LM: hf:path=DIR,device=cpu,dtype=auto|float32|bfloat16|float16,num_layers=0,"
+    register("hf", hf_stage, "a Hugging Face causal LM, local or by id: hf:path=DIR|org/name[@revision],device=cpu,dtype=auto|float32|bfloat16|float16,num_layers=0,"
              "compile=false|true|auto")
     register("smollm2", smollm2_stage, "SmolLM2-135M-Instruct from `pyramid setup`, or its distilled family: "
              "smollm2:stage=target|qualifier|draft|feature,device=cpu,dtype=auto,num_layers=0,compile=false|true|auto")

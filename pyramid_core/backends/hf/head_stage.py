@@ -27,7 +27,6 @@ slots read stand-ins, which the accepted path's real features replace anyway).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from pyramid_core.backends.hf.cache import StageCache
 from pyramid_core.backends.hf.choice import ModeChoice, choose_modes, fingerprint
 from pyramid_core.backends.hf.fast import PackedLinear, packed_view
 from pyramid_core.backends.hf.head import FeatureHead, feature_base, load_feature_head
+from pyramid_core.backends.hf.hub import location_label, resolve_model_dir
 from pyramid_core.backends.hf.loading import load_model, load_tokenizer
 from pyramid_core.backends.hf.runtime import measured_candidates, resolve_mode
 from pyramid_core.backends.hf.stage import PROBE_CONTEXT
@@ -326,12 +326,13 @@ class FeatureStage:
 def load_feature_stage(path: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                        features_from: str = "next", compile: ExecutionMode | bool | str = ExecutionMode.EAGER,
                        name: str | None = None) -> FeatureStage:
-    """The trained feature head in folder ``path`` (``backends.hf.head``) as a stage, on its base
+    """The trained feature head in folder ``path`` (``backends.hf.head``; or a Hugging Face id,
+    ``hub.resolve_model_dir``) as a stage, on its base
     model loaded through ``load_model`` -- the same model object as a target stage loaded from
     the same (path, device, dtype), so the embedding and a shared head are not duplicated."""
-    folder = Path(path).expanduser()
+    folder = resolve_model_dir(path)
     base_dir = feature_base(folder)
     base = load_model(base_dir, device=device, dtype=dtype)
     head = load_feature_head(folder, base)
-    return FeatureStage(head, load_tokenizer(base_dir), name=name or folder.name, features_from=features_from,
+    return FeatureStage(head, load_tokenizer(base_dir), name=name or location_label(folder), features_from=features_from,
                         compile=compile)

@@ -1,6 +1,7 @@
 """Loading models and tokenizers from local directories: plain Hugging Face model folders and
-the distilled stages written by ``pyramid distill`` (``hf.student``). The bottom of ``hf/``: it
-imports nothing of pyramid but the student format, and every loader above shares its cache."""
+the distilled stages written by ``pyramid distill`` (``hf.student``); a Hugging Face id is first
+resolved to its cached snapshot (``hf.hub``). The bottom of ``hf/``: it imports nothing of
+pyramid but the student format and ``hub``, and every loader above shares its cache."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pyramid_core.backends.hf.files import (
     fix_for,
     read_json,
 )
+from pyramid_core.backends.hf.hub import resolve_model_dir
 from pyramid_core.backends.hf.runtime import native_dtype
 from pyramid_core.backends.hf.student import (
     STAGE_FILE,
@@ -72,9 +74,9 @@ _LOADED: weakref.WeakValueDictionary[tuple[str, str, torch.dtype], Any] = weakre
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> Any:
-    """``AutoModelForCausalLM`` from a local directory, in eval mode on ``device``; loaded once
-    per (path, device, dtype) while any stage still uses it."""
-    path = Path(path).expanduser().resolve()
+    """``AutoModelForCausalLM`` from a local directory or a Hugging Face id (``hub.resolve_model_dir``),
+    in eval mode on ``device``; loaded once per (directory, device, dtype) while any stage still uses it."""
+    path = resolve_model_dir(path).resolve()
     student = is_student_dir(path)
     if not student and not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model directory (no config.json) nor a distilled stage (no stage.json)")

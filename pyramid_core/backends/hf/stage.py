@@ -39,6 +39,7 @@ from pyramid_core.backends.hf.choice import ModeChoice, choose_modes, fingerprin
 from pyramid_core.backends.hf.fast import packed_view
 from pyramid_core.backends.hf.graphs import StaticForward
 from pyramid_core.backends.hf.hidden import FeatureLayers
+from pyramid_core.backends.hf.hub import location_label, resolve_model_dir
 from pyramid_core.backends.hf.layers import truncate_layers
 from pyramid_core.backends.hf.loading import load_model, load_tokenizer
 from pyramid_core.backends.hf.runtime import measured_candidates, resolve_mode
@@ -113,7 +114,8 @@ class HFStage:
             )
         self.vocab_size = int(vocab_size)
         if name is None:
-            base = Path(str(getattr(model.config, "name_or_path", "") or type(model).__name__)).name
+            source = str(getattr(model.config, "name_or_path", "") or "")
+            base = location_label(Path(source)) if source else type(model).__name__  # an id, not a snapshot hash
             name = base if self.num_layers == total else f"{base}[:{self.num_layers}]"
         self.name = name
         # the longest context its position embeddings cover (HasContextLength); GPT-2 configs
@@ -274,14 +276,15 @@ class HFStage:
         vocab_size: int | None = None,
         compile: ExecutionMode | bool | str = ExecutionMode.EAGER,
     ) -> HFStage:
-        """Load a local model directory (and its tokenizer, if it has one). Stages loaded from
-        the same (path, device, dtype) share one model in memory, e.g. a layer-truncated draft
+        """Load a local model directory or a Hugging Face id (``org/name[@revision]``, resolved
+        by ``hub.resolve_model_dir``), and its tokenizer if it has one. Stages loaded from the
+        same (directory, device, dtype) share one model in memory, e.g. a layer-truncated draft
         and its target."""
-        path = Path(path).expanduser()
+        path = resolve_model_dir(path)
         model = load_model(path, device=device, dtype=dtype)
         tokenizer_dir = student_base(path) if is_student_dir(path) else path
         if name is None and is_student_dir(path):
-            name = path.name
+            name = location_label(path)
         return cls(model, load_tokenizer(tokenizer_dir), name=name, vocab_size=vocab_size, num_layers=num_layers,
                    compile=compile)
 
