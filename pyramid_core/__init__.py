@@ -16,10 +16,17 @@ from pyramid_core.errors import (
     StageOutputError,
     TokenizerMismatchError,
 )
-from pyramid_core.pipeline import Generation, Metrics, Pipeline
+from pyramid_core.pipeline import Generation, Metrics, Pipeline, TextGeneration
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, Verifier
 from pyramid_core.rng import Rng
-from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats, Verdict
+from pyramid_core.types import (
+    Block,
+    BoundaryStats,
+    GenerationOptions,
+    SamplingConfig,
+    StageStats,
+    Verdict,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +36,7 @@ __all__ = [
     "BoundaryStats",
     "ConfigError",
     "Generation",
+    "GenerationOptions",
     "Metrics",
     "NonFiniteError",
     "Pipeline",
@@ -42,6 +50,7 @@ __all__ = [
     "Stage",
     "StageOutputError",
     "StageStats",
+    "TextGeneration",
     "TokenizerMismatchError",
     "Verdict",
     "Verifier",

@@ -13,7 +13,7 @@ only the prefix it has seen.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -32,9 +32,11 @@ from pyramid_core.protocols import (
     Resettable,
     Stage,
     Verifier,
+    tokenizer_of,
 )
 from pyramid_core.rng import Rng, check_seed
 from pyramid_core.schedule import LengthSchedule, make_schedule
+from pyramid_core.text import Messages, TextStream, decode_text, encode_prompt
 from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats
 from pyramid_core.validate import (
     EmittedMass,
@@ -54,8 +56,18 @@ __all__ = [
     "SpeculativeProposer",
     "Pipeline",
     "Generation",
+    "TextGeneration",
     "Metrics",
+    "BlockCallback",
 ]
+
+
+#: What ``Pipeline.generate(on_block=...)`` calls with each round's new tokens, ``Long[Tensor, "m"]``.
+BlockCallback = Callable[[Tensor], object]
+
+
+def _ignore(tokens: Tensor) -> None:
+    """The default ``on_block``: a call, not a flag in the loop."""
 
 
 def _cut_at_stop(tokens: Tensor, stop_ids: Tensor) -> tuple[int, bool]:
@@ -101,6 +113,7 @@ class AutoregressiveProposer:
     stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
     confidence_stop: float = 0.0
     on_nonfinite: NonFiniteMode = "raise"
+    on_block: BlockCallback = _ignore  # the target's streaming callback, per token (N = 1)
 
     def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
         tokens: list[int] = []
@@ -115,9 +128,11 @@ class AutoregressiveProposer:
             self.stats.record(time.perf_counter() - t0, 1)
             tokens.append(token)
             rows.append(row)
+            new = ctx.new_tensor([token])
+            self.on_block(new)
             if token in stop or (self.confidence_stop and float(row.max()) < self.confidence_stop):
                 break
-            ctx = torch.cat([ctx, ctx.new_tensor([token])])
+            ctx = torch.cat([ctx, new])
         if not tokens:
             return Block.empty(self.stage.vocab_size, context.device)
         return Block(context.new_tensor(tokens), torch.stack(rows))
@@ -129,7 +144,8 @@ class SpeculativeProposer:
 
     Every verdict is checked where it enters (``validate.check_verdict``; the emitted token's
     mass through ``masses``); errors name the policy by ``policy_name`` (default: its label) and
-    the ``boundary`` ``"k -> k+1"``."""
+    the ``boundary`` ``"k -> k+1"``. ``on_block`` sees each round's tokens as they are kept (cut
+    at a stop token and at ``n``)."""
 
     lower: Proposer
     verifier: Verifier
@@ -140,6 +156,7 @@ class SpeculativeProposer:
     policy_name: str = ""
     boundary: str = ""
     masses: EmittedMass = attrs.field(factory=EmittedMass)
+    on_block: BlockCallback = _ignore
 
     def __attrs_post_init__(self) -> None:
         if not self.policy_name:
@@ -173,13 +190,15 @@ class SpeculativeProposer:
             ctx = torch.cat([context, *(b.tokens.to(context.device) for b in pieces)])
             piece = self.round(ctx, n - have, rng)
             cut, stopped = _cut_at_stop(piece.tokens, self.stop_ids)
-            pieces.append(piece.head(cut))
-            have += cut
+            piece = piece.head(min(cut, n - have))  # a round may emit one token past n
+            self.on_block(piece.tokens)
+            pieces.append(piece)
+            have += len(piece)
             if stopped:
                 break
         if not pieces:
             return Block.empty(0)
-        return Block.concat(pieces).head(n)
+        return Block.concat(pieces)
 
 
 @attrs.define
@@ -245,6 +264,24 @@ class Generation:
     @property
     def token_list(self) -> list[int]:
         return [int(t) for t in self.tokens.tolist()]
+
+
+@attrs.frozen(eq=False)
+class TextGeneration:
+    """Result of ``Pipeline.generate_text``: the new text, the prompt's token ids and the
+    ``Generation`` (the new tokens and the metrics)."""
+
+    text: str
+    prompt_ids: list[int]
+    generation: Generation
+
+    @property
+    def tokens(self) -> Tensor:
+        return self.generation.tokens
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.generation.metrics
 
 
 def _stage_name(obj: object, index: int) -> str:
@@ -344,18 +381,23 @@ class Pipeline:
     def target(self) -> Stage:
         return self.stages[-1]  # type: ignore[return-value]
 
-    def build(self, masses: EmittedMass | None = None) -> tuple[Proposer, Metrics]:
+    def build(self, masses: EmittedMass | None = None,
+              on_block: BlockCallback | None = None) -> tuple[Proposer, Metrics]:
         """Fold the stages into the recursion: propose(1) <- propose(2) <- ... <- propose(N).
         ``masses`` checks the emitted tokens' mass (``generate`` flushes it; by default a new
-        one, which checks rows on the CPU at once -- call its ``flush`` for accelerator rows)."""
+        one, which checks rows on the CPU at once -- call its ``flush`` for accelerator rows).
+        ``on_block`` goes to the top of the recursion only (``generate``)."""
         masses = masses if masses is not None else EmittedMass()
+        top = len(self.stages) - 1
+        emit = on_block if on_block is not None else _ignore
         stop = torch.tensor(list(self.stop_ids), dtype=torch.long)
         stage_stats = [StageStats(_stage_name(s, i)) for i, s in enumerate(self.stages)]
         bottom = self.stages[0]
         proposer: Proposer
         if self._bottom_is_stage:
             proposer = AutoregressiveProposer(bottom, self.sampling, stage_stats[0], stop,  # type: ignore[arg-type]
-                                              self.confidence_stop, self.on_nonfinite)
+                                              self.confidence_stop, self.on_nonfinite,
+                                              emit if top == 0 else _ignore)
         else:
             proposer = bottom  # type: ignore[assignment]
             if isinstance(bottom, CountsForwards):  # a model-backed proposer (tree) counts its forwards
@@ -369,19 +411,26 @@ class Pipeline:
             policy = self.policies[k - 1]
             name = self.policy_names[k - 1] if self.policy_names else policy_label(policy)
             proposer = SpeculativeProposer(proposer, verifier, policy, schedule, stats, stop, name, f"{k} -> {k + 1}",
-                                           masses)
+                                           masses, emit if k == top else _ignore)
         return proposer, Metrics(boundaries, stage_stats)
 
     def generate(
-        self, prompt: Tensor | Sequence[int], max_new_tokens: int, *, seed: int | None = None
+        self, prompt: Tensor | Sequence[int], max_new_tokens: int, *, seed: int | None = None,
+        on_block: BlockCallback | None = None,
     ) -> Generation:
         """Sample up to ``max_new_tokens`` tokens after ``prompt``, stopping after a stop token.
 
         ``prompt``: one sequence of integer token ids in [0, vocab) (a list or a 1-D tensor).
         The context limit: every stage that declares a context length (``HasContextLength``)
-        must hold the prompt and all ``max_new_tokens`` tokens, else a ``ConfigError`` up front."""
+        must hold the prompt and all ``max_new_tokens`` tokens, else a ``ConfigError`` up front.
+        ``on_block``: called once per verification round of the target (once per token when
+        N = 1) with the tokens it adds to the output, ``Long[Tensor, "m"]``; the calls' tokens
+        concatenate to ``Generation.tokens``, the stop token and the cut at ``max_new_tokens``
+        included."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if on_block is not None and not callable(on_block):
+            raise ConfigError(f"on_block must be a callable taking a tensor of token ids, got {on_block!r}")
         if seed is not None:
             seed = check_seed(seed)
         context = check_prompt(prompt, self.target.vocab_size).to(self.target.device)
@@ -390,7 +439,7 @@ class Pipeline:
         for s in self._resettable:
             s.reset()
         masses = EmittedMass()
-        proposer, metrics = self.build(masses)
+        proposer, metrics = self.build(masses, on_block)
         rng = Rng(seed)
         t0 = time.perf_counter()
         if max_new_tokens == 0:
@@ -405,6 +454,32 @@ class Pipeline:
         metrics.wall_s = time.perf_counter() - t0
         metrics.new_tokens = int(out.numel())
         return Generation(out, metrics)
+
+    def generate_text(
+        self, prompt: str | Messages, max_new_tokens: int, *, seed: int | None = None, chat: bool | None = None,
+        on_text: Callable[[str], object] | None = None, skip_special_tokens: bool = True,
+    ) -> TextGeneration:
+        """``generate`` from text to text, through the target's tokenizer (``HasTokenizer``).
+
+        ``prompt``: a str, or chat messages ``[{"role": ..., "content": ...}]`` (always through
+        the chat template). ``chat``: ``None`` applies the template to a str where the tokenizer
+        has one, ``True`` requires it, ``False`` encodes the raw text. ``on_text``: called with
+        each new piece of text as rounds are accepted; the pieces concatenate to ``text``.
+        ``skip_special_tokens``: leave e.g. the EOS out of the text."""
+        tokenizer = tokenizer_of(self.target)
+        name = _stage_name(self.target, len(self.stages) - 1)
+        if tokenizer is None:
+            raise ConfigError(f"generate_text needs a tokenizer and the target {name} has none; "
+                              "encode the prompt yourself and call generate(ids, ...)")
+        if on_text is not None and not callable(on_text):
+            raise ConfigError(f"on_text must be a callable taking a str, got {on_text!r}")
+        ids = encode_prompt(tokenizer, prompt, chat, name)
+        if on_text is None:
+            out = self.generate(ids, max_new_tokens, seed=seed)
+            return TextGeneration(decode_text(tokenizer, out.token_list, skip_special_tokens), ids, out)
+        stream = TextStream(tokenizer, on_text, skip_special_tokens)
+        out = self.generate(ids, max_new_tokens, seed=seed, on_block=stream)
+        return TextGeneration(stream.finish(), ids, out)
 
     def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         for name, limit in self._context_limits:

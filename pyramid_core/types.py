@@ -19,7 +19,7 @@ from torch import Tensor
 from pyramid_core.errors import ConfigError
 from pyramid_core.tree import TokenTree
 
-__all__ = ["Block", "Verdict", "SamplingConfig", "BoundaryStats", "StageStats", "GREEDY_BELOW"]
+__all__ = ["Block", "Verdict", "SamplingConfig", "GenerationOptions", "BoundaryStats", "StageStats", "GREEDY_BELOW"]
 
 #: Temperatures below this are greedy (docs/algorithms.md#greedy-mode): there softmax(logits / T)
 #: is one-hot at the argmax in float arithmetic for any two logits that differ by more than 1e-27,
@@ -148,6 +148,30 @@ def _nonneg_int(instance: Any, attribute: attrs.Attribute[Any], value: int) -> N
         raise ConfigError(f"SamplingConfig.{attribute.name} must be >= 0 (0 disables it), got {value!r}")
 
 
+#: Settings of a Hugging Face ``GenerationConfig`` that pyramid does not apply, with the values
+#: that leave the output unchanged (``None`` and empty collections always do).
+UNSUPPORTED_GENERATION: dict[str, tuple[object, ...]] = {
+    "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0.0,),
+    "repetition_penalty": (1.0,), "encoder_repetition_penalty": (1.0,), "no_repeat_ngram_size": (0,),
+    "encoder_no_repeat_ngram_size": (0,), "min_length": (0,), "min_new_tokens": (0,), "min_p": (0.0,),
+    "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "top_h": (), "diversity_penalty": (0.0,),
+    "bad_words_ids": (), "force_words_ids": (), "constraints": (), "suppress_tokens": (),
+    "begin_suppress_tokens": (), "sequence_bias": (), "forced_bos_token_id": (), "forced_eos_token_id": (),
+    "exponential_decay_length_penalty": (), "guidance_scale": (1.0,), "stop_strings": (), "max_time": (),
+    "dola_layers": (), "watermarking_config": (), "token_healing": (False,),
+}
+
+
+def _check_generation_config(gc: object) -> None:
+    for name, neutral in UNSUPPORTED_GENERATION.items():
+        value = getattr(gc, name, None)
+        if value is None or value in neutral or (isinstance(value, (str, list, tuple, dict)) and not value):
+            continue
+        fix = f"set it to {neutral[0]!r}" if neutral else "unset it"
+        raise ConfigError(f"generation config sets {name}={value!r}, which pyramid does not apply (it would change "
+                          f"the output); {fix}")
+
+
 @frozen
 class SamplingConfig:
     """The sampling transform, applied identically at every stage.
@@ -164,6 +188,20 @@ class SamplingConfig:
     @classmethod
     def greedy(cls) -> SamplingConfig:
         return cls(temperature=0.0)
+
+    @classmethod
+    def from_generation_config(cls, gc: object) -> SamplingConfig:
+        """The transform a Hugging Face ``GenerationConfig`` (or any object with its attributes)
+        samples with: ``do_sample`` unset or false is greedy; otherwise ``temperature``, ``top_k``
+        and ``top_p``, unset ones at Hugging Face's defaults (1.0, 50, 1.0). A setting that would
+        change the output and is not applied (``repetition_penalty``, ``num_beams``, ...) is a
+        ``ConfigError`` naming it."""
+        _check_generation_config(gc)
+        if not getattr(gc, "do_sample", None):
+            return cls.greedy()
+        temperature, top_k, top_p = (getattr(gc, name, None) for name in ("temperature", "top_k", "top_p"))
+        return cls(1.0 if temperature is None else temperature, 50 if top_k is None else top_k,
+                   1.0 if top_p is None else top_p)
 
     @property
     def is_greedy(self) -> bool:
@@ -192,6 +230,44 @@ class SamplingConfig:
             probs = probs.masked_fill(drop, 0.0)
             probs = probs / probs.sum(-1, keepdim=True)
         return probs
+
+
+def _eos_ids(value: object) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    ids = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise ConfigError(f"generation config eos_token_id must be a token id or a list of them, got {value!r}")
+    return ids
+
+
+@frozen
+class GenerationOptions:
+    """What a Hugging Face ``GenerationConfig`` asks of a generation, in pyramid's terms.
+
+    sampling:       ``SamplingConfig.from_generation_config(gc)`` (unsupported settings refused)
+    max_new_tokens: its ``max_new_tokens``; ``None`` when unset (``max_length``, which counts
+                    the prompt, is not read)
+    stop_ids:       its ``eos_token_id`` (an id or a list of ids); ``None`` when unset, which a
+                    pipeline reads as the target tokenizer's EOS
+
+    Use: ``build_pipeline(stages, sampling=o.sampling, stop_ids=o.stop_ids)``, then
+    ``pipe.generate(prompt, o.max_new_tokens or 256)``.
+    """
+
+    sampling: SamplingConfig = field(factory=SamplingConfig)
+    max_new_tokens: int | None = None
+    stop_ids: tuple[int, ...] | None = field(default=None, converter=_eos_ids)
+
+    @classmethod
+    def from_generation_config(cls, gc: object) -> GenerationOptions:
+        """Sampling, max_new_tokens and stop ids of ``gc`` (duck-typed: any object with a
+        ``GenerationConfig``'s attributes)."""
+        sampling = SamplingConfig.from_generation_config(gc)
+        max_new = getattr(gc, "max_new_tokens", None)
+        if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0):
+            raise ConfigError(f"generation config max_new_tokens must be an integer >= 0, got {max_new!r}")
+        return cls(sampling, max_new, getattr(gc, "eos_token_id", None))
 
 
 @attrs.define
