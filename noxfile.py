@@ -1,11 +1,13 @@
 """Sessions (`nox -l` lists them; README "Development" says what each does and how long it takes).
 
 `tests` runs the whole suite, notebooks included, once per supported transformers line;
-`typecheck`, `lint`, `docs`, `notebooks` and `plugin_example` check one thing each; `stress`
-runs the property-based suite with ten times the examples. Every session installs under
-constraints.txt, the versions CI installs, and every session that imports torch installs the CPU
-build CI uses first (users with CUDA install their own build of torch and run the commands of a
-session by hand).
+`pythons` the suite without the slow tests on the other Python versions pyproject.toml claims;
+`lowest` on the lowest torch and transformers it declares, `newest` on the newest transformers
+PyPI holds; `typecheck`, `lint`, `docs`, `notebooks`, `package` and `plugin_example` check one
+thing each; `stress` runs the property-based suite with ten times the examples. The Python 3.11
+sessions install under constraints.txt, the versions CI installs, with the CPU build of torch CI
+uses first (users with CUDA install their own build of torch and run the commands of a session by
+hand); the other Pythons and the lowest torch come from PyPI (a CUDA build, run on the CPU here).
 """
 
 from __future__ import annotations
@@ -48,12 +50,68 @@ def constraints(session: nox.Session, transformers: str | None) -> str:
 
 
 def install(session: nox.Session, *extras: str, transformers: str | None = None) -> None:
-    """torch first (so pip never picks another build), then the project with ``extras``, both
-    under constraints.txt."""
+    """torch first (so pip never picks another build), then the project with ``extras`` and the
+    distilled family (``family/``), all under constraints.txt."""
     pins = constraints(session, transformers)
     session.install("-c", pins, TORCH)
     target = f".[{','.join(extras)}]" if extras else "."
-    session.install("-c", pins, "-e", target, *([transformers] if transformers else []))
+    session.install("-c", pins, "-e", target, "-e", "./family", *([transformers] if transformers else []))
+
+
+def install_unpinned(session: nox.Session, torch: str, transformers: str | None = None) -> None:
+    """``torch`` first, then the project with its dev extra and the family, everything else at what
+    pip resolves for this Python (constraints.txt pins versions for Python 3.11 only)."""
+    session.install(torch)
+    session.install("-e", ".[dev]", "-e", "./family", torch, *([transformers] if transformers else []))
+    session.run("python", "-c", VERSIONS)
+
+
+VERSIONS = "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, " \
+           "'transformers', transformers.__version__)"
+# The lowest releases pyproject.toml admits, tested by `lowest` (torch 2.5 is the first with the
+# grouped-query attention argument the stage cache's attention uses; 2.6 the first we have tested).
+TORCH_LOWEST = "torch==2.6.0"
+TRANSFORMERS_LOWEST = "transformers==4.57.6"
+# What `pythons` and `lowest` run: the suite without the tests that need the real SmolLM2 and
+# without the notebooks (their outputs come from the CI environment).
+FAST_SUITE = ("-m", "not slow", "tests")
+
+
+@nox.session(python=["3.10", "3.13"])
+def pythons(session: nox.Session) -> None:
+    """The suite without the slow tests and notebooks on Python 3.10 and 3.13, the ends of the
+    range pyproject.toml declares (3.11 is CI's; torch 2.13.0 from PyPI)."""
+    install_unpinned(session, TORCH)
+    session.run("python", "-m", "pytest", "-q", *FAST_SUITE, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lowest(session: nox.Session) -> None:
+    """The suite without the slow tests and notebooks on the lowest torch and transformers that
+    pyproject.toml admits."""
+    install_unpinned(session, TORCH_LOWEST, TRANSFORMERS_LOWEST)
+    session.run("python", "-m", "pytest", "-q", *FAST_SUITE, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def newest(session: nox.Session) -> None:
+    """The README's test command on the newest transformers release on PyPI (not the pinned one;
+    notebooks executed without comparing outputs), to see a new release break something before
+    constraints.txt moves to it."""
+    install(session, "dev")
+    session.install("--upgrade", "transformers")
+    session.run("python", "-c", VERSIONS)
+    session.run("pyramid", "setup", "--quiet")
+    session.run("python", "-m", "pytest", "-q", "--nbval-lax", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def package(session: nox.Session) -> None:
+    """.ci/package: pyramid-core's wheel and sdist and the family's wheel built as a release is,
+    sizes and contents checked (the core wheel <= 5 MB, no weights), installed into a fresh
+    virtual environment and smoke-tested with and without the family."""
+    install(session, "dev")
+    session.run("bash", ".ci/package", external=True)
 
 
 @nox.session(python=PYTHON)

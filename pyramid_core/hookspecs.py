@@ -11,7 +11,7 @@ Every hook receives a ``register(name, factory, description="", *, default=False
 (values are converted using the factory's annotations; a parameter annotated with a registered
 kind such as ``AcceptancePolicy`` takes a nested spec, ``assisted:inner=(fuzzy:tau=0.3)``).
 ``default=True`` declares the registration the default of its kind -- what the framework uses
-when the user names none (the built-in ``exact`` policy and the ``smollm2-family`` chain do);
+when the user names none (the built-in ``exact`` policy and the family's ``smollm2-family`` chain do);
 at most one plugin may declare a default per kind, and when that plugin is disabled the
 framework says so instead of falling back to a name of its own. The built-in plugins use these
 hooks exactly like a third-party package does.

@@ -6,15 +6,17 @@
 ``num_layers=k`` (0 = all) keeps only the first k decoder layers: a layer-truncated draft that
 shares the weights and tokenizer of the full model loaded from the same path.
 
-``smollm2:stage=draft`` and ``smollm2:stage=qualifier`` are the distilled family shipped with
-pyramid (``pyramid_core/data/smollm2-family``, built by ``pyramid distill all``); ``hf:path=DIR``
-also loads any folder written by ``pyramid distill``.
+``smollm2:stage=draft``, ``smollm2:stage=qualifier`` and ``smollm2:stage=feature`` are the
+distilled family, its own distribution (``pyramid-smollm2-family``, from ``family/`` in a clone;
+built by ``pyramid distill all``), which also registers the default chain ``smollm2-family``;
+``hf:path=DIR`` also loads any folder written by ``pyramid distill``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pyramid_core.backends.hf.files import FAMILY_INSTALL, family_installed
 from pyramid_core.backends.hf.head import is_feature_dir
 from pyramid_core.backends.hf.head_stage import FeatureStage
 from pyramid_core.backends.hf.hub import resolve_model_dir
@@ -24,10 +26,9 @@ from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError
 from pyramid_core.hookspecs import hookimpl
 from pyramid_core.options import ExecutionMode
-from pyramid_core.recipes import Chain
 from pyramid_plugins.feature import feature_stage
 
-__all__ = ["hf_stage", "smollm2_stage", "smollm2_family"]
+__all__ = ["hf_stage", "smollm2_stage"]
 
 
 def hf_stage(path: str, device: str = "cpu", dtype: str = "auto", num_layers: int = 0,
@@ -61,7 +62,7 @@ SMOLLM2_STAGES = ("target", "qualifier", "draft", "feature")
 def smollm2_stage(device: str = "cpu", dtype: str = "auto", num_layers: int = 0, stage: str = "target",
                   compile: ExecutionMode = ExecutionMode.EAGER, features_from: str = "next") -> HFStage | FeatureStage:
     """SmolLM2-135M-Instruct, converted once by `pyramid setup` (``stage=target``), or a stage
-    of the distilled family shipped with pyramid (``stage=draft`` / ``stage=qualifier``, and
+    of the distilled family (``pyramid-smollm2-family``: ``stage=draft`` / ``stage=qualifier``, and
     ``stage=feature``: the feature-level draft, reading ``features_from=next|target``)."""
     directory = smollm2_dir()
     if not smollm2_ready(directory):
@@ -74,6 +75,9 @@ def smollm2_stage(device: str = "cpu", dtype: str = "auto", num_layers: int = 0,
     if stage != "target":
         if num_layers:
             raise ConfigError(f"smollm2: num_layers applies to the target only, not to stage={stage}")
+        if not family_installed():
+            raise ConfigError(f"smollm2:stage={stage} is a stage of the distilled family, which is not installed; "
+                              f"{FAMILY_INSTALL}")
         path = family_dir() / stage
         if not (path / "stage.json").is_file():
             how = "pyramid distill feature" if stage == "feature" else "pyramid distill all"
@@ -88,20 +92,3 @@ def register_backends(register: Any) -> None:
              "compile=false|true|auto")
     register("smollm2", smollm2_stage, "SmolLM2-135M-Instruct from `pyramid setup`, or its distilled family: "
              "smollm2:stage=target|qualifier|draft|feature,device=cpu,dtype=auto,num_layers=0,compile=false|true|auto")
-
-
-def smollm2_family() -> Chain:
-    """The distilled family shipped with pyramid, smallest first, with block lengths per
-    boundary (1, 3): the best 3-stage chain of the planner on the CPU it was developed on, with
-    lengths that never decrease upwards (the measurement:
-    [block lengths of the shipped chain](../../distill.md#block-lengths-of-the-shipped-chain)).
-    `pyramid plan` measures and picks them on yours."""
-    return Chain("smollm2-family", ("smollm2:stage=draft", "smollm2:stage=qualifier", "smollm2"), (1, 3),
-                 "SmolLM2-135M with its distilled draft and qualifier")
-
-
-@hookimpl
-def register_chains(register: Any) -> None:
-    register("smollm2-family", smollm2_family,
-             "smollm2:stage=draft -> smollm2:stage=qualifier -> smollm2, block lengths 1,3; the default chain",
-             default=True)

@@ -393,7 +393,7 @@ def test_a_proposer_returning_garbage_is_named() -> None:
 
 
 def test_a_default_chain_returning_garbage_is_named(clean_plugins: pytest.MonkeyPatch) -> None:
-    clean_plugins.setenv(DISABLE_ENV, "hf")  # the built-in default chain
+    clean_plugins.setenv(DISABLE_ENV, "smollm2_family")  # the default chain of the family
     reload_plugins()
 
     def register_chains(register: Any) -> None:

@@ -101,7 +101,7 @@ def test_defaults_are_declared_by_plugins() -> None:
     regs = registries()
     assert regs.policies.default is not None and regs.policies.default.name == "exact"
     assert regs.policies.default.plugin == "exact"
-    assert regs.chains.default is not None and regs.chains.default.plugin == "hf"
+    assert regs.chains.default is not None and regs.chains.default.plugin == "smollm2_family"
     pipe = build_pipeline([TableModel(Q), TableModel(P)])
     assert pipe.policies == [ExactPolicy()] and list(pipe.block_lengths) == [4]
 
@@ -135,11 +135,11 @@ def test_cli_with_the_default_plugins_disabled_explains_instead_of_a_traceback()
     out = _cli(["plugins"], "exact")
     assert out.returncode == 0, out.stderr
     assert "policy: none -- no loaded plugin declares a default policy" in out.stdout
-    assert "chain: smollm2-family (plugin hf)" in out.stdout
+    assert "chain: smollm2-family (plugin smollm2_family)" in out.stdout
     out = _cli(["check", "--dist", "0.5,0.5", "--dist", "0.2,0.8"], "exact")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "pyramid check: error: no default policy" in out.stderr
-    out = _cli(["generate", "--prompt", "hi"], "hf")
+    out = _cli(["generate", "--prompt", "hi"], "smollm2_family")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "pyramid generate: error: no default chain: no stages were given" in out.stderr
 

@@ -10,6 +10,8 @@ sha256 of each file modified since it was recorded, and of every file with ``--v
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import struct
@@ -19,7 +21,7 @@ from typing import Any, Literal
 
 from pyramid_core.errors import ConfigError
 
-__all__ = ["read_json", "fix_for", "sha256_file", "file_record", "check_record", "check_safetensors",
+__all__ = ["read_json", "fix_for", "family_dir", "family_installed", "sha256_file", "file_record", "check_record", "check_safetensors",
            "check_json_files", "JSON_FILES"]
 
 JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "stage.json", "pyramid_model.json",
@@ -38,11 +40,26 @@ def smollm2_dir() -> Path:
     return model_home() / "smollm2-135m"
 
 
-def family_dir() -> Path:
-    """The distilled draft and qualifier shipped with pyramid (``pyramid distill all``)."""
-    from importlib import resources
+FAMILY_PACKAGE = "pyramid_smollm2_family"
+FAMILY_INSTALL = ("pip install -e ./family in a clone of pyramid (the README's commands do), "
+                  "or pip install pyramid-smollm2-family")
 
-    return Path(str(resources.files("pyramid_core") / "data" / "smollm2-family"))
+
+def family_installed() -> bool:
+    """Whether the distribution ``pyramid-smollm2-family`` (the distilled stages) is installed."""
+    return importlib.util.find_spec(FAMILY_PACKAGE) is not None
+
+
+def family_dir() -> Path:
+    """The folder of the distilled SmolLM2 family (``pyramid distill all``), which ships as its own
+    distribution, ``pyramid-smollm2-family``; a ``ConfigError`` saying how to install it when it
+    is not installed."""
+    try:
+        module = importlib.import_module(FAMILY_PACKAGE)
+    except ModuleNotFoundError:
+        raise ConfigError(f"the distilled SmolLM2 family (distribution pyramid-smollm2-family) is not installed; "
+                          f"{FAMILY_INSTALL}") from None
+    return Path(module.data_dir())
 
 
 def fix_for(path: str | Path) -> str:
@@ -51,8 +68,9 @@ def fix_for(path: str | Path) -> str:
     where = Path(path).expanduser().resolve()
     if where.is_relative_to(smollm2_dir().expanduser().resolve()):
         return "run `pyramid setup` to repair it"
-    if where.is_relative_to(Path(family_dir()).resolve()):
-        return "it ships with pyramid: reinstall it (`pip install --force-reinstall pyramid-core`) to repair it"
+    if family_installed() and where.is_relative_to(family_dir().resolve()):
+        return ("it ships in pyramid-smollm2-family: reinstall it (`pip install --force-reinstall -e ./family` in a "
+                "clone of pyramid, or `pip install --force-reinstall pyramid-smollm2-family`) to repair it")
     return "replace it with a good copy (re-save or re-download the model)"
 
 
