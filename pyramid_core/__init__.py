@@ -1,5 +1,7 @@
 """pyramid: multi-stage speculative decoding with pluggable acceptance rules."""
 
+import logging
+
 from pyramid_core.build import (
     PipelineSpec,
     build_pipeline,
@@ -29,6 +31,10 @@ from pyramid_core.types import (
 )
 
 __version__ = "0.1.0"
+
+# a library logs (``logging.getLogger(__name__)`` in each module) and leaves the handlers to the
+# application; the ``pyramid`` command gives these loggers one stderr handler (``cli.main``)
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "AcceptancePolicy",

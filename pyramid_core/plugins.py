@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from pyramid_core.errors import PluginError, PluginWarning
 from pyramid_core.protocols import AcceptancePolicy, Divergence, Proposer, Stage
 from pyramid_core.recipes import Chain, Preset
 from pyramid_core.registry import Nested, Registry
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Registries", "PluginInfo", "plugin_manager", "registries", "registries_with", "reload_plugins",
            "DISABLE_ENV"]
@@ -167,6 +170,8 @@ def _collect(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str]]) -> Reg
             continue
         package, version = dists.get(name, (getattr(plugin, "__name__", type(plugin).__name__), ""))
         infos.append(PluginInfo(name, package, version, tuple(made.get(name, ()))))
+        log.debug("plugin %s (%s %s) registers %s", name, package, version,
+                  ", ".join(f"{k} {n}" for k, n in made.get(name, ())) or "nothing")
     return Registries(
         regs["policy"], regs["proposer"], regs["backend"], regs["wrapper"], regs["divergence"], regs["preset"],
         regs["chain"], regs["command"], tuple(sorted(infos, key=lambda i: i.name)),

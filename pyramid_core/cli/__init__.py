@@ -10,20 +10,28 @@ a bad argument (argparse, without its usage block: ``--help`` shows it) and any
 ``PyramidError`` the command raises alike. Ctrl-C ends a command with one line,
 ``pyramid COMMAND: interrupted``, and exit status 130 (``bench`` and ``sweep`` say what they
 kept and how to resume).
+
+Every command, a plugin's included, takes ``-v`` / ``--verbose`` (repeated: DEBUG) and ``-q`` /
+``--quiet`` (results and errors only: no notes, no progress bars); ``main`` gives the library's
+loggers (``pyramid_core``, ``pyramid_plugins``) one stderr handler at that level. Results --
+tables, generated text, the paths written -- go to stdout; notes on the way go to the log.
+``generate``, ``bench``, ``sweep`` and ``plan`` take ``--config FILE`` (``cli.config``).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import NoReturn
 
 from pyramid_core import plugins
-from pyramid_core.cli import bench, check, generate, plan, profile, setup
+from pyramid_core.cli import bench, check, config, generate, plan, profile, setup
 from pyramid_core.errors import PluginError, PyramidError
 
-__all__ = ["main", "build_parser", "BUILTIN_COMMANDS"]
+__all__ = ["main", "build_parser", "parse_args", "BUILTIN_COMMANDS"]
 
 Configure = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
 
@@ -72,7 +80,97 @@ def build_parser() -> argparse.ArgumentParser:
             raise PluginError(f"command {name!r} of a plugin clashes with a built-in `pyramid {name}`")
         p = sub.add_parser(name, help=description, description=description)
         p.set_defaults(func=configure(p), command_prog=None)
+    verbosity_args(parser)
     return parser
+
+
+def verbosity_args(p: argparse.ArgumentParser) -> None:
+    """``-v`` / ``--verbose`` and ``-q`` / ``--quiet`` on ``p`` and on every subcommand under it
+    (a plugin's, ``distill``'s), after their own options: a flag a command already defines is
+    left to it. Absent flags leave the namespace alone (``SUPPRESS``), so that a subcommand's
+    parser does not reset what an outer one read."""
+    taken = p._option_string_actions
+    if "-v" not in taken and "--verbose" not in taken:
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="more notes on stderr; twice: debugging detail")
+    if "-q" not in taken and "--quiet" not in taken:
+        p.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
+                       help="results and errors only: no notes, no progress bars (twice: no warnings)")
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                verbosity_args(sub)
+
+
+LOGGERS = ("pyramid_core", "pyramid_plugins")
+log = logging.getLogger(__name__)
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to the ``sys.stderr`` of the moment (tests swap it), one line per record:
+    ``pyramid CMD: note``, ``pyramid CMD: warning: ...``; at DEBUG the logger's name too."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self.prog = prog
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info and self.level <= logging.DEBUG:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+        if record.levelno >= logging.WARNING:
+            return f"{self.prog}: {record.levelname.lower()}: {message}"
+        if record.levelno < logging.INFO:
+            return f"{self.prog}: debug: {record.name}: {message}"
+        return f"{self.prog}: {message}"
+
+
+def log_level(verbose: int, quiet: int) -> int:
+    """INFO by default; ``-v`` DEBUG; ``-q`` WARNING, ``-qq`` ERROR."""
+    if quiet:
+        return logging.WARNING if quiet == 1 else logging.ERROR
+    return logging.DEBUG if verbose else logging.INFO
+
+
+@contextmanager
+def logging_to_stderr(prog: str, level: int) -> Iterator[None]:
+    """The library's loggers write to stderr at ``level`` while the command runs (one handler,
+    removed afterwards: ``main`` may run many times in one process)."""
+    handler = _Stderr(prog)
+    handler.setLevel(level)
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, before):
+            lg.removeHandler(handler)
+            lg.setLevel(old)
+
+
+def parse_args(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The namespace ``main`` runs for ``argv``: ``--config FILE`` read (``cli.config``), the
+    command line parsed over it, ``verbose`` / ``quiet`` counted. A bad file raises a
+    ``ConfigError``; a bad flag exits as argparse does."""
+    parser = parser or build_parser()
+    args = list(argv)
+    applied = config.apply_config(parser, args)  # the file's values become the defaults
+    ns = parser.parse_args(args)
+    ns.argv = args  # the command as given, for records of it
+    config.finish_config(ns, applied)
+    ns.verbose, ns.quiet = getattr(ns, "verbose", 0) or 0, getattr(ns, "quiet", 0) or 0
+    return ns
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,14 +179,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PyramidError as exc:  # a broken plugin: say which, without a traceback
         print(f"pyramid: error: {exc}", file=sys.stderr)
         return 2
-    ns = parser.parse_args(argv)
-    ns.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for records of it
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return int(ns.func(ns))
+        ns = parse_args(args, parser)
+    except PyramidError as exc:  # a bad --config file
+        return _failed(f"pyramid {config.command_of(args)}", exc)
+    try:
+        with logging_to_stderr(ns.command_prog, log_level(ns.verbose, ns.quiet)):
+            log.debug("arguments: %s", config.run_arguments(ns))
+            return int(ns.func(ns))
     except PyramidError as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the message holds
-        print(f"{ns.command_prog}: error: {message}", file=sys.stderr)
-        return 2
+        return _failed(ns.command_prog, exc)
     except KeyboardInterrupt:
         print(f"{ns.command_prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _failed(prog: str, exc: PyramidError) -> int:
+    message = " ".join(str(exc).split())  # one line, whatever the message holds
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2

@@ -17,7 +17,12 @@ from pyramid_core.types import SamplingConfig
 from pyramid_core.validate import NONFINITE_MODES
 
 __all__ = ["sampling_args", "sampling", "pipeline_args", "pipeline_spec", "compile_arg", "nonfinite_arg",
-           "int_at_least", "block_length"]
+           "int_at_least", "block_length", "show_progress"]
+
+
+def show_progress(ns: argparse.Namespace) -> bool:
+    """Progress bars (on stderr) unless ``-q`` / ``--quiet``."""
+    return not getattr(ns, "quiet", 0)
 
 
 def _sampling_field(name: str) -> Callable[[str], float]:

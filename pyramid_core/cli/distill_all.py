@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pyramid_core.cli.common import show_progress
 from pyramid_core.cli.distill_common import (
     check_outputs,
     command_line,
@@ -52,7 +53,7 @@ def run(ns: argparse.Namespace) -> int:
     eval_defaults(ns, EVAL_ALL_CORPUS_SAMPLE)
     model, tokenizer = load_target(ns)
     manifest = build_corpus(model, tokenizer, corpus_dir(ns), corpus_config(ns),
-                            held_out=[p.text for p in load_prompts()], progress=not ns.quiet)
+                            held_out=[p.text for p in load_prompts()], progress=show_progress(ns))
     reports = {}
     for role in ("draft", "qualifier"):
         ns.layers = ns.sub_vocab = ns.lr = None

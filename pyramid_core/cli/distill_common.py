@@ -24,13 +24,12 @@ DISTILL_SEED = seed_below(2**44)
 
 
 def common_args(p: argparse.ArgumentParser) -> None:
-    """``--workdir``, ``--corpus``, ``--seed``, ``--smoke``, ``--quiet``, ``--device``."""
+    """``--workdir``, ``--corpus``, ``--seed``, ``--smoke``, ``--device`` (``-q`` / ``--quiet``, no progress bars, is every command's)."""
     p.add_argument("--workdir", metavar="DIR", help="folder for corpus, checkpoints and stages (default $PYRAMID_HOME/distill)")
     p.add_argument("--corpus", metavar="DIR", help="corpus folder (default WORKDIR/corpus)")
     p.add_argument("--seed", type=DISTILL_SEED, default=0, help="an integer in [0, 2**44)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run of every step, evaluation included (well under a minute on a CPU; what CI runs)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", help="where the target and the students run (cpu, cuda, ...; default cpu)")
 
 

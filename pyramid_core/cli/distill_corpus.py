@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from pyramid_core.cli.common import show_progress
 from pyramid_core.cli.distill_common import (
     check_outputs,
     command_line,
@@ -57,7 +58,7 @@ def run(ns: argparse.Namespace) -> int:
     model, tokenizer = load_target(ns)
     held_out = [p.text for p in load_prompts()]
     out = corpus_dir(ns)
-    manifest = build_corpus(model, tokenizer, out, corpus_config(ns), held_out=held_out, progress=not ns.quiet)
+    manifest = build_corpus(model, tokenizer, out, corpus_config(ns), held_out=held_out, progress=show_progress(ns))
     manifest.setdefault("command", command_line(ns))
     (out / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest, indent=2))

@@ -12,6 +12,7 @@ import attrs
 
 from pyramid_core.build import check_same_tokenizer, default_chain, make_stage
 from pyramid_core.cli.argtypes import int_at_least
+from pyramid_core.cli.common import show_progress
 from pyramid_core.cli.distill_common import check_outputs, command_line, corpus_dir, usable_device
 from pyramid_core.errors import ConfigError
 
@@ -53,7 +54,6 @@ def configure(e: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     eval_args(e)
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", metavar="FILE.json")
-    e.add_argument("--quiet", action="store_true")
     e.add_argument("--device", help="where the stages run (cpu, cuda, ...; default cpu)")
     return run
 
@@ -79,7 +79,7 @@ def evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
     prompts = load_prompts(per_kind=ns.per_kind)[: SMOKE_EVAL_PROMPTS if smoke else None]
     encoded = [(p.kind, encode_prompt(tokenizer, p.text, True)) for p in prompts]
     reports = evaluate_stages(models, encoded, ns.new_tokens, timing_repeats=TIMING_REPEATS[smoke],
-                              progress=not ns.quiet)
+                              progress=show_progress(ns))
     result: dict[str, Any] = {
         "command": command_line(ns), "stages": specs, "prompts": len(prompts), "new_tokens": ns.new_tokens,
         "held_out": "pyramid_core/data/prompts.jsonl (never trained on)",

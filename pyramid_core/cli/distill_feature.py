@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyramid_core.cli.common import show_progress
 from pyramid_core.cli.distill_common import (
     command_line,
     common_args,
@@ -96,7 +97,7 @@ def run(ns: argparse.Namespace) -> int:
                 "corpus_partial_shards": manifest.get("partial_shards")}
     report = train_feature_head(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
                                 max_minutes=ns.max_minutes, autocast=not ns.no_autocast,
-                                corpus_sha256=manifest.get("sha256"), progress=not ns.quiet)
+                                corpus_sha256=manifest.get("sha256"), progress=show_progress(ns))
     print(json_text(report, indent=2))
     if not report["finished"]:
         print(f"stopped after {report['steps']} steps (--max-minutes); run the same command to resume", file=sys.stderr)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyramid_core.cli.common import show_progress
 from pyramid_core.cli.distill_common import (
     check_outputs,
     command_line,
@@ -81,7 +82,7 @@ def train_role(ns: argparse.Namespace, role: str, manifest: dict[str, Any]) -> d
     metadata = {"role": role, "command": command_line(ns), "seed": cfg.seed,
                 "corpus_sha256": manifest.get("sha256"), "corpus_positions": manifest.get("target_positions")}
     return train_student(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
-                         max_minutes=ns.max_minutes, progress=not ns.quiet)
+                         max_minutes=ns.max_minutes, progress=show_progress(ns))
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -7,12 +7,12 @@ import json
 from collections.abc import Callable
 
 from pyramid_core import plugins
+from pyramid_core.cli.common import show_progress
 
 __all__ = ["configure_setup", "configure_plugins"]
 
 
 def configure_setup(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument("--quiet", action="store_true")
     p.add_argument("--verify", action="store_true",
                    help="check the sha256 of every stored file, not only of those modified since setup (~2 s)")
     return run_setup
@@ -22,7 +22,7 @@ def run_setup(ns: argparse.Namespace) -> int:
     # lazy: the hf backend loads with its plugin
     from pyramid_core.backends.hf.smollm2 import ensure_smollm2, family_dir
 
-    path = ensure_smollm2(progress=not ns.quiet, verify=ns.verify)
+    path = ensure_smollm2(progress=show_progress(ns), verify=ns.verify)
     print(f"SmolLM2-135M (float32 safetensors) ready at {path}")
     checked = verify_family()
     print(f"distilled family ({', '.join(checked) or 'no stages'}) verified in {family_dir()}")

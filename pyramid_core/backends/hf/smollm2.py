@@ -9,6 +9,7 @@ under ``$PYRAMID_HOME/smollm2-135m`` so later loads are an ordinary ``from_pretr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -33,6 +34,8 @@ from pyramid_core.backends.hf.files import (
     smollm2_dir,
 )
 from pyramid_core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SMOLLM2_WHEEL",
@@ -100,8 +103,8 @@ def _record_files(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(f"[pyramid setup] {message}", file=sys.stderr, flush=True)
+    """A step of the setup, logged (INFO with ``progress``, DEBUG without)."""
+    log.log(logging.INFO if progress else logging.DEBUG, message)
 
 
 def _download_wheel(dest: Path, progress: bool) -> Path:
