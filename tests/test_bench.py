@@ -65,7 +65,7 @@ def test_bench_tiny_rows_identity_and_files(tiny_stages: tuple[HFStage, HFStage]
     assert "| acceptance per try | accepted/proposed |" in table[0] and "| acceptance |" not in table[0]
     assert "MISMATCH" in md
     files = write_bench(result, tmp_path)
-    assert {f.name for f in files} == {"bench.json", "bench.md", "bench.png"}
+    assert {f.name for f in files} == {"bench.json", "bench.md", "bench.csv", "bench.jsonl", "bench.png"}
     assert all(f.stat().st_size > 0 for f in files)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["rows"]) == 10 and data["mismatches"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -103,6 +104,7 @@ def verbosity_args(p: argparse.ArgumentParser) -> None:
 
 
 LOGGERS = ("pyramid_core", "pyramid_plugins")
+_HF_VERBOSITY = "TRANSFORMERS_VERBOSITY"
 log = logging.getLogger(__name__)
 
 
@@ -151,12 +153,25 @@ def logging_to_stderr(prog: str, level: int) -> Iterator[None]:
     for lg in loggers:
         lg.addHandler(handler)
         lg.setLevel(level)
+    # quiet: transformers' own notes (deprecations, generation settings) too; its level is read
+    # from the environment when it sets its logger up, and from the logger afterwards
+    hf, hf_level, hf_env = logging.getLogger("transformers"), logging.getLogger("transformers").level, \
+        os.environ.get(_HF_VERBOSITY)
+    if level > logging.INFO:
+        hf.setLevel(logging.ERROR)
+        os.environ[_HF_VERBOSITY] = "error"
     try:
         yield
     finally:
         for lg, old in zip(loggers, before):
             lg.removeHandler(handler)
             lg.setLevel(old)
+        if level > logging.INFO:
+            hf.setLevel(hf_level)
+            if hf_env is None:
+                os.environ.pop(_HF_VERBOSITY, None)
+            else:
+                os.environ[_HF_VERBOSITY] = hf_env
 
 
 def parse_args(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:

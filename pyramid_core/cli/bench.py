@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from pyramid_core import plugins
 from pyramid_core.build import default_chain, make_stage
@@ -18,16 +21,21 @@ from pyramid_core.cli.common import (
     pipeline_spec,
     sampling,
     sampling_args,
+    show_progress,
 )
+from pyramid_core.cli.config import config_arg, run_arguments
 from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError
 from pyramid_core.protocols import Stage
 from pyramid_core.validate import check_block_lengths
 
 if TYPE_CHECKING:
+    from pyramid_core.lab.bench import BenchConfig
     from pyramid_core.lab.outputs import RecordLog
 
-__all__ = ["configure_bench", "configure_sweep"]
+__all__ = ["configure_bench", "configure_sweep", "bench_configurations", "bench_plan", "BenchPlan"]
+
+_log = logging.getLogger(__name__)
 
 
 def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -76,6 +84,7 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     g = sampling_args(p, 0.0, title="sampling (default greedy, with greedy identity asserted)",
                       temperature_help="> 0: a sampled bench with quality (NLL vs target)", seed=False)
     g.add_argument("--seeds", type=int_at_least(1), default=3, help="seeds per prompt when sampling (default 3)")
+    config_arg(p)
     p.add_argument("--out", default="out/bench",
                    help="output folder for bench.json, bench.md, bench.png; checked before anything runs. Each "
                         "finished configuration is also appended to bench.partial.jsonl there, and a rerun with the "
@@ -111,7 +120,7 @@ def _guarded(ns: argparse.Namespace, command: str, body: Callable[[Path, list[Re
     logs: list[RecordLog] = []
     with RunLock(out, f"pyramid {command}") as lock:
         if lock.took_over_text:
-            print(f"pyramid {command}: {lock.took_over_text}", file=sys.stderr)
+            _log.warning("%s", lock.took_over_text)
         try:
             return body(out, logs)
         except KeyboardInterrupt:
@@ -131,35 +140,93 @@ def run_bench(ns: argparse.Namespace) -> int:
     return _guarded(ns, "bench", lambda out, logs: _run_bench(ns, out, logs))
 
 
-def _run_bench(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
+@attrs.frozen
+class BenchPlan:
+    """What ``pyramid bench`` runs, from its arguments alone (nothing loaded): the stage spec per
+    role (``None``: no qualifier), the block lengths, the new tokens per prompt."""
+
+    specs: dict[str, str | None]  # "--target", "--draft", "--qualifier"
+    lengths2: list[int] | None
+    lengths3: list[int] | None
+    upper: int  # the qualifier's block length in the 3-stage feature row
+    specbench: bool
+    max_new: int
+
+
+def bench_plan(ns: argparse.Namespace, regs: Any) -> BenchPlan:
+    """The roles, lengths and token budget of a bench run (the default chain fills what is not given)."""
     # lazy: lab/ stays out of CLI start-up
-    from pyramid_core.lab.bench import run_bench, write_bench
-    from pyramid_core.lab.prompts import load_prompts
     from pyramid_core.lab.specbench import is_specbench_file
 
     lengths2, lengths3 = _lengths(ns.lengths2, 1, "--lengths-2"), _lengths(ns.lengths3, 2, "--lengths-3")
-    if ns.device:
-        check_device(ns.device)
-    regs = plugins.registries()
     specbench = bool(ns.prompts) and is_specbench_file(ns.prompts)
-    per_kind, max_new = (1, 24) if ns.quick else (ns.per_kind, 128 if specbench else 64)
+    max_new = 24 if ns.quick else (128 if specbench else 64)
     max_new = ns.max_new_tokens if ns.max_new_tokens is not None else max_new
-    if not specbench:
-        prompts = load_prompts(ns.prompts, per_kind=per_kind)
-        if ns.quick:
-            prompts = prompts[:2]
     needs_chain = not (ns.target and ns.draft and ns.qualifier and ns.lengths2 and ns.lengths3)
     chain = default_chain(regs, purpose="`pyramid bench` takes the stages and lengths not given from it") \
         if needs_chain else None
     stages = list(chain.stages) if chain is not None else []
-    specs = {"--target": ns.target or (stages[-1] if stages else None),
+    given = {"--target": ns.target or (stages[-1] if stages else None),
              "--draft": ns.draft or (stages[0] if len(stages) > 1 else None),
              "--qualifier": ns.qualifier or (stages[1] if len(stages) == 3 else "none")}
-    loaded: dict[str, Stage | None] = {}
-    for flag, spec in specs.items():
-        if spec is None or spec.lower() == "none":
+    specs: dict[str, str | None] = {}
+    for flag, spec in given.items():
+        if spec is None or str(spec).lower() == "none":
             if flag != "--qualifier":
                 raise ConfigError(f"give {flag}: the default chain has no stage for it")
+            specs[flag] = None
+        else:
+            specs[flag] = str(spec)
+    chain_lengths = list(chain.block_lengths) if chain is not None else []
+    lengths2 = lengths2 or chain_lengths[:1] or None
+    lengths3 = lengths3 or (chain_lengths if len(chain_lengths) == 2 else None)
+    upper = ns.qualifier_length or (lengths3[1] if lengths3 else 8)
+    return BenchPlan(specs, lengths2, lengths3, upper, specbench, max_new)
+
+
+def _pyramid_configs(ns: argparse.Namespace, plan: BenchPlan, stages: dict[str, Any], regs: Any,
+                     *, load: bool) -> list[BenchConfig]:
+    """The pyramid rows of ``plan`` over ``stages`` (a role's loaded stage, or its spec when
+    ``load`` is false: then nothing is loaded and the rows describe the run)."""
+    # lazy: lab/ stays out of CLI start-up
+    from pyramid_core.lab.bench import default_configs
+
+    rows = default_configs(stages["--target"], stages["--draft"], qualifier=stages["--qualifier"], ngram=ns.ngram,
+                           tree=ns.tree, lengths2=plan.lengths2, lengths3=plan.lengths3,
+                           qualifier_length=ns.qualifier_length)
+    return rows + _feature_rows(ns, plan.specs["--target"], stages["--target"], stages["--qualifier"], regs,
+                                upper=plan.upper, load=load)
+
+
+def bench_configurations(ns: argparse.Namespace, regs: Any = None) -> list[dict[str, Any]]:
+    """The pyramid configurations ``pyramid bench`` with these arguments runs (label, stage
+    specs, policies, block lengths, tree, ...), built without loading a model: what bench.json
+    records, and what a rerun from it (``--config bench.json``) builds again."""
+    regs = regs or plugins.registries()
+    plan = bench_plan(ns, regs)
+    if plan.specbench:
+        return []
+    return [cfg.describe() for cfg in _pyramid_configs(ns, plan, dict(plan.specs), regs, load=False)]
+
+
+def _run_bench(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
+    # lazy: lab/ stays out of CLI start-up
+    from pyramid_core.lab.bench import run_bench, write_bench
+    from pyramid_core.lab.prompts import load_prompts
+    from pyramid_core.lab.provenance import run_record
+
+    arguments = run_arguments(ns)
+    if ns.device:
+        check_device(ns.device)
+    regs = plugins.registries()
+    plan = bench_plan(ns, regs)
+    if not plan.specbench:
+        prompts = load_prompts(ns.prompts, per_kind=1 if ns.quick else ns.per_kind)
+        if ns.quick:
+            prompts = prompts[:2]
+    loaded: dict[str, Any] = {}
+    for flag, spec in plan.specs.items():
+        if spec is None:
             loaded[flag] = None
             continue
         stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile, dtype=ns.dtype)
@@ -168,19 +235,20 @@ def _run_bench(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
         loaded[flag] = stage
     target, draft = loaded["--target"], loaded["--draft"]
     assert target is not None and draft is not None
-    chain_lengths = list(chain.block_lengths) if chain is not None else []
-    lengths2 = lengths2 or chain_lengths[:1] or None
-    lengths3 = lengths3 or (chain_lengths if len(chain_lengths) == 2 else None)
-    if specbench:
-        return _specbench(ns, out, target, draft, loaded["--qualifier"], max_new, lengths2, lengths3, regs)
-    extra = _feature_rows(ns, specs["--target"], target, loaded["--qualifier"], regs,
-                          upper=ns.qualifier_length or (lengths3[1] if lengths3 else 8))
-    log = _open_log(out / "bench.partial.jsonl", ns, "bench", logs)
-    result = run_bench(target, draft, prompts, max_new_tokens=max_new, ngram=ns.ngram, tree=ns.tree,
-                       lengths2=lengths2, lengths3=lengths3,
+    if plan.specbench:
+        return _specbench(ns, out, target, draft, loaded["--qualifier"], plan.max_new, plan.lengths2, plan.lengths3,
+                          regs, arguments)
+    described = [cfg.describe() for cfg in _pyramid_configs(ns, plan, dict(plan.specs), regs, load=False)]
+    configs = _pyramid_configs(ns, plan, loaded, regs, load=True)
+    log = _open_log(out / "bench.partial.jsonl", arguments, "bench", logs)
+    result = run_bench(target, draft, prompts, max_new_tokens=plan.max_new, ngram=ns.ngram, tree=ns.tree,
+                       lengths2=plan.lengths2, lengths3=plan.lengths3,
                        qualifier=loaded["--qualifier"], qualifier_length=ns.qualifier_length,
                        prompt_lookup_tokens=ns.prompt_lookup_tokens, chat=ns.chat, hf_compile=ns.hf_compile,
-                       sampling=sampling(ns), seeds=ns.seeds, regs=regs, log=log, extra=extra)
+                       sampling=sampling(ns), seeds=ns.seeds, regs=regs, log=log, configs=configs,
+                       progress=show_progress(ns))
+    result.meta["configurations"] = described
+    result.meta["run"] = run_record("pyramid bench", arguments, [s for s in loaded.values() if s is not None])
     files = write_bench(result, out)
     print(result.to_markdown())
     print("wrote " + ", ".join(str(f) for f in files) + f" (and {log.path}, one line per finished configuration)")
@@ -191,7 +259,7 @@ def _run_bench(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
 
 
 def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, qualifier: Any,
-                  regs: Any, *, upper: int) -> list[Any]:
+                  regs: Any, *, upper: int, load: bool = True) -> list[Any]:
     """The feature-draft rows (``bench.feature_configs``) for ``--feature``, or by default for
     the family's shipped head when the target is the family's own (``smollm2``); ``upper`` is
     the qualifier's block length in the 3-stage row (the 3-stage rows' second length)."""
@@ -207,48 +275,53 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
         return []
     if "features_from=" not in spec:  # the target's features in every row (in a 2-stage row, the next stage's)
         spec += ("," if ":" in spec else ":") + "features_from=target"
-    stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile, dtype=ns.dtype)
-    if not isinstance(stage, Stage):
-        raise ConfigError(f"--feature ({spec}) must be a model backend, not a proposer")
+    stage: Any = spec  # without ``load``: the rows name the spec (``bench_configurations``)
+    if load:
+        stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile, dtype=ns.dtype)
+        if not isinstance(stage, Stage):
+            raise ConfigError(f"--feature ({spec}) must be a model backend, not a proposer")
     return feature_configs(target, stage, qualifier=qualifier, length=ns.feature_length, tree=ns.feature_tree,
                            qualifier_length=upper)
 
 
-def _open_log(path: Path, ns: argparse.Namespace, command: str, logs: list[RecordLog]) -> RecordLog:
-    """The run's ``RecordLog`` (appended to ``logs``), identified by every option but the
-    command's plumbing; says on stderr when it resumes, or when an old log of other arguments
-    was moved aside."""
+def _open_log(path: Path, arguments: dict[str, Any], command: str, logs: list[RecordLog]) -> RecordLog:
+    """The run's ``RecordLog`` (appended to ``logs``), identified by the run's arguments
+    (``config.run_arguments``: every option, not the command line's plumbing); logs when it
+    resumes, or when an old log of other arguments was moved aside."""
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.outputs import RecordLog
 
-    args = {k: v for k, v in sorted(vars(ns).items()) if k not in ("func", "command_prog", "command", "argv")}
-    log = RecordLog(path, args)
+    log = RecordLog(path, arguments)
     logs.append(log)
     if log.moved_aside is not None:
-        print(f"pyramid {command}: {log.moved_aside} keeps the partial results of a run with other arguments; "
-              "starting afresh", file=sys.stderr)
+        _log.info("%s keeps the partial results of a run with other arguments; starting afresh", log.moved_aside)
     elif log.done:
-        print(f"pyramid {command}: resuming: {len(log.done)} finished piece(s) taken from {log.path}", file=sys.stderr)
+        _log.info("resuming: %d finished piece(s) taken from %s", len(log.done), log.path)
     return log
 
 
 def _specbench(ns: argparse.Namespace, out: Path, target: Any, draft: Any, qualifier: Any, max_new: int,
-               lengths2: list[int] | None, lengths3: list[int] | None, regs: Any) -> int:
+               lengths2: list[int] | None, lengths3: list[int] | None, regs: Any, arguments: dict[str, Any]) -> int:
     """``pyramid bench --prompts question.jsonl``: the Spec-Bench run (``bench.run_specbench``)."""
 
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.bench import run_specbench
     from pyramid_core.lab.outputs import json_text
+    from pyramid_core.lab.provenance import run_record
     from pyramid_core.lab.specbench import load_questions
 
     questions = load_questions(ns.prompts, per_group=1 if ns.quick else ns.per_group)
     result = run_specbench(target, draft, questions, out / "specbench", qualifier=qualifier, max_new_tokens=max_new,
-                           lengths2=lengths2, lengths3=lengths3, tree=ns.tree, on_too_long=ns.on_too_long, regs=regs)
+                           lengths2=lengths2, lengths3=lengths3, tree=ns.tree, on_too_long=ns.on_too_long, regs=regs,
+                           progress=show_progress(ns))
     md = result.to_markdown()
     (out / "specbench.md").write_text(md)
     (out / "specbench.json").write_text(json_text({"baseline": result.baseline, "report": result.report,
                                                     "skipped": list(result.skipped),
-                                                    "answer_files": [str(f) for f in result.files]}, indent=2))
+                                                    "answer_files": [str(f) for f in result.files],
+                                                    "run": run_record("pyramid bench", arguments,
+                                                                      [s for s in (target, draft, qualifier) if s])},
+                                                   indent=2))
     print(md)
     print("wrote " + ", ".join(str(f) for f in [out / "specbench.md", out / "specbench.json", *result.files]))
     return 0
@@ -268,6 +341,7 @@ def configure_sweep(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
     compile_arg(p)
+    config_arg(p)
     p.add_argument("--out", default="out/sweep",
                    help="output folder for sweep.json, sweep.csv, sweep.png; checked before anything runs. Each "
                         "finished grid point is also appended to sweep.partial.jsonl there, and a rerun with the same "
@@ -286,8 +360,10 @@ def _run_sweep(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
 
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.prompts import load_prompts
+    from pyramid_core.lab.provenance import run_record
     from pyramid_core.lab.sweep import run_sweep, write_sweep
 
+    arguments = run_arguments(ns)  # before ns is changed below
     try:
         taus = [float(t) for t in ns.taus.split(",")]
     except ValueError:
@@ -319,11 +395,13 @@ def _run_sweep(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
         for g in grid:
             if len(g) != n - 1:
                 raise ConfigError(f"--length-grid {','.join(map(str, g))}: {n} stages need {n - 1} block length(s)")
-    log = _open_log(out / "sweep.partial.jsonl", ns, "sweep", logs)
+    log = _open_log(out / "sweep.partial.jsonl", arguments, "sweep", logs)
     points = run_sweep(spec, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
-                       chat=ns.chat, presets=presets, regs=regs, log=log)
+                       chat=ns.chat, presets=presets, regs=regs, log=log, progress=show_progress(ns))
     stages = [str(s) for s in spec.parts(regs)[0]]
-    files = write_sweep(points, out, title=f"{', '.join(presets)}: {' -> '.join(stages)}")
+    record = run_record("pyramid sweep", arguments) | {"stages": stages, "presets": presets, "taus": taus,
+                                                       "length_grid": grid}
+    files = write_sweep(points, out, title=f"{', '.join(presets)}: {' -> '.join(stages)}", run=record)
     print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'exact':>6} {'agree':>6}  "
           "acceptance per try | accepted/proposed")
     for p in points:

@@ -7,6 +7,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+
 from pyramid_core import plugins
 from pyramid_core.cli.common import (
     compile_arg,
@@ -16,6 +18,7 @@ from pyramid_core.cli.common import (
     pipeline_spec,
     sampling_args,
 )
+from pyramid_core.cli.config import config_arg, run_arguments
 from pyramid_core.errors import ConfigError
 from pyramid_core.protocols import tokenizer_of
 
@@ -39,6 +42,7 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
                    help="wrap the prompt in the tokenizer's chat template (default on)")
     p.add_argument("--compare", action="store_true",
                    help="also time plain HF generate of the target alone (and check greedy identity)")
+    config_arg(p)
     p.add_argument("--metrics", metavar="FILE.json",
                    help="write metrics as JSON (checked before anything runs; written right after the generation, "
                         "again with --compare's results)")
@@ -51,13 +55,16 @@ def run(ns: argparse.Namespace) -> int:
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.outputs import json_text, output_file
     from pyramid_core.lab.prompts import encode_prompt
+    from pyramid_core.lab.provenance import run_record
 
+    arguments = run_arguments(ns)
     metrics_path = output_file(ns.metrics, "--metrics") if ns.metrics else None
     if ns.compare and ns.max_new_tokens < 1:
         raise ConfigError(f"--compare times HF generate, which needs --max-new-tokens >= 1, got {ns.max_new_tokens}")
     regs = plugins.registries()
     spec = pipeline_spec(ns, ns.stage or (), tree=ns.tree, device=ns.device)
-    stage_specs = [str(s) for s in spec.parts(regs)[0]]
+    stages, policies, _ = spec.parts(regs)
+    stage_specs = [str(s) for s in stages]
     pipe = spec.resolve(regs)
     tok = tokenizer_of(pipe.target)
     if tok is None:
@@ -84,7 +91,13 @@ def run(ns: argparse.Namespace) -> int:
             print(f"stage {s.name}: model-free proposer (no forwards)")
         else:
             print(f"stage {s.name}: {s.forwards} forwards, {s.forward_s:.2f} s")
-    report: dict[str, Any] = {"stages": stage_specs, "metrics": m.as_dict(), "tokens": gen.token_list}
+    report: dict[str, Any] = {
+        "stages": stage_specs, "metrics": m.as_dict(), "tokens": gen.token_list,
+        "spec": {"stages": stage_specs, "policies": [p if isinstance(p, str) else type(p).__name__ for p in policies],
+                 "block_lengths": list(pipe.block_lengths), "tree": ns.tree, "sampling": attrs.asdict(pipe.sampling),
+                 "length_schedule": pipe.length_schedule, "confidence_stop": pipe.confidence_stop},
+        "run": run_record("pyramid generate", arguments, pipe.stages),
+    }
     rc = 0
     if metrics_path is not None:  # now: --compare may fail after this
         metrics_path.write_text(json_text(report, indent=2))

@@ -11,6 +11,7 @@ from pyramid_core import plugins
 from pyramid_core.build import PipelineSpec
 from pyramid_core.channel import reader_of
 from pyramid_core.cli.common import compile_arg, int_at_least
+from pyramid_core.cli.config import config_arg, run_arguments
 from pyramid_core.errors import ConfigError
 from pyramid_core.protocols import Stage, tokenizer_of
 from pyramid_core.registry import parse_spec
@@ -35,7 +36,8 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     p.add_argument("--device", help="device for the model backends (cpu, cuda, ...)")
     compile_arg(p)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with the run: arguments and versions)")
+    config_arg(p)
     return run
 
 
@@ -46,7 +48,9 @@ def run(ns: argparse.Namespace) -> int:
     from pyramid_core.lab.outputs import json_text
     from pyramid_core.lab.planner import plan_chain
     from pyramid_core.lab.prompts import encode_prompt, load_prompts
+    from pyramid_core.lab.provenance import run_record
 
+    arguments = run_arguments(ns)
     specs: list[str] = ns.stage or []
     if not specs:
         raise ConfigError("give the candidates as --stage NAME[:k=v,...], repeated, the target last "
@@ -82,7 +86,8 @@ def run(ns: argparse.Namespace) -> int:
                           *([] if ns.chat else ["--no-chat"]), "--prompt", "YOUR PROMPT"])
     if ns.json:
         print(json_text({**plan.as_dict(), "command": command, "prompts": len(prompts),
-                          "new_tokens": ns.new_tokens, "measure_s": elapsed}))
+                          "new_tokens": ns.new_tokens, "measure_s": elapsed,
+                          "run": run_record("pyramid plan", arguments, candidates)}))
         return 0
     print(plan.to_markdown())
     print(f"Measured here in {elapsed:.1f} s: T(M) = median forward feeding M tokens, M = 1..{ns.max_length + 1} "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +171,18 @@ def run_sweep(
     return points
 
 
-def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str = "") -> list[Path]:
-    """sweep.json, sweep.csv and (with matplotlib) sweep.png in ``out_dir``."""
+def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str = "",
+                run: Mapping[str, Any] | None = None) -> list[Path]:
+    """sweep.json, sweep.csv and (with matplotlib) sweep.png in ``out_dir``; ``run``: what the
+    run was (``lab.provenance.run_record``), recorded in sweep.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [attrs.asdict(p) for p in points]
     written = [out / "sweep.json", out / "sweep.csv"]
-    written[0].write_text(json_text({"title": title, "points": rows, "time": time.time()}, indent=2))
+    body: dict[str, Any] = {"title": title, "points": rows, "time": time.time()}
+    if run is not None:
+        body["run"] = dict(run)
+    written[0].write_text(json_text(body, indent=2))
     with written[1].open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()

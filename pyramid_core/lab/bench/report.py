@@ -1,9 +1,13 @@
 """What ``pyramid bench`` reports: a row per configuration (``BenchRow``), the run
 (``BenchResult``: Markdown table, goal ratios, JSON) and the files it writes (``write_bench``:
-bench.json, bench.md and a bar plot)."""
+bench.json, bench.md, the rows as flat tables -- bench.csv and bench.jsonl, one row per line,
+each read by one call of ``pandas.read_csv`` / ``pandas.read_json(path, lines=True)`` -- and a
+bar plot)."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,7 @@ import attrs
 from pyramid_core.backends.hf.baseline import HF_GENERATE, HF_GENERATE_FP32
 from pyramid_core.lab.outputs import json_text, md_escape
 
-__all__ = ["BenchRow", "BenchResult", "write_bench", "HF_BASELINE", "TARGET_ALONE"]
+__all__ = ["BenchRow", "BenchResult", "write_bench", "flat_rows", "HF_BASELINE", "TARGET_ALONE"]
 
 HF_BASELINE = HF_GENERATE
 TARGET_ALONE = "pyramid target (N=1)"
@@ -274,13 +278,46 @@ class BenchResult:
         return "\n".join(lines) + "\n"
 
 
+def _cell(value: Any) -> Any:
+    """A flat table's cell: a scalar as is (non-finite floats as ``None``), a list of scalars
+    joined by ``;``, anything nested as JSON text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return ";".join(str(_cell(v)) if _cell(v) is not None else "" for v in value)
+    return json_text(value, default=str)
+
+
+def flat_rows(result: BenchResult) -> list[dict[str, Any]]:
+    """One flat dict per row, the same keys in every one (``BenchRow.as_dict``; a row's stages
+    become ``stage_names`` and ``ms_per_forward``, ``;``-joined), for CSV and JSON Lines."""
+    rows = []
+    for r in result.rows:
+        d = r.as_dict()
+        stages = d.pop("stages")
+        d["stage_names"] = [s["name"] for s in stages]
+        d["ms_per_forward"] = [s["ms_per_forward"] for s in stages]
+        rows.append({k: _cell(v) for k, v in d.items()})
+    return rows
+
+
 def write_bench(result: BenchResult, out_dir: str | Path) -> list[Path]:
-    """bench.json, bench.md and (with matplotlib) bench.png in ``out_dir``."""
+    """bench.json, bench.md, bench.csv, bench.jsonl (module docstring) and (with matplotlib)
+    bench.png in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "bench.json", out / "bench.md"]
+    written = [out / "bench.json", out / "bench.md", out / "bench.csv", out / "bench.jsonl"]
     written[0].write_text(json_text(result.as_dict(), indent=2, default=str))
     written[1].write_text(result.to_markdown())
+    table = flat_rows(result)
+    columns = list(table[0]) if table else ["label"]
+    with written[2].open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns)
+        w.writeheader()
+        w.writerows(table)
+    written[3].write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in table), encoding="utf-8")
     try:
         import matplotlib
 

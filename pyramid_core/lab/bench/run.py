@@ -29,6 +29,7 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -76,6 +77,14 @@ class BenchConfig:
     length_schedule: str = "fixed"
     confidence_stop: float = 0.0
 
+    def describe(self) -> dict[str, Any]:
+        """The configuration as JSON (stages by spec, or by name when loaded), as results record it."""
+        return {"label": self.label, "stages": [s if isinstance(s, str) else str(getattr(s, "name", s)) for s in self.stages],
+                "policies": [p if isinstance(p, str) else type(p).__name__ for p in self.policies],
+                "block_lengths": list(self.block_lengths), "tree": self.tree, "preset": self.preset,
+                "lossless": self.lossless, "length_schedule": self.length_schedule,
+                "confidence_stop": self.confidence_stop}
+
     def spec(self, sampling: SamplingConfig, stop_ids: Sequence[int]) -> PipelineSpec:
         return PipelineSpec(self.stages, self.policies or None, self.block_lengths or None, self.preset, self.tree,
                             sampling, stop_ids=tuple(stop_ids), length_schedule=self.length_schedule,
@@ -83,10 +92,10 @@ class BenchConfig:
 
 
 def default_configs(
-    target: Stage,
-    draft: Stage,
+    target: str | Stage,
+    draft: str | Stage,
     *,
-    qualifier: Stage | None = None,
+    qualifier: str | Stage | None = None,
     ngram: str = "ngram",
     tree: str = "tree:budget=8,branching=4",
     lengths2: Sequence[int] | None = None,
@@ -126,10 +135,10 @@ def default_configs(
 
 
 def feature_configs(
-    target: Stage,
-    feature: Stage,
+    target: str | Stage,
+    feature: str | Stage,
     *,
-    qualifier: Stage | None = None,
+    qualifier: str | Stage | None = None,
     length: int = 2,
     tree: str = "tree:budget=8,branching=4",
     qualifier_length: int = 3,
