@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from pyramid_core.cli.distill_train import train_args
 from pyramid_core.errors import ConfigError
 
 __all__ = ["configure"]
+
+_log = logging.getLogger(__name__)
 
 
 def configure(f: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -100,7 +102,7 @@ def run(ns: argparse.Namespace) -> int:
                                 corpus_sha256=manifest.get("sha256"), progress=show_progress(ns))
     print(json_text(report, indent=2))
     if not report["finished"]:
-        print(f"stopped after {report['steps']} steps (--max-minutes); run the same command to resume", file=sys.stderr)
+        _log.warning("stopped after %s steps (--max-minutes); run the same command to resume", report["steps"])
         return 0
     if ns.ship:
         from pyramid_core.backends.hf.student import weights_record

@@ -4,7 +4,7 @@ resumable checkpoints."""
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ ROLES: dict[str, dict[str, Any]] = {
     "draft": {"layers": "0,1", "sub_vocab": 8192, "lr": 1e-3, "steps": 800, "greedy_repeats": 2},
     "qualifier": {"layers": "0,1,2,3,26,27,28,29", "sub_vocab": 0, "lr": 1e-3, "steps": 300, "greedy_repeats": 2},
 }
+
+_log = logging.getLogger(__name__)
 
 
 def train_args(t: argparse.ArgumentParser) -> None:
@@ -92,5 +94,5 @@ def run(ns: argparse.Namespace) -> int:
     report = train_role(ns, ns.role, corpus_manifest(ns))
     print(json_text(report, indent=2))
     if not report["finished"]:
-        print(f"stopped after {report['steps']} steps (--max-minutes); run the same command to resume", file=sys.stderr)
+        _log.warning("stopped after %s steps (--max-minutes); run the same command to resume", report["steps"])
     return 0
