@@ -186,6 +186,43 @@ def test_bench_end_to_end_on_tiny_models(tmp_path: Path, capsys: pytest.CaptureF
     assert [r["label"] for r in table] == [r["label"] for r in lines] == [r["label"] for r in data["rows"]]
 
 
+def test_generate_metrics_record_the_run_and_rerun_from_it(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from pyramid_core.backends.hf.tiny import perturbed, save_with_words, tiny_llama
+
+    target = tiny_llama(0)
+    save_with_words(target, tmp_path / "target")
+    save_with_words(perturbed(target, seed=1, scale=0.05), tmp_path / "draft")
+    capsys.readouterr()
+    metrics = tmp_path / "m.json"
+    argv = ["generate", "--prompt", "w1 w2 w3", "--no-chat", "--stage", f"hf:path={tmp_path / 'draft'}", "--stage",
+            f"hf:path={tmp_path / 'target'}", "--length", "2", "--max-new-tokens", "4", "--no-compile",
+            "--dtype", "float32", "--metrics", str(metrics), "-q"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "tokens per target forward" in out
+    data = json.loads(metrics.read_text())
+    assert data["spec"]["block_lengths"] == [2] and data["spec"]["policies"] == ["exact"]
+    assert data["spec"]["sampling"]["temperature"] == 0.0
+    assert data["run"]["command"] == "pyramid generate" and data["run"]["arguments"]["compile"] == "eager"
+    assert [s["dtype"] for s in data["run"]["versions"]["stages"]] == ["float32", "float32"]
+    assert run_arguments(parse_args(["generate", "--config", str(metrics)])) == run_arguments(parse_args(argv))
+
+
+def test_a_sweep_rerun_from_its_json_has_the_same_arguments(tmp_path: Path) -> None:
+    from pyramid_core.lab.provenance import run_record
+    from pyramid_core.lab.sweep import SweepPoint, write_sweep
+
+    argv = ["sweep", "--preset", "psd-a", "--preset", "fsd", "--taus", "0.1,0.5", "--stage", "ngram", "--stage",
+            "smollm2", "--length-grid", "2", "--temperature", "0.7", "--no-chat"]
+    ns = parse_args(argv)
+    point = SweepPoint("target alone", None, (), (), 4, 1.0, 4.0, 1.0, (), 2.0, 1.0, 1.0)
+    write_sweep([point], tmp_path, run=run_record("pyramid sweep", run_arguments(ns)))
+    again = parse_args(["sweep", "--config", str(tmp_path / "sweep.json")])
+    assert again.preset == ["psd-a", "fsd"] and run_arguments(again) == run_arguments(ns)
+    assert parse_args(["sweep", "--config", str(tmp_path / "sweep.json"), "--preset", "sd"]).preset == ["sd"]
+
+
 def doc_examples() -> list[tuple[str, str]]:
     """(the command line the example shows, its TOML) for every ```toml block of docs/configs.md;
     the block's first line is a comment with the command, e.g. ``# pyramid bench --config bench.toml``."""

@@ -534,6 +534,7 @@ def test_cli_plan_end_to_end(saved_model: Path, prompt_file: Path, capsys: pytes
     assert main(["plan", *common, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["candidates"] == stages and data["proposers"] == ["ngram"]
+    assert data["run"]["command"] == "pyramid plan" and data["run"]["arguments"]["stage"] == stages
     assert data["forward_times"][0] == 0.0 and all(t > 0 for t in data["forward_times"][1:])
     # T(M) measured at every M a verification can feed (max length 4: M = 1..5)
     assert [[m for m, _ in c] for c in data["forward_costs"][1:]] == [[1, 2, 3, 4, 5]] * 2

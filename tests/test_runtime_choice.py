@@ -366,6 +366,9 @@ def test_profile_times_every_mode_against_the_memory_floor(tmp_path: Path, choic
     data = json.loads(capsys.readouterr().out)
     rows = data["stages"]
     assert data["bandwidth_gb_s"] > 0 and data["cpu"]
+    run = data["run"]  # what the numbers belong to (lab.provenance)
+    assert run["command"] == "pyramid profile" and run["arguments"]["widths"] == "1,4"
+    assert run["versions"]["torch"] == torch.__version__ and run["versions"]["stages"][0]["dtype"] == "float32"
     modes = [r["mode"] for r in rows]
     if torch.backends.mkldnn.is_available():
         assert modes[0].startswith("auto: ") and sorted(modes[1:]) == ["eager", "fast"]

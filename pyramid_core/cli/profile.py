@@ -11,6 +11,7 @@ import torch
 from pyramid_core import plugins
 from pyramid_core.build import make_stage
 from pyramid_core.cli.common import compile_arg, int_at_least
+from pyramid_core.cli.config import run_arguments
 from pyramid_core.devices import check_device, cpu_name
 from pyramid_core.errors import ConfigError
 from pyramid_core.protocols import Stage
@@ -72,6 +73,9 @@ def run(ns: argparse.Namespace) -> int:
         json_text,
         md_escape,
     )
+    from pyramid_core.lab.provenance import run_record
+
+    arguments = run_arguments(ns)
 
     try:
         widths = [int(w) for w in ns.widths.split(",")]
@@ -84,10 +88,12 @@ def run(ns: argparse.Namespace) -> int:
     regs = plugins.registries()
     bandwidth = measure_bandwidth(device=ns.device or "cpu")
     rows = []
+    loaded = []
     for spec in ns.stage:
         stage = make_stage(spec, regs=regs, device=ns.device, compile=ns.compile, dtype=ns.dtype)
         if not isinstance(stage, Stage):
             raise ConfigError(f"--stage {spec!r} is a proposer; `profile` times model stages")
+        loaded.append(stage)
         weights = _floor_bytes(stage)
         floor = weights / bandwidth if weights is not None else None
         for mode, variant in _variants(spec, stage, ns, regs):
@@ -104,7 +110,7 @@ def run(ns: argparse.Namespace) -> int:
             "device": str(ns.device or "default"), "torch": torch.__version__, "cpu": cpu_name(),
             "bandwidth_gb_s": bandwidth / 1e9}
     if ns.json:
-        print(json_text({"stages": rows, **meta}))
+        print(json_text({"stages": rows, **meta, "run": run_record("pyramid profile", arguments, loaded)}))
         return 0
     head = "| stage | mode | dtype | " + " | ".join(f"T({m}) ms" for m in widths) + " | " + \
            " | ".join(f"T({m})/T({widths[0]})" for m in widths[1:]) + f" | floor ms | T({widths[0]})/floor |"
