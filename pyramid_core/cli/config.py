@@ -93,11 +93,9 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 @attrs.define
 class Applied:
-    """What ``apply_config`` did: the file, the options it set, and the list defaults among
-    them (``finish_config``)."""
+    """What ``apply_config`` did: the file, and the list defaults it set (``finish_config``)."""
 
     path: str
-    values: dict[str, Any]
     lists: dict[str, list[Any]]
 
 
@@ -115,7 +113,7 @@ def apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Applie
     for action in sub._actions:
         if action.required and action.dest in values and values[action.dest] is not None:
             action.required = False
-    return Applied(path, values, lists)
+    return Applied(path, lists)
 
 
 def finish_config(ns: argparse.Namespace, applied: Applied | None) -> None:
