@@ -264,12 +264,12 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
     the family's shipped head when the target is the family's own (``smollm2``); ``upper`` is
     the qualifier's block length in the 3-stage row (the 3-stage rows' second length)."""
     # lazy: the hf backend loads with its plugin; lab/ stays out of CLI start-up
-    from pyramid_core.backends.hf.smollm2 import family_dir
+    from pyramid_core.backends.hf.files import family_dir, family_installed
     from pyramid_core.lab.bench import feature_configs
 
     spec = ns.feature
     if spec is None:
-        shipped = (family_dir() / "feature" / "stage.json").is_file()
+        shipped = family_installed() and (family_dir() / "feature" / "stage.json").is_file()
         spec = "smollm2:stage=feature" if shipped and (target_spec or "").split(":")[0] == "smollm2" else "none"
     if spec.lower() == "none":
         return []

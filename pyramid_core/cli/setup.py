@@ -20,10 +20,14 @@ def configure_setup(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
 
 def run_setup(ns: argparse.Namespace) -> int:
     # lazy: the hf backend loads with its plugin
+    from pyramid_core.backends.hf.files import FAMILY_INSTALL, family_installed
     from pyramid_core.backends.hf.smollm2 import ensure_smollm2, family_dir
 
     path = ensure_smollm2(progress=show_progress(ns), verify=ns.verify)
     print(f"SmolLM2-135M (float32 safetensors) ready at {path}")
+    if not family_installed():  # the framework works without it; the default chain needs it
+        print(f"distilled family not installed (the default chain `smollm2-family` needs it): {FAMILY_INSTALL}")
+        return 0
     checked = verify_family()
     print(f"distilled family ({', '.join(checked) or 'no stages'}) verified in {family_dir()}")
     return 0
