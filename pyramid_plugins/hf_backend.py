@@ -41,6 +41,7 @@ def hf_stage(path: str, device: str = "cpu", dtype: str = "auto", num_layers: in
     (the commands' default: ``--compile`` / ``--no-compile``). A folder written by
     `pyramid distill feature` loads as a feature draft (``features_from=next|target``, the
     ``feature`` backend)."""
+    check_device(device)  # first: neither a download nor a load for a device this torch cannot use
     directory = resolve_model_dir(path)  # once, here: the records name the id (hub.location_label)
     if is_feature_dir(directory):
         if num_layers:
@@ -51,7 +52,6 @@ def hf_stage(path: str, device: str = "cpu", dtype: str = "auto", num_layers: in
         raise ConfigError(f"hf: features_from applies to feature heads only; {path} is a model")
     if num_layers < 0:
         raise ConfigError(f"num_layers must be >= 0 (0 = all layers), got {num_layers}")
-    check_device(device)  # before loading: a device this torch cannot use
     return HFStage.from_pretrained(directory, device=device, dtype=dtype, num_layers=num_layers or None,
                                    compile=compile)
 

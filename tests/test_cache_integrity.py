@@ -7,6 +7,7 @@ and on copies of the shipped family's stages.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -80,7 +81,8 @@ def test_damaged_weights_are_named_on_load(home: list[int], size: int | None, re
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty", "alter", "delete tokenizer.json"])
-def test_setup_repairs_a_damaged_cache(home: list[int], damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_setup_repairs_a_damaged_cache(home: list[int], damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pyramid_core")
     d = smollm2_dir()
     ensure_smollm2(progress=False)
     assert len(home) == 1  # intact: nothing converted again
@@ -105,7 +107,7 @@ def test_setup_repairs_a_damaged_cache(home: list[int], damage: str, capsys: pyt
     verify_smollm2(d, rehash=True)
     assert load_model(d) is not None and load_tokenizer(d) is not None
     if damage != "delete tokenizer.json":
-        assert "converting again" in capsys.readouterr().err
+        assert "converting again" in caplog.text  # logged, whatever the caller's verbosity
 
 
 def test_setup_records_an_older_cache_without_converting(home: list[int]) -> None:
