@@ -26,6 +26,7 @@ generation fails), so no round waits for the device more than it already does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
@@ -211,9 +212,13 @@ def score_checked(stage: Stage, context: Tensor, block: Block | None, *, name: s
     try:
         logits = stage.score(context, block)
     except Exception as exc:
+        note = (f"raised by stage {name!r} while scoring a context of {len(context)} tokens"
+                + (f" and a block of {len(block)}" if block is not None else ""))
         if sys.version_info >= (3, 11):
-            exc.add_note(f"raised by stage {name!r} while scoring a context of {len(context)} tokens"
-                         + (f" and a block of {len(block)}" if block is not None else ""))
+            exc.add_note(note)
+        else:  # the same attribute; Python 3.10's tracebacks do not print it
+            with contextlib.suppress(AttributeError, TypeError):
+                exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
         raise
     rows = 1 if block is None else len(block) + 1
     if logits.dim() != 2 or logits.shape[0] != rows or logits.shape[1] != stage.vocab_size:
