@@ -260,3 +260,20 @@ def test_the_docs_config_example_is_read(command: str, block: str, tmp_path: Pat
 def test_a_config_error_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'nope'"):
         parse_args(["sweep", "--config", toml(tmp_path, "nope = 1\n")])
+
+
+@pytest.mark.slow
+def test_the_docs_generate_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The generate example of docs/configs.md run as the page shows it, on the real SmolLM2 (the
+    command line's --max-new-tokens 16 wins over the file's 64), with --metrics to read back."""
+    (command, block), = [(c, b) for c, b in doc_examples() if c.split()[1] == "generate"]
+    words = command.split()[1:]
+    (tmp_path / "generate.toml").write_text(block)
+    words[words.index("--config") + 1] = str(tmp_path / "generate.toml")
+    metrics = tmp_path / "metrics.json"
+    assert main([*words, "--metrics", str(metrics), "-q"]) == 0
+    assert capsys.readouterr().out.strip()  # the generated text
+    record = json.loads(metrics.read_text())
+    text = json.dumps(record)
+    assert '"max_new_tokens": 16' in text and "ngram" in text and "smollm2" in text
+    assert 0 < len(record["tokens"]) <= 16
