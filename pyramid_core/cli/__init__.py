@@ -96,7 +96,7 @@ def verbosity_args(p: argparse.ArgumentParser) -> None:
                        help="more notes on stderr; twice: debugging detail")
     if "-q" not in taken and "--quiet" not in taken:
         p.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
-                       help="results and errors only: no notes, no progress bars (twice: no warnings)")
+                       help="results and errors only: no notes, warnings or progress bars")
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
@@ -136,9 +136,9 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def log_level(verbose: int, quiet: int) -> int:
-    """INFO by default; ``-v`` DEBUG; ``-q`` WARNING, ``-qq`` ERROR."""
+    """INFO by default; ``-v`` DEBUG; ``-q`` ERROR: results and errors only."""
     if quiet:
-        return logging.WARNING if quiet == 1 else logging.ERROR
+        return logging.ERROR
     return logging.DEBUG if verbose else logging.INFO
 
 
