@@ -402,14 +402,19 @@ def _run_sweep(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
     record = run_record("pyramid sweep", arguments) | {"stages": stages, "presets": presets, "taus": taus,
                                                        "length_grid": grid}
     files = write_sweep(points, out, title=f"{', '.join(presets)}: {' -> '.join(stages)}", run=record)
-    print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'exact':>6} {'agree':>6}  "
-          "acceptance per try | accepted/proposed")
+    print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'price (95% CI)':>15} "
+          f"{'exact':>6} {'agree':>6}  acceptance per try | accepted/proposed")
     for p in points:
         tau = "-" if p.tau is None else f"{p.tau:g}"
         per_try = " ".join(f"{a:.2f}" for a in p.acceptance_per_try)
         kept = " ".join(f"{a:.2f}" for a in p.acceptance)
         print(f"{p.label:<14} {tau:>5} {','.join(map(str, p.block_lengths)) or '-':>8} {p.tokens_per_s:>7.1f} "
-              f"{p.tokens_per_target_forward:>7.2f} {p.nll:>6.3f} {p.exact_match:>6.2f} {p.token_match:>6.2f}  "
-              f"{per_try or '-'} | {kept or '-'}")
+              f"{p.tokens_per_target_forward:>7.2f} {p.nll:>6.3f} {f'{p.price:+.3f} ± {p.price_ci95:.3f}':>15} "
+              f"{p.exact_match:>6.2f} {p.token_match:>6.2f}  {per_try or '-'} | {kept or '-'}")
+    wide = [f"{p.label} tau={p.tau:g}" if p.tau is not None else p.label for p in points
+            if math.isfinite(p.price_ci95) and p.price_ci95 > 0.1]
+    if wide:
+        print(f"price intervals wider than ±0.1 nats/token (more prompts or --max-new-tokens to decide at that "
+              f"precision): {', '.join(wide)}")
     print("wrote " + ", ".join(str(f) for f in files) + f" (and {log.path}, one line per finished grid point)")
     return 0

@@ -1,9 +1,10 @@
 """``pyramid sweep``: a preset over a grid of thresholds and block lengths, with quality.
 
 Quality is measured offline against the target itself: the mean per-token negative
-log-likelihood of the generated text under the target (temperature 1, no truncation) and the
-agreement with the target's own greedy output (exact-match of the whole continuation, and the
-fraction of positions that agree).
+log-likelihood of the generated text under the target (temperature 1, no truncation), the price
+(the excess of that NLL over the target's own sampler at the same prefixes, with a 95% interval:
+``lab.quality.excess_price``) and the agreement with the target's own greedy output (exact-match
+of the whole continuation, and the fraction of positions that agree).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import attrs
 
 from pyramid_core.build import PipelineSpec, resolve_preset
 from pyramid_core.errors import ConfigError
-from pyramid_core.lab.measure import target_nll
 from pyramid_core.lab.outputs import RecordLog, json_text
 from pyramid_core.lab.prompts import Prompt, encode_prompt
+from pyramid_core.lab.quality import TokenScores, excess_price, score_text
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import Proposer, Stage, tokenizer_of
@@ -57,6 +58,8 @@ class SweepPoint:
     token_match: float
     # accepted / tries per boundary, comparable to alpha and 1 - TV (BoundaryStats.acceptance_per_try)
     acceptance_per_try: tuple[float, ...] = ()
+    price: float = math.nan  # nats/token over the target's own sampler (lab.quality.excess_price)
+    price_ci95: float = math.nan
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepPoint:
@@ -75,17 +78,20 @@ def _measure(label: str, tau: float | None, policies: Sequence[str], pipe: Pipel
              max_new_tokens: int, seed: int) -> SweepPoint:
     runs: list[Metrics] = []
     nlls: list[float] = []
+    scores: list[TokenScores] = []
     exact = 0
     agree = 0.0
     for i, (ids, ref) in enumerate(zip(encoded, refs)):
         gen = pipe.generate(ids, max_new_tokens, seed=seed + i)
         runs.append(gen.metrics)
         out = gen.token_list
-        nlls.append(target_nll(pipe.target, ids, out))
+        scores.append(score_text(pipe.target, pipe.sampling, ids, out))
+        nlls.append(scores[-1].mean_nll)
         exact += out == ref
         agree += _agreement(out, ref)
     m = Metrics.pool(runs)
     finite = [x for x in nlls if math.isfinite(x)]
+    price = excess_price(scores)
     return SweepPoint(
         label=label, tau=tau, block_lengths=tuple(pipe.block_lengths),
         policies=tuple(policies), tokens=m.new_tokens, wall_s=m.wall_s,
@@ -94,6 +100,7 @@ def _measure(label: str, tau: float | None, policies: Sequence[str], pipe: Pipel
         acceptance_per_try=tuple(b.acceptance_per_try for b in m.boundaries),
         nll=sum(finite) / len(finite) if finite else float("nan"),
         exact_match=exact / len(encoded), token_match=agree / len(encoded),
+        price=price.mean, price_ci95=price.ci95,
     )
 
 
@@ -202,13 +209,16 @@ def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str
         sel = [p for p in swept if p.block_lengths == lengths and p.label == label]
         lab = f"{label}, l=" + ",".join(map(str, lengths))
         a1.plot([p.tau for p in sel], [p.tokens_per_s for p in sel], "o-", label=lab)
-        a2.plot([p.tokens_per_s for p in sel], [p.nll for p in sel], "o-", label=lab)
+        a2.errorbar([p.tokens_per_s for p in sel], [p.price for p in sel], yerr=[p.price_ci95 for p in sel],
+                    fmt="o-", capsize=2, label=lab)
         for p in sel:
-            a2.annotate(f"τ={p.tau:g}", (p.tokens_per_s, p.nll), fontsize=7)
+            a2.annotate(f"τ={p.tau:g}", (p.tokens_per_s, p.price), fontsize=7)
     a1.axhline(base.tokens_per_s, color="gray", ls="--", label="target alone")
-    a2.scatter([base.tokens_per_s], [base.nll], color="gray", marker="s", label="target alone")
+    a2.errorbar([base.tokens_per_s], [base.price], yerr=[base.price_ci95], color="gray", fmt="s", label="target alone")
+    a2.axhline(0.0, color="gray", lw=0.5)
     a1.set(xlabel="τ (divergence threshold)", ylabel="tokens/s", title="throughput vs τ")
-    a2.set(xlabel="tokens/s", ylabel="NLL under target (nats/token)", title="speed-quality frontier per preset")
+    a2.set(xlabel="tokens/s", ylabel="price: excess NLL under the target (nats/token, 95% CI)",
+           title="speed-quality frontier per preset")
     for a in (a1, a2):
         a.legend(fontsize=8)
         a.grid(alpha=0.3)

@@ -54,11 +54,17 @@ class BenchRow:
     # N = 1; HF assisted / prompt lookup: over eager HF generate): what speculation itself gains
     gain: float | None = None
     note: str = ""
-    # sampled benches: mean NLL (nats/token) of the emitted text under the target, and its
-    # difference from the target's own samples with the half-width of a 95% confidence interval
+    # sampled benches (pyramid_core.lab.quality): mean NLL (nats/token) of the emitted text under
+    # the target; its paired difference from the target's own text of the same prompt and seed;
+    # the price, the excess NLL over the target's own sampler at the same prefixes; each with the
+    # half-width of a 95% interval; the next-token TV at the reference's prefixes and its floor
     nll: float | None = None
     nll_delta: float | None = None
     nll_delta_ci95: float | None = None
+    price: float | None = None
+    price_ci95: float | None = None
+    tv: float | None = None
+    tv_floor: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -209,13 +215,29 @@ class BenchResult:
         s = self.meta["sampling"]
         extra = "".join(f", {k} {s[k]}" for k, off in (("top_k", 0), ("top_p", 1.0)) if s.get(k, off) != off)
         return (f"sampled at temperature {s['temperature']}{extra}, {self.meta.get('seeds', 1)} seed(s) per prompt "
-                "(NLL Δ: mean NLL of the text under the target minus that of the target's own samples, nats/token)")
+                "(price: the excess NLL per token of the text under the target over the target's own sampler "
+                "at the same prefixes; NLL Δ: the mean NLL of the text minus that of the target's own text of "
+                "the same prompt and seed, paired; both nats/token with 95% intervals; TV: the next-token total "
+                "variation from the target at the target's own prefixes, sampled through the rule, beside "
+                "what an exact rule shows with as many samples; docs/algorithms.md#the-price-of-a-lossy-rule)")
 
     @staticmethod
-    def _quality(r: BenchRow) -> str:
-        if r.nll_delta is None or r.nll_delta_ci95 is None:
+    def _interval(mean: float | None, ci95: float | None) -> str:
+        if mean is None or not math.isfinite(mean):
             return "-"
-        return f"{r.nll_delta:+.3f} ± {r.nll_delta_ci95:.3f}"
+        return f"{mean:+.3f} ± {ci95:.3f}" if ci95 is not None and math.isfinite(ci95) else f"{mean:+.3f}"
+
+    @classmethod
+    def _quality(cls, r: BenchRow) -> str:
+        tv = "-" if r.tv is None or r.tv_floor is None else f"{r.tv:.3f} ({r.tv_floor:.3f})"
+        return f"{cls._interval(r.price, r.price_ci95)} | {cls._interval(r.nll_delta, r.nll_delta_ci95)} | {tv}"
+
+    PRICE_CI_GOAL = 0.1  # nats/token: an interval this tight separates a 0.1-nat rule from an exact one
+
+    def wide_intervals(self) -> list[str]:
+        """Rows whose price interval is wider than ``PRICE_CI_GOAL`` (more --seeds or tokens)."""
+        return [r.label for r in self.rows
+                if r.price_ci95 is not None and math.isfinite(r.price_ci95) and r.price_ci95 > self.PRICE_CI_GOAL]
 
     def to_markdown(self) -> str:
         def num(x: float | None, fmt: str) -> str:
@@ -224,8 +246,8 @@ class BenchResult:
         sampled = self.sampled
         head = ("| config | tok/s | speedup | gain | predicted | tok/target fwd | acceptance per try | "
                 "accepted/proposed | alpha | ms/forward per stage | overhead | "
-                + ("NLL Δ vs target (95% CI) |" if sampled else "identical |"))
-        lines = [head, "|" + "---|" * 12]
+                + ("price (95% CI) | NLL Δ paired (95% CI) | TV (exact floor) |" if sampled else "identical |"))
+        lines = [head, "|" + "---|" * (14 if sampled else 12)]
         for r in self.rows:
             stage_ms = " / ".join(
                 f"{md_escape(s['name'])} {num(s['ms_per_forward'], '.1f')}" if s["forwards"]
@@ -269,6 +291,9 @@ class BenchResult:
             "the per-try rate when blocks are longer than 1: tokens after a rejection are never tried); "
             "alpha: per-token acceptance from the per-position counts (i.i.d. fit).",
         ]
+        if sampled and (wide := self.wide_intervals()):
+            notes.append(f"- price intervals wider than ±{self.PRICE_CI_GOAL} nats/token (too few tokens to decide "
+                         f"at that precision: more --seeds or --max-new-tokens): {md_escape(', '.join(wide))}")
         if notes:
             lines += ["", *notes]
         lines += ["", self.goals_markdown().rstrip()]

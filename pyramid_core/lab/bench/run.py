@@ -35,6 +35,7 @@ import attrs
 import torch
 
 from pyramid_core.backends.hf.baseline import HF_GENERATE, versions
+from pyramid_core.backends.hf.head_stage import FeatureStage
 from pyramid_core.backends.hf.stage import HFStage
 from pyramid_core.build import PipelineSpec
 from pyramid_core.devices import cpu_name
@@ -48,10 +49,16 @@ from pyramid_core.lab.measure import (
     length_distributions,
     measure_alpha,
     measure_stage_costs,
-    target_nll,
 )
 from pyramid_core.lab.outputs import RecordLog
 from pyramid_core.lab.prompts import Prompt, encode_prompt
+from pyramid_core.lab.quality import (
+    TokenScores,
+    excess_price,
+    first_token_tv,
+    paired_delta,
+    score_text,
+)
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, tokenizer_of
@@ -237,31 +244,39 @@ def _pyramid_row(
     if m.boundaries and m.stages[0].forwards == 0:
         row.note = (row.note + "; " if row.note else "") + "model-free first stage: its time counts as overhead (T_1 = 0)"
     if quality is not None:  # after the timing: the NLL forwards are not part of the row's time
-        quality.score(row, [(ids, out) for (_, ids, _), out in zip(jobs, outputs)])
+        quality.score(row, pipe, [(ids, out) for (_, ids, _), out in zip(jobs, outputs)])
     return row
 
 
 @attrs.define
 class _Quality:
-    """Sampled benches: the mean NLL of each row's text under the target, and its difference
-    from the target's own samples (the first row scored, the target alone) with a 95% interval
-    (normal approximation over the generations: 1.96 sqrt(var_a / n_a + var_b / n_b))."""
+    """Sampled benches: each row's price (``quality.excess_price``), its NLL difference from the
+    target's own text of the same prompt and seed (``quality.paired_delta``; the first row scored,
+    the target alone, is the reference) and the next-token TV at prefixes of the reference's texts
+    (``quality.first_token_tv``, chains of model stages without feature drafts)."""
 
     target: Stage
-    reference: list[float] | None = None
+    sampling: SamplingConfig
+    prefixes: int = 8
+    tv_samples: int = 2000
+    reference: list[TokenScores] | None = None
+    cuts: list[list[int]] = attrs.field(factory=list)
 
-    def score(self, row: BenchRow, texts: list[tuple[list[int], list[int]]]) -> None:
-        values = [v for ids, out in texts if math.isfinite(v := target_nll(self.target, ids, out))]
-        if not values:
+    def score(self, row: BenchRow, pipe: Pipeline, texts: list[tuple[list[int], list[int]]]) -> None:
+        scores = [score_text(self.target, self.sampling, ids, out) for ids, out in texts]
+        nlls = [s.mean_nll for s in scores if s.tokens and math.isfinite(s.mean_nll)]
+        if not nlls:
             return
-        row.nll = statistics.fmean(values)
-        if self.reference is None:
-            self.reference = values
-        ref = self.reference
-        row.nll_delta = row.nll - statistics.fmean(ref)
-        spread = (statistics.variance(values) / len(values) if len(values) > 1 else 0.0) + \
-                 (statistics.variance(ref) / len(ref) if len(ref) > 1 else 0.0)
-        row.nll_delta_ci95 = 1.96 * math.sqrt(spread)
+        row.nll = statistics.fmean(nlls)
+        if self.reference is None:  # the target's own texts: their halves are the TV's prefixes
+            self.reference = scores
+            self.cuts = [ids + out[: len(out) // 2] for ids, out in texts[: self.prefixes] if out]
+        price, delta = excess_price(scores), paired_delta(scores, self.reference)
+        row.price, row.price_ci95 = price.mean, price.ci95
+        row.nll_delta, row.nll_delta_ci95 = delta.mean, delta.ci95
+        if self.cuts and all(isinstance(s, Stage) and not isinstance(s, FeatureStage) for s in pipe.stages):
+            tv = first_token_tv(pipe, self.cuts, samples=self.tv_samples)
+            row.tv, row.tv_floor = tv.tv, tv.floor
 
 
 def _predict(row: BenchRow, pipe: Pipeline, m: Metrics, alphas: list[float], prompts: int,
@@ -374,7 +389,7 @@ def run_bench(
             log.append("reference", {"hf_rows": [r.as_dict() for r in hf_row_list], "refs": refs})
     rows += hf_row_list
     baselines = [r for r in hf_row_list if r.label in PLAIN_HF and r.tokens]
-    quality = None if greedy else _Quality(target)
+    quality = None if greedy else _Quality(target, sampling)
     todo = list(configs) if configs is not None else default_configs(
         target, draft, qualifier=qualifier, ngram=ngram, tree=tree, lengths2=lengths2, lengths3=lengths3,
         qualifier_length=qualifier_length)
