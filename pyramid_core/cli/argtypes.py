@@ -4,13 +4,14 @@ argparse with the flag's name and what would be valid, before anything runs."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable
 
 from pyramid_core.errors import ConfigError
 from pyramid_core.rng import SEED_LIMIT, check_seed, seed_range
 
-__all__ = ["int_at_least", "block_length", "seed_value", "seed_below", "negative_numbers_are_values"]
+__all__ = ["int_at_least", "block_length", "quality_budget", "seed_value", "seed_below", "negative_numbers_are_values"]
 
 
 def int_at_least(low: int, what: str = "") -> Callable[[str], int]:
@@ -30,6 +31,20 @@ def int_at_least(low: int, what: str = "") -> Callable[[str], int]:
 
 
 block_length = int_at_least(1, " (tokens a stage proposes per round)")
+
+
+def quality_budget(text: str) -> float:
+    """An argparse type: a quality budget, an excess NLL in nats/token (finite, >= 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected nats/token (e.g. 0.1), got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"a price budget is finite and >= 0 nats/token, got {text!r}")
+    return value
+
+
+quality_budget.__name__ = "nats/token"
 
 
 def seed_below(limit: int) -> Callable[[str], int]:

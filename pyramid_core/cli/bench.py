@@ -13,6 +13,7 @@ import attrs
 
 from pyramid_core import plugins
 from pyramid_core.build import default_chain, make_stage
+from pyramid_core.cli.argtypes import quality_budget
 from pyramid_core.cli.common import (
     block_length,
     compile_arg,
@@ -347,6 +348,9 @@ def configure_sweep(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
                         "finished grid point is also appended to sweep.partial.jsonl there, and a rerun with the same "
                         "arguments resumes from it. One run at a time per folder (a lock file, .pyramid.lock)")
     nonfinite_arg(p)
+    p.add_argument("--quality-budget", type=quality_budget, metavar="NATS",
+                   help="a price budget in nats/token: drawn on sweep.png's price panel, and the fastest swept point "
+                        "within it printed (a lossy point's price 95%% upper bound at most NATS; lossless ones always)")
     sampling_args(p, default_temperature=1.0)
     return run_sweep
 
@@ -401,7 +405,8 @@ def _run_sweep(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
     stages = [str(s) for s in spec.parts(regs)[0]]
     record = run_record("pyramid sweep", arguments) | {"stages": stages, "presets": presets, "taus": taus,
                                                        "length_grid": grid}
-    files = write_sweep(points, out, title=f"{', '.join(presets)}: {' -> '.join(stages)}", run=record)
+    files = write_sweep(points, out, title=f"{', '.join(presets)}: {' -> '.join(stages)}", run=record,
+                        budget=ns.quality_budget)
     print(f"{'config':<14} {'tau':>5} {'lengths':>8} {'tok/s':>7} {'tok/fwd':>7} {'NLL':>6} {'price (95% CI)':>15} "
           f"{'exact':>6} {'agree':>6}  acceptance per try | accepted/proposed")
     for p in points:
@@ -416,5 +421,27 @@ def _run_sweep(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
     if wide:
         print(f"price intervals wider than ±0.1 nats/token (more prompts or --max-new-tokens to decide at that "
               f"precision): {', '.join(wide)}")
+    if ns.quality_budget is not None:
+        print(_within_budget(points, ns.quality_budget))
     print("wrote " + ", ".join(str(f) for f in files) + f" (and {log.path}, one line per finished grid point)")
     return 0
+
+
+def _within_budget(points: Any, budget: float) -> str:
+    """The line naming the fastest swept point within ``budget``: lossless points always are, a
+    lossy one when its price's 95% upper bound is at most the budget (``lab.budget``'s rule)."""
+    import math
+
+    # lazy: lab/ stays out of CLI start-up
+    from pyramid_core.lab.budget import is_lossless
+
+    def within(p: Any) -> bool:
+        return is_lossless(p.policies) or (math.isfinite(p.price_ci95) and p.price + p.price_ci95 <= budget)
+
+    best = max((p for p in points if within(p)), key=lambda p: p.tokens_per_s)
+    tau = "" if best.tau is None else f" tau={best.tau:g}"
+    lengths = f" lengths {','.join(map(str, best.block_lengths))}" if best.block_lengths else ""
+    price = f"{best.price:+.3f} ± {best.price_ci95:.3f}"
+    return (f"fastest within the quality budget {budget:g} nats/token (a lossy point's price 95% upper bound within "
+            f"it, conservative): {best.label}{tau}{lengths}, {best.tokens_per_s:.1f} tokens/s, price {price}"
+            + (" (lossless)" if is_lossless(best.policies) else ""))

@@ -6,15 +6,26 @@ import argparse
 import shlex
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pyramid_core import plugins
-from pyramid_core.build import PipelineSpec
+from pyramid_core.build import PipelineSpec, default_chain
 from pyramid_core.channel import reader_of
-from pyramid_core.cli.common import compile_arg, int_at_least
+from pyramid_core.cli.argtypes import quality_budget
+from pyramid_core.cli.common import (
+    compile_arg,
+    int_at_least,
+    sampling,
+    sampling_args,
+    show_progress,
+)
 from pyramid_core.cli.config import config_arg, run_arguments
 from pyramid_core.errors import ConfigError
 from pyramid_core.protocols import Stage, tokenizer_of
 from pyramid_core.registry import parse_spec
+
+if TYPE_CHECKING:
+    from pyramid_core.lab.budget import BudgetGrid
 
 __all__ = ["configure"]
 
@@ -25,8 +36,10 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
                         "smollm2:num_layers=12, hf:path=DIR), model-free proposers (e.g. ngram) or feature "
                         "drafts (smollm2:stage=feature), which draft at the bottom of a chain only")
     p.add_argument("--prompts", help="JSONL or text prompt file (default: the project's prompt set)")
-    p.add_argument("--per-kind", type=int_at_least(1), default=1, help="prompts per task kind (default 1)")
-    p.add_argument("--new-tokens", type=int_at_least(1), default=32, help="greedy tokens per prompt to measure alpha (default 32)")
+    p.add_argument("--per-kind", type=int_at_least(1), default=1, help="prompts per task kind (default 1); with --quality-budget, the tuning prompts")
+    p.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=int_at_least(1), default=32,
+                   help="tokens per prompt: greedy tokens to measure alpha, or with --quality-budget the new tokens "
+                        "of each sampled text (default 32)")
     p.add_argument("--max-length", type=int_at_least(1), default=16, help="longest block length considered (default 16)")
     p.add_argument("--feature-length", type=int_at_least(1), default=4,
                    help="block length at which a feature draft's effective alpha is measured (default 4)")
@@ -38,6 +51,22 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", action="store_true", help="print one JSON object (with the run: arguments and versions)")
     config_arg(p)
+    g = sampling_args(p, 1.0, title="--quality-budget: the fastest configuration, lossy rules included, within a price",
+                      temperature_help="sampling temperature of the measured texts (default 1.0)", seed=False)
+    g.add_argument("--quality-budget", type=quality_budget, metavar="NATS",
+                   help="search fuzzy / psd-a / psd-f thresholds and block lengths, exact chains and the target alone "
+                        "over the --stage chain (2 or 3 stages; default: the default chain) and choose the fastest "
+                        "whose price's 95%% upper bound is at most NATS nats/token (conservative), checked on held-out "
+                        "prompts")
+    g.add_argument("--seeds", type=int_at_least(1), default=2, help="seeds per prompt (default 2)")
+    g.add_argument("--heldout-per-kind", type=int_at_least(1), default=1,
+                   help="held-out prompts per task kind: the next ones of each kind after the --per-kind tuning "
+                        "prompts (default 1)")
+    g.add_argument("--taus", default="0.1,0.3,0.5",
+                   help="comma-separated fuzzy thresholds (JS, nats) tried at every fuzzy boundary (default 0.1,0.3,0.5)")
+    g.add_argument("--length-grid", action="append", metavar="L[,L2]",
+                   help="block lengths of one grid point: one for the 2-stage chains, two for the 3-stage ones; "
+                        "repeat for more (default 4; 8; 4,8; 8,16)")
     return run
 
 
@@ -51,6 +80,8 @@ def run(ns: argparse.Namespace) -> int:
     from pyramid_core.lab.provenance import run_record
 
     arguments = run_arguments(ns)
+    if ns.quality_budget is not None:
+        return _run_budget(ns, arguments)
     specs: list[str] = ns.stage or []
     if not specs:
         raise ConfigError("give the candidates as --stage NAME[:k=v,...], repeated, the target last "
@@ -103,5 +134,60 @@ def run(ns: argparse.Namespace) -> int:
     print(f"\nbest: {' → '.join(plan.chain)}, lengths {list(plan.block_lengths)}: predicted "
           f"{plan.tokens_per_s:.1f} tokens/s, {plan.speedup:.2f}x the target alone (the speculation gain: over "
           "pyramid's own N = 1 in the same dtype and modes; `pyramid bench` measures it against HF)")
+    print(command)
+    return 0
+
+
+def _budget_grid(ns: argparse.Namespace) -> BudgetGrid:
+    from pyramid_core.lab.budget import BudgetGrid
+
+    try:
+        taus = [float(t) for t in ns.taus.split(",")]
+    except ValueError:
+        raise ConfigError(f"--taus takes comma-separated numbers (e.g. 0.1,0.3), got {ns.taus!r}") from None
+    points = []
+    for g in ns.length_grid or ():
+        try:
+            points.append([int(v) for v in g.split(",")])
+        except ValueError:
+            raise ConfigError(f"--length-grid takes comma-separated integers per grid point, got {g!r}") from None
+    try:
+        return BudgetGrid(taus, points) if points else BudgetGrid(taus)
+    except ConfigError as exc:
+        raise ConfigError(f"--taus / --length-grid: {exc}") from None
+
+
+def _run_budget(ns: argparse.Namespace, arguments: dict[str, Any]) -> int:
+    """``--quality-budget``: the fastest configuration within the budget (pyramid_core.lab.budget)."""
+    # lazy: lab/ stays out of CLI start-up
+    from pyramid_core.lab.budget import plan_within_budget, split_prompts
+    from pyramid_core.lab.outputs import json_text
+    from pyramid_core.lab.prompts import load_prompts
+    from pyramid_core.lab.provenance import run_record
+
+    regs = plugins.registries()
+    specs = [str(s) for s in (ns.stage or default_chain(regs, purpose="--quality-budget plans over the default "
+                                                                         "chain without --stage").stages)]
+    if len(specs) not in (2, 3):
+        raise ConfigError(f"--quality-budget plans over 2 or 3 stages (smallest first, the target last), got "
+                          f"{len(specs)}: give --stage 2 or 3 times")
+    grid = _budget_grid(ns)
+    tune, held = split_prompts(load_prompts(ns.prompts, per_kind=ns.per_kind + ns.heldout_per_kind),
+                               ns.per_kind, ns.heldout_per_kind)
+    loaded = PipelineSpec(tuple(specs), device=ns.device, compile=ns.compile, dtype=ns.dtype).load_stages(regs)
+    t0 = time.perf_counter()
+    plan = plan_within_budget(loaded, ns.quality_budget, tune, held, sampling=sampling(ns), seeds=range(ns.seeds),
+                              max_new_tokens=ns.new_tokens, grid=grid, names=specs, chat=ns.chat, regs=regs,
+                              progress=show_progress(ns))
+    elapsed = time.perf_counter() - t0
+    command = plan.generate_command(device=ns.device, chat=ns.chat)
+    split = (f"per task kind, in file order: the first {ns.per_kind} tune, the next {ns.heldout_per_kind} are held out")
+    if ns.json:
+        print(json_text({**plan.as_dict(), "command": command, "split": split,
+                         "tuning": [p.id for p in tune], "heldout": [p.id for p in held], "measure_s": elapsed,
+                         "run": run_record("pyramid plan", arguments, loaded)}))
+        return 0
+    print(plan.to_markdown())
+    print(f"\nPrompts {split} ({len(tune)} tuning, {len(held)} held-out); measured here in {elapsed:.1f} s.")
     print(command)
     return 0

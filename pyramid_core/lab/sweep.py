@@ -179,9 +179,10 @@ def run_sweep(
 
 
 def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str = "",
-                run: Mapping[str, Any] | None = None) -> list[Path]:
+                run: Mapping[str, Any] | None = None, budget: float | None = None) -> list[Path]:
     """sweep.json, sweep.csv and (with matplotlib) sweep.png in ``out_dir``; ``run``: what the
-    run was (``lab.provenance.run_record``), recorded in sweep.json."""
+    run was (``lab.provenance.run_record``), recorded in sweep.json; ``budget``: a quality budget
+    (nats/token), recorded and drawn on the price panel."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [attrs.asdict(p) for p in points]
@@ -189,6 +190,8 @@ def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str
     body: dict[str, Any] = {"title": title, "points": rows, "time": time.time()}
     if run is not None:
         body["run"] = dict(run)
+    if budget is not None:
+        body["quality_budget"] = budget
     written[0].write_text(json_text(body, indent=2))
     with written[1].open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -216,6 +219,8 @@ def write_sweep(points: Sequence[SweepPoint], out_dir: str | Path, *, title: str
     a1.axhline(base.tokens_per_s, color="gray", ls="--", label="target alone")
     a2.errorbar([base.tokens_per_s], [base.price], yerr=[base.price_ci95], color="gray", fmt="s", label="target alone")
     a2.axhline(0.0, color="gray", lw=0.5)
+    if budget is not None:
+        a2.axhline(budget, color="tab:red", ls=":", label=f"quality budget {budget:g}")
     a1.set(xlabel="τ (divergence threshold)", ylabel="tokens/s", title="throughput vs τ")
     a2.set(xlabel="tokens/s", ylabel="price: excess NLL under the target (nats/token, 95% CI)",
            title="speed-quality frontier per preset")
