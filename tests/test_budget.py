@@ -300,3 +300,24 @@ def test_cli_sweep_quality_budget(saved: dict[str, Path], prompt_file: Path, tmp
     assert "fastest within the quality budget 0.1 nats/token" in text
     data = json.loads((out / "sweep.json").read_text())
     assert data["quality_budget"] == 0.1 and (out / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_plan_within_budget_smollm2() -> None:
+    """The distilled draft into SmolLM2-135M, 2 tuning and 2 held-out prompts x 2 seeds, 16
+    tokens: the figures are finite, the choice follows the rule and its generate line parses."""
+    from pyramid_core.backends.hf.smollm2 import ensure_smollm2
+    from pyramid_core.lab.prompts import load_prompts
+
+    ensure_smollm2(progress=False)  # a no-op once `pyramid setup` has run
+    tune, held = split_prompts(load_prompts(kinds=["chat", "qa"], per_kind=2), 1, 1)
+    stages = ["smollm2:stage=draft", "smollm2"]
+    plan = plan_within_budget(stages, 0.1, tune, held, sampling=SamplingConfig(temperature=1.0), seeds=[0, 1],
+                              max_new_tokens=16, grid=BudgetGrid((0.2, 0.5), [(4,)]))
+    assert plan.stages == tuple(stages) and plan.tuning_prompts == 2
+    for m in plan.measured:
+        assert m.price.n == 4 and math.isfinite(m.price.mean) and m.tokens_per_s > 0
+    assert plan.chosen is choose(plan.measured, 0.1)
+    assert plan.validation is not None and plan.validation.prompts == 2
+    ns = parse_args(shlex.split(plan.generate_command())[1:])
+    assert ns.stage == [stages[i] for i in plan.chosen.candidate.stages]
