@@ -135,6 +135,12 @@ def test_pruning_never_skips_a_candidate_that_could_qualify(seed: int, budget: f
         assert not c.lossless
         assert any(c.presumed_costlier(m.candidate) and m.price.low > budget for m in measured)
         assert not figures[c].within(budget)
+    # each ladder in increasing thresholds; the ladders interleaved (every first rung before any second)
+    for ladder in {c.ladder for c in calls}:
+        rungs = [c.thresholds for c in calls if c.ladder == ladder]
+        assert rungs == sorted(rungs)
+    firsts = {c.ladder: k for k, c in reversed(list(enumerate(calls)))}
+    assert sorted(firsts.values()) == list(range(len(firsts)))
     # the pruned search chooses what the exhaustive one does
     assert choose(measured, budget) == choose(list(figures.values()), budget)
     if budget == 0.0:
@@ -191,7 +197,9 @@ def test_plan_within_budget_on_tiny_models(tiny_chain: list[HFStage], monkeypatc
     # the search ran on the tuning prompts only; the validation on the held-out ones only
     tuned = [c for c, e in runs if set(e) == tune_ids]
     validated = [c for c, e in runs if set(e) == held_ids]
-    assert len(tuned) == len(plan.measured) and len(tuned) + len(validated) + 1 == len(runs)  # + the warm-up
+    warm = [c for c, e in runs if len(e) == 1]  # one tuning prompt per chain and lengths, untimed
+    assert {(c.stages, c.block_lengths) for c in warm} == {(c.stages, c.block_lengths) for c in measured}
+    assert len(tuned) == len(plan.measured) and len(tuned) + len(validated) + len(warm) == len(runs)
     assert set(validated) == {plan.chosen.candidate, plan.best_lossless.candidate,
                               next(c for c in measured if c.rule == "target alone")}
     assert plan.chosen is choose(plan.measured, 0.3)

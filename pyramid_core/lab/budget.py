@@ -182,8 +182,12 @@ def search(cands: Sequence[Candidate], measure: Callable[[Candidate], Measured],
     (the same rule, stages and block lengths), except those ``presumed_costlier`` than a measured
     one whose price's 95% *lower* bound already exceeds ``budget``: on the presumption that a
     looser threshold costs at least as much, they cannot qualify. Lossless candidates are always
-    measured."""
-    order = sorted(range(len(cands)), key=lambda i: (cands[i].ladder, cands[i].thresholds))
+    measured. The ladders are interleaved (every ladder's first rung, then every second one...), so
+    that a drift of the machine's speed during the search is not charged to one rule family."""
+    rungs: dict[tuple[str, tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    for i in sorted(range(len(cands)), key=lambda i: cands[i].thresholds):
+        rungs.setdefault(cands[i].ladder, []).append(i)
+    order = [i for _, i in sorted((rank, i) for ladder in rungs.values() for rank, i in enumerate(ladder))]
     over: list[Candidate] = []  # measured, and surely over the budget
     measured: dict[int, Measured] = {}
     skipped: list[Candidate] = []
@@ -477,9 +481,11 @@ def plan_within_budget(
     def run(c: Candidate, prompts: list[list[int]]) -> Measured:
         return measure_candidate(c, models, prompts, seeds, sampling, max_new_tokens, stop_ids, regs)
 
-    # warm-up, not recorded: the first timed run must not pay for first calls
-    warm = Candidate("exact", tuple(range(len(models))), ("exact",) * (len(models) - 1), (2,) * (len(models) - 1))
-    measure_candidate(warm, models, tune[:1], seeds[:1], sampling, min(8, max_new_tokens), stop_ids, regs)
+    # warm-up, not recorded: every chain and block lengths once, exact, on one prompt -- a timed run
+    # must not pay for a first call at a new shape
+    for shape in dict.fromkeys((c.stages, c.block_lengths) for c in cands):
+        warm = Candidate("exact", shape[0], ("exact",) * len(shape[1]), shape[1])
+        measure_candidate(warm, models, tune[:1], seeds[:1], sampling, min(8, max_new_tokens), stop_ids, regs)
     with tqdm(total=len(cands), desc="plan within budget", disable=not progress) as bar:
         measured, skipped = search(cands, lambda c: run(c, tune), budget, on_measured=lambda _: bar.update())
         bar.update(len(skipped))
