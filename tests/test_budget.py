@@ -302,11 +302,16 @@ def test_cli_sweep_quality_budget(saved: dict[str, Path], prompt_file: Path, tmp
     out = tmp_path / "out"
     args = ["sweep", "--preset", "fsd", "--stage", f"hf:path={saved['near']}", "--stage", f"hf:path={saved['target']}",
             "--taus", "0.05,0.6", "--prompts", str(prompt_file), "--per-kind", "1", "--max-new-tokens", "6",
-            "--no-chat", "--no-compile", "--quality-budget", "0.1", "--out", str(out), "-q"]
+            "--no-chat", "--no-compile", "--out", str(out), "-q"]
     assert main(args) == 0
+    before = json.loads((out / "sweep.json").read_text())
+    assert "quality_budget" not in before and "quality budget" not in capsys.readouterr().out
+    # the budget added afterwards: the points come from the finished run's log, drawn with the budget
+    assert main([*args, "--quality-budget", "0.1"]) == 0
     text = capsys.readouterr().out
     assert "fastest within the quality budget 0.1 nats/token" in text
     data = json.loads((out / "sweep.json").read_text())
+    assert data["points"] == before["points"]
     assert data["quality_budget"] == 0.1 and (out / "sweep.png").stat().st_size > 0
 
 

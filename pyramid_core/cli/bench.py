@@ -399,7 +399,9 @@ def _run_sweep(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
         for g in grid:
             if len(g) != n - 1:
                 raise ConfigError(f"--length-grid {','.join(map(str, g))}: {n} stages need {n - 1} block length(s)")
-    log = _open_log(out / "sweep.partial.jsonl", arguments, "sweep", logs)
+    # the budget changes no measurement: a sweep rerun with one resumes from the run without it
+    measured = {k: v for k, v in arguments.items() if k != "quality_budget"}
+    log = _open_log(out / "sweep.partial.jsonl", measured, "sweep", logs)
     points = run_sweep(spec, taus, prompts, length_grid=grid, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
                        chat=ns.chat, presets=presets, regs=regs, log=log, progress=show_progress(ns))
     stages = [str(s) for s in spec.parts(regs)[0]]

@@ -384,8 +384,8 @@ class BudgetPlan:
                  f"temperature {s.temperature:g}" + (f", top-k {s.top_k}" if s.top_k else "")
                  + (f", top-p {s.top_p:g}" if s.top_p < 1 else "")
                  + f". Price: excess NLL under the target (nats/token, 95% interval over texts). A lossy candidate is "
-                 f"within the budget {self.budget:g} when the interval's upper bound is (conservative); lossless ones "
-                 "always are." + (f" Skipped by the pruning (a lower threshold's price was already surely over the "
+                 f"within the budget when its interval's upper bound is at most {self.budget:g} (conservative); "
+                 "lossless ones always are." + (f" Skipped by the pruning (a lower threshold's price was already surely over the "
                                   f"budget): {len(self.skipped)}." if self.skipped else ""),
                  "", self.verdict]
         v = self.validation
