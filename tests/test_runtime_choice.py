@@ -85,23 +85,37 @@ def test_the_compiled_mode_is_chosen_for_every_bucket_or_none() -> None:
 
 
 def test_auto_times_the_compiled_mode_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyramid_core.backends.hf.runtime import AUTO_COMPILED_ENV, measured_candidates
+    from pyramid_core.backends.hf.runtime import (
+        AUTO_COMPILED_ENV,
+        COMPILED_MIN_TORCH,
+        measured_candidates,
+        torch_release,
+    )
 
     cpu = torch.device("cpu")
     monkeypatch.delenv(AUTO_COMPILED_ENV, raising=False)
     assert ExecutionMode.COMPILED not in measured_candidates(cpu, torch.float32)
     monkeypatch.setenv(AUTO_COMPILED_ENV, "1")
-    assert measured_candidates(cpu, torch.float32)[-1] is ExecutionMode.COMPILED
+    asked = measured_candidates(cpu, torch.float32)
+    assert (asked[-1] is ExecutionMode.COMPILED) == (torch_release() >= COMPILED_MIN_TORCH)
     assert ExecutionMode.COMPILED not in measured_candidates(torch.device("cuda"), torch.float32)
     assert choice_key("k", (EAGER, FAST)) != choice_key("k", (EAGER, FAST, ExecutionMode.COMPILED))
 
 
 def test_an_auto_stage_that_chose_the_compiled_mode_runs_on_its_static_cache(
         tiny_models: dict[str, Any], choice_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyramid_core.backends.hf.runtime import AUTO_COMPILED_ENV, measured_candidates
+    from pyramid_core.backends.hf.runtime import (
+        AUTO_COMPILED_ENV,
+        COMPILED_MIN_TORCH,
+        measured_candidates,
+        torch_release,
+    )
 
     monkeypatch.setenv(AUTO_COMPILED_ENV, "1")
     model, cpu = tiny_models["target"], torch.device("cpu")
+    if torch_release() < COMPILED_MIN_TORCH:  # never a candidate where it is refused
+        assert ExecutionMode.COMPILED not in measured_candidates(cpu, torch.float32)
+        return
     key = choice_key(fingerprint(model, kind="hf", dtype=torch.float32, device=cpu, layers=2),
                      measured_candidates(cpu, torch.float32))
     choice_file.write_text(json.dumps({key: {"modes": [[b, "compiled"] for b in BUCKETS], "ms": {}}}))

@@ -58,8 +58,11 @@ def _allow_compiles() -> None:
     count against one limit (8 by default). Raise it to what a few chains of stages need."""
     import torch._dynamo.config as dynamo
 
-    dynamo.recompile_limit = max(int(dynamo.recompile_limit), 256)
-    dynamo.accumulated_recompile_limit = max(int(dynamo.accumulated_recompile_limit), 1024)
+    # torch < 2.7 names the first limit cache_size_limit (and the second accumulated_cache_size_limit)
+    for names, floor in ((("recompile_limit", "cache_size_limit"), 256),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 1024)):
+        name = next(n for n in names if hasattr(dynamo, n))
+        setattr(dynamo, name, max(int(getattr(dynamo, name)), floor))
 
 
 class StaticForward:

@@ -96,7 +96,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: s
                 model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwarg(torch_dtype))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             check_json_files(path)  # names a file that is not JSON
-            raise ConfigError(f"transformers cannot load the model in {path} ({type(exc).__name__}: {exc}); "
+            reason = " ".join(str(exc).split())  # one line, whatever the library's message holds
+            raise ConfigError(f"transformers cannot load the model in {path} ({type(exc).__name__}: {reason}); "
                               f"{fix_for(path / 'config.json')}") from exc
         model.to(dev).eval()
         _LOADED[key] = model
@@ -145,7 +146,8 @@ def load_tokenizer(path: Path) -> Any:
         return _read_tokenizer(path)
     except Exception as exc:  # the tokenizers library raises a bare Exception for a bad file
         check_json_files(path, _TOKENIZER_FILES + ("special_tokens_map.json",))  # names a file that is not JSON
-        raise ConfigError(f"the tokenizer in {path} cannot be read ({type(exc).__name__}: {exc}); "
+        reason = " ".join(str(exc).split())  # one line, whatever the library's message holds
+        raise ConfigError(f"the tokenizer in {path} cannot be read ({type(exc).__name__}: {reason}); "
                           f"{fix_for(path / 'tokenizer.json')}") from exc
 
 

@@ -21,12 +21,21 @@ from pyramid_core.backends.hf.fast import packing_available
 from pyramid_core.options import ExecutionMode
 
 __all__ = ["resolve_mode", "unsupported", "measured_candidates", "native_dtype", "ALL_MODES", "FAST_DTYPES",
-           "AUTO_COMPILED_ENV"]
+           "AUTO_COMPILED_ENV", "COMPILED_MIN_TORCH", "torch_release"]
 
 ALL_MODES = frozenset({ExecutionMode.EAGER, ExecutionMode.FAST, ExecutionMode.GRAPHS, ExecutionMode.STATIC,
                        ExecutionMode.COMPILED})
 
 AUTO_COMPILED_ENV = "PYRAMID_AUTO_COMPILED"
+# The oldest torch the compiled mode is tested on without compiling again across rounds
+# (tests/test_graphs.py counts compiles; 2.6, the lowest torch supported, fails that count).
+COMPILED_MIN_TORCH = (2, 13)
+
+
+def torch_release() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 """Set to 1, ``auto`` also times the compiled mode (inductor; compiling every bucket of every stage
 costs seconds to minutes on a machine's first run, hence opt-in)."""
 
@@ -75,6 +84,9 @@ def unsupported(mode: ExecutionMode, device: torch.device, dtype: torch.dtype) -
     if mode is ExecutionMode.COMPILED and device.type != "cpu":
         return (f"the compiled mode compiles static forwards with inductor for CPU stages; this stage is on {device} "
                 "(compile=graphs captures them as CUDA graphs)")
+    if mode is ExecutionMode.COMPILED and torch_release() < COMPILED_MIN_TORCH:
+        return (f"the compiled mode needs torch >= {'.'.join(map(str, COMPILED_MIN_TORCH))} (torch 2.6 guards on the "
+                f"cache's fill position and compiles again at every position); this is torch {torch.__version__}")
     if mode is ExecutionMode.GRAPHS and device.type != "cuda":
         return f"the graph mode captures CUDA graphs; this stage is on {device} (compile=static runs the same forwards)"
     return None
