@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "typecheck", "lint", "docs", "notebooks", "plugin_example"]
+nox.options.sessions = ["tests", "typecheck", "lint", "docs", "notebooks", "package", "plugin_example"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
