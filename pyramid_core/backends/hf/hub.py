@@ -8,26 +8,20 @@ optional revision ``org/name@rev``) found in the local Hugging Face cache or dow
 The cache is huggingface_hub's (``HF_HOME`` / ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` forbids
 downloading), read and filled through its own functions. A download fetches only what a stage
 loads (``DOWNLOAD_PATTERNS``).
+
+huggingface_hub is imported where an id is resolved, not with this module: it imports
+``tqdm.autonotebook``, which warns on stderr in every notebook without ipywidgets, and loading
+the ``hf`` plugin (every ``import pyramid_core`` that builds a pipeline) should not cost that.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # exported lazily
+from typing import Any
 
 from pyramid_core.errors import ConfigError
 
-__all__ = ["DOWNLOAD_PATTERNS", "resolve_model_dir", "parse_hub_id", "hub_cache_dir", "location_label"]
+__all__ = ["DOWNLOAD_PATTERNS", "snapshot_download", "resolve_model_dir", "parse_hub_id", "hub_cache_dir", "location_label"]
 
 DOWNLOAD_PATTERNS = (
     "config.json", "generation_config.json",
@@ -41,14 +35,26 @@ DOWNLOAD_PATTERNS = (
 ID_FORM = "org/name or org/name@revision"
 
 
+def snapshot_download(repo_id: str, **kwargs: Any) -> str:
+    """``huggingface_hub.snapshot_download`` (imported on first use: module docstring)."""
+    from huggingface_hub import snapshot_download as download
+
+    return str(download(repo_id, **kwargs))
+
+
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache this process uses (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    from huggingface_hub import constants
+
     return Path(constants.HF_HUB_CACHE)
 
 
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     """``"org/name@rev"`` -> ``("org/name", "rev")``, ``"org/name"`` -> ``("org/name", None)``;
     ``None`` when ``text`` is not a Hugging Face id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # exported lazily
+
     repo_id, at, revision = text.strip().partition("@")
     if at and not revision.strip():
         return None
@@ -64,6 +70,8 @@ def resolve_model_dir(location: str | Path) -> Path:
     else a Hugging Face id's snapshot from the local cache (no network), else from the hub
     (only ``DOWNLOAD_PATTERNS``) unless ``HF_HUB_OFFLINE=1``. A ``ConfigError`` names the id,
     the cache it was looked for in, and what to do."""
+    from huggingface_hub import constants
+
     path = Path(location).expanduser()
     if path.is_dir():
         return path
@@ -87,6 +95,8 @@ def resolve_model_dir(location: str | Path) -> Path:
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     """The cached snapshot of ``repo_id`` at ``revision``, if it holds a loadable model (a folder
     with a config and weights, or a ``pyramid distill`` folder), looked up without the network."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(DOWNLOAD_PATTERNS),
                                         local_files_only=True))
@@ -100,6 +110,14 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
 
 def _download(text: str, repo_id: str, revision: str | None, where: str, get: str) -> Path:
     """``repo_id`` at ``revision`` downloaded into the cache (what a stage loads only)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(DOWNLOAD_PATTERNS)))
     except RevisionNotFoundError:
