@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import attrs
 
+from pyramid_core.calibrated import parse_budgeted
+from pyramid_core.calibrated import require as require_budgeted
 from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
 from pyramid_core.options import DecodeOptions, ExecutionMode, dtype_word
@@ -179,7 +181,10 @@ class PipelineSpec:
                     first, the target last; empty: the default chain's stages (and its lengths)
     policies:       one per boundary; ``None``: the preset's, else the default policy everywhere
     block_lengths:  one per boundary; ``None``: the preset's, else the default chain's, else 4
-    preset:         a registered preset (policies and lengths); excludes ``policies``
+    preset:         a registered preset (policies and lengths); excludes ``policies``. With a
+                    budget (``"psd-f:budget=0.05"``): the preset's thresholds and lengths that
+                    the quality-budget planner recorded for these stage specs and this sampler
+                    (``pyramid_core.calibrated``); excludes ``block_lengths`` too
     tree:           a registered stage wrapper spec (``"tree:budget=8,branching=4"``) around the
                     bottom model stage
     sampling:       applied identically at every stage
@@ -236,8 +241,15 @@ class PipelineSpec:
         n = len(stages)
         lengths = self.block_lengths
         if self.preset is not None:
-            preset = resolve_preset(self.preset, n, regs=regs)
+            name, budget = parse_budgeted(self.preset)
+            preset = resolve_preset(name, n, regs=regs)  # the name and the stage count checked first
             policies: Sequence[PolicyLike] = preset.policies
+            if budget is not None:
+                if self.block_lengths is not None:
+                    raise ConfigError(f"preset {self.preset!r}: its block lengths are part of what was calibrated "
+                                      "within the budget; give no block lengths with it")
+                record = require_budgeted(name, budget, stages, self.sampling)
+                policies, lengths = record.policies, record.block_lengths
             lengths = lengths if lengths is not None else preset.block_lengths
         elif self.policies is not None:
             policies = self.policies
@@ -267,6 +279,11 @@ class PipelineSpec:
         """The same spec with its stages loaded (``load_stages``) -- to build several pipelines
         over one load -- and, where they came from the default chain, its block lengths pinned."""
         regs = regs or registries()
+        if self.preset is not None and parse_budgeted(self.preset)[1] is not None:
+            # a budgeted preset is looked up by the stage specs: resolved to its record before loading
+            _, resolved_policies, resolved_lengths = self.parts(regs)
+            return attrs.evolve(self, stages=tuple(self.load_stages(regs)), preset=None,
+                                policies=tuple(resolved_policies), block_lengths=tuple(resolved_lengths))
         lengths = self.parts(regs)[2] if not self.stages and self.preset is None else self.block_lengths
         return attrs.evolve(self, stages=tuple(self.load_stages(regs)), block_lengths=lengths)
 

@@ -279,11 +279,46 @@ def test_cli_plan_quality_budget(saved: dict[str, Path], prompt_file: Path, tmp_
     data = json.loads(capsys.readouterr().out)
     assert data["stages"] == stages and data["budget"] == 0.2 and data["sampling"]["temperature"] == 0.8
     assert data["tuning"] == ["a0", "b0"] and data["heldout"] == ["a1", "b1"]
-    assert data["run"]["command"] == "pyramid plan" and data["run"]["arguments"]["quality_budget"] == 0.2
+    assert data["run"]["command"] == "pyramid plan" and data["run"]["arguments"]["quality_budget"] == [0.2]
     assert data["validation"]["prompts"] == 2 and data["command"].startswith("pyramid generate")
     assert data["chosen"]["lossless"] or data["chosen"]["price"]["mean"] + data["chosen"]["price"]["ci95"] <= 0.2
     rules = {c["rule"] for c in data["candidates"]}
     assert rules == {"target alone", "exact", "fuzzy", "psd-a", "psd-f"}
+
+
+def test_cli_plan_budgeted_preset(saved: dict[str, Path], prompt_file: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``plan --quality-budget A,B --preset psd-f`` calibrates and records the preset's budgeted form
+    at both budgets over one search; the printed ``generate --preset psd-f:budget=B`` line runs it."""
+    store = tmp_path / "budgets.json"
+    monkeypatch.setenv("PYRAMID_BUDGETS", str(store))
+    stages = [f"hf:path={saved['near']},num_layers=1", f"hf:path={saved['near']}", f"hf:path={saved['target']}"]
+    argv = ["plan", *[a for s in stages for a in ("--stage", s)], "--quality-budget", "50,100", "--preset", "psd-f",
+            "--prompts", str(prompt_file), "--per-kind", "1", "--heldout-per-kind", "1", "--seeds", "2",
+            "--max-new-tokens", "6", "--taus", "0.1,0.6", "--length-grid", "2,4", "--no-chat", "--no-compile", "-q"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "## Budget 100 nats/token" in out and f"Recorded in {store}: psd-f:budget=50 -> " in out
+    records = json.loads(store.read_text())["records"]
+    assert sorted(r["budget"] for r in records.values()) == [50.0, 100.0]
+    for r in records.values():
+        assert r["preset"] == "psd-f" and r["stages"] == stages and r["command"].startswith("pyramid plan ")
+        assert len(r["thresholds"]) == 2 and r["price"][0] + r["price"][1] <= r["budget"]
+    lines = [line for line in out.splitlines() if line.startswith("pyramid generate")]
+    assert len(lines) == 2 and all("--preset psd-f:budget=" in line and "--policy" not in line for line in lines)
+    gen = shlex.split(lines[1])[1:]
+    gen[gen.index("YOUR PROMPT")] = "w3 w5 w7"
+    assert main([*gen, "--max-new-tokens", "4", "--no-compile", "-q"]) == 0
+    capsys.readouterr()
+    # another sampler was not calibrated: the error names the command that would be
+    gen[gen.index("--temperature") + 1] = "0.5"
+    assert main([*gen, "--max-new-tokens", "4", "-q"]) == 2
+    assert "pyramid plan --quality-budget 100 --preset psd-f" in capsys.readouterr().err
+    # --preset plans nothing without a budget; an unknown preset is refused before loading
+    assert main(["plan", "--preset", "psd-f", "--stage", stages[-1]]) == 2
+    assert "add --quality-budget" in capsys.readouterr().err
+    assert main(["plan", "--quality-budget", "0.1", "--preset", "nope", *[a for s in stages for a in ("--stage", s)]]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 def test_cli_plan_quality_budget_errors(saved: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pyramid_core.errors import ConfigError
 from pyramid_core.rng import SEED_LIMIT, check_seed, seed_range
 
-__all__ = ["int_at_least", "block_length", "quality_budget", "seed_value", "seed_below", "negative_numbers_are_values"]
+__all__ = ["int_at_least", "block_length", "quality_budget", "quality_budgets", "seed_value", "seed_below", "negative_numbers_are_values"]
 
 
 def int_at_least(low: int, what: str = "") -> Callable[[str], int]:
@@ -45,6 +45,17 @@ def quality_budget(text: str) -> float:
 
 
 quality_budget.__name__ = "nats/token"
+
+
+def quality_budgets(text: str) -> list[float]:
+    """An argparse type: one quality budget or several, comma-separated (``0.02,0.1,0.5``)."""
+    values = [quality_budget(t.strip()) for t in text.split(",")]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a budget is given twice in {text!r}")
+    return values
+
+
+quality_budgets.__name__ = "nats/token list"
 
 
 def seed_below(limit: int) -> Callable[[str], int]:

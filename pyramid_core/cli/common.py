@@ -70,7 +70,8 @@ def pipeline_args(p: argparse.ArgumentParser, *, default_length: str) -> None:
                    help="one per boundary, smallest first (default: the default policy, exact)")
     p.add_argument("--length", action="append", type=block_length, metavar="L",
                    help=f"block length per boundary, smallest first, never decreasing upwards (default {default_length})")
-    p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths")
+    p.add_argument("--preset", help="sd | fsd | psd-a | psd-f (or a plugin's): policies and block lengths; "
+                   "NAME:budget=NATS: the thresholds `pyramid plan --quality-budget NATS --preset NAME` recorded")
     p.add_argument("--length-schedule", choices=sorted(SCHEDULES), default="fixed",
                    help="fixed block lengths, or adaptive: +2 after a fully accepted block, -1 otherwise "
                         "(Hugging Face's heuristic schedule), at every boundary; exact either way")

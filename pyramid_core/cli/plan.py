@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pyramid_core import plugins
 from pyramid_core.build import PipelineSpec, default_chain
 from pyramid_core.channel import reader_of
-from pyramid_core.cli.argtypes import quality_budget
+from pyramid_core.cli.argtypes import quality_budgets
 from pyramid_core.cli.common import (
     compile_arg,
     int_at_least,
@@ -53,11 +53,17 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     config_arg(p)
     g = sampling_args(p, 1.0, title="--quality-budget: the fastest configuration, lossy rules included, within a price",
                       temperature_help="sampling temperature of the measured texts (default 1.0)", seed=False)
-    g.add_argument("--quality-budget", type=quality_budget, metavar="NATS",
+    g.add_argument("--quality-budget", type=quality_budgets, metavar="NATS[,NATS...]",
                    help="search fuzzy / psd-a / psd-f thresholds and block lengths, exact chains and the target alone "
                         "over the --stage chain (2 or 3 stages; default: the default chain) and choose the fastest "
                         "whose price's 95%% upper bound is at most NATS nats/token (conservative), checked on held-out "
-                        "prompts")
+                        "prompts; several budgets, comma-separated, share one search")
+    g.add_argument("--preset", metavar="NAME",
+                   help="with --quality-budget: calibrate this preset's budgeted form (e.g. psd-f): its fuzzy "
+                        "thresholds and block lengths chosen within each budget for these stages and this sampler, "
+                        "and recorded, so that `pyramid generate --preset NAME:budget=NATS` with the same --stage "
+                        "and sampling options runs the choice (records: $PYRAMID_BUDGETS, default "
+                        "$PYRAMID_HOME/budgets.json)")
     g.add_argument("--seeds", type=int_at_least(1), default=2, help="seeds per prompt (default 2)")
     g.add_argument("--heldout-per-kind", type=int_at_least(1), default=1,
                    help="held-out prompts per task kind: the next ones of each kind after the --per-kind tuning "
@@ -82,6 +88,8 @@ def run(ns: argparse.Namespace) -> int:
     arguments = run_arguments(ns)
     if ns.quality_budget is not None:
         return _run_budget(ns, arguments)
+    if ns.preset is not None:
+        raise ConfigError(f"--preset {ns.preset!r} is calibrated within a quality budget: add --quality-budget NATS")
     specs: list[str] = ns.stage or []
     if not specs:
         raise ConfigError("give the candidates as --stage NAME[:k=v,...], repeated, the target last "
@@ -158,9 +166,11 @@ def _budget_grid(ns: argparse.Namespace) -> BudgetGrid:
 
 
 def _run_budget(ns: argparse.Namespace, arguments: dict[str, Any]) -> int:
-    """``--quality-budget``: the fastest configuration within the budget (pyramid_core.lab.budget)."""
+    """``--quality-budget``: the fastest configuration within each budget (pyramid_core.lab.budget);
+    with ``--preset``, the preset's budgeted form, recorded."""
     # lazy: lab/ stays out of CLI start-up
-    from pyramid_core.lab.budget import plan_within_budget, split_prompts
+    from pyramid_core.build import resolve_preset
+    from pyramid_core.lab.budget import calibrate_preset, plan_within_budgets, split_prompts
     from pyramid_core.lab.outputs import json_text
     from pyramid_core.lab.prompts import load_prompts
     from pyramid_core.lab.provenance import run_record
@@ -171,23 +181,47 @@ def _run_budget(ns: argparse.Namespace, arguments: dict[str, Any]) -> int:
     if len(specs) not in (2, 3):
         raise ConfigError(f"--quality-budget plans over 2 or 3 stages (smallest first, the target last), got "
                           f"{len(specs)}: give --stage 2 or 3 times")
+    if ns.preset is not None:
+        resolve_preset(ns.preset, len(specs), regs=regs)  # the name and stage count, before any loading
     grid = _budget_grid(ns)
     tune, held = split_prompts(load_prompts(ns.prompts, per_kind=ns.per_kind + ns.heldout_per_kind),
                                ns.per_kind, ns.heldout_per_kind)
-    loaded = PipelineSpec(tuple(specs), device=ns.device, compile=ns.compile, dtype=ns.dtype).load_stages(regs)
+    options: dict[str, Any] = dict(sampling=sampling(ns), seeds=range(ns.seeds), max_new_tokens=ns.new_tokens,
+                                   grid=grid, chat=ns.chat, regs=regs, progress=show_progress(ns))
     t0 = time.perf_counter()
-    plan = plan_within_budget(loaded, ns.quality_budget, tune, held, sampling=sampling(ns), seeds=range(ns.seeds),
-                              max_new_tokens=ns.new_tokens, grid=grid, names=specs, chat=ns.chat, regs=regs,
-                              progress=show_progress(ns))
+    recorded = []
+    if ns.preset is not None:
+        # loaded by calibrate_preset from the specs, which key the record
+        pairs = calibrate_preset(ns.preset, specs, ns.quality_budget, tune, held, names=specs, device=ns.device,
+                                 compile=ns.compile, dtype=ns.dtype, command=shlex.join(["pyramid", *getattr(ns, "argv", ["plan"])]), **options)
+        plans = [p for p, _ in pairs]
+        recorded = [r for _, r in pairs]
+        loaded: list[Any] = []
+    else:
+        loaded = PipelineSpec(tuple(specs), device=ns.device, compile=ns.compile, dtype=ns.dtype).load_stages(regs)
+        plans = plan_within_budgets(loaded, ns.quality_budget, tune, held, names=specs, **options)
     elapsed = time.perf_counter() - t0
-    command = plan.generate_command(device=ns.device, chat=ns.chat)
+    commands = [p.generate_command(device=ns.device, chat=ns.chat) for p in plans]
     split = (f"per task kind, in file order: the first {ns.per_kind} tune, the next {ns.heldout_per_kind} are held out")
     if ns.json:
-        print(json_text({**plan.as_dict(), "command": command, "split": split,
+        body = [{**p.as_dict(), "command": c} for p, c in zip(plans, commands, strict=True)]
+        print(json_text({**(body[0] if len(body) == 1 else {"plans": body}), "split": split,
                          "tuning": [p.id for p in tune], "heldout": [p.id for p in held], "measure_s": elapsed,
+                         "recorded": [r.as_dict() for r in recorded],
                          "run": run_record("pyramid plan", arguments, loaded)}))
         return 0
-    print(plan.to_markdown())
+    for k, (plan, command) in enumerate(zip(plans, commands, strict=True)):
+        if k == 0:
+            print(plan.to_markdown())
+        else:  # the same search: the frontier once, then each budget's choice and validation
+            print(f"\n## Budget {plan.budget:g} nats/token\n")
+            print(plan.to_markdown(frontier=False))
+        print(command)
     print(f"\nPrompts {split} ({len(tune)} tuning, {len(held)} held-out); measured here in {elapsed:.1f} s.")
-    print(command)
+    if recorded:
+        from pyramid_core.calibrated import store_path
+
+        print(f"Recorded in {store_path()}: " + "; ".join(
+            f"{r.key.preset}:budget={r.key.budget:g} -> {', '.join(r.policies)}, lengths "
+            f"{','.join(map(str, r.block_lengths))}" for r in recorded))
     return 0

@@ -14,26 +14,33 @@ the choice on held-out prompts (``plan_within_budget``).
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import math
 import shlex
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
 
-from pyramid_core.build import PipelineSpec
+from pyramid_core.build import PipelineSpec, resolve_preset
+from pyramid_core.calibrated import BudgetKey, BudgetRecord, parse_budgeted
+from pyramid_core.calibrated import save as save_budgeted
 from pyramid_core.errors import ConfigError
 from pyramid_core.lab.prompts import Prompt, encode_prompt
 from pyramid_core.lab.quality import Price, TokenScores, excess_price, score_text
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import Proposer, Stage, tokenizer_of
-from pyramid_core.registry import parse_spec
+from pyramid_core.recipes import Preset
+from pyramid_core.registry import format_spec, parse_spec
 from pyramid_core.types import SamplingConfig
 from pyramid_core.validate import check_block_lengths
 
 __all__ = ["LOSSLESS_POLICIES", "is_lossless", "Candidate", "BudgetGrid", "candidates", "Measured", "search",
-           "choose", "split_prompts", "measure_candidate", "Validation", "BudgetPlan", "plan_within_budget"]
+           "choose", "split_prompts", "measure_candidate", "Validation", "BudgetPlan", "plan_within_budget",
+           "plan_within_budgets", "preset_candidates", "calibrate_preset"]
 
 # the built-in rules that sample the target exactly at their boundary; any other policy is treated
 # as lossy and must earn its place by its measured price (e.g. `assisted` under `exact`, exact as a
@@ -150,6 +157,32 @@ def candidates(n_stages: int, grid: BudgetGrid | None = None) -> list[Candidate]
     return out
 
 
+def preset_candidates(preset: Preset, n_stages: int, grid: BudgetGrid | None = None) -> list[Candidate]:
+    """The budgeted form of ``preset`` over ``n_stages`` stages: its policies with the ``tau`` of
+    every ``fuzzy`` boundary set independently to each of ``grid.taus``, at each of the grid's
+    length points for ``n_stages`` stages and the preset's own block lengths (candidates of rule
+    ``preset.name``), with the references the validation compares against: the target alone and
+    ``exact`` over the same stages and lengths. A preset without a fuzzy boundary has nothing to
+    set within a budget."""
+    grid = grid or BudgetGrid()
+    fuzzy = [i for i, p in enumerate(preset.policies) if parse_spec(p)[0] == "fuzzy"]
+    if not fuzzy:
+        raise ConfigError(f"preset {preset.name!r} has no fuzzy boundary ({', '.join(preset.policies)}): it has no "
+                          "threshold to set within a quality budget; run it as it is")
+    points = list(dict.fromkeys([p for p in grid.lengths if len(p) == n_stages - 1] + [preset.block_lengths]))
+    chain = tuple(range(n_stages))
+    out = [Candidate("target alone", (n_stages - 1,))]
+    out += [Candidate("exact", chain, ("exact",) * (n_stages - 1), lengths) for lengths in points]
+    for lengths in points:
+        for taus in itertools.product(grid.taus, repeat=len(fuzzy)):
+            policies = list(preset.policies)
+            for i, t in zip(fuzzy, taus, strict=True):
+                _, params = parse_spec(policies[i])
+                policies[i] = format_spec("fuzzy", {**params, "tau": repr(float(t))})
+            out.append(Candidate(preset.name, chain, tuple(policies), lengths, tuple(float(t) for t in taus)))
+    return out
+
+
 @attrs.frozen
 class Measured:
     """A candidate's figures on a set of prompts x seeds: new tokens, wall seconds, tokens/s,
@@ -205,9 +238,23 @@ def search(cands: Sequence[Candidate], measure: Callable[[Candidate], Measured],
     return [measured[i] for i in sorted(measured)], skipped
 
 
-def choose(measured: Sequence[Measured], budget: float) -> Measured:
+def choose(measured: Sequence[Measured], budget: float, family: str | None = None) -> Measured:
     """The fastest (tokens/s) candidate ``within`` the budget; lossless candidates always are, so
-    without a lossy one within it this is the fastest lossless one."""
+    without a lossy one within it this is the fastest lossless one. With ``family`` (a preset's
+    name: ``preset_candidates``), the fastest of that family's candidates within the budget, and a
+    ``ConfigError`` naming the cheapest one measured when none is."""
+    if family is not None:
+        mine = [m for m in measured if m.candidate.rule == family]
+        eligible = [m for m in mine if m.within(budget)]
+        if not eligible:
+            priced = [m for m in mine if math.isfinite(m.price.high)]
+            cheapest = min(priced, key=lambda m: m.price.high, default=None)
+            best = ("" if cheapest is None else f"; the cheapest measured, {cheapest.candidate.label()}, costs "
+                    f"{_price_text(cheapest.price)}")
+            raise ConfigError(f"no threshold of {family!r} measured within the budget {budget:g} nats/token at its "
+                              f"price's 95% upper bound{best}: try lower --taus, more prompts or seeds (a tighter "
+                              "interval), or a larger budget")
+        return max(eligible, key=lambda m: m.tokens_per_s)
     eligible = [m for m in measured if m.within(budget)]
     if not eligible:
         raise ConfigError("nothing to choose from: measure the lossless references (the target alone) too")
@@ -329,6 +376,7 @@ class BudgetPlan:
     chosen: Measured
     best_lossless: Measured
     validation: Validation | None = None
+    preset: str | None = None  # a budgeted preset's calibration: the preset's name
 
     @property
     def lossy_within(self) -> list[Measured]:
@@ -352,8 +400,11 @@ class BudgetPlan:
         the chosen configuration."""
         c = self.chosen.candidate
         args = [a for i in c.stages for a in ("--stage", self.stages[i])]
-        args += [a for p in c.policies for a in ("--policy", p)]
-        args += [a for n in c.block_lengths for a in ("--length", str(n))]
+        if self.preset is not None and c.rule == self.preset:
+            args += ["--preset", f"{self.preset}:budget={self.budget:g}"]
+        else:
+            args += [a for p in c.policies for a in ("--policy", p)]
+            args += [a for n in c.block_lengths for a in ("--length", str(n))]
         s = self.sampling
         args += ["--temperature", f"{s.temperature:g}"]
         if s.top_k:
@@ -368,7 +419,9 @@ class BudgetPlan:
                            "--max-new-tokens", str(self.max_new_tokens), *(["--device", device] if device else []),
                            *([] if chat else ["--no-chat"]), "--prompt", prompt])
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, *, frontier: bool = True) -> str:
+        """The measured candidates (the frontier, fastest first), the verdict and the held-out
+        validation; ``frontier=False``: the verdict and the validation only."""
         head = ("| rule | stages | thresholds | lengths | tok/s | tokens/target fwd | price (95% CI) | within |\n"
                 "|---|---|---|---|---|---|---|---|")
         rows = []
@@ -379,7 +432,7 @@ class BudgetPlan:
                         f"{','.join(f'{t:g}' for t in c.thresholds) or '-'} | {','.join(map(str, c.block_lengths)) or '-'} | "
                         f"{m.tokens_per_s:.1f} | {m.tokens_per_target_forward:.2f} | {_price_text(m.price)} | {mark} |")
         s = self.sampling
-        lines = [head, *rows, "",
+        lines = ([head, *rows, ""] if frontier else []) + [
                  f"Tuning: {self.tuning_prompts} prompt(s) x {len(self.seeds)} seed(s), {self.max_new_tokens} new tokens, "
                  f"temperature {s.temperature:g}" + (f", top-k {s.top_k}" if s.top_k else "")
                  + (f", top-p {s.top_p:g}" if s.top_p < 1 else "")
@@ -416,9 +469,15 @@ class BudgetPlan:
                 "validation": None if self.validation is None else self.validation.as_dict()}
 
 
-def plan_within_budget(
+def plan_within_budget(stages: Sequence[str | Stage | Proposer], budget: float, tune_prompts: Sequence[PromptLike],
+                       heldout_prompts: Sequence[PromptLike], **kwargs: Any) -> BudgetPlan:
+    """``plan_within_budgets`` at one budget."""
+    return plan_within_budgets(stages, [budget], tune_prompts, heldout_prompts, **kwargs)[0]
+
+
+def plan_within_budgets(
     stages: Sequence[str | Stage | Proposer],
-    budget: float,
+    budgets: Sequence[float],
     tune_prompts: Sequence[PromptLike],
     heldout_prompts: Sequence[PromptLike],
     *,
@@ -426,6 +485,7 @@ def plan_within_budget(
     seeds: Sequence[int] = (0, 1, 2),
     max_new_tokens: int = 32,
     grid: BudgetGrid | None = None,
+    preset: Preset | None = None,
     names: Sequence[str] | None = None,
     chat: bool = True,
     device: str | None = None,
@@ -433,31 +493,40 @@ def plan_within_budget(
     dtype: str | None = None,
     regs: Registries | None = None,
     progress: bool = False,
-) -> BudgetPlan:
+) -> list[BudgetPlan]:
     """The fastest configuration of ``stages`` (2 or 3, smallest first, the target last: specs or
-    loaded model stages) whose price is within ``budget`` (nats/token), and its held-out check.
+    loaded model stages) whose price is within each of ``budgets`` (nats/token), and its held-out
+    check: one ``BudgetPlan`` per budget, in the order given, over one search.
 
-    Every ``candidates`` entry is measured on ``tune_prompts`` x ``seeds`` with ``sampling``
-    (``search``: a threshold is not raised further once a lower one's price is surely over the
-    budget); the choice (``choose``) is conservative: a lossy rule qualifies only when the *upper*
-    bound of its price's 95% interval is within the budget; without one, the fastest lossless
+    Every ``candidates`` entry (with ``preset``: ``preset_candidates``, the preset's budgeted
+    form, and the choice is among the preset's candidates) is measured on ``tune_prompts`` x
+    ``seeds`` with ``sampling`` (``search`` at the largest budget: a threshold is not raised
+    further once a lower one's price is surely over it, and so over every smaller budget too);
+    the choice (``choose``) is conservative: a lossy rule qualifies only when the *upper* bound of
+    its price's 95% interval is within the budget; without one, the fastest lossless
     configuration is chosen. The choice, the best lossless configuration and the target alone
     are then run again on ``heldout_prompts`` (which must not share a prompt with the tuning
-    ones) with the same sampling and seeds. ``names``: how the stages are written in the output
-    and ``generate_command`` (default: the specs, or the stages' names). Prompts are ``Prompt``
-    (encoded with the target's tokenizer, chat template per ``chat``) or token ids.
+    ones) with the same sampling and seeds (each configuration once, whatever the number of
+    budgets). ``names``: how the stages are written in the output and ``generate_command``
+    (default: the specs, or the stages' names). Prompts are ``Prompt`` (encoded with the
+    target's tokenizer, chat template per ``chat``) or token ids.
     """
     from tqdm import tqdm
 
     regs = regs or registries()
-    if not (math.isfinite(budget) and budget >= 0):
-        raise ConfigError(f"the quality budget is an excess NLL in nats/token, a finite number >= 0; got {budget!r}")
+    budgets = [float(b) for b in budgets]
+    bad = [b for b in budgets if not (math.isfinite(b) and b >= 0)]
+    if not budgets or bad:
+        raise ConfigError(f"a quality budget is an excess NLL in nats/token, a finite number >= 0; got "
+                          f"{bad[0] if bad else 'none'!r}")
     if not seeds:
         raise ConfigError("give at least one seed")
     if not tune_prompts or not heldout_prompts:
         raise ConfigError("give both tuning and held-out prompts")
     grid = grid or BudgetGrid()
-    cands = candidates(len(stages), grid)  # the stage count and grid checked before loading
+    # the stage count and grid checked before loading
+    cands = candidates(len(stages), grid) if preset is None else preset_candidates(preset, len(stages), grid)
+    family = None if preset is None else preset.name
     loaded = PipelineSpec(tuple(stages), device=device, compile=compile, dtype=dtype).load_stages(regs)
     models: list[Stage] = []
     for i, s in enumerate(loaded):
@@ -487,16 +556,69 @@ def plan_within_budget(
         warm = Candidate("exact", shape[0], ("exact",) * len(shape[1]), shape[1])
         measure_candidate(warm, models, tune[:1], seeds[:1], sampling, min(8, max_new_tokens), stop_ids, regs)
     with tqdm(total=len(cands), desc="plan within budget", disable=not progress) as bar:
-        measured, skipped = search(cands, lambda c: run(c, tune), budget, on_measured=lambda _: bar.update())
+        measured, skipped = search(cands, lambda c: run(c, tune), max(budgets), on_measured=lambda _: bar.update())
         bar.update(len(skipped))
-    chosen = choose(measured, budget)
     best_lossless = max((m for m in measured if m.candidate.lossless), key=lambda m: m.tokens_per_s)
     alone = next(m for m in measured if m.candidate.rule == "target alone")
     again: dict[Candidate, Measured] = {}
-    for c in (alone.candidate, best_lossless.candidate, chosen.candidate):
+
+    def held_out(c: Candidate) -> Measured:
         if c not in again:
             again[c] = run(c, held)
-    validation = Validation(len(held), again[chosen.candidate], again[best_lossless.candidate],
-                            again[alone.candidate], budget)
-    return BudgetPlan(labels, budget, sampling, max_new_tokens, seeds, len(tune), tuple(measured), tuple(skipped),
-                      chosen, best_lossless, validation)
+        return again[c]
+
+    plans = []
+    for budget in budgets:
+        chosen = choose(measured, budget, family)
+        for c in (alone.candidate, best_lossless.candidate, chosen.candidate):
+            held_out(c)
+        validation = Validation(len(held), again[chosen.candidate], again[best_lossless.candidate],
+                                again[alone.candidate], budget)
+        plans.append(BudgetPlan(labels, budget, sampling, max_new_tokens, seeds, len(tune), tuple(measured),
+                                tuple(skipped), chosen, best_lossless, validation, family))
+    return plans
+
+
+def calibrate_preset(
+    preset: str,
+    stages: Sequence[str],
+    budgets: Sequence[float],
+    tune_prompts: Sequence[PromptLike],
+    heldout_prompts: Sequence[PromptLike],
+    *,
+    sampling: SamplingConfig,
+    regs: Registries | None = None,
+    store: Path | None = None,
+    command: str = "",
+    **kwargs: Any,
+) -> list[tuple[BudgetPlan, BudgetRecord]]:
+    """The budgeted form of ``preset`` (a registered preset's name, e.g. ``"psd-f"``) for
+    ``stages`` (specs: a record is looked up by them) at each of ``budgets``: planned by
+    ``plan_within_budgets(..., preset=...)`` and recorded (``pyramid_core.calibrated``, in
+    ``store``, default its ``store_path()``), so that ``preset="psd-f:budget=B"`` with the same
+    stage specs and sampler resolves to the choice. A budget that none of the preset's
+    thresholds meets is an error naming the cheapest, and nothing is recorded for any budget.
+    ``command``: how it was run, kept in the record; other arguments as ``plan_within_budgets``."""
+    regs = regs or registries()
+    specs = [str(s) for s in stages]
+    if any(not isinstance(s, str) for s in stages):
+        raise ConfigError("calibrate_preset records the choice under the stages' specs: give them as specs "
+                          "(e.g. 'smollm2:stage=draft'), not loaded stages")
+    name, budget_param = parse_budgeted(preset)
+    if budget_param is not None:
+        raise ConfigError(f"give the preset's name ({name!r}) and the budgets separately, not {preset!r}")
+    resolved = resolve_preset(name, len(specs), regs=regs)
+    plans = plan_within_budgets(specs, budgets, tune_prompts, heldout_prompts, sampling=sampling, preset=resolved,
+                                regs=regs, **kwargs)
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out = []
+    for plan in plans:
+        c, v = plan.chosen, plan.validation
+        assert v is not None
+        record = BudgetRecord(BudgetKey(name, tuple(specs), plan.budget, sampling), c.candidate.policies,
+                              c.candidate.block_lengths, c.candidate.thresholds, c.tokens_per_s,
+                              (c.price.mean, c.price.ci95), (v.chosen.price.mean, v.chosen.price.ci95), when, command)
+        out.append((plan, record))
+    for _, record in out:
+        save_budgeted(record, store)
+    return out
