@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SLOW = {"04_real_model_smollm2.ipynb"}  # uses the real SmolLM2-135M (`pyramid setup`)
+SLOW = {"04_real_model_smollm2.ipynb", "09_quality_budgets.ipynb"}  # the real SmolLM2-135M (`pyramid setup`)
 
 
 def pytest_configure(config: pytest.Config) -> None:
