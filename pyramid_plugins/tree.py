@@ -27,11 +27,22 @@ Two shapes:
   path), each with up to branching[d] children (the last entry repeats below the schedule), until
   N nodes are spent; the rest of the frontier stays leaves.
 
+- ``beam=K`` (K > 0; EAGLE-2, arXiv 2406.16858, "dynamic draft trees"): depth up to n, and at
+  each depth only the K frontier nodes of highest path probability are expanded, each with
+  branching[d] children, so the tree grows deep along what the proposer believes. With greedy
+  sampling and ``budget=N`` the grown tree is then *reranked*: the N nodes of highest path
+  probability are kept (a child's path probability never exceeds its parent's, so the kept set is
+  a tree) and verified in one forward. Under sampling the rerank would keep a child because of
+  its own draw, which breaks the multi-candidate rule, so there the budget caps the growth instead
+  (as in budget mode): which nodes are expanded still depends only on their ancestors' and
+  their siblings' draws, never on their own children.
+
 Stop tokens are never expanded. ``tree`` is registered as a stage *wrapper* (hook
 ``register_wrappers``): the builder hands it the bottom model stage. Spec for the builder / CLI::
 
     build_pipeline([draft, qualifier, target], tree="tree:branching=4-2-1,replacement=false")
     pyramid generate --stage ... --tree tree:budget=16,branching=4
+    pyramid generate --stage ... --tree tree:budget=16,beam=4,branching=4   # EAGLE-2 dynamic tree
 """
 
 from __future__ import annotations
@@ -90,6 +101,8 @@ class TreeProposer:
     branching:   children per node at each depth, ``(4, 2, 1)`` or ``"4-2-1"``
     replacement: i.i.d. children (SpecInfer) or drawn without replacement (Sequoia)
     budget:      > 0: at most this many nodes, most probable frontier nodes expanded first
+    beam:        > 0: only this many frontier nodes expanded per depth (EAGLE-2 dynamic tree;
+                 reranked to ``budget`` nodes under greedy sampling)
     sampling:    the pipeline's sampling transform (``build_pipeline(tree=...)`` passes it; a
                  different one stays lossless, only less efficient)
     stop_ids:    tokens that are never expanded (``build_pipeline`` passes the pipeline's)
@@ -103,6 +116,7 @@ class TreeProposer:
     branching: tuple[int, ...] = attrs.field(default=(4, 2, 1), converter=parse_branching)
     replacement: bool = True
     budget: int = attrs.field(default=0, validator=_nonneg)
+    beam: int = attrs.field(default=0, validator=_nonneg, kw_only=True)
     sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
     stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long), converter=_long)
     on_nonfinite: NonFiniteMode = attrs.field(default="raise", converter=check_nonfinite_mode)
@@ -113,7 +127,7 @@ class TreeProposer:
 
     @property
     def name(self) -> str:
-        shape = f"budget={self.budget}," if self.budget else ""
+        shape = (f"budget={self.budget}," if self.budget else "") + (f"beam={self.beam}," if self.beam else "")
         how = "top-k" if self.sampling.is_greedy else ("iid" if self.replacement else "no-repl")
         return f"tree[{shape}{'-'.join(map(str, self.branching))},{how}]({self.stage.name})"
 
@@ -140,17 +154,22 @@ class TreeProposer:
     def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
         """A tree of depth <= ``n`` continuing ``context``, flattened level by level; children of
         one node are consecutive and in draw order."""
-        max_depth = n if self.budget else min(n, len(self.branching))
+        ranked = bool(self.budget or self.beam)  # path probabilities decide the shape
+        max_depth = n if ranked else min(n, len(self.branching))
         greedy = self.sampling.is_greedy
+        rerank = bool(self.beam and self.budget and greedy)  # grow freely, keep the best `budget`
         device = context.device
         stop = set(self.stop_ids.tolist())
         tokens: list[int] = []
         parents: list[int] = []
         rows = torch.empty(0, self.vocab_size, device=device)
-        logpath: list[float] = []  # log path probability per node (budget mode)
+        logpath: list[float] = []  # log path probability per node (budget and beam modes)
         frontier = [-1]  # nodes to expand next (-1 = the context)
         for depth in range(max_depth):
-            room = self.budget - len(tokens) if self.budget else len(frontier) * self._width(depth)
+            if self.beam and depth:  # the `beam` most probable frontier nodes, kept in tree order
+                frontier = sorted(sorted(frontier, key=lambda v: -logpath[v])[: self.beam])
+            capped = self.budget and not rerank
+            room = self.budget - len(tokens) if capped else len(frontier) * self._width(depth)
             if not frontier or room <= 0:
                 break
             t0 = time.perf_counter()
@@ -167,8 +186,8 @@ class TreeProposer:
             # children per frontier node: a function of depth, budget and q only (exactness)
             support = ((logits > -torch.inf) if greedy else (q > 0)).sum(-1).tolist()
             k = [min(self._width(depth), int(s)) for s in support]
-            if self.budget:  # most probable frontier nodes first, until the budget is spent
-                base = [logpath[v] for v in frontier] if depth else [0.0]
+            base = [logpath[v] for v in frontier] if depth else [0.0]
+            if capped:  # most probable frontier nodes first, until the budget is spent
                 for i in sorted(range(len(frontier)), key=lambda i: -base[i]):
                     k[i] = min(k[i], room)
                     room -= k[i]
@@ -200,13 +219,19 @@ class TreeProposer:
             else:
                 part = q[slot_index].to(rows.dtype)
             rows = torch.cat([rows, part])
-            if self.budget:
+            if ranked:
                 probs = torch.softmax(logits, -1) if greedy else q
                 step = probs[slot_index, new_tokens].log().tolist()
                 logpath += [base[i] + lp for i, lp in zip(slots, step, strict=True)]
             frontier = [first + j for j, x in enumerate(new) if x not in stop]
             sync(device)
             self.stats.record(time.perf_counter() - t0, scored)
+        if rerank and len(tokens) > self.budget:  # EAGLE-2: the `budget` most probable nodes
+            keep = sorted(sorted(range(len(tokens)), key=lambda i: (-logpath[i], i))[: self.budget])
+            where = {old: new for new, old in enumerate(keep)}
+            tokens = [tokens[i] for i in keep]
+            parents = [-1 if parents[i] < 0 else where[parents[i]] for i in keep]
+            rows = rows[torch.tensor(keep, device=device)]
         return Block(torch.tensor(tokens, dtype=torch.long, device=device), rows,
                      torch.tensor(parents, dtype=torch.long, device=device),
                      without_replacement=not self.replacement and not greedy)
@@ -217,6 +242,7 @@ def tree_wrapper(
     branching: str = "4-2-1",
     replacement: bool = True,
     budget: int = 0,
+    beam: int = 0,
     *,
     sampling: SamplingConfig,
     stop_ids: Sequence[int] = (),
@@ -226,7 +252,7 @@ def tree_wrapper(
     if not isinstance(stage, Stage):
         raise ValueError(f"the tree wrapper wraps a model Stage (with score()), got {stage!r}")
     return TreeProposer(stage, branching, replacement, budget, sampling, _long(list(stop_ids)),
-                        check_nonfinite_mode(on_nonfinite))
+                        check_nonfinite_mode(on_nonfinite), beam=beam)
 
 
 @hookimpl
@@ -235,5 +261,6 @@ def register_wrappers(register: Any) -> None:
         "tree",
         tree_wrapper,
         "token-tree drafting around the bottom model stage (SpecInfer / Sequoia); params branching=4-2-1, "
-        "replacement=true|false, budget=N (0 = full schedule); use build_pipeline(tree=NAME[:k=v,...]) / --tree NAME[:k=v,...]",
+        "replacement=true|false, budget=N (0 = full schedule), beam=K (EAGLE-2 dynamic tree: K nodes expanded per depth, "
+        "reranked to the budget under greedy decoding); use build_pipeline(tree=NAME[:k=v,...]) / --tree NAME[:k=v,...]",
     )
