@@ -186,7 +186,7 @@ class TreeProposer:
             # children per frontier node: a function of depth, budget and q only (exactness)
             support = ((logits > -torch.inf) if greedy else (q > 0)).sum(-1).tolist()
             k = [min(self._width(depth), int(s)) for s in support]
-            base = [logpath[v] for v in frontier] if depth else [0.0]
+            base = [logpath[v] for v in frontier] if depth and ranked else [0.0] * len(frontier)
             if capped:  # most probable frontier nodes first, until the budget is spent
                 for i in sorted(range(len(frontier)), key=lambda i: -base[i]):
                     k[i] = min(k[i], room)
