@@ -23,8 +23,14 @@ import torch
 from pyramid_core import ConfigError
 from pyramid_core.backends.hf.tiny import tiny_llama, word_tokenizer
 from pyramid_core.lab.distill.corpus import corpus_hash, load_corpus
-from pyramid_core.lab.distill.engines import HFEngine, Request, ServerEngine, vllm_server
-from pyramid_core.lab.distill.harvest import HarvestConfig, harvest, prefill_rows
+from pyramid_core.lab.distill.engines import (
+    HFEngine,
+    Request,
+    ServerEngine,
+    prefill_rows,
+    vllm_server,
+)
+from pyramid_core.lab.distill.harvest import HarvestConfig, harvest
 
 VOCAB = 64
 CHAT = "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}{% if add_generation_prompt %}w3 {% endif %}"
@@ -107,9 +113,9 @@ def test_engine_rows_are_the_targets_prefill_rows(target: Any) -> None:
     done = HFEngine(target).complete(requests(3), top_k=8)
     rows = prefill_rows(target, [(list(r.prompt) + c.tokens, len(r.prompt) - 1, len(c.tokens))
                                  for r, c in zip(requests(3), done, strict=True)], 8)
-    for c, r in zip(done, rows, strict=True):
-        assert torch.equal(c.ids[:, 0], r.ids[:, 0])  # type: ignore[index]
-        torch.testing.assert_close(c.logp.float(), r.logp.float(), atol=2e-3, rtol=0)  # type: ignore[union-attr]
+    for c, (logp, ids) in zip(done, rows, strict=True):
+        assert torch.equal(c.ids[:, 0], ids[:, 0])  # type: ignore[index]
+        torch.testing.assert_close(c.logp.float(), logp.float(), atol=2e-3, rtol=0)  # type: ignore[union-attr]
 
 
 def test_server_errors_name_the_fix(server: str) -> None:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.lab.distill.engines import HFEngine, Request, left_padded, prefill_rows
 from pyramid_core.lab.prompts import encode_prompt
 
 __all__ = [
@@ -181,7 +182,7 @@ def self_instruct_prompts(model: Any, tokenizer: Any, n: int, *, seed: int = 0, 
             opener = rng.choice(_OPENERS[kind])
             batch.append((kind, list(tokenizer(opener, add_special_tokens=False)["input_ids"])))
             tries += 1
-        ids, mask = _left_padded([prefix + o for _, o in batch], 0, model.device)
+        ids, mask = left_padded([prefix + o for _, o in batch], 0, model.device)
         torch.manual_seed(seed * 1_000_003 + tries)
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
                              top_k=None, top_p=None, max_new_tokens=max_tokens, eos_token_id=sorted(ends),
@@ -264,69 +265,26 @@ class CorpusConfig:
     self_instruct_temperature: float = 1.0
 
 
-def _top_rows(logits: Tensor, k: int) -> TeacherRows:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    values, ids = logp.topk(k, dim=-1)
-    return TeacherRows(values.to(torch.float16).cpu(), ids.to(torch.int32).cpu())
-
-
-def _left_padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(ids, attention mask) of token lists left-padded to one width, on ``device``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i: i + size]
 
 
-@torch.inference_mode()
-def _answer(model: Any, prompts: list[list[int]], cfg: CorpusConfig, vocab: int, eos: set[int],
+def _answer(model: Any, prompts: list[list[int]], cfg: CorpusConfig, eos: set[int],
             sample: bool, generator_seed: int) -> list[TrainSequence]:
     """The target's answers to a batch of encoded prompts (left-padded, one ``generate``)."""
-    pad = 0
-    ids, mask = _left_padded(prompts, pad, model.device)
-    kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": cfg.new_tokens,
-                              "return_dict_in_generate": True, "output_logits": True,
-                              "pad_token_id": pad, "top_k": None, "top_p": None}
-    if sample:
-        torch.manual_seed(generator_seed)
-        kwargs["temperature"] = cfg.sample_temperature
-    else:
-        kwargs["temperature"] = None
-    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    logits = torch.stack(out.logits, dim=1)[..., :vocab]  # [B, steps, V]
-    gen = out.sequences[:, ids.shape[1]:].cpu()
-    result = []
-    for i, p in enumerate(prompts):
-        toks = gen[i].tolist()
-        n = len(toks)
-        for j, t in enumerate(toks):
-            if t in eos:
-                n = j + 1
-                break
-        # row j (logits of step j) predicts generated token j, i.e. sits at position len(p)-1+j
-        rows = _top_rows(logits[i, :n], cfg.top_k)
-        result.append(TrainSequence("sampled" if sample else "greedy", p + toks[:n], len(p) - 1, rows))
-    return result
+    engine = HFEngine(model, batch_size=len(prompts))
+    temperature = cfg.sample_temperature if sample else 0.0
+    requests = [Request(tuple(p), cfg.new_tokens, temperature, generator_seed, tuple(sorted(eos))) for p in prompts]
+    # row j (logits of step j) predicts generated token j, i.e. sits at position len(p)-1+j
+    return [TrainSequence("sampled" if sample else "greedy", p + c.tokens, len(p) - 1,
+                          TeacherRows(c.logp, c.ids))  # type: ignore[arg-type]
+            for p, c in zip(prompts, engine.complete(requests, top_k=cfg.top_k), strict=True)]
 
 
-@torch.inference_mode()
-def _read_windows(model: Any, windows: list[list[int]], cfg: CorpusConfig, vocab: int) -> list[TrainSequence]:
-    width = max(len(w) for w in windows)
-    ids = torch.zeros((len(windows), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, w in enumerate(windows):
-        ids[i, : len(w)] = torch.tensor(w)
-        mask[i, : len(w)] = 1
-    logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[..., :vocab]
-    return [TrainSequence("python", w, 0, _top_rows(logits[i, : len(w) - 1], cfg.top_k)) for i, w in enumerate(windows)]
+def _read_windows(model: Any, windows: list[list[int]], cfg: CorpusConfig) -> list[TrainSequence]:
+    rows = prefill_rows(model, [(w, 0, len(w) - 1) for w in windows], cfg.top_k)
+    return [TrainSequence("python", w, 0, TeacherRows(*r)) for w, r in zip(windows, rows, strict=True)]
 
 
 def corpus_hash(sequences: Sequence[TrainSequence]) -> str:
@@ -354,7 +312,6 @@ def build_corpus(model: Any, tokenizer: Any, out_dir: str | Path, cfg: CorpusCon
             return manifest
         raise ConfigError(f"{out} holds a corpus built with another recipe ({manifest.get('config')}); "
                           "use another --corpus folder")
-    vocab = len(tokenizer)
     eos = {int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
     prompts = training_prompts(cfg.seed, held_out)[: cfg.prompts]
     templated = len(prompts)
@@ -383,9 +340,9 @@ def build_corpus(model: Any, tokenizer: Any, out_dir: str | Path, cfg: CorpusCon
         shard = out / f"shard-{index:05d}.pt"
         if not shard.is_file():  # resumable: finished shards are kept
             if mode == "python":
-                seqs = _read_windows(model, batch, cfg, vocab)
+                seqs = _read_windows(model, batch, cfg)
             else:
-                seqs = _answer(model, batch, cfg, vocab, eos, mode == "sampled", cfg.seed * 100_003 + index)
+                seqs = _answer(model, batch, cfg, eos, mode == "sampled", cfg.seed * 100_003 + index)
             tmp = shard.with_suffix(".tmp")
             torch.save([attrs.asdict(s, recurse=False) | {"rows": attrs.asdict(s.rows)} for s in seqs], tmp)
             tmp.replace(shard)

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from pyramid_core.errors import ConfigError
 
-__all__ = ["Request", "Completion", "Engine", "StreamingEngine", "HFEngine", "ServerEngine", "vllm_server", "top_rows"]
+__all__ = ["Request", "Completion", "Engine", "StreamingEngine", "HFEngine", "ServerEngine", "vllm_server", "top_rows",
+           "left_padded", "prefill_rows"]
 
 
 @attrs.frozen
@@ -93,6 +94,47 @@ def top_rows(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values.to(torch.float16).cpu(), ids.to(torch.int32).cpu()
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask) of token lists left-padded to one width, on ``device``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def prefill_rows(model: Any, items: Sequence[tuple[Sequence[int], int, int]], top_k: int, *,
+                 batch_tokens: int = 4096) -> list[tuple[Tensor, Tensor]]:
+    """The target's top-k rows (as :func:`top_rows`) for each (tokens, start, n): positions
+    ``start .. start + n - 1`` of ``tokens`` read in one causal forward (right-padded batches of
+    about ``batch_tokens``)."""
+    vocab = int(model.config.vocab_size)
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(items)
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and (j - i + 1) * len(items[order[j]][0]) <= batch_tokens:
+            j += 1
+        chunk = order[i:j]
+        width = max(len(items[k][0]) for k in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, k in enumerate(chunk):
+            toks = items[k][0]
+            ids[r, : len(toks)] = torch.tensor(list(toks), dtype=torch.long)
+            mask[r, : len(toks)] = 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        for r, k in enumerate(chunk):
+            _, start, n = items[k]
+            out[k] = top_rows(logits[r, start: start + n, :vocab], top_k)
+        i = j
+    return [r for r in out if r is not None]
+
+
 def _cut(tokens: list[int], stop: Sequence[int]) -> tuple[list[int], bool]:
     for j, t in enumerate(tokens):
         if t in stop:
@@ -129,12 +171,8 @@ class HFEngine:
 
     def _generate(self, batch: Sequence[Request], temperature: float, max_tokens: int, stop: tuple[int, ...],
                   top_k: int) -> list[Completion]:
-        width = max(len(r.prompt) for r in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(batch):
-            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
-            mask[i, width - len(r.prompt):] = 1
+        ids, mask = left_padded([r.prompt for r in batch], self.pad_id, self.model.device)
+        width = ids.shape[1]
         kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "return_dict_in_generate": True, "output_logits": True,
                                   "pad_token_id": self.pad_id, "top_k": None, "top_p": None,
                                   "eos_token_id": list(stop)}
@@ -143,8 +181,7 @@ class HFEngine:
             kwargs |= {"do_sample": True, "temperature": temperature}
         else:
             kwargs |= {"do_sample": False, "temperature": None}
-        dev = self.model.device
-        gen = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)
+        gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         logits = torch.stack(gen.logits, dim=1)[..., : self.vocab]
         new = gen.sequences[:, width:].cpu().tolist()
         result = []

@@ -49,10 +49,16 @@ from pyramid_core.lab.distill.corpus import (
     load_corpus,
     training_prompts,
 )
-from pyramid_core.lab.distill.engines import Completion, Engine, Request, StreamingEngine, top_rows
+from pyramid_core.lab.distill.engines import (
+    Completion,
+    Engine,
+    Request,
+    StreamingEngine,
+    prefill_rows,
+)
 from pyramid_core.lab.prompts import encode_prompt
 
-__all__ = ["HarvestConfig", "harvest", "FOLLOW_UPS", "prefill_rows"]
+__all__ = ["HarvestConfig", "harvest", "FOLLOW_UPS"]
 
 RECIPE = "harvest.json"
 
@@ -102,37 +108,6 @@ class HarvestConfig:
     def recipe(self) -> dict[str, Any]:
         """Everything that fixes a shard's content (``positions`` only says how many)."""
         return {k: v for k, v in attrs.asdict(self).items() if k != "positions"}
-
-
-@torch.inference_mode()
-def prefill_rows(model: Any, items: Sequence[tuple[list[int], int, int]], top_k: int, *,
-                 batch_tokens: int = 4096) -> list[TeacherRows]:
-    """The target's top-k rows for each (tokens, start, n): positions ``start .. start + n - 1``
-    of ``tokens`` read in one causal forward (right-padded batches of about ``batch_tokens``)."""
-    vocab = int(model.config.vocab_size)
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-    out: list[TeacherRows | None] = [None] * len(items)
-    i = 0
-    while i < len(order):
-        width = len(items[order[i]][0])
-        j = i + 1
-        while j < len(order) and (j - i + 1) * len(items[order[j]][0]) <= batch_tokens:
-            j += 1
-        chunk = order[i:j]
-        width = max(len(items[k][0]) for k in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, k in enumerate(chunk):
-            toks = items[k][0]
-            ids[r, : len(toks)] = torch.tensor(toks)
-            mask[r, : len(toks)] = 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-        for r, k in enumerate(chunk):
-            _, start, n = items[k]
-            logp, top = top_rows(logits[r, start: start + n, :vocab], top_k)
-            out[k] = TeacherRows(logp, top)
-        i = j
-    return [r for r in out if r is not None]
 
 
 def _python_windows(tokenizer: Any, rng: random.Random, count: int, window: int) -> list[list[int]]:
@@ -244,13 +219,13 @@ class _Shard:
         if cfg.teacher == "engine" and all(p[3].logp is not None for p in pending):
             rows = [TeacherRows(p[3].logp, p[3].ids) for p in pending]  # type: ignore[arg-type]
         else:
-            rows = prefill_rows(self.model, [(ctx + a.tokens, start, len(a.tokens)) for _, ctx, start, a in pending],
-                                cfg.top_k)
+            rows = [TeacherRows(*r) for r in prefill_rows(
+                self.model, [(ctx + a.tokens, start, len(a.tokens)) for _, ctx, start, a in pending], cfg.top_k)]
         seqs = [TrainSequence(mode, ctx + a.tokens, start, r) for (mode, ctx, start, a), r in zip(pending, rows, strict=True)]
         windows = _python_windows(self.tokenizer, self.rng, cfg.python_windows, cfg.window)
         if windows:
             read = prefill_rows(self.model, [(w, 0, len(w) - 1) for w in windows], cfg.top_k)
-            seqs += [TrainSequence("python", w, 0, r) for w, r in zip(windows, read, strict=True)]
+            seqs += [TrainSequence("python", w, 0, TeacherRows(*r)) for w, r in zip(windows, read, strict=True)]
         record = {
             "prompts": [{"kind": k, "prompt": p} for k, p in prompts],
             "second_turns": len(convs),
