@@ -1,5 +1,5 @@
 """The ``pyramid`` command line: setup | generate | check | sweep | bench | distill | plan |
-profile | plugins, and the commands plugins add (hook ``register_commands``).
+profile | serve | plugins, and the commands plugins add (hook ``register_commands``).
 
 Every command is a ``configure(parser) -> run`` pair: ``configure`` adds the command's
 arguments, ``run(namespace) -> int`` executes it -- the built-ins below exactly as a plugin's.
@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 from pyramid_core import plugins
-from pyramid_core.cli import bench, check, config, generate, plan, profile, setup
+from pyramid_core.cli import bench, check, config, generate, plan, profile, serve, setup
 from pyramid_core.errors import PluginError, PyramidError
 
 __all__ = ["main", "build_parser", "parse_args", "BUILTIN_COMMANDS"]
@@ -67,6 +67,7 @@ BUILTIN_COMMANDS: tuple[tuple[str, Configure, str], ...] = (
     ("distill", _distill, "distil a draft and a qualifier from SmolLM2-135M (offline)"),
     ("plan", plan.configure, "measure candidates here and pick the chain and block lengths (HSD planner)"),
     ("profile", profile.configure, "T(M): ms per forward feeding M tokens, per stage, eager or compiled"),
+    ("serve", serve.configure, "serve the target with vLLM, the stages below it as vLLM's speculative proposer"),
     ("plugins", setup.configure_plugins, "list loaded plugins and what they register"),
 )
 

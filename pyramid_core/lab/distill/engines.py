@@ -20,11 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -37,6 +32,7 @@ import torch
 from torch import Tensor
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.serving.server import VllmServer, running_server
 
 __all__ = ["Request", "Completion", "Engine", "StreamingEngine", "HFEngine", "ServerEngine", "vllm_server", "top_rows",
            "left_padded", "prefill_rows"]
@@ -271,67 +267,15 @@ class ServerEngine:
             self._pool = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def vllm_server(python: str | Path, model_dir: str | Path, *, log: str | Path, device: str = "cpu", dtype: str = "bfloat16",
                 max_logprobs: int = 32, memory_fraction: float = 0.3, max_num_seqs: int = 256, seed: int = 0,
                 threads: int | None = None, startup_seconds: float = 900.0) -> Iterator[str]:
-    """Start vLLM's OpenAI-compatible server with the interpreter ``python`` (an environment that
-    has vLLM), serving ``model_dir`` on a free port of 127.0.0.1; yield its base URL; stop it
-    (SIGTERM to its process group, then SIGKILL) on the way out. Its output goes to ``log``; a
-    server that exits or does not answer within ``startup_seconds`` is a ``ConfigError`` quoting
-    the log's end. ``threads``: the worker's OpenMP threads on a CPU (vLLM's CPU build otherwise
-    keeps one core for its other processes); ``OMP_NUM_THREADS`` set by the caller wins."""
-    python = Path(python).expanduser()
-    if not python.is_file():
-        raise ConfigError(f"--vllm-python {python}: no such interpreter (the Python of an environment with vLLM)")
-    port = _free_port()
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", "target", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-           "--max-logprobs", str(max_logprobs), "--max-num-seqs", str(max_num_seqs),
-           "--gpu-memory-utilization", str(memory_fraction), "--seed", str(seed), "--disable-log-stats"]
-    env = dict(os.environ)
-    if device == "cpu":
-        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
-        if threads:
-            env.setdefault("OMP_NUM_THREADS", str(threads))
-    log_path = Path(log)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def tail() -> str:
-        text = log_path.read_text(errors="replace").strip().splitlines()
-        return "\n".join(text[-15:])
-
-    try:
-        deadline = time.monotonic() + startup_seconds
-        while True:
-            if proc.poll() is not None:
-                raise ConfigError(f"vLLM's server exited with status {proc.returncode} before it answered "
-                                  f"(command: {' '.join(cmd)}); the end of {log_path}:\n{tail()}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5):
-                    break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise ConfigError(f"vLLM's server did not answer within {startup_seconds:.0f} s; the end of {log_path}:\n{tail()}")
-            time.sleep(2.0)
+    """vLLM's server for the corpus (``serving.server.running_server``) on a free port of
+    127.0.0.1, returning up to ``max_logprobs`` log-probabilities per token, without stats logs;
+    yields its base URL and stops it on the way out."""
+    server = VllmServer(python, str(model_dir), device=device, dtype=dtype, memory_fraction=memory_fraction,
+                        max_num_seqs=max_num_seqs, seed=seed, threads=threads,
+                        args=("--max-logprobs", str(max_logprobs), "--disable-log-stats"))
+    with running_server(server, log=log, startup_seconds=startup_seconds) as url:
         yield url
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()

@@ -1,0 +1,285 @@
+"""The lower stages of a pyramid chain as vLLM's speculative proposer ([serving with
+vLLM](../../serving.md)).
+
+vLLM's ``speculative_config={"method": "custom_class", "model": "pyramid_core.serving.proposer.PyramidProposer",
+"num_speculative_tokens": k}`` builds :class:`PyramidProposer` with its ``VllmConfig`` in each
+worker and, every step, asks it for up to ``k`` draft tokens per running request; vLLM runs the
+target over them and verifies them with its own rejection sampler. The chain below the target --
+ngram, model drafts, a qualifier, with pyramid's policies between them -- comes from
+``PYRAMID_VLLM_CHAIN`` (JSON of a :class:`LowerChain`), which ``pyramid serve`` sets.
+
+Why this is lossless: the block is drafted greedily by the lower chain, so it is a function of
+the request's tokens alone, independent of the target's randomness; vLLM verifies a block given
+without probabilities as one-hot proposals (accept token x with probability p(x), else sample
+from p with x removed), which emits exactly p's distribution for any such x. Under greedy
+decoding vLLM keeps the target's argmax, so outputs equal vLLM's plain decoding. The lower
+boundaries may use any pyramid rule, lossy ones included: they only shape the proposals.
+
+Per-request state: vLLM hands the proposer rows of its batch, not request ids, and rows move as
+requests finish. A *lane* is one copy of the lower chain (its own caches; model weights shared):
+a row keeps the lane whose last context its tokens extend, else takes a fresh lane or the least
+recently used one. Every pyramid stage rolls back by itself to the prefix it has seen, so a
+lane that meets another request's tokens stays correct (it re-reads what differs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from pyramid_core.build import PipelineSpec, check_same_tokenizer, make_policy, make_stage
+from pyramid_core.errors import ConfigError
+from pyramid_core.options import ExecutionMode
+from pyramid_core.pipeline import Pipeline
+from pyramid_core.plugins import Registries, registries
+from pyramid_core.protocols import Proposer, Stage, tokenizer_of
+from pyramid_core.registry import parse_spec
+from pyramid_core.rng import Rng
+from pyramid_core.types import SamplingConfig
+
+__all__ = ["CHAIN_ENV", "LowerChain", "PyramidProposer", "PROPOSER_CLASS", "build_lower"]
+
+CHAIN_ENV = "PYRAMID_VLLM_CHAIN"
+"""The environment variable that carries the lower chain (``LowerChain.to_json``) to vLLM's workers."""
+
+PROPOSER_CLASS = "pyramid_core.serving.proposer.PyramidProposer"
+"""What vLLM's ``speculative_config["model"]`` names for ``method="custom_class"``."""
+
+TOP_POLICIES = ("exact",)
+"""Pyramid rules that may stand at the target's boundary: inside vLLM that boundary is vLLM's own
+rejection sampler, which is exact."""
+
+
+def _strings(value: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(str(v) for v in value)
+
+
+def _ints(value: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+@attrs.frozen
+class LowerChain:
+    """The stages below the target (specs, smallest first), the policies at the boundaries
+    between them and their block lengths: what every lane of :class:`PyramidProposer` runs.
+    ``max_lanes``: copies of the chain kept at most (one per running request)."""
+
+    stages: tuple[str, ...] = attrs.field(converter=_strings)
+    policies: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    block_lengths: tuple[int, ...] = attrs.field(default=(), converter=_ints)
+    device: str | None = None
+    dtype: str | None = None
+    compile: str | None = None
+    max_lanes: int = 64
+
+    def __attrs_post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("the lower chain needs at least one stage below the target")
+        n = len(self.stages)
+        if len(self.policies) != n - 1 or len(self.block_lengths) != n - 1:
+            raise ConfigError(f"the lower chain's {n} stages need {n - 1} policies and {n - 1} block lengths, got "
+                              f"{len(self.policies)} and {len(self.block_lengths)}")
+        if self.max_lanes < 1:
+            raise ConfigError(f"max_lanes must be at least 1, got {self.max_lanes}")
+
+    @classmethod
+    def of(cls, spec: PipelineSpec, *, regs: Registries | None = None,
+           max_lanes: int = 64) -> tuple[LowerChain, str, int]:
+        """(the chain below the target, the target's spec, the top block length) of a pipeline
+        spec, checked without loading anything: every stage a spec string, no token tree (vLLM's
+        custom proposers hand it a list), and an exact rule at the top boundary."""
+        regs = regs or registries()
+        stages, policies, lengths = spec.parts(regs)
+        if len(stages) < 2:
+            raise ConfigError(f"serving through vLLM needs a stage below the target; got only {stages[0]!r}")
+        loaded = [s for s in stages if not isinstance(s, str)]
+        if loaded:
+            raise ConfigError(f"stage {loaded[0]!r} is a loaded object; vLLM's workers build the lower chain "
+                              "in their own processes, from stage specs (strings)")
+        if spec.tree is not None:
+            raise ConfigError(f"tree={spec.tree!r}: vLLM's custom proposers hand it one list of tokens per "
+                              "request, not a token tree; serve a chain")
+        names = [p if isinstance(p, str) else None for p in policies]
+        if any(n is None for n in names):
+            raise ConfigError("vLLM's workers build the policies from their specs (strings), not objects")
+        top = str(names[-1])
+        if parse_spec(top)[0] not in TOP_POLICIES:
+            raise ConfigError(
+                f"policy {top!r} at the target's boundary ({len(stages) - 1} -> {len(stages)}): inside vLLM that "
+                "boundary is verified by vLLM's own rejection sampler, which is exact; pyramid's rules run between "
+                f"the stages below it (use {', '.join(TOP_POLICIES)} at the top, e.g. --policy fsd --policy exact)")
+        return (cls(tuple(stages[:-1]), tuple(names[:-1]), tuple(lengths[:-1]), spec.device, spec.dtype,
+                    None if spec.compile is None else spec.compile.value, max_lanes),
+                str(stages[-1]), int(lengths[-1]))
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> LowerChain:
+        try:
+            fields = json.loads(text)
+            return cls(**fields)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{CHAIN_ENV} does not hold a lower chain ({e}): {text[:200]!r}") from e
+
+    @classmethod
+    def from_env(cls) -> LowerChain:
+        text = os.environ.get(CHAIN_ENV)
+        if not text:
+            raise ConfigError(f"{PROPOSER_CLASS} needs the lower chain in ${CHAIN_ENV} (pyramid serve sets it; "
+                              "or export LowerChain(...).to_json() before starting vLLM)")
+        return cls.from_json(text)
+
+
+def build_lower(chain: LowerChain, vocab_size: int, *, regs: Registries | None = None) -> Proposer:
+    """One copy of the lower chain as a proposer of greedy blocks: its model stages built anew
+    (stages of one model directory share its weights), the policies between them, stopping at
+    the end-of-sequence token of the chain's top stage. Every stage must agree with the
+    target's vocabulary size ``vocab_size``."""
+    regs = regs or registries()
+    mode = None if chain.compile is None else ExecutionMode.parse(chain.compile)
+    stages = [make_stage(s, regs=regs, vocab_size=vocab_size, device=chain.device, dtype=chain.dtype, compile=mode)
+              for s in chain.stages]
+    for spec, stage in zip(chain.stages, stages, strict=True):
+        size = getattr(stage, "vocab_size", None)
+        if size is not None and int(size) != vocab_size:
+            raise ConfigError(f"stage {spec!r} has a vocabulary of {int(size)} tokens; vLLM's target has {vocab_size}")
+    if len(stages) == 1 and not isinstance(stages[0], Stage):
+        return stages[0]  # a model-free proposer (ngram) drafts by itself
+    check_same_tokenizer(stages)
+    eos = getattr(tokenizer_of(stages[-1]), "eos_token_id", None)
+    policies = [make_policy(p, regs=regs) for p in chain.policies]
+    pipe = Pipeline(stages, policies, chain.block_lengths, SamplingConfig.greedy(), () if eos is None else (int(eos),),
+                    policy_names=[repr(p) for p in chain.policies])
+    return pipe.build()[0]
+
+
+def _extends(seen: np.ndarray, context: np.ndarray) -> bool:
+    n = len(seen)
+    return n <= len(context) and bool(np.array_equal(context[:n], seen))
+
+
+@attrs.define(eq=False)
+class Lane:
+    """One copy of the lower chain and the context it last drafted after."""
+
+    proposer: Proposer
+    seen: np.ndarray = attrs.field(factory=lambda: np.zeros(0, dtype=np.int64))
+    used_at: int = 0
+
+
+@attrs.define(eq=False)
+class Lanes:
+    """Lanes for the rows of vLLM's batch (see the module's docstring), at most ``capacity``."""
+
+    make: Callable[[], Proposer]
+    capacity: int
+    lanes: list[Lane] = attrs.field(factory=list)
+    by_row: dict[int, Lane] = attrs.field(factory=dict)
+    clock: int = 0
+    switches: int = 0  # rows that did not find their own lane
+
+    def take(self, row: int, context: np.ndarray, busy: set[int]) -> Lane:
+        """The lane for ``row`` this step (``busy``: ids of lanes taken this step)."""
+        self.clock += 1
+        lane = self.by_row.get(row)
+        if lane is None or id(lane) in busy or not _extends(lane.seen, context):
+            lane = next((la for la in self.lanes if id(la) not in busy and _extends(la.seen, context)), None)
+            if lane is None:
+                self.switches += 1
+                if len(self.lanes) < self.capacity:
+                    lane = Lane(self.make())
+                    self.lanes.append(lane)
+                else:
+                    free = [la for la in self.lanes if id(la) not in busy]
+                    if not free:
+                        raise ConfigError(f"more rows in one step than the proposer's {self.capacity} lanes "
+                                          "(raise max_lanes to vLLM's --max-num-seqs)")
+                    lane = min(free, key=lambda la: la.used_at)
+        busy.add(id(lane))
+        lane.used_at = self.clock
+        self.by_row[row] = lane
+        return lane
+
+
+class PyramidProposer:
+    """vLLM's ``custom_class`` proposer running a pyramid lower chain (module docstring).
+
+    ``PyramidProposer(vllm_config)`` is what vLLM calls; :meth:`for_chain` builds one without
+    vLLM (tests, other engines)."""
+
+    def __init__(self, vllm_config: Any) -> None:
+        spec = vllm_config.speculative_config
+        model = vllm_config.model_config
+        max_seqs = int(getattr(vllm_config.scheduler_config, "max_num_seqs", 0) or 0)
+        chain = LowerChain.from_env()
+        self._setup(chain, int(spec.num_speculative_tokens), int(model.get_vocab_size()), int(model.max_model_len),
+                    max_seqs)
+
+    @classmethod
+    def for_chain(cls, chain: LowerChain, *, num_speculative_tokens: int, vocab_size: int, max_model_len: int,
+                  max_num_seqs: int = 0, regs: Registries | None = None) -> PyramidProposer:
+        self = cls.__new__(cls)
+        self._setup(chain, num_speculative_tokens, vocab_size, max_model_len, max_num_seqs, regs)
+        return self
+
+    def _setup(self, chain: LowerChain, k: int, vocab_size: int, max_model_len: int, max_num_seqs: int,
+               regs: Registries | None = None) -> None:
+        if k < 1:
+            raise ConfigError(f"num_speculative_tokens must be at least 1, got {k}")
+        self.chain = chain
+        self.k = k
+        self.max_model_len = max_model_len
+        capacity = min(chain.max_lanes, max_num_seqs) if max_num_seqs > 0 else chain.max_lanes
+        first = build_lower(chain, vocab_size, regs=regs)  # errors surface when vLLM builds the proposer
+        made = [first]
+
+        def make() -> Proposer:
+            return made.pop() if made else build_lower(chain, vocab_size, regs=regs)
+
+        self.lanes = Lanes(make, max(1, capacity))
+        self.rng = Rng(0)
+        self.calls = 0
+        self.drafted = 0
+        self.seconds = 0.0
+
+    def propose(self, sampled_token_ids: Sequence[Sequence[int]], num_tokens_no_spec: np.ndarray,
+                token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
+        """Up to ``k`` draft tokens for each row of vLLM's batch: ``[]`` for a row that sampled
+        nothing this step (a prefill chunk) or has no room left; the row's context is
+        ``token_ids_cpu[i, :num_tokens_no_spec[i]]``."""
+        t0 = time.perf_counter()
+        out: list[list[int]] = []
+        busy: set[int] = set()
+        for i, sampled in enumerate(sampled_token_ids):
+            n = int(num_tokens_no_spec[i])
+            room = min(self.k, self.max_model_len - n - 1)
+            if not len(sampled) or room < 1:
+                out.append([])
+                continue
+            context = np.asarray(token_ids_cpu[i, :n], dtype=np.int64)
+            lane = self.lanes.take(i, context, busy)
+            block = lane.proposer.propose(torch.from_numpy(context.copy()), room, self.rng)
+            lane.seen = context.copy()
+            tokens = [int(t) for t in block.tokens.tolist()[:room]]
+            self.drafted += len(tokens)
+            out.append(tokens)
+        self.calls += 1
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        """vLLM's hook for proposers with their own model: the lower chain is built already."""
+
+    def stats(self) -> dict[str, float]:
+        """Calls, draft tokens, seconds in the lower chain, lanes made and rows that changed lane."""
+        return {"calls": self.calls, "drafted": self.drafted, "seconds": round(self.seconds, 3),
+                "lanes": len(self.lanes.lanes), "switches": self.lanes.switches}

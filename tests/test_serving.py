@@ -1,0 +1,254 @@
+"""The lower chain as vLLM's proposer (pyramid_core.serving.proposer), driven here the way vLLM's
+model runner drives a ``custom_class`` proposer -- rows of a batch, a token table, contexts that
+grow by what was accepted -- with a greedy verifier standing in for vLLM's rejection sampler.
+vLLM itself runs these in ``nox -s vllm`` (tests/vllm/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pyramid_core import ConfigError
+from pyramid_core.backends.hf.tiny import save_with_words
+from pyramid_core.build import PipelineSpec
+from pyramid_core.rng import Rng
+from pyramid_core.serving.proposer import CHAIN_ENV, LowerChain, PyramidProposer, build_lower
+
+VOCAB = 64
+K = 4
+
+
+@pytest.fixture(scope="module")
+def dirs(tiny_models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serving")
+    return {name: save_with_words(tiny_models[name], root / name) for name in ("target", "near", "far")}
+
+
+def chain_of(dirs: dict[str, Path], *, three: bool = True) -> LowerChain:
+    stages = ([f"hf:path={dirs['near']},num_layers=1", f"hf:path={dirs['near']}"] if three
+              else [f"hf:path={dirs['near']}"])
+    spec = PipelineSpec(stages=[*stages, f"hf:path={dirs['target']}"], policies=["exact"] * len(stages),
+                        block_lengths=[2, K] if three else [K])
+    return LowerChain.of(spec)[0]
+
+
+def test_the_lower_chain_of_a_spec(dirs: dict[str, Path]) -> None:
+    spec = PipelineSpec(stages=["ngram", f"hf:path={dirs['near']}", f"hf:path={dirs['target']}"],
+                        policies=["fsd:threshold=0.3", "exact"], block_lengths=[3, 6], dtype="float32")
+    chain, target, k = LowerChain.of(spec, max_lanes=8)
+    assert chain.stages == ("ngram", f"hf:path={dirs['near']}") and chain.policies == ("fsd:threshold=0.3",)
+    assert chain.block_lengths == (3,) and chain.dtype == "float32" and chain.max_lanes == 8
+    assert (target, k) == (f"hf:path={dirs['target']}", 6)
+    assert LowerChain.from_json(chain.to_json()) == chain
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (PipelineSpec(stages=["ngram", "hf:path=/t"], policies=["fsd:threshold=0.3"]), "vLLM's own rejection sampler"),
+    (PipelineSpec(stages=["hf:path=/t"]), "needs a stage below the target"),
+    (PipelineSpec(stages=["hf:path=/d", "hf:path=/t"], tree="tree:branching=2"), "not a token tree"),
+])
+def test_what_cannot_run_inside_vllm_is_refused_before_loading(spec: PipelineSpec, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        LowerChain.of(spec)
+
+
+def test_the_chain_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CHAIN_ENV, raising=False)
+    with pytest.raises(ConfigError, match=CHAIN_ENV):
+        LowerChain.from_env()
+    monkeypatch.setenv(CHAIN_ENV, "{not json")
+    with pytest.raises(ConfigError, match="does not hold a lower chain"):
+        LowerChain.from_env()
+    monkeypatch.setenv(CHAIN_ENV, LowerChain(("ngram",)).to_json())
+    assert LowerChain.from_env().stages == ("ngram",)
+    with pytest.raises(ConfigError, match="2 stages need 1 policies"):
+        LowerChain(("ngram", "hf:path=/d"))
+
+
+def test_a_stage_with_another_vocabulary_is_named(dirs: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match=r"stage 'hf:path=.*near' has a vocabulary of 64 tokens; vLLM's target has 65"):
+        build_lower(chain_of(dirs, three=False), VOCAB + 1)
+
+
+class FakeRunner:
+    """vLLM's side of a ``custom_class`` proposer: a token table with one row per running request,
+    ``num_tokens_no_spec`` per row, rows that sampled nothing while their prompt is prefilled,
+    and rows that move when a request finishes; verification keeps the target's argmax."""
+
+    def __init__(self, target: Any, prompts: list[list[int]], new_tokens: int, max_len: int = 96) -> None:
+        self.target = target
+        self.requests = [list(p) for p in prompts]
+        self.left = [new_tokens] * len(prompts)
+        self.prompt_len = [len(p) for p in prompts]
+        self.max_len = max_len
+        self.forwards = 0
+
+    @torch.inference_mode()
+    def argmax_after(self, tokens: list[int]) -> list[int]:
+        self.forwards += 1
+        return self.target(torch.tensor([tokens])).logits[0, :, :VOCAB].argmax(-1).tolist()
+
+    def run(self, proposer: PyramidProposer, *, reverse_rows: bool = False) -> list[list[int]]:
+        live = list(range(len(self.requests)))
+        fresh = set(live)  # requests whose prompt was just prefilled: they sampled nothing yet
+        while live:
+            order = live[::-1] if reverse_rows and len(live) % 2 else live  # rows move between steps
+            table = np.zeros((len(order), self.max_len), dtype=np.int32)
+            counts = np.zeros(len(order), dtype=np.int32)
+            for row, r in enumerate(order):
+                table[row, : len(self.requests[r])] = self.requests[r]
+                counts[row] = len(self.requests[r])
+            sampled = [[] if r in fresh else [self.requests[r][-1]] for r in order]
+            drafts = proposer.propose(sampled, counts, table)
+            assert len(drafts) == len(order)
+            for row, r in enumerate(order):
+                seq = self.requests[r]
+                if r in fresh:
+                    assert drafts[row] == []
+                    seq.append(self.argmax_after(seq)[-1])
+                    self.left[r] -= 1
+                    continue
+                block = drafts[row][: self.left[r] - 1]
+                best = self.argmax_after(seq + block)[len(seq) - 1:]
+                accepted = next((j for j, t in enumerate(block) if t != best[j]), len(block))
+                emitted = [*block[:accepted], best[accepted]][: self.left[r]]
+                seq += emitted
+                self.left[r] -= len(emitted)
+            fresh = set()
+            live = [r for r in live if self.left[r] > 0]
+        return [seq[n:] for seq, n in zip(self.requests, self.prompt_len, strict=True)]
+
+
+@torch.inference_mode()
+def plain_greedy(target: Any, prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(target(torch.tensor([seq])).logits[0, -1, :VOCAB].argmax()))
+    return seq[len(prompt):]
+
+
+PROMPTS = [[3, 5, 7, 9], [3, 5, 7, 11, 2], [40, 41, 3, 5, 7, 9, 12], [1, 2, 1, 2, 1, 2], [63, 0, 17]]
+
+
+@pytest.mark.parametrize("three", [True, False], ids=["draft-qualifier", "draft"])
+def test_served_greedy_output_is_the_targets(tiny_models: dict[str, Any], dirs: dict[str, Path], three: bool) -> None:
+    proposer = PyramidProposer.for_chain(chain_of(dirs, three=three), num_speculative_tokens=K, vocab_size=VOCAB,
+                                         max_model_len=96)
+    runner = FakeRunner(tiny_models["target"], PROMPTS, new_tokens=20)
+    out = runner.run(proposer, reverse_rows=True)
+    for prompt, got in zip(PROMPTS, out, strict=True):
+        assert got == plain_greedy(tiny_models["target"], prompt, 20)
+    # the near draft is often right: fewer target forwards than tokens
+    assert runner.forwards < 20 * len(PROMPTS)
+    stats = proposer.stats()
+    assert stats["lanes"] == len(PROMPTS) and stats["drafted"] > 0
+    # moved rows found their own lanes again: a lane was chosen afresh only on a request's first draft
+    assert stats["switches"] == len(PROMPTS)
+
+
+def test_each_block_is_what_a_fresh_chain_drafts_for_that_context(dirs: dict[str, Path]) -> None:
+    chain = chain_of(dirs)
+    proposer = PyramidProposer.for_chain(chain, num_speculative_tokens=K, vocab_size=VOCAB, max_model_len=96,
+                                         max_num_seqs=2)
+    assert proposer.lanes.capacity == 2
+    contexts = [[3, 5, 7, 9], [40, 41, 3], [3, 5, 7, 9, 1, 1], [40, 41, 3, 8], [63, 0, 17, 5]]
+    for step in range(len(contexts) - 1):  # two rows a step, contexts that extend, roll back or change
+        rows = [contexts[step], contexts[step + 1]]
+        table = np.zeros((2, 96), dtype=np.int32)
+        for i, c in enumerate(rows):
+            table[i, : len(c)] = c
+        drafts = proposer.propose([[c[-1]] for c in rows], np.array([len(c) for c in rows]), table)
+        for c, d in zip(rows, drafts, strict=True):
+            fresh = build_lower(chain, VOCAB).propose(torch.tensor(c), K, Rng(0)).tokens.tolist()
+            assert d == fresh and len(d) == K
+    assert proposer.stats()["lanes"] == 2  # the cap: the least recently used lane was reused
+
+
+def test_rows_without_room_or_without_a_sampled_token_get_no_draft(dirs: dict[str, Path]) -> None:
+    proposer = PyramidProposer.for_chain(LowerChain(("ngram",)), num_speculative_tokens=K, vocab_size=VOCAB,
+                                         max_model_len=12)
+    table = np.zeros((3, 12), dtype=np.int32)
+    table[:, :10] = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1]
+    drafts = proposer.propose([[1], [], [1]], np.array([10, 10, 11]), table)
+    assert drafts[1] == [] and drafts[2] == []
+    assert drafts[0] == [2]  # one position left before max_model_len - 1
+
+
+def test_more_rows_than_lanes_is_a_clear_error() -> None:
+    proposer = PyramidProposer.for_chain(LowerChain(("ngram",), max_lanes=1), num_speculative_tokens=K,
+                                         vocab_size=VOCAB, max_model_len=32)
+    table = np.ones((2, 32), dtype=np.int32)
+    with pytest.raises(ConfigError, match="more rows in one step than the proposer's 1 lanes"):
+        proposer.propose([[1], [1]], np.array([5, 6]), table)
+
+
+def fake_python(tmp_path: Path, status: int = 0) -> Path:
+    """An interpreter standing in for vLLM's: it records its arguments and the lower chain it was
+    handed, and exits with ``status``."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/argv\nprintf '%s' \"${CHAIN_ENV}\" > {tmp_path}/chain\n"
+                    f"exit {status}\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def serve_argv(dirs: dict[str, Path], python: Path) -> list[str]:
+    return ["serve", "--stage", "ngram", "--stage", f"hf:path={dirs['near']}", "--stage", f"hf:path={dirs['target']}",
+            "--policy", "fsd:threshold=0.3", "--policy", "exact", "--length", "3", "--length", "5",
+            "--vllm-python", str(python), "--dtype", "float32", "--max-num-seqs", "8", "--port", "0"]
+
+
+def test_serve_starts_vllm_with_the_lower_chain(dirs: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from pyramid_core.cli import main
+
+    assert main([*serve_argv(dirs, fake_python(tmp_path)), "--", "--enforce-eager"]) == 0
+    assert "proposer: ngram -> hf:path=" in capsys.readouterr().out
+    argv = (tmp_path / "argv").read_text().split("\n")
+    assert argv[:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(dirs["target"])]
+    speculative = json.loads(argv[argv.index("--speculative-config") + 1])
+    assert speculative == {"method": "custom_class", "model": "pyramid_core.serving.proposer.PyramidProposer",
+                           "num_speculative_tokens": 5}
+    assert argv[argv.index("--dtype") + 1] == "float32" and argv[argv.index("--max-num-seqs") + 1] == "8"
+    assert "--enforce-eager" in argv
+    chain = LowerChain.from_json((tmp_path / "chain").read_text())
+    assert chain == LowerChain(("ngram", f"hf:path={dirs['near']}"), ("fsd:threshold=0.3",), (3,), "cpu", "float32",
+                               None, 8)
+
+
+def test_serve_prints_its_command(dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pyramid_core.cli import main
+
+    assert main([*serve_argv(dirs, tmp_path / "python"), "--print-command"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{CHAIN_ENV}='") and "custom_class" in out and not (tmp_path / "argv").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"--stage": "hf:path=/nowhere/target"}, "not a Hugging Face model directory"),
+    ({"--policy": "fsd:threshold=0.2"}, "vLLM's own rejection sampler"),
+    ({"--vllm-python": ""}, "--vllm-python PATH"),
+])
+def test_serve_names_what_is_wrong(dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   change: dict[str, str], message: str) -> None:
+    from pyramid_core.cli import main
+
+    argv = serve_argv(dirs, fake_python(tmp_path))
+    for flag, value in change.items():
+        argv[len(argv) - 1 - argv[::-1].index(flag) + 1] = value  # the flag's last occurrence
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_server_that_fails_is_an_error(dirs: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from pyramid_core.cli import main
+
+    assert main([*serve_argv(dirs, fake_python(tmp_path, status=4)), "--log", str(tmp_path / "log")]) == 2
+    assert f"exited with status 4; see {tmp_path / 'log'}" in capsys.readouterr().err
