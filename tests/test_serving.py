@@ -39,15 +39,18 @@ def chain_of(dirs: dict[str, Path], *, three: bool = True) -> LowerChain:
 def test_the_lower_chain_of_a_spec(dirs: dict[str, Path]) -> None:
     spec = PipelineSpec(stages=["ngram", f"hf:path={dirs['near']}", f"hf:path={dirs['target']}"],
                         policies=["fsd:threshold=0.3", "exact"], block_lengths=[3, 6], dtype="float32")
-    chain, target, k = LowerChain.of(spec, max_lanes=8)
+    chain, target, k, method = LowerChain.of(spec, max_lanes=8)
     assert chain.stages == ("ngram", f"hf:path={dirs['near']}") and chain.policies == ("fsd:threshold=0.3",)
     assert chain.block_lengths == (3,) and chain.dtype == "float32" and chain.max_lanes == 8
-    assert (target, k) == (f"hf:path={dirs['target']}", 6)
+    assert (target, k, method) == (f"hf:path={dirs['target']}", 6, "standard")
+    block = PipelineSpec(stages=["ngram", f"hf:path={dirs['target']}"], policies=["block"])
+    assert LowerChain.of(block)[3] == "block"  # vLLM's block verification
     assert LowerChain.from_json(chain.to_json()) == chain
 
 
 @pytest.mark.parametrize(("spec", "message"), [
     (PipelineSpec(stages=["ngram", "hf:path=/t"], policies=["fsd:threshold=0.3"]), "vLLM's own rejection sampler"),
+    (PipelineSpec(stages=["ngram", "hf:path=/t"], policies=["exact:tol=1"]), "use exact or block at the top"),
     (PipelineSpec(stages=["hf:path=/t"]), "needs a stage below the target"),
     (PipelineSpec(stages=["hf:path=/d", "hf:path=/t"], tree="tree:branching=2"), "not a token tree"),
 ])
@@ -214,7 +217,7 @@ def test_serve_starts_vllm_with_the_lower_chain(dirs: dict[str, Path], tmp_path:
     assert argv[:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(dirs["target"])]
     speculative = json.loads(argv[argv.index("--speculative-config") + 1])
     assert speculative == {"method": "custom_class", "model": "pyramid_core.serving.proposer.PyramidProposer",
-                           "num_speculative_tokens": 5}
+                           "num_speculative_tokens": 5, "rejection_sample_method": "standard"}
     assert argv[argv.index("--dtype") + 1] == "float32" and argv[argv.index("--max-num-seqs") + 1] == "8"
     assert "--enforce-eager" in argv
     chain = LowerChain.from_json((tmp_path / "chain").read_text())

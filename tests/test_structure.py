@@ -285,7 +285,7 @@ def test_metrics_pool_sums_every_counter() -> None:
 LAYERS = {  # a module may import its own layer and the layers below (lower number)
     "core": 0, "backends": 1, "plugins": 2, "tools": 3, "cli": 4,
 }
-TOOLS = {"lab", "testing"}
+TOOLS = {"lab", "serving", "testing"}
 
 
 def _layer(module: str) -> str:

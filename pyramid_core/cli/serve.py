@@ -78,13 +78,14 @@ def run(ns: argparse.Namespace) -> int:
     dtype = dtype_word(resolve_dtype(ns.dtype, ns.device))
     ns.compile = None
     spec = pipeline_spec(ns, ns.stage, default_length=4, device=ns.device)
-    chain, target, k = LowerChain.of(spec, max_lanes=ns.max_num_seqs)
+    chain, target, k, method = LowerChain.of(spec, max_lanes=ns.max_num_seqs)
     chain = LowerChain(chain.stages, chain.policies, chain.block_lengths, ns.device, dtype, None, chain.max_lanes)
     model_dir = target_dir(target)
     if not ns.vllm_python:
         raise ConfigError("--vllm-python PATH (or $PYRAMID_VLLM_PYTHON) is needed: the Python of an environment with "
                           "vLLM and pyramid-core (docs/serving.md says how to make one)")
-    speculative = {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": k}
+    speculative = {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": k,
+                   "rejection_sample_method": method}
     args = ["--speculative-config", json.dumps(speculative)]
     if ns.max_model_len:
         args += ["--max-model-len", str(ns.max_model_len)]

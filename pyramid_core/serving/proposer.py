@@ -52,9 +52,10 @@ CHAIN_ENV = "PYRAMID_VLLM_CHAIN"
 PROPOSER_CLASS = "pyramid_core.serving.proposer.PyramidProposer"
 """What vLLM's ``speculative_config["model"]`` names for ``method="custom_class"``."""
 
-TOP_POLICIES = ("exact",)
-"""Pyramid rules that may stand at the target's boundary: inside vLLM that boundary is vLLM's own
-rejection sampler, which is exact."""
+TOP_POLICIES = {"exact": "standard", "block": "block"}
+"""Pyramid rules that may stand at the target's boundary, and vLLM's ``rejection_sample_method``
+that runs each there: inside vLLM that boundary is vLLM's own rejection sampler (token-wise
+rejection sampling, or Sun et al.'s block verification); vLLM has no registry for other rules."""
 
 
 def _strings(value: Sequence[Any]) -> tuple[str, ...]:
@@ -91,10 +92,11 @@ class LowerChain:
 
     @classmethod
     def of(cls, spec: PipelineSpec, *, regs: Registries | None = None,
-           max_lanes: int = 64) -> tuple[LowerChain, str, int]:
-        """(the chain below the target, the target's spec, the top block length) of a pipeline
-        spec, checked without loading anything: every stage a spec string, no token tree (vLLM's
-        custom proposers hand it a list), and an exact rule at the top boundary."""
+           max_lanes: int = 64) -> tuple[LowerChain, str, int, str]:
+        """(the chain below the target, the target's spec, the top block length, vLLM's
+        rejection method for the top rule) of a pipeline spec, checked without loading anything:
+        every stage a spec string, no token tree (vLLM's custom proposers hand it a list), and a
+        rule vLLM runs (``TOP_POLICIES``) at the top boundary."""
         regs = regs or registries()
         stages, policies, lengths = spec.parts(regs)
         if len(stages) < 2:
@@ -110,14 +112,16 @@ class LowerChain:
         if any(n is None for n in names):
             raise ConfigError("vLLM's workers build the policies from their specs (strings), not objects")
         top = str(names[-1])
-        if parse_spec(top)[0] not in TOP_POLICIES:
+        top_name, top_params = parse_spec(top)
+        if top_name not in TOP_POLICIES or top_params:
             raise ConfigError(
                 f"policy {top!r} at the target's boundary ({len(stages) - 1} -> {len(stages)}): inside vLLM that "
-                "boundary is verified by vLLM's own rejection sampler, which is exact; pyramid's rules run between "
-                f"the stages below it (use {', '.join(TOP_POLICIES)} at the top, e.g. --policy fsd --policy exact)")
+                "boundary is verified by vLLM's own rejection sampler (exact: standard or block verification); "
+                f"pyramid's rules run between the stages below it (use {' or '.join(TOP_POLICIES)} at the top, "
+                "e.g. --policy fsd --policy exact)")
         return (cls(tuple(stages[:-1]), tuple(names[:-1]), tuple(lengths[:-1]), spec.device, spec.dtype,
                     None if spec.compile is None else spec.compile.value, max_lanes),
-                str(stages[-1]), int(lengths[-1]))
+                str(stages[-1]), int(lengths[-1]), TOP_POLICIES[top_name])
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self))

@@ -1,0 +1,140 @@
+"""Bench inside vLLM: plain decoding, vLLM's ngram proposer and a pyramid lower chain as its
+proposer, on the same prompts at several concurrencies, greedy; tokens/s, vLLM's own accept
+length, and whether every request's output equals vLLM plain's. Run it with the Python of the
+environment that has vLLM (``nox -s vllm`` does)::
+
+    python -m pyramid_core.serving.bench --out out/vllm-bench --concurrency 1 8 32
+
+One engine per method (each loads and warms up once); at concurrency c the prompts go in
+batches of c requests. Guarded by ``__main__``: vLLM's worker processes re-import the module."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pyramid_core.serving.proposer import CHAIN_ENV, PROPOSER_CLASS, LowerChain
+
+__all__ = ["main"]
+
+PROMPTS = [
+    "List three uses of a paperclip.",
+    "Write a Python function that reverses a string.",
+    "What is the capital of France? Explain briefly.",
+    "Summarise the water cycle in two sentences.",
+    "Translate 'good morning, how are you?' into French and Spanish.",
+    "Give a step-by-step recipe for scrambled eggs.",
+    "Explain what a hash table is to a beginner.",
+    "Write a haiku about autumn rain.",
+]
+
+
+def _counters(llm: Any) -> dict[str, float]:
+    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens)."""
+    out: dict[str, float] = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode_num_") and getattr(m, "value", None) is not None:
+            out[m.name.removeprefix("vllm:spec_decode_")] = float(m.value)
+    return out
+
+
+def run_method(name: str, model: str, dtype: str, prompts: list[str], tokens: int, concurrency: list[int],
+               speculative: dict[str, Any] | None, memory: float) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model, dtype=dtype, gpu_memory_utilization=memory, max_model_len=2048, seed=0,
+              disable_log_stats=False, max_num_seqs=max(concurrency), speculative_config=speculative)
+    load = time.perf_counter() - t0
+    tok = llm.get_tokenizer()
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=False)
+    llm.generate(texts[:2], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm
+    rows = {}
+    for c in concurrency:
+        before = _counters(llm)
+        outputs: list[list[int]] = []
+        t0 = time.perf_counter()
+        for i in range(0, len(texts), c):
+            outputs += [list(o.outputs[0].token_ids) for o in llm.generate(texts[i: i + c], params, use_tqdm=False)]
+        seconds = time.perf_counter() - t0
+        after = _counters(llm)
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        drafts = delta.get("num_drafts", 0.0)
+        rows[str(c)] = {"seconds": seconds, "tokens": sum(len(o) for o in outputs),
+                        "tokens_per_s": sum(len(o) for o in outputs) / seconds,
+                        "accept_length": 1 + delta.get("num_accepted_tokens", 0.0) / drafts if drafts else None,
+                        "outputs": outputs}
+    del llm
+    gc.collect()
+    return {"method": name, "load_s": load, "by_concurrency": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pyramid_core.serving.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="the target's directory (default: SmolLM2-135M of `pyramid setup`)")
+    p.add_argument("--stage", action="append", default=None,
+                   help="the pyramid lower chain's stages, smallest first (default: smollm2:stage=draft)")
+    p.add_argument("--policy", action="append", default=[], help="policies between the lower stages")
+    p.add_argument("--length", action="append", type=int, default=[], help="block lengths between the lower stages")
+    p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=len(PROMPTS))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--methods", nargs="+", default=["plain", "ngram", "pyramid"])
+    p.add_argument("--memory-fraction", type=float, default=0.3)
+    p.add_argument("--out", type=Path, default=Path("out/vllm-bench"))
+    ns = p.parse_args(argv)
+    if ns.model is None:
+        from pyramid_core.backends.hf.files import smollm2_dir
+
+        ns.model = str(smollm2_dir())
+    stages = ns.stage or ["smollm2:stage=draft"]
+    chain = LowerChain(tuple(stages), tuple(ns.policy), tuple(ns.length), "cpu", ns.dtype)
+    os.environ[CHAIN_ENV] = chain.to_json()
+    prompts = [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" (variant {i // len(PROMPTS)})")
+               for i in range(ns.prompts)]
+    k = ns.num_speculative_tokens
+    configs: dict[str, dict[str, Any] | None] = {
+        "plain": None,
+        "ngram": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2},
+        "pyramid": {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": k},
+    }
+    results = [run_method(m, ns.model, ns.dtype, prompts, ns.tokens, ns.concurrency, configs[m], ns.memory_fraction)
+               for m in ns.methods]
+    plain = next((r for r in results if r["method"] == "plain"), None)
+    lines = ["| method | concurrency | tokens/s | × plain | accept length | identical to plain |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        for c, row in r["by_concurrency"].items():
+            base = plain["by_concurrency"][c] if plain else None
+            same = "—" if base is None else sum(a == b for a, b in zip(row["outputs"], base["outputs"], strict=True))
+            ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "—"
+            acc = f"{row['accept_length']:.2f}" if row["accept_length"] else "—"
+            n = len(row["outputs"])
+            lines.append(f"| {r['method']} | {c} | {row['tokens_per_s']:.1f} | {ratio} | {acc} | "
+                         f"{same if same == '—' else f'{same}/{n}'} |")
+    table = "\n".join(lines)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    (ns.out / "vllm-bench.json").write_text(json.dumps({"chain": json.loads(chain.to_json()), "k": k,
+                                                        "dtype": ns.dtype, "tokens": ns.tokens, "results": results},
+                                                       indent=1) + "\n")
+    (ns.out / "vllm-bench.md").write_text(table + "\n")
+    print(table)
+    mismatched = [(r["method"], c) for r in results if plain for c, row in r["by_concurrency"].items()
+                  if row["outputs"] != plain["by_concurrency"][c]["outputs"]]
+    if mismatched:
+        print(f"greedy outputs differ from vLLM plain: {mismatched}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

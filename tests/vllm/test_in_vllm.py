@@ -1,0 +1,63 @@
+"""pyramid inside vLLM itself (``nox -s vllm``: an environment with vLLM's build for this machine
+and pyramid-core). The README's test command does not collect this folder: vLLM is not one of
+pyramid's dependencies (tests/conftest.py ignores it where vLLM is not installed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def test_a_pyramid_chain_as_vllms_proposer_keeps_vllms_greedy_output(tmp_path: Path) -> None:
+    """draft -> qualifier (a lossy rule between them) below SmolLM2: every request's greedy output
+    equals vLLM plain's at concurrency 1 and 4, and vLLM accepts drafted tokens."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "pyramid_core.serving.bench", "--out", str(out), "--prompts", "4", "--tokens", "32",
+           "--concurrency", "1", "4", "--methods", "plain", "pyramid", "--stage", "smollm2:stage=draft",
+           "--stage", "smollm2:stage=qualifier", "--policy", "fsd:threshold=0.3", "--length", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "vllm-bench.json").read_text())
+    pyramid = next(r for r in result["results"] if r["method"] == "pyramid")
+    for row in pyramid["by_concurrency"].values():
+        assert row["accept_length"] is not None and row["accept_length"] > 1.0
+    assert "| pyramid | 4 |" in (out / "vllm-bench.md").read_text()
+
+
+def test_pyramid_serve_answers_openai_requests(tmp_path: Path) -> None:
+    log = tmp_path / "vllm.log"
+    cmd = [sys.executable, "-m", "pyramid_core.cli", "serve", "--stage", "smollm2:stage=draft", "--stage", "smollm2",
+           "--vllm-python", sys.executable, "--port", "0", "--dtype", "float32", "--max-num-seqs", "4",
+           "--log", str(log)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        url = re.search(r"at (http://\S+)/v1", line)
+        assert url, line
+        deadline = time.monotonic() + 900
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url.group(1) + "/health", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(2)
+        body = json.dumps({"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 16,
+                           "temperature": 0}).encode()
+        request = urllib.request.Request(url.group(1) + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            answer = json.loads(response.read())
+        assert answer["choices"][0]["text"].strip()
+        assert "Loaded custom proposer class 'pyramid_core.serving.proposer.PyramidProposer'" in log.read_text()
+    finally:
+        os.killpg(proc.pid, 2)
+        proc.wait(timeout=120)
+    assert proc.returncode == 130  # Ctrl-C: the server stopped with it
