@@ -218,7 +218,7 @@ VLLM_TRANSFORMERS = "transformers>=5.16.1,<5.20"
 def vllm(session: nox.Session) -> None:
     """pyramid inside vLLM (docs/serving.md): an environment made from scratch with vLLM (not in
     the default sessions: it downloads ~3.5 GB), pyramid-core and the family installed into it
-    without changing vLLM's torch, then tests/vllm/ -- a pyramid chain as vLLM's proposer,
+    without changing vLLM's torch, then tests/in_vllm/ -- a pyramid chain as vLLM's proposer,
     greedy outputs identical to vLLM plain, `pyramid serve` answering an OpenAI request -- and the
     engine bench at concurrency 1 / 8 / 32 (out/vllm-bench)."""
     session.install(VLLM_PACKAGE, VLLM_TRANSFORMERS)
@@ -227,5 +227,5 @@ def vllm(session: nox.Session) -> None:
     session.install("-e", ".[dev]", "-e", "./family", VLLM_TRANSFORMERS)
     session.run("python", "-c", VERSIONS + "; import vllm; print('vllm', vllm.__version__)")
     session.run("pyramid", "setup", "--quiet")
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/vllm", *session.posargs)
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/in_vllm", *session.posargs)
     session.run("python", "-m", "pyramid_core.serving.bench", "--out", "out/vllm-bench", "--prompts", "32")

@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 
-# tests/vllm/ runs pyramid inside vLLM (``nox -s vllm``); vLLM is no dependency of pyramid, so
+# tests/in_vllm/ runs pyramid inside vLLM (``nox -s vllm``); vLLM is no dependency of pyramid, so
 # the README's test command, in an environment without it, does not collect that folder
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# (a module with a file: a folder named vllm on sys.path would be a namespace package, no vLLM)
+_VLLM = importlib.util.find_spec("vllm")
+collect_ignore = [] if _VLLM is not None and _VLLM.origin is not None else ["in_vllm"]
 
 
 @pytest.fixture(scope="session")

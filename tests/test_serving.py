@@ -1,7 +1,7 @@
 """The lower chain as vLLM's proposer (pyramid_core.serving.proposer), driven here the way vLLM's
 model runner drives a ``custom_class`` proposer -- rows of a batch, a token table, contexts that
 grow by what was accepted -- with a greedy verifier standing in for vLLM's rejection sampler.
-vLLM itself runs these in ``nox -s vllm`` (tests/vllm/)."""
+vLLM itself runs these in ``nox -s vllm`` (tests/in_vllm/)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -127,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                                                         "dtype": ns.dtype, "tokens": ns.tokens, "results": results},
                                                        indent=1) + "\n")
     (ns.out / "vllm-bench.md").write_text(table + "\n")
-    print(table)
+    sys.stdout.write(table + "\n")
     mismatched = [(r["method"], c) for r in results if plain for c, row in r["by_concurrency"].items()
                   if row["outputs"] != plain["by_concurrency"][c]["outputs"]]
     if mismatched:
-        print(f"greedy outputs differ from vLLM plain: {mismatched}")
+        sys.stderr.write(f"greedy outputs differ from vLLM plain: {mismatched}\n")
         return 1
     return 0
 
