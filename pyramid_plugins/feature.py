@@ -4,6 +4,9 @@ hidden states of a stage above it (``pyramid_core.backends.hf.head_stage``;
 
     feature:path=DIR                          a head trained by `pyramid distill feature`
     feature:path=DIR,features_from=target     read the target's features instead of the next stage's
+    feature:path=DIR                          an EAGLE-3 head in the speculators format (vLLM's; its
+                                              target from its config.json)
+    feature:path=DIR,base=TARGET              ... on another copy of its target (a directory or id)
     feature:base=DIR,variant=eagle3,layers=(0,1,-1),depth=1,seed=0
                                               an untrained head on the model in DIR (tests, demos)
     smollm2:stage=feature                     the head shipped with the SmolLM2 family
@@ -23,6 +26,7 @@ import torch
 from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig, is_feature_dir
 from pyramid_core.backends.hf.head_stage import FeatureStage, load_feature_stage
 from pyramid_core.backends.hf.hub import resolve_model_dir
+from pyramid_core.backends.hf.speculators import is_speculators_dir
 from pyramid_core.errors import ConfigError
 from pyramid_core.hookspecs import hookimpl
 from pyramid_core.options import ExecutionMode
@@ -44,17 +48,19 @@ def _layers(text: str) -> tuple[int, ...]:
 def feature_stage(path: str = "", base: str = "", features_from: str = "next", device: str = "cpu",
                   dtype: str = "auto", compile: ExecutionMode = ExecutionMode.EAGER, variant: str = "eagle1", layers: str = "-1",
                   depth: int = 1, sub_vocab: int = 0, seed: int = 0) -> FeatureStage:
-    """A trained head (``path=``) or an untrained one on a Hugging Face model (``base=``)."""
-    if bool(path) == bool(base):
-        raise ConfigError("feature: give path=DIR (a head trained by `pyramid distill feature`) or base=DIR "
-                          "(an untrained head on that model), not both or neither")
+    """A trained head (``path=``; ``base=``: its target, where the head's record is not enough) or
+    an untrained one on a Hugging Face model (``base=`` alone)."""
+    if not path and not base:
+        raise ConfigError("feature: give path=DIR (a head trained by `pyramid distill feature`, or an EAGLE-3 head "
+                          "in the speculators format) or base=DIR (an untrained head on that model)")
     if path:
         directory = resolve_model_dir(path)  # a local directory, or a Hugging Face id
-        if not is_feature_dir(directory):
-            raise ConfigError(f"feature: {path} holds no feature head (no stage.json of format pyramid-feature-stage/1)")
+        if not (is_feature_dir(directory) or is_speculators_dir(directory)):
+            raise ConfigError(f"feature: {path} holds no feature head (no stage.json of format pyramid-feature-stage/1, "
+                              "no speculators config.json)")
         try:
             return load_feature_stage(str(directory), device=device, dtype=dtype, features_from=features_from,
-                                      compile=compile)
+                                      compile=compile, base=base or None)
         except ValueError as exc:
             raise ConfigError(f"feature:path={path}: {exc}") from None
     if sub_vocab:

@@ -7,6 +7,7 @@
     pyramid distill all         the whole recipe, then writes the family's metadata
     pyramid distill feature     trains a feature-level draft (EAGLE family) on the corpus, with
                                 the target's features computed once (``lab.distill.heads``)
+    pyramid distill export      a trained EAGLE-3 head as a speculators checkpoint (vLLM serves it)
 
 Everything defaults to ``$PYRAMID_HOME/distill``; ``--smoke`` shrinks every step, the held-out
 evaluation included, to a run of well under a minute on a CPU (what CI runs). Every folder or file
@@ -24,6 +25,7 @@ from pyramid_core.cli import (
     distill_all,
     distill_corpus,
     distill_eval,
+    distill_export,
     distill_feature,
     distill_train,
 )
@@ -39,11 +41,12 @@ SUBCOMMANDS: tuple[tuple[str, Configure, str], ...] = (
     ("all", distill_all.configure, "the whole recipe: corpus, draft, qualifier, evaluation, family folder"),
     ("feature", distill_feature.configure,
      "train a feature-level draft (EAGLE family) that reads the target's hidden states"),
+    ("export", distill_export.configure, "write a trained EAGLE-3 head as a speculators checkpoint (vLLM's format)"),
 )
 
 
 def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """The ``pyramid distill`` parser (its subcommands corpus | train | eval | all | feature)."""
+    """The ``pyramid distill`` parser (its subcommands corpus | train | eval | all | feature | export)."""
     dsub = p.add_subparsers(dest="distill_command", required=True)
     for name, configure_command, description in SUBCOMMANDS:
         sub = dsub.add_parser(name, help=description)

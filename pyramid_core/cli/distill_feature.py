@@ -34,7 +34,7 @@ def configure(f: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     common_args(f)
     f.add_argument("--variant", choices=("eagle1", "eagle3"), default="eagle1",
                    help="eagle1: the final-normed feature, regressed (default); eagle3: several layers fused")
-    f.add_argument("--layers", help="target layers read (-1 = final-normed; default: eagle1 -1, eagle3 2,14,-1)")
+    f.add_argument("--layers", help="target layers read (-1 = final-normed; default: eagle1 -1; eagle3 1,14,26, the layers vLLM feeds an EAGLE-3 head of a 30-layer target, so the head exports to vLLM)")
     f.add_argument("--depth", type=int, default=1, help="decoder layers in the head (default 1)")
     f.add_argument("--sub-vocab", type=int, default=8192, help="rows of its own sub-vocabulary head; 0 = the target's head")
     f.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
@@ -58,7 +58,7 @@ def _feature_config(ns: argparse.Namespace) -> Any:
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.distill.heads import FeatureTrainConfig
 
-    text = ns.layers or ("-1" if ns.variant == "eagle1" else "2,14,-1")
+    text = ns.layers or ("-1" if ns.variant == "eagle1" else "1,14,26")
     try:
         layers = tuple(int(x) for x in text.split(","))
     except ValueError:

@@ -1,9 +1,12 @@
-"""Bench inside vLLM: plain decoding, vLLM's ngram proposer and a pyramid lower chain as its
-proposer, on the same prompts at several concurrencies, greedy; tokens/s, vLLM's own accept
-length, and whether every request's output equals vLLM plain's. Run it with the Python of the
-environment that has vLLM (``nox -s vllm`` does)::
+"""Bench inside vLLM: plain decoding, vLLM's ngram proposer, a pyramid lower chain as its
+proposer and (``--head DIR``) an EAGLE-3 head exported by ``pyramid distill export`` on vLLM's
+own EAGLE-3 path, on the same prompts at several concurrencies, greedy; tokens/s, vLLM's own
+accept length, and whether every request's output equals vLLM plain's. With ``--head`` it also
+decodes the same prompts with the same head in pyramid (``feature:path=DIR`` -> the target) and
+compares the tokens per target forward of the two. Run it with the Python of the environment
+that has vLLM (``nox -s vllm`` does)::
 
-    python -m pyramid_core.serving.bench --out out/vllm-bench --concurrency 1 8 32
+    python -m pyramid_core.serving.bench --out out/vllm-bench --concurrency 1 8 32 [--head DIR]
 
 One engine per method (each loads and warms up once); at concurrency c the prompts go in
 batches of c requests. Guarded by ``__main__``: vLLM's worker processes re-import the module."""
@@ -77,6 +80,24 @@ def run_method(name: str, model: str, dtype: str, prompts: list[str], tokens: in
     return {"method": name, "load_s": load, "by_concurrency": rows}
 
 
+def pyramid_head_run(head: str, model: str, dtype: str, token_prompts: list[list[int]], tokens: int,
+                     k: int) -> dict[str, Any]:
+    """The same head in pyramid, on the same prompt tokens, greedy: its tokens per target forward
+    (1 + accepted / verifications: vLLM's accept length, counted the same way) and its outputs."""
+    from pyramid_core import build_pipeline
+    from pyramid_core.pipeline import Metrics
+    from pyramid_core.types import SamplingConfig
+
+    pipe = build_pipeline([f"feature:path={head}", f"hf:path={model}"], ["exact"], [k],
+                          sampling=SamplingConfig(temperature=0.0), dtype=dtype)
+    runs = [pipe.generate(ids, tokens, seed=0) for ids in token_prompts]
+    pooled = Metrics.pool([r.metrics for r in runs])
+    top = pooled.boundaries[-1]
+    return {"accept_length": 1 + top.accepted / top.rounds if top.rounds else None,
+            "verifications": top.rounds, "accepted": top.accepted, "tokens_per_s": pooled.new_tokens / pooled.wall_s,
+            "outputs": [r.token_list[len(ids):] for r, ids in zip(runs, token_prompts, strict=True)]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyramid_core.serving.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="the target's directory (default: SmolLM2-135M of `pyramid setup`)")
@@ -89,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--methods", nargs="+", default=["plain", "ngram", "pyramid"])
+    p.add_argument("--head", help="a speculators EAGLE-3 folder (`pyramid distill export`): adds the method head")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="of plain, ngram, pyramid, head (default: all; head with --head)")
     p.add_argument("--memory-fraction", type=float, default=0.3)
     p.add_argument("--out", type=Path, default=Path("out/vllm-bench"))
     ns = p.parse_args(argv)
@@ -107,9 +130,24 @@ def main(argv: list[str] | None = None) -> int:
         "plain": None,
         "ngram": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2},
         "pyramid": {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": k},
+        "head": {"method": "eagle3", "model": ns.head, "num_speculative_tokens": k},
     }
+    methods = ns.methods or ["plain", "ngram", "pyramid"] + (["head"] if ns.head else [])
+    if "head" in methods and not ns.head:
+        p.error("method head needs --head DIR (a folder written by `pyramid distill export`)")
+    if unknown := sorted(set(methods) - set(configs)):
+        p.error(f"unknown methods {unknown}; valid: {', '.join(configs)}")
+    in_pyramid = None
+    if ns.head:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(ns.model)
+        token_prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                                      add_generation_prompt=True, return_dict=False))
+                         for q in prompts]
+        in_pyramid = pyramid_head_run(ns.head, ns.model, ns.dtype, token_prompts, ns.tokens, k)
     results = [run_method(m, ns.model, ns.dtype, prompts, ns.tokens, ns.concurrency, configs[m], ns.memory_fraction)
-               for m in ns.methods]
+               for m in methods]
     plain = next((r for r in results if r["method"] == "plain"), None)
     lines = ["| method | concurrency | tokens/s | × plain | accept length | identical to plain |",
              "|---|---:|---:|---:|---:|---|"]
@@ -122,10 +160,23 @@ def main(argv: list[str] | None = None) -> int:
             n = len(row["outputs"])
             lines.append(f"| {r['method']} | {c} | {row['tokens_per_s']:.1f} | {ratio} | {acc} | "
                          f"{same if same == '—' else f'{same}/{n}'} |")
+    head_rows = next((r for r in results if r["method"] == "head"), None)
+    if in_pyramid is not None and head_rows is not None:
+        lines += ["", "| the exported head | tokens per target forward | vLLM / pyramid | identical to vLLM plain |",
+                  "|---|---:|---:|---|"]
+        mine = in_pyramid["accept_length"]
+        plain_out = plain["by_concurrency"][str(ns.concurrency[0])]["outputs"] if plain else None
+        same = "—" if plain_out is None else f"{sum(a == b for a, b in zip(in_pyramid['outputs'], plain_out, strict=True))}/{len(plain_out)}"
+        lines.append(f"| in pyramid (feature:path=HEAD) | {mine:.3f} | 1.000 | {same} |")
+        for c, row in head_rows["by_concurrency"].items():
+            theirs = row["accept_length"]
+            lines.append(f"| in vLLM, concurrency {c} | {theirs:.3f} | {theirs / mine:.3f} | "
+                         f"{'—' if plain_out is None else 'see above'} |")
     table = "\n".join(lines)
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "vllm-bench.json").write_text(json.dumps({"chain": json.loads(chain.to_json()), "k": k,
-                                                        "dtype": ns.dtype, "tokens": ns.tokens, "results": results},
+                                                        "dtype": ns.dtype, "tokens": ns.tokens, "results": results,
+                                                        "head_in_pyramid": in_pyramid},
                                                        indent=1) + "\n")
     (ns.out / "vllm-bench.md").write_text(table + "\n")
     sys.stdout.write(table + "\n")

@@ -30,6 +30,33 @@ def test_a_pyramid_chain_as_vllms_proposer_keeps_vllms_greedy_output(tmp_path: P
     assert "| pyramid | 4 |" in (out / "vllm-bench.md").read_text()
 
 
+def test_an_exported_eagle3_head_runs_on_vllms_eagle3_path(tmp_path: Path) -> None:
+    """A pyramid EAGLE-3 head on SmolLM2 (seeded, untrained: this checks the format, not the
+    head), exported by ``export_speculators``: vLLM loads it, keeps plain's greedy outputs, and
+    the bench measures the same head in pyramid on the same prompts."""
+    import torch
+
+    from pyramid_core.backends.hf.files import smollm2_dir
+    from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig
+    from pyramid_core.backends.hf.loading import load_model
+    from pyramid_core.backends.hf.speculators import export_speculators
+
+    base = load_model(smollm2_dir(), dtype="float32")
+    torch.manual_seed(0)
+    head = FeatureHead(base, FeatureHeadConfig(layers=(1, 14, 26), variant="eagle3"))
+    folder = export_speculators(head, tmp_path / "eagle3", verifier=str(smollm2_dir()), base="smollm2", k=3)
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "pyramid_core.serving.bench", "--out", str(out), "--prompts", "3", "--tokens", "24",
+           "--concurrency", "1", "3", "--methods", "plain", "head", "--head", str(folder), "-k", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "vllm-bench.json").read_text())
+    assert result["head_in_pyramid"]["verifications"] > 0
+    head_rows = next(r for r in result["results"] if r["method"] == "head")
+    assert all(row["accept_length"] is not None for row in head_rows["by_concurrency"].values())
+    assert "in vLLM, concurrency 3" in (out / "vllm-bench.md").read_text()
+
+
 def test_pyramid_serve_answers_openai_requests(tmp_path: Path) -> None:
     log = tmp_path / "vllm.log"
     cmd = [sys.executable, "-m", "pyramid_core.cli", "serve", "--stage", "smollm2:stage=draft", "--stage", "smollm2",

@@ -18,7 +18,13 @@ Variants:
   regress onto it (smooth-L1) and goes to the LM head as it is;
 - ``eagle3``: ``u = fuse([f^(l1) ; f^(l2) ; ...])`` fuses several layers (e.g. a low, a middle
   and a high one) to H; ``h^`` lives in that fused space, goes through a norm to the head, and is
-  trained on the tokens only, over its own unrolled predictions ("training-time test").
+  trained on the tokens only, over its own unrolled predictions ("training-time test"). Its first
+  decoder layer is EAGLE-3's own (the layout of the paper's code, of SpecForge and of the
+  ``speculators`` checkpoints vLLM serves) instead of ``fc``: the attention reads
+  ``[norm_e(embed(x_j)) ; norm_h(u_{j-1})]`` (2H wide: its q, k, v projections take 2H) and the
+  residual stream starts from ``u_{j-1}`` (or from ``norm_h(u_{j-1})`` with
+  ``norm_before_residual``); later layers are plain decoder layers. So an eagle3 head converts to
+  and from that format exactly (``hf.speculators``).
 
 The LM head is the source model's own (shared, frozen) or a frequency-ranked sub-vocabulary head of
 the draft's own (``hf.student.SubVocabHead``): with SmolLM2's 49152 x 576 head the draft's cost is
@@ -43,17 +49,21 @@ import torch
 from torch import Tensor, nn
 
 from pyramid_core.backends.hf.files import check_safetensors, fix_for, read_json
+from pyramid_core.backends.hf.hub import resolve_model_dir
 from pyramid_core.backends.hf.layers import decoder_layers
 from pyramid_core.backends.hf.loading import check_weights
 from pyramid_core.backends.hf.smollm2 import smollm2_dir, smollm2_ready
 from pyramid_core.backends.hf.student import STAGE_FILE, WEIGHTS_FILE, SubVocabHead, weights_record
 from pyramid_core.errors import ConfigError
 
-__all__ = ["FeatureHeadConfig", "FeatureHead", "VARIANTS", "FORMAT", "is_feature_dir", "feature_base",
+__all__ = ["FeatureHeadConfig", "FeatureHead", "VARIANTS", "FORMAT", "LAYER_KEYS", "is_feature_dir", "feature_base", "resolve_base",
            "save_feature_head", "load_feature_head", "unrolled_mask"]
 
 FORMAT = "pyramid-feature-stage/1"
 VARIANTS = ("eagle1", "eagle3")
+LAYER_KEYS = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "attention_bias",
+              "mlp_bias", "hidden_act", "rms_norm_eps")
+"""What a head's decoder layers may take from their own config rather than the base model's."""
 
 
 def _layers(value: Any) -> tuple[int, ...]:
@@ -70,12 +80,15 @@ class FeatureHeadConfig:
     variant:   ``eagle1`` or ``eagle3`` (module docstring)
     depth:     decoder layers in the head
     sub_vocab: rows of its own sub-vocabulary head; 0 = the source's LM head (shared)
+    norm_before_residual: eagle3 only -- the residual stream starts from the normed feature
+               (some published EAGLE-3 heads) instead of the feature itself
     """
 
     layers: tuple[int, ...] = attrs.field(default=(-1,), converter=_layers)
     variant: str = "eagle1"
     depth: int = 1
     sub_vocab: int = 0
+    norm_before_residual: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -89,6 +102,8 @@ class FeatureHeadConfig:
             raise ValueError(f"feature head: depth must be >= 1 decoder layer, got {self.depth}")
         if self.sub_vocab < 0:
             raise ValueError(f"feature head: sub_vocab must be >= 0 (0 = the source's head), got {self.sub_vocab}")
+        if self.norm_before_residual and self.variant != "eagle3":
+            raise ValueError("feature head: norm_before_residual belongs to EAGLE-3's first layer (variant=eagle3)")
 
     @property
     def regresses(self) -> bool:
@@ -122,11 +137,21 @@ class FeatureHead(nn.Module):
     base_head: nn.Module
     base: Any
 
-    def __init__(self, base: Any, cfg: FeatureHeadConfig, sub_vocab_ids: Tensor | None = None) -> None:
+    def __init__(self, base: Any, cfg: FeatureHeadConfig, sub_vocab_ids: Tensor | None = None,
+                 layer_config: dict[str, Any] | None = None) -> None:
+        """``layer_config``: attributes of the head's decoder layers that differ from the base
+        model's (an imported head's ``intermediate_size``, say; ``LAYER_KEYS``)."""
         super().__init__()
         self.cfg = cfg
         config = copy.deepcopy(base.config)
         config.num_hidden_layers = cfg.depth
+        self.layer_config = dict(layer_config or {})
+        unknown = sorted(set(self.layer_config) - set(LAYER_KEYS))
+        if unknown:
+            raise ValueError(f"feature head: a head's layers may differ from the base model's only in "
+                             f"{', '.join(LAYER_KEYS)}; got {', '.join(unknown)}")
+        for key, value in self.layer_config.items():
+            setattr(config, key, value)
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = config.layer_types[: cfg.depth]
         config._attn_implementation = "sdpa"
@@ -135,10 +160,19 @@ class FeatureHead(nn.Module):
         self.hidden = hidden
         self.feature_width = len(cfg.layers) * hidden
         dtype = base.get_input_embeddings().weight.dtype
-        self.fuse = nn.Linear(self.feature_width, hidden, bias=False) if cfg.variant == "eagle3" else None
-        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        eagle3 = cfg.variant == "eagle3"
+        self.fuse = nn.Linear(self.feature_width, hidden, bias=False) if eagle3 else None
+        self.fc = None if eagle3 else nn.Linear(2 * hidden, hidden, bias=True)
         layer_cls = type(decoder_layers(base)[2][0])
         self.layers = nn.ModuleList([layer_cls(config, i) for i in range(cfg.depth)])
+        self.hidden_norm: nn.Module | None = None
+        if eagle3:  # EAGLE-3's first layer: q, k, v read [norm_e(embedding) ; norm_h(u)], 2H wide
+            first: Any = self.layers[0]
+            attn = first.self_attn
+            for name in ("q_proj", "k_proj", "v_proj"):
+                old = getattr(attn, name)
+                setattr(attn, name, nn.Linear(2 * hidden, old.out_features, bias=old.bias is not None))
+            self.hidden_norm = copy.deepcopy(first.input_layernorm)
         # the cache keyword of a decoder layer: ``cache`` (transformers 5) or ``past_key_values`` (4.x)
         params = inspect.signature(layer_cls.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -184,9 +218,21 @@ class FeatureHead(nn.Module):
         position before each slot) and ``tokens`` (``Long[Tensor, "b s"]``) at ``positions``;
         ``mask`` (``Bool[Tensor, "b|1 1 s keys"]``, True = attend) over the cached keys then
         these; ``None``: causal without a cache, or a single slot."""
-        x: Tensor = self.fc(torch.cat([u_prev, self.embed(tokens).to(u_prev.dtype)], dim=-1))
-        pe = self.rotary(x, positions)
-        for layer in self.layers:
+        e = self.embed(tokens).to(u_prev.dtype)
+        pe = self.rotary(u_prev, positions)
+        layers = iter(self.layers)
+        if self.fc is not None:
+            x: Tensor = self.fc(torch.cat([u_prev, e], dim=-1))
+        else:  # EAGLE-3's first layer (module docstring)
+            first: Any = next(layers)
+            normed = self.hidden_norm(u_prev) if self.hidden_norm is not None else u_prev
+            x = normed if self.cfg.norm_before_residual else u_prev
+            attn = first.self_attn(hidden_states=torch.cat([first.input_layernorm(e), normed], dim=-1),
+                                   attention_mask=mask, position_ids=positions, use_cache=cache is not None,
+                                   position_embeddings=pe, **{self._cache_kw: cache})
+            x = x + attn[0]
+            x = x + first.mlp(first.post_attention_layernorm(x))
+        for layer in layers:
             x = layer(x, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
                       position_embeddings=pe, **{self._cache_kw: cache})
             if isinstance(x, tuple):  # transformers 4.x layers return (hidden, ...)
@@ -200,6 +246,13 @@ class FeatureHead(nn.Module):
             h = self.norm(h)
         out: Tensor = (head or self.head_module())(h)
         return out
+
+    @property
+    def reference_weight(self) -> Tensor:
+        """A weight of the head: its device and dtype are the head's."""
+        layer: Any = self.layers[0]
+        w: Tensor = layer.mlp.down_proj.weight
+        return w
 
     def trainable_state(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("rotary.")}
@@ -219,14 +272,22 @@ def is_feature_dir(path: str | Path) -> bool:
 def feature_base(path: str | Path) -> Path:
     """The directory of the model a feature head was trained on (its embedding, tokenizer)."""
     path = Path(path).expanduser().resolve()
-    info = read_json(path / STAGE_FILE)
-    base = str(info["base"])
+    return resolve_base(str(read_json(path / STAGE_FILE)["base"]), path)
+
+
+def resolve_base(base: str, head_dir: Path) -> Path:
+    """The directory of a head's base model as its folder records it: ``smollm2`` (the set-up
+    SmolLM2-135M), a directory (relative to the head's folder) or a Hugging Face id."""
     if base == "smollm2":
         if not smollm2_ready():
-            raise ValueError(f"the feature head {path} is built on SmolLM2-135M, which is not set up; run `pyramid setup` first")
+            raise ValueError(f"the feature head {head_dir} is built on SmolLM2-135M, which is not set up; run `pyramid setup` first")
         return smollm2_dir()
     where = Path(base).expanduser()
-    return where if where.is_absolute() else (path / where).resolve()
+    if not where.is_absolute():
+        where = (head_dir / where).resolve()
+    if where.is_dir() or "/" not in base or base.startswith((".", "/", "~")):
+        return where
+    return resolve_model_dir(base)
 
 
 def save_feature_head(head: FeatureHead, out_dir: str | Path, *, base: str, metadata: dict[str, Any] | None = None,

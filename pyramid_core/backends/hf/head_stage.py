@@ -39,6 +39,11 @@ from pyramid_core.backends.hf.head import FeatureHead, feature_base, load_featur
 from pyramid_core.backends.hf.hub import location_label, resolve_model_dir
 from pyramid_core.backends.hf.loading import load_model, load_tokenizer
 from pyramid_core.backends.hf.runtime import measured_candidates, resolve_mode
+from pyramid_core.backends.hf.speculators import (
+    is_speculators_dir,
+    load_speculators_head,
+    speculators_base,
+)
 from pyramid_core.backends.hf.stage import PROBE_CONTEXT
 from pyramid_core.devices import sync
 from pyramid_core.options import ExecutionMode
@@ -85,8 +90,8 @@ class FeatureStage:
         self.feature_from = features_from
         self.feature_layers = tuple(head.cfg.layers)
         self.feature_width = int(head.feature_width)
-        self.device: torch.device = head.fc.weight.device
-        self.dtype: torch.dtype = head.fc.weight.dtype
+        self.device: torch.device = head.reference_weight.device
+        self.dtype: torch.dtype = head.reference_weight.dtype
         width = head.vocab_size
         if vocab_size is None:
             vocab_size = len(tokenizer) if tokenizer is not None else width
@@ -325,14 +330,20 @@ class FeatureStage:
 
 def load_feature_stage(path: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                        features_from: str = "next", compile: ExecutionMode | bool | str = ExecutionMode.EAGER,
-                       name: str | None = None) -> FeatureStage:
-    """The trained feature head in folder ``path`` (``backends.hf.head``; or a Hugging Face id,
-    ``hub.resolve_model_dir``) as a stage, on its base
-    model loaded through ``load_model`` -- the same model object as a target stage loaded from
-    the same (path, device, dtype), so the embedding and a shared head are not duplicated."""
+                       name: str | None = None, base: str | None = None) -> FeatureStage:
+    """The trained feature head in folder ``path`` (``backends.hf.head``, or an EAGLE-3 head in
+    the speculators format, ``backends.hf.speculators``; or a Hugging Face id,
+    ``hub.resolve_model_dir``) as a stage, on its base model (``base``: another directory or id
+    than the head records) loaded through ``load_model`` -- the same model object as a target
+    stage loaded from the same (path, device, dtype), so the embedding and a shared head are not
+    duplicated."""
     folder = resolve_model_dir(path)
-    base_dir = feature_base(folder)
-    base = load_model(base_dir, device=device, dtype=dtype)
-    head = load_feature_head(folder, base)
+    speculators = is_speculators_dir(folder)
+    if base:
+        base_dir = resolve_model_dir(base)
+    else:
+        base_dir = speculators_base(folder) if speculators else feature_base(folder)
+    model = load_model(base_dir, device=device, dtype=dtype)
+    head = load_speculators_head(folder, model) if speculators else load_feature_head(folder, model)
     return FeatureStage(head, load_tokenizer(base_dir), name=name or location_label(folder), features_from=features_from,
                         compile=compile)

@@ -378,7 +378,7 @@ def feature_argmax_along(stage: Any, source: Any, prompt: list[int], continuatio
     head: FeatureHead = stage.head
     ids = torch.tensor([prompt + continuation[:-1]], device=stage.device)
     f = source_features(source.model, ids.to(source.device), head.cfg.layers).to(stage.device)
-    data = {"ids": ids, "f": f.to(head.fc.weight.dtype)}
+    data = {"ids": ids, "f": f.to(head.reference_weight.dtype)}
     passes = _passes(head, data, depths, autocast=False)
     out = []
     start = len(prompt) - 1
