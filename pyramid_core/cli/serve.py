@@ -11,6 +11,8 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
+
 from pyramid_core.cli.common import int_at_least, pipeline_args, pipeline_spec
 from pyramid_core.errors import ConfigError
 from pyramid_core.registry import parse_spec
@@ -36,6 +38,9 @@ def configure(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     p.add_argument("--memory-fraction", type=float, default=None, metavar="F",
                    help="vLLM's gpu_memory_utilization (on a CPU: the share of RAM for its KV cache); "
                         "default 0.3 on a CPU, 0.9 on a GPU")
+    p.add_argument("--fixed-length", action="store_true",
+                   help="always draft the top block length (default: each step's length, 0 to that, from the "
+                        "planner's measured costs; docs/serving.md)")
     p.add_argument("--max-num-seqs", type=int_at_least(1), default=64, help="requests vLLM runs at once (default 64)")
     p.add_argument("--max-model-len", type=int_at_least(16), default=None, help="vLLM's context limit (default: the model's)")
     p.add_argument("--log", metavar="FILE", help="vLLM's output to FILE (default: this terminal)")
@@ -78,8 +83,8 @@ def run(ns: argparse.Namespace) -> int:
     dtype = dtype_word(resolve_dtype(ns.dtype, ns.device))
     ns.compile = None
     spec = pipeline_spec(ns, ns.stage, default_length=4, device=ns.device)
-    chain, target, k, method = LowerChain.of(spec, max_lanes=ns.max_num_seqs)
-    chain = LowerChain(chain.stages, chain.policies, chain.block_lengths, ns.device, dtype, None, chain.max_lanes)
+    chain, target, k, method = LowerChain.of(spec, max_lanes=ns.max_num_seqs, adaptive=not ns.fixed_length)
+    chain = attrs.evolve(chain, device=ns.device, dtype=dtype, compile=None)
     model_dir = target_dir(target)
     if not ns.vllm_python:
         raise ConfigError("--vllm-python PATH (or $PYRAMID_VLLM_PYTHON) is needed: the Python of an environment with "

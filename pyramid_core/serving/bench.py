@@ -1,6 +1,6 @@
 """Bench inside vLLM: plain decoding, vLLM's ngram proposer, a pyramid lower chain as its
-proposer and (``--head DIR``) an EAGLE-3 head exported by ``pyramid distill export`` on vLLM's
-own EAGLE-3 path, on the same prompts at several concurrencies, greedy; tokens/s, vLLM's own
+proposer (each step's block length from the planner, or fixed) and (``--head DIR``) an EAGLE-3
+head exported by ``pyramid distill export`` on vLLM's own EAGLE-3 path, on the same prompts at several concurrencies, greedy; tokens/s, vLLM's own
 accept length, and whether every request's output equals vLLM plain's. With ``--head`` it also
 decodes the same prompts with the same head in pyramid (``feature:path=DIR`` -> the target) and
 compares the tokens per target forward of the two. Run it with the Python of the environment
@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyramid_core.serving.proposer import CHAIN_ENV, PROPOSER_CLASS, LowerChain
+import attrs
+
+from pyramid_core.serving.proposer import CHAIN_ENV, PROPOSER_CLASS, STATS_ENV, LowerChain
 
 __all__ = ["main"]
 
@@ -47,8 +49,26 @@ def _counters(llm: Any) -> dict[str, float]:
     return out
 
 
+def _proposer_stats(path: Path | None) -> dict[str, Any]:
+    """What the pyramid proposer in vLLM's worker last wrote (``STATS_ENV``), or {}."""
+    try:
+        return dict(json.loads(path.read_text())) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _planned(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+    """The planner's choices (steps by block length) and the verdicts it read between two stats."""
+    if "chosen" not in after:
+        return None
+    chosen = {k: n - before.get("chosen", {}).get(k, 0) for k, n in after["chosen"].items()}
+    verdicts = {k: n - before.get("verdicts", {}).get(k, 0) for k, n in after["verdicts"].items()}
+    return {"chosen": {k: n for k, n in chosen.items() if n}, "verdicts": verdicts, "alpha": after["alpha"],
+            "step_s": after["step_s"], "draft_s_per_token": after["draft_s_per_token"]}
+
+
 def run_method(name: str, model: str, dtype: str, prompts: list[str], tokens: int, concurrency: list[int],
-               speculative: dict[str, Any] | None, memory: float) -> dict[str, Any]:
+               speculative: dict[str, Any] | None, memory: float, stats: Path | None = None) -> dict[str, Any]:
     from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
 
     t0 = time.perf_counter()
@@ -62,7 +82,7 @@ def run_method(name: str, model: str, dtype: str, prompts: list[str], tokens: in
     llm.generate(texts[:2], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm
     rows = {}
     for c in concurrency:
-        before = _counters(llm)
+        before, mine = _counters(llm), _proposer_stats(stats)
         outputs: list[list[int]] = []
         t0 = time.perf_counter()
         for i in range(0, len(texts), c):
@@ -74,7 +94,7 @@ def run_method(name: str, model: str, dtype: str, prompts: list[str], tokens: in
         rows[str(c)] = {"seconds": seconds, "tokens": sum(len(o) for o in outputs),
                         "tokens_per_s": sum(len(o) for o in outputs) / seconds,
                         "accept_length": 1 + delta.get("num_accepted_tokens", 0.0) / drafts if drafts else None,
-                        "outputs": outputs}
+                        "planner": _planned(mine, _proposer_stats(stats)), "outputs": outputs}
     del llm
     gc.collect()
     return {"method": name, "load_s": load, "by_concurrency": rows}
@@ -112,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--head", help="a speculators EAGLE-3 folder (`pyramid distill export`): adds the method head")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="of plain, ngram, pyramid, head (default: all; head with --head)")
+                   help="of plain, ngram, pyramid (the planner chooses each step's block length), pyramid-fixed "
+                        "(always k), head (default: plain ngram pyramid, and head with --head)")
     p.add_argument("--memory-fraction", type=float, default=0.3)
     p.add_argument("--out", type=Path, default=Path("out/vllm-bench"))
     ns = p.parse_args(argv)
@@ -122,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         ns.model = str(smollm2_dir())
     stages = ns.stage or ["smollm2:stage=draft"]
     chain = LowerChain(tuple(stages), tuple(ns.policy), tuple(ns.length), "cpu", ns.dtype)
-    os.environ[CHAIN_ENV] = chain.to_json()
     prompts = [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" (variant {i // len(PROMPTS)})")
                for i in range(ns.prompts)]
     k = ns.num_speculative_tokens
@@ -130,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "plain": None,
         "ngram": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2},
         "pyramid": {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": k},
+        "pyramid-fixed": {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": k},
         "head": {"method": "eagle3", "model": ns.head, "num_speculative_tokens": k},
     }
     methods = ns.methods or ["plain", "ngram", "pyramid"] + (["head"] if ns.head else [])
@@ -146,8 +167,15 @@ def main(argv: list[str] | None = None) -> int:
                                                       add_generation_prompt=True, return_dict=False))
                          for q in prompts]
         in_pyramid = pyramid_head_run(ns.head, ns.model, ns.dtype, token_prompts, ns.tokens, k)
-    results = [run_method(m, ns.model, ns.dtype, prompts, ns.tokens, ns.concurrency, configs[m], ns.memory_fraction)
-               for m in methods]
+    results = []
+    ns.out.mkdir(parents=True, exist_ok=True)
+    for m in methods:  # the chain reaches vLLM's worker through the environment, its stats come back in a file
+        os.environ[CHAIN_ENV] = attrs.evolve(chain, adaptive=m != "pyramid-fixed").to_json()
+        stats = ns.out / f"proposer-{m}.json"
+        stats.unlink(missing_ok=True)
+        os.environ[STATS_ENV] = str(stats)
+        results.append(run_method(m, ns.model, ns.dtype, prompts, ns.tokens, ns.concurrency, configs[m],
+                                  ns.memory_fraction, stats if m.startswith("pyramid") else None))
     plain = next((r for r in results if r["method"] == "plain"), None)
     lines = ["| method | concurrency | tokens/s | × plain | accept length | identical to plain |",
              "|---|---:|---:|---:|---:|---|"]
@@ -160,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
             n = len(row["outputs"])
             lines.append(f"| {r['method']} | {c} | {row['tokens_per_s']:.1f} | {ratio} | {acc} | "
                          f"{same if same == '—' else f'{same}/{n}'} |")
+    planned = [(r["method"], c, row["planner"]) for r in results for c, row in r["by_concurrency"].items()
+               if row.get("planner")]
+    if planned:
+        lines += ["", "| method | concurrency | steps by block length (k: steps) | the planner's α | "
+                      "accepted / offered (read from vLLM's steps) |", "|---|---:|---|---:|---:|"]
+        for name, c, plan in planned:
+            chosen = ", ".join(f"{k}: {n}" for k, n in sorted(plan["chosen"].items(), key=lambda kv: int(kv[0])))
+            v = plan["verdicts"]
+            read = f"{v['accepted'] / v['offered']:.3f}" if v["offered"] else "—"
+            lines.append(f"| {name} | {c} | {chosen} | {plan['alpha']:.3f} | {read} |")
     head_rows = next((r for r in results if r["method"] == "head"), None)
     if in_pyramid is not None and head_rows is not None:
         lines += ["", "| the exported head | tokens per target forward | vLLM / pyramid | identical to vLLM plain |",
@@ -173,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| in vLLM, concurrency {c} | {theirs:.3f} | {theirs / mine:.3f} | "
                          f"{'—' if plain_out is None else 'see above'} |")
     table = "\n".join(lines)
-    ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "vllm-bench.json").write_text(json.dumps({"chain": json.loads(chain.to_json()), "k": k,
                                                         "dtype": ns.dtype, "tokens": ns.tokens, "results": results,
                                                         "head_in_pyramid": in_pyramid},

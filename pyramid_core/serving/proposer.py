@@ -42,12 +42,17 @@ from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import Proposer, Stage, tokenizer_of
 from pyramid_core.registry import parse_spec
 from pyramid_core.rng import Rng
+from pyramid_core.serving.planner import StepPlanner
 from pyramid_core.types import SamplingConfig
 
-__all__ = ["CHAIN_ENV", "LowerChain", "PyramidProposer", "PROPOSER_CLASS", "build_lower"]
+__all__ = ["CHAIN_ENV", "LowerChain", "PyramidProposer", "PROPOSER_CLASS", "STATS_ENV", "build_lower"]
 
 CHAIN_ENV = "PYRAMID_VLLM_CHAIN"
 """The environment variable that carries the lower chain (``LowerChain.to_json``) to vLLM's workers."""
+
+STATS_ENV = "PYRAMID_VLLM_STATS"
+"""Where the proposer in vLLM's worker writes :meth:`PyramidProposer.stats` (JSON) after every
+step, when set: vLLM keeps its proposer in a process of its own."""
 
 PROPOSER_CLASS = "pyramid_core.serving.proposer.PyramidProposer"
 """What vLLM's ``speculative_config["model"]`` names for ``method="custom_class"``."""
@@ -70,7 +75,9 @@ def _ints(value: Sequence[Any]) -> tuple[int, ...]:
 class LowerChain:
     """The stages below the target (specs, smallest first), the policies at the boundaries
     between them and their block lengths: what every lane of :class:`PyramidProposer` runs.
-    ``max_lanes``: copies of the chain kept at most (one per running request)."""
+    ``max_lanes``: copies of the chain kept at most (one per running request); ``adaptive``: each
+    step's block length from :class:`~pyramid_core.serving.planner.StepPlanner` (0 to
+    ``num_speculative_tokens``), else always ``num_speculative_tokens``."""
 
     stages: tuple[str, ...] = attrs.field(converter=_strings)
     policies: tuple[str, ...] = attrs.field(default=(), converter=_strings)
@@ -79,6 +86,7 @@ class LowerChain:
     dtype: str | None = None
     compile: str | None = None
     max_lanes: int = 64
+    adaptive: bool = True
 
     def __attrs_post_init__(self) -> None:
         if not self.stages:
@@ -92,7 +100,7 @@ class LowerChain:
 
     @classmethod
     def of(cls, spec: PipelineSpec, *, regs: Registries | None = None,
-           max_lanes: int = 64) -> tuple[LowerChain, str, int, str]:
+           max_lanes: int = 64, adaptive: bool = True) -> tuple[LowerChain, str, int, str]:
         """(the chain below the target, the target's spec, the top block length, vLLM's
         rejection method for the top rule) of a pipeline spec, checked without loading anything:
         every stage a spec string, no token tree (vLLM's custom proposers hand it a list), and a
@@ -120,7 +128,7 @@ class LowerChain:
                 f"pyramid's rules run between the stages below it (use {' or '.join(TOP_POLICIES)} at the top, "
                 "e.g. --policy fsd --policy exact)")
         return (cls(tuple(stages[:-1]), tuple(names[:-1]), tuple(lengths[:-1]), spec.device, spec.dtype,
-                    None if spec.compile is None else spec.compile.value, max_lanes),
+                    None if spec.compile is None else spec.compile.value, max_lanes, adaptive),
                 str(stages[-1]), int(lengths[-1]), TOP_POLICIES[top_name])
 
     def to_json(self) -> str:
@@ -164,6 +172,12 @@ def build_lower(chain: LowerChain, vocab_size: int, *, regs: Registries | None =
     pipe = Pipeline(stages, policies, chain.block_lengths, SamplingConfig.greedy(), () if eos is None else (int(eos),),
                     policy_names=[repr(p) for p in chain.policies])
     return pipe.build()[0]
+
+
+def _key(context: np.ndarray, n: int) -> tuple[int, bytes]:
+    """A row's identity across steps: its length and the tokens just before it (a request's
+    context at one step is a prefix of its context at the next)."""
+    return n, context[max(0, n - 8): n].tobytes()
 
 
 def _extends(seen: np.ndarray, context: np.ndarray) -> bool:
@@ -250,40 +264,94 @@ class PyramidProposer:
             return made.pop() if made else build_lower(chain, vocab_size, regs=regs)
 
         self.lanes = Lanes(make, max(1, capacity))
+        self.planner = StepPlanner(k)  # learns with a fixed length too: its estimates are in stats()
         self.rng = Rng(0)
         self.calls = 0
         self.drafted = 0
         self.seconds = 0.0
+        self.given: dict[tuple[int, bytes], int] = {}  # (context length, its tail) -> draft length given
+        self.returned_at: float | None = None
+        self.clock: Callable[[], float] = time.perf_counter
+        self.verdicts = {"blocks": 0, "offered": 0, "accepted": 0}  # as read from vLLM's steps, not forgotten
+        self.stats_path = os.environ.get(STATS_ENV) or None
 
     def propose(self, sampled_token_ids: Sequence[Sequence[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
         """Up to ``k`` draft tokens for each row of vLLM's batch: ``[]`` for a row that sampled
         nothing this step (a prefill chunk) or has no room left; the row's context is
-        ``token_ids_cpu[i, :num_tokens_no_spec[i]]``."""
-        t0 = time.perf_counter()
-        out: list[list[int]] = []
+        ``token_ids_cpu[i, :num_tokens_no_spec[i]]``. With the planner, all rows get blocks of the
+        length it chooses for this step (0: none, vLLM decodes plainly)."""
+        t0 = self.clock()
+        rows = len(sampled_token_ids)
+        contexts = [np.asarray(token_ids_cpu[i, : int(num_tokens_no_spec[i])], dtype=np.int64) for i in range(rows)]
+        decoding = [i for i in range(rows) if len(sampled_token_ids[i])]
+        self._learn(contexts, decoding, rows, t0)
+        k = self.planner.choose(len(decoding), fixed=not self.chain.adaptive) if decoding else self.k
+        out: list[list[int]] = [[] for _ in range(rows)]
         busy: set[int] = set()
-        for i, sampled in enumerate(sampled_token_ids):
-            n = int(num_tokens_no_spec[i])
-            room = min(self.k, self.max_model_len - n - 1)
-            if not len(sampled) or room < 1:
-                out.append([])
+        timed, timed_tokens = 0.0, 0
+        for i in decoding if k > 0 else ():
+            context = contexts[i]
+            room = min(k, self.max_model_len - len(context) - 1)
+            if room < 1:
                 continue
-            context = np.asarray(token_ids_cpu[i, :n], dtype=np.int64)
             lane = self.lanes.take(i, context, busy)
+            continuing = _extends(lane.seen, context) and len(lane.seen) > 0
+            t1 = self.clock()
             block = lane.proposer.propose(torch.from_numpy(context.copy()), room, self.rng)
             lane.seen = context.copy()
             tokens = [int(t) for t in block.tokens.tolist()[:room]]
+            if continuing:  # a lane that first reads a prompt would overstate the cost of drafting
+                timed += self.clock() - t1
+                timed_tokens += len(tokens)
             self.drafted += len(tokens)
-            out.append(tokens)
+            out[i] = tokens
+        self.planner.record_draft(timed_tokens, timed)
+        self.given = {_key(contexts[i], len(contexts[i])): len(out[i]) for i in range(rows)}
         self.calls += 1
-        self.seconds += time.perf_counter() - t0
+        self.returned_at = self.clock()
+        self.seconds += self.returned_at - t0
+        if self.stats_path:
+            tmp = f"{self.stats_path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.stats(), f)
+            os.replace(tmp, self.stats_path)
         return out
+
+    def _learn(self, contexts: list[np.ndarray], decoding: list[int], rows: int, now: float) -> None:
+        """What vLLM's last step tells the planner: each returning row's verdict (its context grew
+        by the accepted drafts and one token of the target's) and, when the step ran only the rows
+        of the last call (no prompt was read in it), the step's seconds for its query tokens."""
+        clean = len(decoding) == rows and rows > 0
+        tokens = 0
+        for i in decoding:
+            n = len(contexts[i])
+            given = next(((j, self.given[key]) for j in range(1, self.k + 2)
+                          if n - j >= 0 and (key := _key(contexts[i], n - j)) in self.given), None)
+            if given is None:
+                clean = False  # a request that was not in the last call: its prompt was read this step
+                continue
+            grew, offered = given
+            tokens += 1 + offered
+            if offered:
+                accepted = min(max(grew - 1, 0), offered)
+                self.planner.record_verdict(offered, accepted)
+                self.verdicts["blocks"] += 1
+                self.verdicts["offered"] += offered
+                self.verdicts["accepted"] += accepted
+        if clean and self.returned_at is not None:
+            self.planner.record_step(tokens, now - self.returned_at)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """vLLM's hook for proposers with their own model: the lower chain is built already."""
 
-    def stats(self) -> dict[str, float]:
-        """Calls, draft tokens, seconds in the lower chain, lanes made and rows that changed lane."""
-        return {"calls": self.calls, "drafted": self.drafted, "seconds": round(self.seconds, 3),
-                "lanes": len(self.lanes.lanes), "switches": self.lanes.switches}
+    def stats(self) -> dict[str, Any]:
+        """Calls, draft tokens, seconds in the lower chain, lanes made, rows that changed lane, the
+        planner's estimates, the block lengths of the steps and the verdicts read from vLLM's steps."""
+        out: dict[str, Any] = {"calls": self.calls, "drafted": self.drafted, "seconds": round(self.seconds, 3),
+                               "lanes": len(self.lanes.lanes), "switches": self.lanes.switches}
+        cost = self.planner.step_cost()
+        out |= {"alpha": round(self.planner.alpha, 4), "draft_s_per_token": self.planner.draft_cost,
+                "step_s": None if cost is None else [round(c, 6) for c in cost],
+                "chosen": dict(sorted(self.planner.chosen.items())), "verdicts": dict(self.verdicts)}
+        return out

@@ -15,19 +15,25 @@ from pathlib import Path
 
 
 def test_a_pyramid_chain_as_vllms_proposer_keeps_vllms_greedy_output(tmp_path: Path) -> None:
-    """draft -> qualifier (a lossy rule between them) below SmolLM2: every request's greedy output
-    equals vLLM plain's at concurrency 1 and 4, and vLLM accepts drafted tokens."""
+    """draft -> qualifier (a lossy rule between them) below SmolLM2, blocks of fixed length: every
+    request's greedy output equals vLLM plain's at concurrency 1 and 4, vLLM accepts drafted
+    tokens, and what the proposer read of vLLM's verdicts from the token table agrees with vLLM's
+    own counters."""
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "pyramid_core.serving.bench", "--out", str(out), "--prompts", "4", "--tokens", "32",
-           "--concurrency", "1", "4", "--methods", "plain", "pyramid", "--stage", "smollm2:stage=draft",
+           "--concurrency", "1", "4", "--methods", "plain", "pyramid-fixed", "--stage", "smollm2:stage=draft",
            "--stage", "smollm2:stage=qualifier", "--policy", "fsd:threshold=0.3", "--length", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "vllm-bench.json").read_text())
-    pyramid = next(r for r in result["results"] if r["method"] == "pyramid")
+    pyramid = next(r for r in result["results"] if r["method"] == "pyramid-fixed")
     for row in pyramid["by_concurrency"].values():
         assert row["accept_length"] is not None and row["accept_length"] > 1.0
-    assert "| pyramid | 4 |" in (out / "vllm-bench.md").read_text()
+        # the verdicts of every step but a request's last, read from the rows' growth
+        verdicts = row["planner"]["verdicts"]
+        assert verdicts["blocks"] > 0 and set(row["planner"]["chosen"]) == {"4"}
+        assert abs(1 + verdicts["accepted"] / verdicts["blocks"] - row["accept_length"]) < 0.25
+    assert "| pyramid-fixed | 4 |" in (out / "vllm-bench.md").read_text()
 
 
 def test_an_exported_eagle3_head_runs_on_vllms_eagle3_path(tmp_path: Path) -> None:

@@ -1,0 +1,147 @@
+"""How many tokens to draft in vLLM's next step: the block length that maximises the expected
+tokens per second of the whole step, from what the last steps measured ([serving with
+vLLM](../../serving.md), "Adaptive block length").
+
+A step of B running requests, each given a block of k draft tokens, costs
+
+    T(B, k) = a + b * B * (1 + k)      vLLM's forward, verification and scheduling: B (1 + k) tokens
+            + d * B * k                 the lower chain drafting (d: seconds per drafted token and row)
+
+and emits B * E(alpha, k) tokens, E = expected_tokens (the accepted prefix plus the target's own
+token; ``docs/algorithms.md``, "Expected tokens per verification"). The planner picks the k in
+0..K with the largest B * E(alpha, k) / T(B, k); k = 0 is vLLM's plain decoding step. It learns
+online, forgetting old observations geometrically:
+
+- ``a, b`` by least squares over (tokens, seconds) of the engine's steps, with a ridge on b, so
+  that until steps of different sizes have been seen the engine's extra tokens count as free
+  (the optimistic choice, which drafts, and so measures);
+- ``d`` from the lower chain's own time per drafted token;
+- ``alpha`` by maximum likelihood under the i.i.d. acceptance model: a block of length L of which
+  m tokens were accepted tested m + 1 tokens (m successes) when m < L, and L tokens when m = L.
+
+On a CPU the verification of k extra tokens at batch 1 is nearly free and drafting pays; with
+many requests vLLM's batched forward is already efficient while the lanes of the lower chain draft
+one request after another, and the planner stops drafting (k = 0) when that no longer pays.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from pyramid_core.errors import ConfigError
+from pyramid_core.lab.latency.forms import expected_tokens
+
+__all__ = ["StepPlanner"]
+
+
+@attrs.define
+class StepPlanner:
+    """The online cost model and the choice of block length (module docstring).
+
+    ``max_k``: vLLM's ``num_speculative_tokens``; ``memory``: the weight a past observation keeps
+    per new one (0 < memory <= 1); ``prior_alpha``: the acceptance rate assumed before any
+    verdict, held with the weight of ``prior_weight`` tested tokens."""
+
+    max_k: int
+    memory: float = 0.95
+    prior_alpha: float = 0.5
+    prior_weight: float = 2.0
+    ridge: float = 1e-6
+    # least squares of step seconds on step tokens (weighted sums)
+    s0: float = 0.0
+    s1: float = 0.0
+    s2: float = 0.0
+    sy: float = 0.0
+    sxy: float = 0.0
+    # acceptance: accepted and tested tokens (weighted), the prior included
+    accepted: float = attrs.field(init=False)
+    tested: float = attrs.field(init=False)
+    # lower chain: seconds and drafted tokens (weighted)
+    draft_seconds: float = 0.0
+    draft_tokens: float = 0.0
+    steps_seen: int = 0
+    chosen: dict[int, int] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_k < 1:
+            raise ConfigError(f"the planner needs num_speculative_tokens >= 1, got {self.max_k}")
+        if not 0.0 < self.memory <= 1.0:
+            raise ConfigError(f"planner memory must be in (0, 1], got {self.memory}")
+        if not 0.0 <= self.prior_alpha < 1.0 or self.prior_weight <= 0:
+            raise ConfigError(f"planner prior: alpha in [0, 1) and a positive weight, got {self.prior_alpha}, "
+                              f"{self.prior_weight}")
+        self.accepted = self.prior_alpha * self.prior_weight
+        self.tested = self.prior_weight
+
+    # --- what was measured ---------------------------------------------------------------------
+
+    def record_step(self, tokens: int, seconds: float) -> None:
+        """vLLM's step over ``tokens`` query tokens (decoding rows and their drafts) took ``seconds``."""
+        if tokens < 1 or not seconds > 0:
+            return
+        m = self.memory
+        x, y = float(tokens), float(seconds)
+        self.s0, self.s1, self.s2 = m * self.s0 + 1.0, m * self.s1 + x, m * self.s2 + x * x
+        self.sy, self.sxy = m * self.sy + y, m * self.sxy + x * y
+        self.steps_seen += 1
+
+    def record_draft(self, tokens: int, seconds: float) -> None:
+        """The lower chain spent ``seconds`` drafting ``tokens`` tokens (all rows of one step)."""
+        if tokens < 1:
+            return
+        self.draft_seconds = self.memory * self.draft_seconds + seconds
+        self.draft_tokens = self.memory * self.draft_tokens + tokens
+
+    def record_verdict(self, offered: int, accepted: int) -> None:
+        """vLLM kept ``accepted`` of a block of ``offered`` draft tokens."""
+        if offered < 1:
+            return
+        if not 0 <= accepted <= offered:
+            raise ConfigError(f"accepted {accepted} of a block of {offered} tokens")
+        tested = accepted + (1 if accepted < offered else 0)
+        m = self.memory ** (1.0 / 8.0)  # verdicts come B per step: forget them more slowly
+        self.accepted = m * self.accepted + accepted
+        self.tested = m * self.tested + tested
+
+    # --- what it believes ----------------------------------------------------------------------
+
+    @property
+    def alpha(self) -> float:
+        return min(self.accepted / self.tested, 1.0 - 1e-6)
+
+    @property
+    def draft_cost(self) -> float | None:
+        """Seconds per drafted token and row, or None before the chain has drafted."""
+        return self.draft_seconds / self.draft_tokens if self.draft_tokens > 0 else None
+
+    def step_cost(self) -> tuple[float, float] | None:
+        """(a, b) of the engine's step time a + b * tokens, or None before a step was measured."""
+        if self.s0 <= 0:
+            return None
+        rho = self.ridge * self.s2
+        det = self.s0 * (self.s2 + rho) - self.s1 * self.s1
+        b = (self.s0 * self.sxy - self.s1 * self.sy) / det
+        b = max(b, 0.0)
+        a = max((self.sy - self.s1 * b) / self.s0, 0.0)
+        return a, b
+
+    def rate(self, rows: int, k: int) -> float | None:
+        """Expected tokens per second of a step of ``rows`` requests with blocks of ``k``."""
+        cost, d = self.step_cost(), self.draft_cost
+        if cost is None or (k > 0 and d is None):
+            return None
+        a, b = cost
+        seconds = a + b * rows * (1 + k) + (d or 0.0) * rows * k
+        return rows * expected_tokens(self.alpha, k) / seconds if seconds > 0 else None
+
+    def choose(self, rows: int, *, fixed: bool = False) -> int:
+        """The block length for a step of ``rows`` decoding requests: ``max_k`` until the costs
+        have been measured (or always, with ``fixed``), then the k in 0..max_k with the highest
+        expected rate."""
+        rates = [] if fixed else [r for r in (self.rate(rows, k) for k in range(self.max_k + 1)) if r is not None]
+        if len(rates) <= self.max_k:
+            k = self.max_k
+        else:
+            k = max(range(self.max_k + 1), key=lambda j: (rates[j], -j))
+        self.chosen[k] = self.chosen.get(k, 0) + 1
+        return k
