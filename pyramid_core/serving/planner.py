@@ -29,7 +29,7 @@ from __future__ import annotations
 import attrs
 
 from pyramid_core.errors import ConfigError
-from pyramid_core.lab.latency.forms import expected_tokens
+from pyramid_core.schedule import expected_tokens
 
 __all__ = ["StepPlanner"]
 

@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 
 from pyramid_core.errors import ConfigError
+from pyramid_core.schedule import check_alpha, check_length, expected_tokens
 
 __all__ = [
     "expected_tokens",
@@ -26,35 +27,6 @@ __all__ = [
     "iid_alpha",
     "check_alpha",
 ]
-
-
-def check_alpha(alpha: float, name: str = "alpha") -> float:
-    a = float(alpha)
-    if not 0.0 <= a <= 1.0 or math.isnan(a):
-        raise ConfigError(f"{name} must be an acceptance probability in [0, 1], got {alpha!r}")
-    return a
-
-
-def check_length(gamma: int, name: str = "gamma") -> int:
-    if not isinstance(gamma, int) or gamma < 0:
-        raise ConfigError(f"{name} must be an integer block length >= 0, got {gamma!r}")
-    return gamma
-
-
-
-def expected_tokens(alpha: float, gamma: int) -> float:
-    """Expected tokens emitted by one verification of a block of ``gamma`` drafted tokens,
-    each accepted independently with probability ``alpha`` (accepted prefix + the one token the
-    verifier always emits; Leviathan et al. 2023, Eq. 1)::
-
-        E(alpha, gamma) = (1 - alpha^(gamma+1)) / (1 - alpha)      (alpha = 1: gamma + 1)
-
-    E = 1 at alpha = 0 (only the verifier's own token) and E = gamma + 1 at alpha = 1.
-    """
-    a, g = check_alpha(alpha), check_length(gamma)
-    if a == 1.0:
-        return float(g + 1)
-    return (1.0 - a ** (g + 1)) / (1.0 - a)
 
 
 def pair_speedup(alpha: float, gamma: int, c: float) -> float:
