@@ -63,8 +63,10 @@ def _planned(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | 
         return None
     chosen = {k: n - before.get("chosen", {}).get(k, 0) for k, n in after["chosen"].items()}
     verdicts = {k: n - before.get("verdicts", {}).get(k, 0) for k, n in after["verdicts"].items()}
+    timing = {k: [n - before.get("timing", {}).get(k, [0, 0.0])[0], s - before.get("timing", {}).get(k, [0, 0.0])[1]]
+              for k, (n, s) in after["timing"].items()}
     return {"chosen": {k: n for k, n in chosen.items() if n}, "verdicts": verdicts, "alpha": after["alpha"],
-            "step_s": after["step_s"], "draft_s_per_token": after["draft_s_per_token"]}
+            "step_s": after["step_s"], "draft_s_per_token": after["draft_s_per_token"], "timing": timing}
 
 
 def run_method(name: str, model: str, dtype: str, prompts: list[str], tokens: int, concurrency: list[int],
@@ -115,7 +117,7 @@ def pyramid_head_run(head: str, model: str, dtype: str, token_prompts: list[list
     top = pooled.boundaries[-1]
     return {"accept_length": 1 + top.accepted / top.rounds if top.rounds else None,
             "verifications": top.rounds, "accepted": top.accepted, "tokens_per_s": pooled.new_tokens / pooled.wall_s,
-            "outputs": [r.token_list[len(ids):] for r, ids in zip(runs, token_prompts, strict=True)]}
+            "outputs": [r.token_list for r in runs]}  # the new tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,12 +194,18 @@ def main(argv: list[str] | None = None) -> int:
                if row.get("planner")]
     if planned:
         lines += ["", "| method | concurrency | steps by block length (k: steps) | the planner's α | "
-                      "accepted / offered (read from vLLM's steps) |", "|---|---:|---|---:|---:|"]
+                      "accepted / offered (read from vLLM's steps) | ms per lane draft | "
+                      "ms per vLLM step with drafts | without |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+
+        def ms(pair: list[float]) -> str:
+            return f"{1e3 * pair[1] / pair[0]:.1f}" if pair[0] else "—"
+
         for name, c, plan in planned:
             chosen = ", ".join(f"{k}: {n}" for k, n in sorted(plan["chosen"].items(), key=lambda kv: int(kv[0])))
-            v = plan["verdicts"]
+            v, t = plan["verdicts"], plan["timing"]
             read = f"{v['accepted'] / v['offered']:.3f}" if v["offered"] else "—"
-            lines.append(f"| {name} | {c} | {chosen} | {plan['alpha']:.3f} | {read} |")
+            lines.append(f"| {name} | {c} | {chosen} | {plan['alpha']:.3f} | {read} | {ms(t['lanes'])} | "
+                         f"{ms(t['engine steps with drafts'])} | {ms(t['engine steps without'])} |")
     head_rows = next((r for r in results if r["method"] == "head"), None)
     if in_pyramid is not None and head_rows is not None:
         lines += ["", "| the exported head | tokens per target forward | vLLM / pyramid | identical to vLLM plain |",

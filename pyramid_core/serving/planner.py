@@ -4,22 +4,26 @@ vLLM](../../serving.md), "Adaptive block length").
 
 A step of B running requests, each given a block of k draft tokens, costs
 
-    T(B, k) = a + b * B * (1 + k)      vLLM's forward, verification and scheduling: B (1 + k) tokens
-            + d * B * k                 the lower chain drafting (d: seconds per drafted token and row)
+    T(B, k) = a_k + b * B * (1 + k)   vLLM's step over B (1 + k) query tokens; a_0 for a step
+                                      without drafts, a_1 for one with (vLLM verifies then:
+                                      multi-token queries, the rejection sampler)
+            + d * B * k               the lower chain drafting (d: seconds per drafted token and row)
 
 and emits B * E(alpha, k) tokens, E = expected_tokens (the accepted prefix plus the target's own
 token; ``docs/algorithms.md``, "Expected tokens per verification"). The planner picks the k in
 0..K with the largest B * E(alpha, k) / T(B, k); k = 0 is vLLM's plain decoding step. It learns
-online, forgetting old observations geometrically:
+online, each statistic forgetting geometrically as observations of its own kind arrive:
 
-- ``a, b`` by least squares over (tokens, seconds) of the engine's steps, with a ridge on b, so
-  that until steps of different sizes have been seen the engine's extra tokens count as free
-  (the optimistic choice, which drafts, and so measures);
+- ``a_0, a_1, b`` by least squares over (tokens, seconds) of the engine's steps, one intercept
+  for steps with drafts and one for steps without, a shared slope with a ridge toward 0 (until
+  steps of different sizes have been seen, extra tokens count as free: the optimistic choice,
+  which drafts, and so measures); once steps with drafts have been timed it takes one step
+  without, to time that kind too;
 - ``d`` from the lower chain's own time per drafted token;
 - ``alpha`` by maximum likelihood under the i.i.d. acceptance model: a block of length L of which
   m tokens were accepted tested m + 1 tokens (m successes) when m < L, and L tokens when m = L.
 
-On a CPU the verification of k extra tokens at batch 1 is nearly free and drafting pays; with
+On a CPU the verification of k extra tokens at batch 1 costs little and drafting can pay; with
 many requests vLLM's batched forward is already efficient while the lanes of the lower chain draft
 one request after another, and the planner stops drafting (k = 0) when that no longer pays.
 """
@@ -47,12 +51,9 @@ class StepPlanner:
     prior_alpha: float = 0.5
     prior_weight: float = 2.0
     ridge: float = 1e-6
-    # least squares of step seconds on step tokens (weighted sums)
-    s0: float = 0.0
-    s1: float = 0.0
-    s2: float = 0.0
-    sy: float = 0.0
-    sxy: float = 0.0
+    # least squares of step seconds on step tokens: weighted sums (1, x, x^2, y, xy) for steps
+    # without drafts (row 0) and with (row 1)
+    sums: list[list[float]] = attrs.field(factory=lambda: [[0.0] * 5, [0.0] * 5])
     # acceptance: accepted and tested tokens (weighted), the prior included
     accepted: float = attrs.field(init=False)
     tested: float = attrs.field(init=False)
@@ -75,14 +76,14 @@ class StepPlanner:
 
     # --- what was measured ---------------------------------------------------------------------
 
-    def record_step(self, tokens: int, seconds: float) -> None:
-        """vLLM's step over ``tokens`` query tokens (decoding rows and their drafts) took ``seconds``."""
+    def record_step(self, tokens: int, seconds: float, drafted: bool = True) -> None:
+        """vLLM's step over ``tokens`` query tokens (decoding rows and their drafts) took
+        ``seconds``; ``drafted``: some row of it had draft tokens to verify."""
         if tokens < 1 or not seconds > 0:
             return
-        m = self.memory
         x, y = float(tokens), float(seconds)
-        self.s0, self.s1, self.s2 = m * self.s0 + 1.0, m * self.s1 + x, m * self.s2 + x * x
-        self.sy, self.sxy = m * self.sy + y, m * self.sxy + x * y
+        row = self.sums[int(drafted)]
+        row[:] = [self.memory * v + new for v, new in zip(row, (1.0, x, x * x, y, x * y), strict=True)]
         self.steps_seen += 1
 
     def record_draft(self, tokens: int, seconds: float) -> None:
@@ -114,33 +115,39 @@ class StepPlanner:
         """Seconds per drafted token and row, or None before the chain has drafted."""
         return self.draft_seconds / self.draft_tokens if self.draft_tokens > 0 else None
 
-    def step_cost(self) -> tuple[float, float] | None:
-        """(a, b) of the engine's step time a + b * tokens, or None before a step was measured."""
-        if self.s0 <= 0:
+    def step_cost(self) -> tuple[float, float, float] | None:
+        """(a_0, a_1, b) of the engine's step time a_k + b * tokens (a_0 without drafts, a_1
+        with), or None before a step was measured; a kind of step not measured yet takes the
+        other's intercept."""
+        seen = [r for r in self.sums if r[0] > 0]
+        if not seen:
             return None
-        rho = self.ridge * self.s2
-        det = self.s0 * (self.s2 + rho) - self.s1 * self.s1
-        b = (self.s0 * self.sxy - self.s1 * self.sy) / det
-        b = max(b, 0.0)
-        a = max((self.sy - self.s1 * b) / self.s0, 0.0)
-        return a, b
+        # shared slope from the variation within each kind: b = sum cov / (sum var + ridge)
+        cov = sum(r[4] - r[1] * r[3] / r[0] for r in seen)
+        var = sum(r[2] - r[1] * r[1] / r[0] for r in seen)
+        b = max(cov / (var + self.ridge * sum(r[2] for r in seen)), 0.0)
+        a = [max((r[3] - r[1] * b) / r[0], 0.0) if r[0] > 0 else None for r in self.sums]
+        a0, a1 = a
+        return (a0 if a0 is not None else a1 or 0.0), (a1 if a1 is not None else a0 or 0.0), b
 
     def rate(self, rows: int, k: int) -> float | None:
         """Expected tokens per second of a step of ``rows`` requests with blocks of ``k``."""
         cost, d = self.step_cost(), self.draft_cost
         if cost is None or (k > 0 and d is None):
             return None
-        a, b = cost
-        seconds = a + b * rows * (1 + k) + (d or 0.0) * rows * k
+        a0, a1, b = cost
+        seconds = (a1 if k else a0) + b * rows * (1 + k) + (d or 0.0) * rows * k
         return rows * expected_tokens(self.alpha, k) / seconds if seconds > 0 else None
 
     def choose(self, rows: int, *, fixed: bool = False) -> int:
         """The block length for a step of ``rows`` decoding requests: ``max_k`` until the costs
-        have been measured (or always, with ``fixed``), then the k in 0..max_k with the highest
-        expected rate."""
+        have been measured (or always, with ``fixed``), then one step without drafts if none has
+        been timed yet, then the k in 0..max_k with the highest expected rate."""
         rates = [] if fixed else [r for r in (self.rate(rows, k) for k in range(self.max_k + 1)) if r is not None]
         if len(rates) <= self.max_k:
             k = self.max_k
+        elif self.sums[0][0] == 0:
+            k = 0  # time a step without drafts once: it may cost less than the linear model says
         else:
             k = max(range(self.max_k + 1), key=lambda j: (rates[j], -j))
         self.chosen[k] = self.chosen.get(k, 0) + 1

@@ -187,11 +187,11 @@ def _extends(seen: np.ndarray, context: np.ndarray) -> bool:
 
 @attrs.define(eq=False)
 class Lane:
-    """One copy of the lower chain and the context it last drafted after."""
+    """One copy of the lower chain, the context it last drafted after and the step it did."""
 
     proposer: Proposer
     seen: np.ndarray = attrs.field(factory=lambda: np.zeros(0, dtype=np.int64))
-    used_at: int = 0
+    used_at: int = -1
 
 
 @attrs.define(eq=False)
@@ -202,30 +202,46 @@ class Lanes:
     capacity: int
     lanes: list[Lane] = attrs.field(factory=list)
     by_row: dict[int, Lane] = attrs.field(factory=dict)
-    clock: int = 0
+    step: int = 0
     switches: int = 0  # rows that did not find their own lane
 
-    def take(self, row: int, context: np.ndarray, busy: set[int]) -> Lane:
-        """The lane for ``row`` this step (``busy``: ids of lanes taken this step)."""
-        self.clock += 1
-        lane = self.by_row.get(row)
-        if lane is None or id(lane) in busy or not _extends(lane.seen, context):
-            lane = next((la for la in self.lanes if id(la) not in busy and _extends(la.seen, context)), None)
-            if lane is None:
-                self.switches += 1
-                if len(self.lanes) < self.capacity:
-                    lane = Lane(self.make())
-                    self.lanes.append(lane)
-                else:
-                    free = [la for la in self.lanes if id(la) not in busy]
-                    if not free:
-                        raise ConfigError(f"more rows in one step than the proposer's {self.capacity} lanes "
-                                          "(raise max_lanes to vLLM's --max-num-seqs)")
-                    lane = min(free, key=lambda la: la.used_at)
-        busy.add(id(lane))
-        lane.used_at = self.clock
-        self.by_row[row] = lane
-        return lane
+    def assign(self, contexts: dict[int, np.ndarray]) -> dict[int, Lane]:
+        """A lane for each row (``contexts``: row -> its tokens) this step. First every row whose
+        context extends a lane's keeps that lane (its own request); the others take, in order:
+        a lane idle since before the last step (its request has finished: the lane rolls back to
+        the common prefix, e.g. the chat template, and reads the rest), a new lane while fewer
+        than ``capacity``, the least recently used lane."""
+        self.step += 1
+        busy: set[int] = set()
+        out: dict[int, Lane] = {}
+        for row, context in contexts.items():
+            own = self.by_row.get(row)
+            if own is None or id(own) in busy or not _extends(own.seen, context):
+                own = next((la for la in self.lanes if id(la) not in busy and _extends(la.seen, context)), None)
+            if own is not None:
+                out[row] = own
+                busy.add(id(own))
+        for row in contexts:
+            if row in out:
+                continue
+            self.switches += 1
+            free = sorted((la for la in self.lanes if id(la) not in busy), key=lambda la: la.used_at)
+            if free and free[0].used_at < self.step - 1:
+                lane = free[0]
+            elif len(self.lanes) < self.capacity:
+                lane = Lane(self.make())
+                self.lanes.append(lane)
+            elif free:
+                lane = free[0]
+            else:
+                raise ConfigError(f"more rows in one step than the proposer's {self.capacity} lanes "
+                                  "(raise max_lanes to vLLM's --max-num-seqs)")
+            out[row] = lane
+            busy.add(id(lane))
+        for row, lane in out.items():
+            lane.used_at = self.step
+            self.by_row[row] = lane
+        return out
 
 
 class PyramidProposer:
@@ -274,6 +290,9 @@ class PyramidProposer:
         self.clock: Callable[[], float] = time.perf_counter
         self.verdicts = {"blocks": 0, "offered": 0, "accepted": 0}  # as read from vLLM's steps, not forgotten
         self.stats_path = os.environ.get(STATS_ENV) or None
+        # [count, seconds]: lane drafts; the engine's steps (from one call to the next) by kind
+        self.timing = {"lanes": [0, 0.0], "engine steps with drafts": [0, 0.0], "engine steps without": [0, 0.0]}
+        self.drafted_last = False
 
     def propose(self, sampled_token_ids: Sequence[Sequence[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
@@ -288,25 +307,26 @@ class PyramidProposer:
         self._learn(contexts, decoding, rows, t0)
         k = self.planner.choose(len(decoding), fixed=not self.chain.adaptive) if decoding else self.k
         out: list[list[int]] = [[] for _ in range(rows)]
-        busy: set[int] = set()
+        rooms = {i: min(k, self.max_model_len - len(contexts[i]) - 1) for i in decoding} if k > 0 else {}
+        lanes = self.lanes.assign({i: contexts[i] for i, room in rooms.items() if room >= 1})
         timed, timed_tokens = 0.0, 0
-        for i in decoding if k > 0 else ():
+        for i, lane in lanes.items():
             context = contexts[i]
-            room = min(k, self.max_model_len - len(context) - 1)
-            if room < 1:
-                continue
-            lane = self.lanes.take(i, context, busy)
-            continuing = _extends(lane.seen, context) and len(lane.seen) > 0
+            continuing = len(lane.seen) > 0 and _extends(lane.seen, context)
             t1 = self.clock()
-            block = lane.proposer.propose(torch.from_numpy(context.copy()), room, self.rng)
+            block = lane.proposer.propose(torch.from_numpy(context.copy()), rooms[i], self.rng)
             lane.seen = context.copy()
-            tokens = [int(t) for t in block.tokens.tolist()[:room]]
+            tokens = [int(t) for t in block.tokens.tolist()[: rooms[i]]]
+            spent = self.clock() - t1
+            self.timing["lanes"][1] += spent
             if continuing:  # a lane that first reads a prompt would overstate the cost of drafting
-                timed += self.clock() - t1
+                timed += spent
                 timed_tokens += len(tokens)
             self.drafted += len(tokens)
             out[i] = tokens
         self.planner.record_draft(timed_tokens, timed)
+        self.drafted_last = any(out)
+        self.timing["lanes"][0] += sum(1 for d in out if d)
         self.given = {_key(contexts[i], len(contexts[i])): len(out[i]) for i in range(rows)}
         self.calls += 1
         self.returned_at = self.clock()
@@ -323,7 +343,7 @@ class PyramidProposer:
         by the accepted drafts and one token of the target's) and, when the step ran only the rows
         of the last call (no prompt was read in it), the step's seconds for its query tokens."""
         clean = len(decoding) == rows and rows > 0
-        tokens = 0
+        tokens, drafted = 0, False
         for i in decoding:
             n = len(contexts[i])
             given = next(((j, self.given[key]) for j in range(1, self.k + 2)
@@ -333,25 +353,34 @@ class PyramidProposer:
                 continue
             grew, offered = given
             tokens += 1 + offered
+            drafted = drafted or offered > 0
             if offered:
                 accepted = min(max(grew - 1, 0), offered)
                 self.planner.record_verdict(offered, accepted)
                 self.verdicts["blocks"] += 1
                 self.verdicts["offered"] += offered
                 self.verdicts["accepted"] += accepted
-        if clean and self.returned_at is not None:
-            self.planner.record_step(tokens, now - self.returned_at)
+        if self.returned_at is not None:
+            kind = self.timing["engine steps with drafts" if self.drafted_last else "engine steps without"]
+            kind[0] += 1
+            kind[1] += now - self.returned_at
+            if clean:
+                self.planner.record_step(tokens, now - self.returned_at, drafted)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """vLLM's hook for proposers with their own model: the lower chain is built already."""
 
     def stats(self) -> dict[str, Any]:
-        """Calls, draft tokens, seconds in the lower chain, lanes made, rows that changed lane, the
-        planner's estimates, the block lengths of the steps and the verdicts read from vLLM's steps."""
+        """Calls, draft tokens, seconds in the proposer, lanes made, rows that changed lane, the
+        planner's estimates, the block lengths of the steps, the verdicts read from vLLM's steps
+        and where the time went (the lanes; vLLM's steps with and without drafts, each timed from
+        one call to the next)."""
         out: dict[str, Any] = {"calls": self.calls, "drafted": self.drafted, "seconds": round(self.seconds, 3),
                                "lanes": len(self.lanes.lanes), "switches": self.lanes.switches}
         cost = self.planner.step_cost()
         out |= {"alpha": round(self.planner.alpha, 4), "draft_s_per_token": self.planner.draft_cost,
-                "step_s": None if cost is None else [round(c, 6) for c in cost],
-                "chosen": dict(sorted(self.planner.chosen.items())), "verdicts": dict(self.verdicts)}
+                "step_s": None if cost is None else dict(zip(("a0", "a1", "b"), (round(c, 6) for c in cost),
+                                                             strict=True)),
+                "chosen": dict(sorted(self.planner.chosen.items())), "verdicts": dict(self.verdicts),
+                "timing": {k: [v[0], round(v[1], 4)] for k, v in self.timing.items()}}
         return out
