@@ -40,9 +40,9 @@ def chain_of(dirs: dict[str, Path], *, three: bool = True, adaptive: bool = Fals
 
 def test_the_lower_chain_of_a_spec(dirs: dict[str, Path]) -> None:
     spec = PipelineSpec(stages=["ngram", f"hf:path={dirs['near']}", f"hf:path={dirs['target']}"],
-                        policies=["fsd:threshold=0.3", "exact"], block_lengths=[3, 6], dtype="float32")
+                        policies=["fuzzy:tau=0.3", "exact"], block_lengths=[3, 6], dtype="float32")
     chain, target, k, method = LowerChain.of(spec, max_lanes=8)
-    assert chain.stages == ("ngram", f"hf:path={dirs['near']}") and chain.policies == ("fsd:threshold=0.3",)
+    assert chain.stages == ("ngram", f"hf:path={dirs['near']}") and chain.policies == ("fuzzy:tau=0.3",)
     assert chain.block_lengths == (3,) and chain.dtype == "float32" and chain.max_lanes == 8
     assert (target, k, method) == (f"hf:path={dirs['target']}", 6, "standard")
     block = PipelineSpec(stages=["ngram", f"hf:path={dirs['target']}"], policies=["block"])
@@ -51,10 +51,16 @@ def test_the_lower_chain_of_a_spec(dirs: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    (PipelineSpec(stages=["ngram", "hf:path=/t"], policies=["fsd:threshold=0.3"]), "vLLM's own rejection sampler"),
+    (PipelineSpec(stages=["ngram", "hf:path=/t"], policies=["fuzzy:tau=0.3"]), "vLLM's own rejection sampler"),
     (PipelineSpec(stages=["ngram", "hf:path=/t"], policies=["exact:tol=1"]), "use exact or block at the top"),
     (PipelineSpec(stages=["hf:path=/t"]), "needs a stage below the target"),
     (PipelineSpec(stages=["hf:path=/d", "hf:path=/t"], tree="tree:branching=2"), "not a token tree"),
+    # what the workers would build is checked before vLLM starts: a preset's name is not a rule
+    (PipelineSpec(stages=["ngram", "hf:path=/d", "hf:path=/t"], policies=["fsd:threshold=0.3", "exact"]),
+     r"policy 'fsd:threshold=0.3' at boundary 1 -> 2 of the lower chain: unknown policy 'fsd'"),
+    (PipelineSpec(stages=["ngram", "hf:path=/d", "hf:path=/t"], policies=["fuzzy:tau=-1", "exact"]),
+     "tau must be a number >= 0"),
+    (PipelineSpec(stages=["ngrm", "hf:path=/t"]), r"unknown stage 'ngrm'; did you mean 'ngram'"),
 ])
 def test_what_cannot_run_inside_vllm_is_refused_before_loading(spec: PipelineSpec, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -227,7 +233,7 @@ def fake_python(tmp_path: Path, status: int = 0) -> Path:
 
 def serve_argv(dirs: dict[str, Path], python: Path) -> list[str]:
     return ["serve", "--stage", "ngram", "--stage", f"hf:path={dirs['near']}", "--stage", f"hf:path={dirs['target']}",
-            "--policy", "fsd:threshold=0.3", "--policy", "exact", "--length", "3", "--length", "5",
+            "--policy", "fuzzy:tau=0.3", "--policy", "exact", "--length", "3", "--length", "5",
             "--vllm-python", str(python), "--dtype", "float32", "--max-num-seqs", "8", "--port", "0"]
 
 
@@ -247,7 +253,7 @@ def test_serve_starts_vllm_with_the_lower_chain(dirs: dict[str, Path], tmp_path:
     assert argv[argv.index("--dtype") + 1] == "float32" and argv[argv.index("--max-num-seqs") + 1] == "8"
     assert "--enforce-eager" in argv
     chain = LowerChain.from_json((tmp_path / "chain").read_text())
-    assert chain == LowerChain(("ngram", f"hf:path={dirs['near']}"), ("fsd:threshold=0.3",), (3,), "cpu", "float32",
+    assert chain == LowerChain(("ngram", f"hf:path={dirs['near']}"), ("fuzzy:tau=0.3",), (3,), "cpu", "float32",
                                None, 8, adaptive=True)
     assert main([*serve_argv(dirs, fake_python(tmp_path)), "--fixed-length"]) == 0
     assert not LowerChain.from_json((tmp_path / "chain").read_text()).adaptive
@@ -263,7 +269,7 @@ def test_serve_prints_its_command(dirs: dict[str, Path], tmp_path: Path, capsys:
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"--stage": "hf:path=/nowhere/target"}, "not a Hugging Face model directory"),
-    ({"--policy": "fsd:threshold=0.2"}, "vLLM's own rejection sampler"),
+    ({"--policy": "fuzzy:tau=0.2"}, "vLLM's own rejection sampler"),
     ({"--vllm-python": ""}, "--vllm-python PATH"),
 ])
 def test_serve_names_what_is_wrong(dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from pyramid_core.build import PipelineSpec, check_same_tokenizer, make_policy, make_stage
-from pyramid_core.errors import ConfigError
+from pyramid_core.errors import ConfigError, PluginError
 from pyramid_core.options import ExecutionMode
 from pyramid_core.pipeline import Pipeline
 from pyramid_core.plugins import Registries, registries
@@ -102,7 +102,8 @@ class LowerChain:
     def of(cls, spec: PipelineSpec, *, regs: Registries | None = None,
            max_lanes: int = 64, adaptive: bool = True) -> tuple[LowerChain, str, int, str]:
         """(the chain below the target, the target's spec, the top block length, vLLM's
-        rejection method for the top rule) of a pipeline spec, checked without loading anything:
+        rejection method for the top rule) of a pipeline spec, checked without loading a model:
+        every lower stage a registered name and every lower policy one that builds,
         every stage a spec string, no token tree (vLLM's custom proposers hand it a list), and a
         rule vLLM runs (``TOP_POLICIES``) at the top boundary."""
         regs = regs or registries()
@@ -119,6 +120,18 @@ class LowerChain:
         names = [p if isinstance(p, str) else None for p in policies]
         if any(n is None for n in names):
             raise ConfigError("vLLM's workers build the policies from their specs (strings), not objects")
+        # what vLLM's workers would build, checked here: a wrong name fails now, not after vLLM's start-up
+        for stage in stages[:-1]:
+            if parse_spec(str(stage))[0] not in regs.proposers and parse_spec(str(stage))[0] not in regs.backends:
+                try:
+                    make_stage(str(stage), regs=regs)  # an unknown name: the error that lists the stages there are
+                except PluginError as e:
+                    raise ConfigError(f"stage {stage!r} of the lower chain: {e}") from e
+        for k, name in enumerate(names[:-1]):
+            try:
+                make_policy(str(name), regs=regs)
+            except (PluginError, ConfigError, ValueError, TypeError) as e:
+                raise ConfigError(f"policy {name!r} at boundary {k + 1} -> {k + 2} of the lower chain: {e}") from e
         top = str(names[-1])
         top_name, top_params = parse_spec(top)
         if top_name not in TOP_POLICIES or top_params:
@@ -126,7 +139,7 @@ class LowerChain:
                 f"policy {top!r} at the target's boundary ({len(stages) - 1} -> {len(stages)}): inside vLLM that "
                 "boundary is verified by vLLM's own rejection sampler (exact: standard or block verification); "
                 f"pyramid's rules run between the stages below it (use {' or '.join(TOP_POLICIES)} at the top, "
-                "e.g. --policy fsd --policy exact)")
+                "e.g. --policy fuzzy:tau=0.3 --policy exact)")
         return (cls(tuple(stages[:-1]), tuple(names[:-1]), tuple(lengths[:-1]), spec.device, spec.dtype,
                     None if spec.compile is None else spec.compile.value, max_lanes, adaptive),
                 str(stages[-1]), int(lengths[-1]), TOP_POLICIES[top_name])

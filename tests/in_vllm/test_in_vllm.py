@@ -22,7 +22,7 @@ def test_a_pyramid_chain_as_vllms_proposer_keeps_vllms_greedy_output(tmp_path: P
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "pyramid_core.serving.bench", "--out", str(out), "--prompts", "4", "--tokens", "32",
            "--concurrency", "1", "4", "--methods", "plain", "pyramid-fixed", "--stage", "smollm2:stage=draft",
-           "--stage", "smollm2:stage=qualifier", "--policy", "fsd:threshold=0.3", "--length", "2"]
+           "--stage", "smollm2:stage=qualifier", "--policy", "fuzzy:tau=0.3", "--length", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "vllm-bench.json").read_text())
