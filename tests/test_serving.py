@@ -185,6 +185,26 @@ def test_requests_one_after_another_reuse_one_lane(tiny_models: dict[str, Any], 
     assert proposer.stats()["lanes"] == 1 and proposer.stats()["switches"] == len(PROMPTS)
 
 
+def test_a_returning_request_keeps_its_lane_whatever_its_row() -> None:
+    """Rows that extend a lane keep it before new requests take lanes: a new request in an
+    earlier row does not take the lane of a request that is still running."""
+    proposer = PyramidProposer.for_chain(LowerChain(("ngram",), adaptive=False), num_speculative_tokens=K,
+                                         vocab_size=VOCAB, max_model_len=32, max_num_seqs=2)
+
+    def step(contexts: list[list[int]]) -> None:
+        table = np.zeros((len(contexts), 32), dtype=np.int32)
+        for i, c in enumerate(contexts):
+            table[i, : len(c)] = c
+        proposer.propose([[c[-1]] for c in contexts], np.array([len(c) for c in contexts]), table)
+
+    b, a, c = [7, 8, 9, 7, 8], [1, 2, 3, 1, 2], [5, 6, 5, 6]
+    step([b, a])
+    lane_of_b = proposer.lanes.by_row[0]
+    step([c, [*b, 9]])  # a finished; c arrives in row 0, b moved to row 1
+    assert proposer.lanes.by_row[1] is lane_of_b
+    assert proposer.stats()["switches"] == 3 and proposer.stats()["lanes"] == 2
+
+
 def test_each_block_is_what_a_fresh_chain_drafts_for_that_context(dirs: dict[str, Path]) -> None:
     chain = chain_of(dirs)
     proposer = PyramidProposer.for_chain(chain, num_speculative_tokens=K, vocab_size=VOCAB, max_model_len=96,
