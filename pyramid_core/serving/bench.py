@@ -1,10 +1,10 @@
 """Bench inside vLLM: plain decoding, vLLM's ngram proposer, a pyramid lower chain as its
 proposer (each step's block length from the planner, or fixed) and (``--head DIR``) an EAGLE-3
-head exported by ``pyramid distill export`` on vLLM's own EAGLE-3 path, on the same prompts at several concurrencies, greedy; tokens/s, vLLM's own
-accept length, and whether every request's output equals vLLM plain's. With ``--head`` it also
-decodes the same prompts with the same head in pyramid (``feature:path=DIR`` -> the target) and
-compares the tokens per target forward of the two. Run it with the Python of the environment
-that has vLLM (``nox -s vllm`` does)::
+head exported by ``pyramid distill export`` on vLLM's own EAGLE-3 path, on the same prompts at
+several concurrencies, greedy; tokens/s, vLLM's own accept length, and whether every request's
+output equals vLLM plain's. With ``--head`` it also decodes the same prompts with the same head
+in pyramid (``feature:path=DIR`` -> the target) and compares the tokens per target forward of
+the two. Run it with the Python of the environment that has vLLM (``nox -s vllm`` does)::
 
     python -m pyramid_core.serving.bench --out out/vllm-bench --concurrency 1 8 32 [--head DIR]
 
@@ -61,10 +61,12 @@ def _planned(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | 
     """The planner's choices (steps by block length) and the verdicts it read between two stats."""
     if "chosen" not in after:
         return None
-    chosen = {k: n - before.get("chosen", {}).get(k, 0) for k, n in after["chosen"].items()}
-    verdicts = {k: n - before.get("verdicts", {}).get(k, 0) for k, n in after["verdicts"].items()}
-    timing = {k: [n - before.get("timing", {}).get(k, [0, 0.0])[0], s - before.get("timing", {}).get(k, [0, 0.0])[1]]
-              for k, (n, s) in after["timing"].items()}
+    def since(field: str) -> dict[str, Any]:  # counts, or [count, seconds] pairs, minus those before
+        was = before.get(field, {})
+        return {k: [a - b for a, b in zip(v, was.get(k, [0, 0.0]), strict=True)] if isinstance(v, list)
+                else v - was.get(k, 0) for k, v in after[field].items()}
+
+    chosen, verdicts, timing = since("chosen"), since("verdicts"), since("timing")
     return {"chosen": {k: n for k, n in chosen.items() if n}, "verdicts": verdicts, "alpha": after["alpha"],
             "step_s": after["step_s"], "draft_s_per_token": after["draft_s_per_token"], "timing": timing}
 

@@ -122,16 +122,17 @@ class LowerChain:
             raise ConfigError("vLLM's workers build the policies from their specs (strings), not objects")
         # what vLLM's workers would build, checked here: a wrong name fails now, not after vLLM's start-up
         for stage in stages[:-1]:
-            if parse_spec(str(stage))[0] not in regs.proposers and parse_spec(str(stage))[0] not in regs.backends:
+            name = parse_spec(str(stage))[0]
+            if name not in regs.proposers and name not in regs.backends:
                 try:
                     make_stage(str(stage), regs=regs)  # an unknown name: the error that lists the stages there are
                 except PluginError as e:
                     raise ConfigError(f"stage {stage!r} of the lower chain: {e}") from e
-        for k, name in enumerate(names[:-1]):
+        for k, policy in enumerate(names[:-1]):
             try:
-                make_policy(str(name), regs=regs)
+                make_policy(str(policy), regs=regs)
             except (PluginError, ConfigError, ValueError, TypeError) as e:
-                raise ConfigError(f"policy {name!r} at boundary {k + 1} -> {k + 2} of the lower chain: {e}") from e
+                raise ConfigError(f"policy {policy!r} at boundary {k + 1} -> {k + 2} of the lower chain: {e}") from e
         top = str(names[-1])
         top_name, top_params = parse_spec(top)
         if top_name not in TOP_POLICIES or top_params:
