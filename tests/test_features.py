@@ -276,3 +276,77 @@ def test_feature_training_learns_resumes_and_loads(target_model: Any, tmp_path: 
     want = build_pipeline([HFStage(target_model)], sampling=GREEDY, stop_ids=[]).generate([5, 6, 7], 12).token_list
     pipe = build_pipeline([stage, HFStage(target_model)], ["exact"], [3], sampling=GREEDY, stop_ids=[])
     assert pipe.generate([5, 6, 7], 12).token_list == want
+
+
+@pytest.mark.parametrize("variant,layers", [("eagle1", (-1,)), ("eagle3", (0, 1, -1))])
+def test_init_from_target_starts_from_its_last_layer(target_model: Any, variant: str,
+                                                     layers: tuple[int, ...]) -> None:
+    """``init=target``: the head's decoder layer is the target's last one (the u half of EAGLE-3's
+    2H-wide q, k, v; the embedding half stays random), and the input map passes the deepest
+    feature (EAGLE-3) or the feature half (EAGLE-1) through unchanged."""
+    from pyramid_core.backends.hf.layers import decoder_layers
+    from pyramid_core.lab.distill.heads import init_from_target
+
+    head = _head(target_model, variant, layers)
+    last = decoder_layers(target_model)[2][-1]
+    init_from_target(head, target_model)
+    mine = head.layers[0]
+    hidden = head.hidden
+    assert torch.equal(mine.mlp.down_proj.weight, last.mlp.down_proj.weight)
+    assert torch.equal(mine.self_attn.o_proj.weight, last.self_attn.o_proj.weight)
+    assert torch.equal(mine.post_attention_layernorm.weight, last.post_attention_layernorm.weight)
+    q = mine.self_attn.q_proj.weight
+    if variant == "eagle3":
+        assert torch.equal(q[:, hidden:], last.self_attn.q_proj.weight)
+        assert not torch.equal(q[:, :hidden], last.self_attn.q_proj.weight)
+        assert torch.equal(head.hidden_norm.weight, last.input_layernorm.weight)
+        f = torch.randn(2, 5, len(layers) * hidden)
+        assert torch.allclose(head.fuse_features(f), f[..., 2 * hidden:])  # -1 is the deepest of (0, 1, -1)
+    else:
+        assert torch.equal(q, last.self_attn.q_proj.weight)
+        u, e = torch.randn(2, 5, hidden), torch.randn(2, 5, hidden)
+        assert torch.allclose(head.fc(torch.cat([u, e], dim=-1)), u)
+
+
+def test_init_from_target_refuses_a_head_deeper_than_the_target(target_model: Any) -> None:
+    from pyramid_core.lab.distill.heads import init_from_target
+
+    torch.manual_seed(0)
+    head = FeatureHead(target_model, FeatureHeadConfig(depth=4))
+    with pytest.raises(ConfigError, match="4 layers, the target only 3"):
+        init_from_target(head, target_model)
+
+
+def test_runs_share_a_feature_cache_and_record_their_init(target_model: Any, tmp_path: Any) -> None:
+    """Two heads of different starts read one ``features_dir``: the second computes nothing (its
+    target is not called), and each records its ``init`` in the report."""
+    from pyramid_core.backends.hf.tiny import save_with_words
+    from pyramid_core.lab.distill.corpus import TeacherRows, TrainSequence
+    from pyramid_core.lab.distill.heads import FeatureTrainConfig, train_feature_head
+
+    base = save_with_words(target_model, tmp_path / "base")
+    ids = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logp = torch.log_softmax(target_model(ids).logits.float(), dim=-1)[:, :-1]
+    values, top = logp.topk(8, dim=-1)
+    corpus = [TrainSequence("python", ids[i].tolist(), 0, TeacherRows(values[i].half(), top[i].to(torch.int32)))
+              for i in range(6)]
+    cache = tmp_path / "features"
+    reports = {}
+    calls = []
+    hook = target_model.model.register_forward_hook(lambda *_: calls.append(1))  # features read model.model
+    try:
+        for init in ("random", "target"):
+            calls.clear()
+            cfg = FeatureTrainConfig(layers=(0, 1, -1), variant="eagle3", sub_vocab=0, steps=2, batch_tokens=64,
+                                     warmup=1, init=init)
+            reports[init] = train_feature_head(target_model, corpus, cfg, tmp_path / init, base=str(base),
+                                               autocast=False, features_dir=cache, progress=False)
+            assert bool(calls) == (init == "random")  # the first run fills the cache, the second reads it
+    finally:
+        hook.remove()
+    assert (cache / "features.json").is_file()
+    assert not (tmp_path / "target" / "features").exists()
+    assert [reports[i]["config"]["init"] for i in ("random", "target")] == ["random", "target"]
+    with pytest.raises(ValueError, match="init"):
+        FeatureTrainConfig(init="zeros")

@@ -43,6 +43,12 @@ def configure(f: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     f.add_argument("--ce-weight", type=float, default=0.1, help="eagle1: weight of the token loss (default 0.1)")
     f.add_argument("--max-positions", type=int, default=400_000,
                    help="bound on the corpus positions whose target features are computed and cached (default 400000)")
+    f.add_argument("--init", choices=("random", "target"), default="random",
+                   help="how the head starts: random, or target (its decoder layer from the target's last one; "
+                        "the input map the identity on the deepest feature)")
+    f.add_argument("--features", metavar="DIR",
+                   help="cache of the target's features (default OUT/features); heads reading the same layers of "
+                        "the same corpus subset can share one")
     f.add_argument("--no-autocast", action="store_true", help="compute features and train in float32 (default bfloat16 autocast)")
     f.add_argument("--partial-corpus", action="store_true",
                    help="train on the shards of a corpus still being built (its hash is then over the shards used)")
@@ -66,10 +72,10 @@ def _feature_config(ns: argparse.Namespace) -> Any:
     if ns.smoke:
         return FeatureTrainConfig(layers=layers, variant=ns.variant, depth=ns.depth, sub_vocab=min(ns.sub_vocab, 512),
                                   steps=3, batch_tokens=256, warmup=1, unroll=ns.unroll, max_positions=2000,
-                                  seed=ns.seed, save_every=2)
+                                  seed=ns.seed, save_every=2, init=ns.init)
     return FeatureTrainConfig(layers=layers, variant=ns.variant, depth=ns.depth, sub_vocab=ns.sub_vocab, steps=ns.steps,
                               batch_tokens=ns.batch_tokens, lr=ns.lr, unroll=ns.unroll, ce_weight=ns.ce_weight,
-                              max_positions=ns.max_positions, seed=ns.seed)
+                              max_positions=ns.max_positions, seed=ns.seed, init=ns.init)
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -99,7 +105,8 @@ def run(ns: argparse.Namespace) -> int:
                 "corpus_partial_shards": manifest.get("partial_shards")}
     report = train_feature_head(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
                                 max_minutes=ns.max_minutes, autocast=not ns.no_autocast,
-                                corpus_sha256=manifest.get("sha256"), progress=show_progress(ns))
+                                corpus_sha256=manifest.get("sha256"), features_dir=ns.features,
+                                progress=show_progress(ns))
     print(json_text(report, indent=2))
     if not report["finished"]:
         _log.warning("stopped after %s steps (--max-minutes); run the same command to resume", report["steps"])

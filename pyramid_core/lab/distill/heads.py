@@ -43,6 +43,7 @@ from pyramid_core.backends.hf.head import (
     save_feature_head,
     unrolled_mask,
 )
+from pyramid_core.backends.hf.layers import decoder_layers
 from pyramid_core.errors import ConfigError
 from pyramid_core.lab.distill.corpus import TrainSequence, corpus_hash
 from pyramid_core.lab.distill.train import (
@@ -54,10 +55,13 @@ from pyramid_core.lab.distill.train import (
 )
 
 __all__ = ["FeatureTrainConfig", "extract_features", "train_feature_head", "feature_argmax_along",
-           "source_features"]
+           "source_features", "init_from_target", "INITS"]
 
 CHECKPOINT = "checkpoint.pt"
 FEATURES = "features"
+INITS = ("random", "target")
+"""How a new head's weights start: ``random`` (normal, the config's initializer range) or
+``target`` (``init_from_target``)."""
 
 
 @attrs.frozen
@@ -79,6 +83,7 @@ class FeatureTrainConfig:
     max_positions: int = 400_000
     seed: int = 0
     save_every: int = 50
+    init: str = attrs.field(default="random", validator=attrs.validators.in_(INITS))
 
     @property
     def head(self) -> FeatureHeadConfig:
@@ -87,6 +92,50 @@ class FeatureTrainConfig:
 
 def _hidden_index(layer: int, num_layers: int) -> int:
     return num_layers if layer == -1 else layer + 1
+
+
+@torch.no_grad()
+def init_from_target(head: FeatureHead, target: Any) -> None:
+    """Start the head's decoder layers from the target's last ``depth`` layers (attention, MLP and
+    norms), so training begins from a layer that already maps a late hidden state to the next one.
+
+    Where the head's shapes differ from the target's: EAGLE-3's first layer reads
+    ``[norm(embedding) ; norm(u)]`` (2H wide q, k, v), so the u half of q, k, v is the target
+    layer's and the embedding half keeps its random start; its ``hidden_norm`` is the target
+    layer's input norm. The input map starts as the identity on what comes nearest to the last
+    layer's input: EAGLE-3's ``fuse`` passes the deepest fused layer through, EAGLE-1's ``fc``
+    the feature half. The sub-vocabulary head is the target's rows already."""
+    source = decoder_layers(target)[2]
+    if head.cfg.depth > len(source):
+        raise ConfigError(f"init=target: the head has {head.cfg.depth} layers, the target only {len(source)}")
+    hidden = head.hidden
+    for mine, theirs in zip(head.layers, list(source)[-head.cfg.depth:], strict=True):
+        own, their = mine.state_dict(), theirs.state_dict()
+        for name, value in their.items():
+            if name not in own:
+                continue
+            if own[name].shape == value.shape:
+                own[name].copy_(value)
+            elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")) and \
+                    own[name].shape == (value.shape[0], 2 * value.shape[1]):
+                own[name][:, hidden:].copy_(value)  # the u half (module docstring of hf.feature_head)
+            else:
+                raise ConfigError(f"init=target: {name} is {tuple(own[name].shape)} in the head and "
+                                  f"{tuple(value.shape)} in the target")
+        mine.load_state_dict(own)
+    if head.hidden_norm is not None:
+        first: Any = source[-head.cfg.depth]
+        head.hidden_norm.load_state_dict(first.input_layernorm.state_dict())
+    eye = torch.eye(hidden, dtype=head.reference_weight.dtype, device=head.reference_weight.device)
+    if head.fuse is not None:  # the deepest source layer passes through
+        deepest = max(range(len(head.cfg.layers)), key=lambda i: _hidden_index(head.cfg.layers[i], len(source)))
+        head.fuse.weight.zero_()
+        head.fuse.weight[:, deepest * hidden:(deepest + 1) * hidden].copy_(eye)
+    if head.fc is not None:  # x = u_prev at the start: fc reads [u_prev ; embedding]
+        head.fc.weight.zero_()
+        head.fc.weight[:, :hidden].copy_(eye)
+        if head.fc.bias is not None:
+            head.fc.bias.zero_()
 
 
 @torch.inference_mode()
@@ -277,10 +326,12 @@ def _loss(head: FeatureHead, data: dict[str, Tensor], cfg: FeatureTrainConfig, a
 def train_feature_head(target: Any, sequences: Sequence[TrainSequence], cfg: FeatureTrainConfig, out_dir: str | Path, *,
                        base: str, metadata: dict[str, Any] | None = None, eos: Sequence[int] = (),
                        max_minutes: float | None = None, autocast: bool = True, corpus_sha256: str | None = None,
-                       progress: bool = True) -> dict[str, Any]:
+                       features_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train a feature head of ``target`` on ``sequences`` and write it to ``out_dir``
     (``hf.feature_head`` format). Returns the training report; ``report["finished"]`` is False
-    when ``max_minutes`` ran out first (run again to resume)."""
+    when ``max_minutes`` ran out first (run again to resume). ``features_dir``: where the target's
+    features are cached (default ``out_dir/features``; runs that read the same layers of the
+    same corpus subset can share one)."""
     from tqdm.auto import tqdm
 
     if not sequences:
@@ -289,7 +340,8 @@ def train_feature_head(target: Any, sequences: Sequence[TrainSequence], cfg: Fea
     out.mkdir(parents=True, exist_ok=True)
     device = target.get_input_embeddings().weight.device
     t_start = time.perf_counter()
-    chosen, feats = extract_features(target, sequences, cfg.layers, out / FEATURES, max_positions=cfg.max_positions,
+    cache = Path(features_dir) if features_dir is not None else out / FEATURES
+    chosen, feats = extract_features(target, sequences, cfg.layers, cache, max_positions=cfg.max_positions,
                                      seed=cfg.seed, autocast=autocast, corpus_sha256=corpus_sha256, progress=progress)
     train = [sequences[i] for i in chosen]
     torch.manual_seed(cfg.seed)
@@ -297,6 +349,8 @@ def train_feature_head(target: Any, sequences: Sequence[TrainSequence], cfg: Fea
     # a small corpus may hold fewer distinct tokens than sub_vocab rows
     head_cfg = attrs.evolve(cfg.head, sub_vocab=int(sub.numel()) if sub is not None else 0)
     head = FeatureHead(target, head_cfg, sub).to(device)
+    if cfg.init == "target":
+        init_from_target(head, target)
     head.train()
     to_sub: Tensor | None = None
     if sub is not None:
