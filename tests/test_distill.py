@@ -634,6 +634,7 @@ def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path) -> None:
     assert main(["distill", "feature", "--smoke", "--workdir", str(tmp_path), "--ship", str(ship), "--quiet"]) == 0
     info = json.loads((ship / "stage.json").read_text())
     assert info["corpus_sha256"] == family["corpus"]["sha256"] and info["command"].startswith("pyramid distill feature")
+    assert info["corpus_command"] == family["corpus"]["command"] and info["corpus_command"].startswith("pyramid distill")
     assert info["training"]["finished"] is True and info["training"]["steps"] == 3
     evaluation = info["evaluation"]
     assert (evaluation["prompts"], evaluation["new_tokens"]) == (2, 8)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyramid_core.cli.argtypes import int_at_least
 from pyramid_core.cli.common import show_progress
 from pyramid_core.cli.distill_common import (
     command_line,
@@ -28,6 +29,9 @@ from pyramid_core.errors import ConfigError
 __all__ = ["configure"]
 
 _log = logging.getLogger(__name__)
+SORT_WINDOW = 512
+"""``--sort-window``'s default: on the 610 k-position corpus of docs/distill.md, 512 raises the real
+tokens per padded token of a 4,096-token batch from 0.58 to 0.96 (``train._epoch_batches``)."""
 
 
 def configure(f: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -46,6 +50,9 @@ def configure(f: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     f.add_argument("--init", choices=("random", "target"), default="random",
                    help="how the head starts: random, or target (its decoder layer from the target's last one; "
                         "the input map the identity on the deepest feature)")
+    f.add_argument("--sort-window", type=int_at_least(0), default=SORT_WINDOW, metavar="N",
+                   help=f"batch sequences of similar lengths: sort each window of N shuffled sequences by length "
+                        f"(less padding per step; 0 = batches of the shuffled order; default {SORT_WINDOW})")
     f.add_argument("--features", metavar="DIR",
                    help="cache of the target's features (default OUT/features); heads reading the same layers of "
                         "the same corpus subset can share one")
@@ -72,10 +79,11 @@ def _feature_config(ns: argparse.Namespace) -> Any:
     if ns.smoke:
         return FeatureTrainConfig(layers=layers, variant=ns.variant, depth=ns.depth, sub_vocab=min(ns.sub_vocab, 512),
                                   steps=3, batch_tokens=256, warmup=1, unroll=ns.unroll, max_positions=2000,
-                                  seed=ns.seed, save_every=2, init=ns.init)
+                                  seed=ns.seed, save_every=2, init=ns.init, sort_window=ns.sort_window)
     return FeatureTrainConfig(layers=layers, variant=ns.variant, depth=ns.depth, sub_vocab=ns.sub_vocab, steps=ns.steps,
                               batch_tokens=ns.batch_tokens, lr=ns.lr, unroll=ns.unroll, ce_weight=ns.ce_weight,
-                              max_positions=ns.max_positions, seed=ns.seed, init=ns.init)
+                              max_positions=ns.max_positions, seed=ns.seed, init=ns.init,
+                              sort_window=ns.sort_window)
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -102,7 +110,7 @@ def run(ns: argparse.Namespace) -> int:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     metadata = {"role": "feature", "command": command_line(ns), "seed": cfg.seed,
                 "corpus_sha256": manifest.get("sha256"), "corpus_positions": manifest.get("target_positions"),
-                "corpus_partial_shards": manifest.get("partial_shards")}
+                "corpus_partial_shards": manifest.get("partial_shards"), "corpus_command": manifest.get("command")}
     report = train_feature_head(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
                                 max_minutes=ns.max_minutes, autocast=not ns.no_autocast,
                                 corpus_sha256=manifest.get("sha256"), features_dir=ns.features,

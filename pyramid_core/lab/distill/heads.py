@@ -84,6 +84,7 @@ class FeatureTrainConfig:
     seed: int = 0
     save_every: int = 50
     init: str = attrs.field(default="random", validator=attrs.validators.in_(INITS))
+    sort_window: int = 0  # batches of similar lengths (``train._epoch_batches``); 0 = none
 
     @property
     def head(self) -> FeatureHeadConfig:
@@ -227,7 +228,7 @@ def _batch_at(step: int, lengths: Sequence[int], cfg: FeatureTrainConfig, epochs
     epoch, offset = 0, step
     while True:
         if epoch not in epochs:
-            epochs[epoch] = _epoch_batches(lengths, cfg.batch_tokens, cfg.seed, epoch)
+            epochs[epoch] = _epoch_batches(lengths, cfg.batch_tokens, cfg.seed, epoch, sort_window=cfg.sort_window)
         if offset < len(epochs[epoch]):
             return epochs[epoch][offset]
         offset -= len(epochs[epoch])

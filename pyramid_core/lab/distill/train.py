@@ -98,24 +98,36 @@ def choose_sub_vocab(sequences: Sequence[TrainSequence], size: int, always: Sequ
 
 
 def _epoch_batches(lengths: Sequence[int], batch_tokens: int, seed: int, epoch: int,
-                   pool: Sequence[int] | None = None) -> list[list[int]]:
+                   pool: Sequence[int] | None = None, sort_window: int = 0) -> list[list[int]]:
     """Batches of sequence indices (from ``pool``, default all, repeats allowed) in a seeded
-    random order, each at most ``batch_tokens`` padded tokens (or one longer sequence)."""
+    random order, each at most ``batch_tokens`` padded tokens (or one longer sequence).
+
+    ``sort_window`` = w > 0: the shuffled order is cut into windows of w sequences, each sorted by
+    length before it is cut into batches, and the batches of the epoch are shuffled again. A
+    batch then holds sequences of similar lengths (less padding: more real tokens per step) while
+    every sequence still lands in a random batch of a random step; w = 0 batches the shuffled
+    order as it is."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     items = list(pool) if pool is not None else list(range(len(lengths)))
     order = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
+    windows = [order[i:i + sort_window] for i in range(0, len(order), sort_window)] if sort_window > 0 else [order]
     batches: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in order:
-        width_new = max(width, lengths[i])
-        if current and width_new * (len(current) + 1) > batch_tokens:
+    for window in windows:
+        if sort_window > 0:
+            window = sorted(window, key=lambda i: lengths[i])  # stable: ties keep the shuffled order
+        current: list[int] = []
+        width = 0
+        for i in window:
+            width_new = max(width, lengths[i])
+            if current and width_new * (len(current) + 1) > batch_tokens:
+                batches.append(current)
+                current, width_new = [], lengths[i]
+            current.append(i)
+            width = width_new
+        if current:
             batches.append(current)
-            current, width_new = [], lengths[i]
-        current.append(i)
-        width = width_new
-    if current:
-        batches.append(current)
+    if sort_window > 0:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return batches
 
 
