@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from pyramid_core import SamplingConfig, build_pipeline, make_stage
+from pyramid_core import ConfigError, SamplingConfig, build_pipeline, make_stage
 from pyramid_core.backends.hf import HFStage, ensure_smollm2
 
 pytestmark = pytest.mark.slow
@@ -74,11 +74,10 @@ def test_real_model_facts(smol: dict[str, Any]) -> None:
         (["smollm2:stage=feature", "smollm2"], [4]),
         (["smollm2:stage=feature", "smollm2"], [-1]),  # a token tree: tree:budget=12,branching=3
         (["smollm2:stage=feature,features_from=target", "smollm2:stage=qualifier", "smollm2"], [3, 6]),
-        (["smollm2:stage=feature", "smollm2:stage=qualifier", "smollm2"], [3, 6]),
     ],
     ids=["ngram->smollm2", "smollm2[:8]->smollm2", "ngram->smollm2[:20]->smollm2", "draft->smollm2",
          "draft->qualifier->smollm2", "feature->smollm2", "tree(feature)->smollm2",
-         "feature(target)->qualifier->smollm2", "feature(qualifier)->qualifier->smollm2"],
+         "feature(target)->qualifier->smollm2"],
 )
 def test_greedy_pipeline_is_token_identical(stages: list[str], block_lengths: list[int], smol: dict[str, Any]) -> None:
     tree = None
@@ -91,6 +90,14 @@ def test_greedy_pipeline_is_token_identical(stages: list[str], block_lengths: li
     assert gen.token_list == smol["expected"]
     if stages[0] == "ngram":  # the answer repeats itself: prompt lookup saves target forwards
         assert gen.metrics.target_forwards < len(smol["expected"])
+
+
+def test_the_eagle3_head_cannot_read_the_qualifier(smol: dict[str, Any]) -> None:
+    """The shipped head fuses layers 1, 14 and 26 of the target; the 8-layer qualifier has no
+    layer 14, so reading it (``features_from=next``) is a build error that names both."""
+    with pytest.raises(ConfigError, match=r"feature reads layers \[1, 14, 26\] of stage 2 \(qualifier\).*no feature layer 14"):
+        build_pipeline(["smollm2:stage=feature", "smollm2:stage=qualifier", "smollm2"], ["exact", "exact"], [3, 6],
+                       sampling=SamplingConfig.greedy())
 
 
 def test_greedy_pipeline_stops_at_eos_like_generate(smol: dict[str, Any]) -> None:
@@ -107,7 +114,6 @@ def test_shipped_family_loads_and_is_described(smol: dict[str, Any]) -> None:
     from pyramid_core.backends.hf.smollm2 import family_dir
     from pyramid_core.backends.hf.student import SubVocabHead
     from pyramid_core.build import make_stage
-    from pyramid_core.errors import ConfigError
 
     family = json.loads((family_dir() / "family.json").read_text())
     assert len(family["corpus"]["sha256"]) == 64 and family["seed"] == 0
