@@ -73,3 +73,5 @@ def test_a_feature_run_records_its_window_and_refuses_another_on_resume(tmp_path
     other = attrs.evolve(cfg, sort_window=0)  # the same run but for its window
     with pytest.raises(ConfigError, match="another training configuration"):
         train_feature_head(model, corpus, other, tmp_path / "head", base=str(base), autocast=False, progress=False)
+    with pytest.raises(ValueError, match="sort_window"):
+        FeatureTrainConfig(sort_window=-1)

@@ -18,6 +18,7 @@ from pyramid_core.cli.distill_common import (
     corpus_dir,
     home,
     load_target,
+    record_corpus,
 )
 from pyramid_core.cli.distill_corpus import corpus_args, corpus_config
 from pyramid_core.cli.distill_eval import (
@@ -54,6 +55,7 @@ def run(ns: argparse.Namespace) -> int:
     model, tokenizer = load_target(ns)
     manifest = build_corpus(model, tokenizer, corpus_dir(ns), corpus_config(ns),
                             held_out=[p.text for p in load_prompts()], progress=show_progress(ns))
+    record_corpus(ns, manifest)
     reports = {}
     for role in ("draft", "qualifier"):
         ns.layers = ns.sub_vocab = ns.lr = None

@@ -16,7 +16,7 @@ from pyramid_core.cli.argtypes import seed_below
 from pyramid_core.errors import ConfigError
 
 __all__ = ["common_args", "home", "check_outputs", "command_line", "load_target", "usable_device", "corpus_dir",
-           "corpus_manifest"]
+           "corpus_manifest", "record_corpus"]
 
 # distillation derives per-epoch and per-try seeds as seed * 1_000_003 + i, which must stay below
 # 2**64 (what torch.manual_seed takes)
@@ -99,3 +99,10 @@ def corpus_manifest(ns: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"no finished corpus at {path.parent}; run `pyramid distill corpus` first")
     manifest: dict[str, Any] = json.loads(path.read_text())
     return manifest
+
+
+def record_corpus(ns: argparse.Namespace, manifest: dict[str, Any]) -> None:
+    """Write the finished corpus's ``corpus.json`` with the command that built it (``distill
+    corpus`` or ``distill all``), which the stages trained on it record in turn."""
+    manifest.setdefault("command", command_line(ns))
+    (corpus_dir(ns) / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")

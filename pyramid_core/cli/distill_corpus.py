@@ -16,10 +16,10 @@ from pyramid_core.cli.argtypes import int_at_least
 from pyramid_core.cli.common import show_progress
 from pyramid_core.cli.distill_common import (
     check_outputs,
-    command_line,
     common_args,
     corpus_dir,
     load_target,
+    record_corpus,
     usable_device,
 )
 from pyramid_core.errors import ConfigError
@@ -142,8 +142,7 @@ def run_scale(ns: argparse.Namespace) -> int:
     if not manifest:
         print(json.dumps({"finished": False, "corpus": str(out), "note": "budget not reached; run the same command again"}))
         return 0
-    manifest.setdefault("command", command_line(ns))
-    (out / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    record_corpus(ns, manifest)
     print(json.dumps(manifest, indent=2))
     return 0
 
@@ -160,7 +159,6 @@ def run(ns: argparse.Namespace) -> int:
     held_out = [p.text for p in load_prompts()]
     out = corpus_dir(ns)
     manifest = build_corpus(model, tokenizer, out, corpus_config(ns), held_out=held_out, progress=show_progress(ns))
-    manifest.setdefault("command", command_line(ns))
-    (out / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    record_corpus(ns, manifest)
     print(json.dumps(manifest, indent=2))
     return 0

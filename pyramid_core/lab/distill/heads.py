@@ -84,7 +84,7 @@ class FeatureTrainConfig:
     seed: int = 0
     save_every: int = 50
     init: str = attrs.field(default="random", validator=attrs.validators.in_(INITS))
-    sort_window: int = 0  # batches of similar lengths (``train._epoch_batches``); 0 = none
+    sort_window: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # ``train._epoch_batches``; 0 = none
 
     @property
     def head(self) -> FeatureHeadConfig:
