@@ -50,6 +50,7 @@ from pyramid_core.lab.distill.train import (
     _epoch_batches,
     choose_sub_vocab,
     lr_at,
+    pack_batches,
     resume,
     save_checkpoint,
 )
@@ -185,18 +186,8 @@ def extract_features(model: Any, sequences: Sequence[TrainSequence], layers: Seq
                               "another --out folder")
     else:
         manifest.write_text(json.dumps({"recipe": recipe, "indices": chosen}) + "\n")
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in sorted(chosen, key=lambda i: len(sequences[i].tokens)):  # similar lengths batch well
-        w = max(width, len(sequences[i].tokens))
-        if current and w * (len(current) + 1) > batch_tokens:
-            chunks.append(current)
-            current, w = [], len(sequences[i].tokens)
-        current.append(i)
-        width = w
-    if current:
-        chunks.append(current)
+    lengths = [len(s.tokens) for s in sequences]
+    chunks = pack_batches(sorted(chosen, key=lengths.__getitem__), lengths, batch_tokens)  # similar lengths batch well
     device = model.get_input_embeddings().weight.device
     feats: dict[int, Tensor] = {}
     t0 = time.perf_counter()

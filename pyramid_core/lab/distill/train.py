@@ -36,7 +36,7 @@ from pyramid_core.errors import ConfigError
 from pyramid_core.lab.distill.corpus import TrainSequence
 from pyramid_core.lab.outputs import json_text
 
-__all__ = ["TrainConfig", "choose_sub_vocab", "train_student", "write_report"]
+__all__ = ["TrainConfig", "choose_sub_vocab", "pack_batches", "train_student", "write_report"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -110,24 +110,30 @@ def _epoch_batches(lengths: Sequence[int], batch_tokens: int, seed: int, epoch: 
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     items = list(pool) if pool is not None else list(range(len(lengths)))
     order = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
-    windows = [order[i:i + sort_window] for i in range(0, len(order), sort_window)] if sort_window > 0 else [order]
+    if sort_window <= 0:
+        return pack_batches(order, lengths, batch_tokens)
     batches: list[list[int]] = []
-    for window in windows:
-        if sort_window > 0:
-            window = sorted(window, key=lambda i: lengths[i])  # stable: ties keep the shuffled order
-        current: list[int] = []
-        width = 0
-        for i in window:
-            width_new = max(width, lengths[i])
-            if current and width_new * (len(current) + 1) > batch_tokens:
-                batches.append(current)
-                current, width_new = [], lengths[i]
-            current.append(i)
-            width = width_new
-        if current:
+    for start in range(0, len(order), sort_window):  # stable sort: ties keep the shuffled order
+        batches += pack_batches(sorted(order[start:start + sort_window], key=lambda i: lengths[i]), lengths,
+                                batch_tokens)
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def pack_batches(indices: Sequence[int], lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """``indices`` cut in their order into batches of at most ``batch_tokens`` padded tokens (the
+    longest length times the batch size; a longer sequence is a batch of its own)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i in indices:
+        width_new = max(width, lengths[i])
+        if current and width_new * (len(current) + 1) > batch_tokens:
             batches.append(current)
-    if sort_window > 0:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+            current, width_new = [], lengths[i]
+        current.append(i)
+        width = width_new
+    if current:
+        batches.append(current)
     return batches
 
 
