@@ -8,8 +8,10 @@ the two. Run it with the Python of the environment that has vLLM (``nox -s vllm`
 
     python -m pyramid_core.serving.bench --out out/vllm-bench --concurrency 1 8 32 [--head DIR]
 
-One engine per method (each loads and warms up once); at concurrency c the prompts go in
-batches of c requests. Guarded by ``__main__``: vLLM's worker processes re-import the module."""
+One engine per method (each loads once); at concurrency c the prompts go in batches of c
+requests, after one untimed batch of c other requests (``WARM``) that warms that batch shape up
+(vLLM compiles and packs kernels for the shapes a step meets first; the planner learns its
+costs): each method is timed as a server in its steady state. Guarded by ``__main__``: vLLM's worker processes re-import the module."""
 
 from __future__ import annotations
 
@@ -38,6 +40,12 @@ PROMPTS = [
     "Explain what a hash table is to a beginner.",
     "Write a haiku about autumn rain.",
 ]
+
+
+def warm_prompts(n: int) -> list[str]:
+    """``n`` requests unlike the timed ones (no shared prefix beyond the chat template), for the
+    untimed warm-up batch of each concurrency."""
+    return [f"Count from {10 * i + 3} to {10 * i + 30}, one number per line." for i in range(n)]
 
 
 def _counters(llm: Any) -> dict[str, float]:
@@ -83,9 +91,11 @@ def run_method(name: str, model: str, dtype: str, prompts: list[str], tokens: in
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=False)
-    llm.generate(texts[:2], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm
     rows = {}
     for c in concurrency:
+        warm = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in warm_prompts(c)]
+        llm.generate(warm, params, use_tqdm=False)  # this batch shape, untimed
         before, mine = _counters(llm), _proposer_stats(stats)
         outputs: list[list[int]] = []
         t0 = time.perf_counter()
