@@ -138,3 +138,36 @@ def test_bench_on_a_spec_bench_file(question_file: Path, tiny_models: dict[str, 
         lines = [json.loads(line) for line in f.read_text().splitlines()]
         assert [r["question_id"] for r in lines] == [q["question_id"] for q in QUESTIONS]
         assert all(len(r["choices"][0]["turns"]) == len(q["turns"]) for r, q in zip(lines, QUESTIONS, strict=True))
+
+
+def test_spec_bench_answers_with_the_feature_rows(tiny_models: dict[str, Any], tmp_path: Path) -> None:
+    """``run_specbench(extra=...)``: the feature-draft rows (an untrained head reading the tiny
+    target's features: exact whatever it predicts) answer every question with the target's own
+    greedy tokens, get an answer file and a report row of their own; a label twice is refused."""
+    import torch
+
+    from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig
+    from pyramid_core.backends.hf.head_stage import FeatureStage
+    from pyramid_core.backends.hf.stage import HFStage
+    from pyramid_core.backends.hf.tiny import word_tokenizer
+    from pyramid_core.lab.bench import feature_configs
+    from pyramid_core.lab.bench.questions import run_specbench
+
+    tok = word_tokenizer([f"w{i}" for i in range(int(tiny_models["target"].config.vocab_size))])
+    target = HFStage(tiny_models["target"], tok, name="target")
+    draft = HFStage(tiny_models["near"], tok, name="near")
+    torch.manual_seed(0)
+    head = FeatureHead(tiny_models["target"], FeatureHeadConfig(layers=(-1,), variant="eagle1"))
+    feature = FeatureStage(head, tok, name="feature", features_from="target")
+    extra = feature_configs(target, feature, length=3, tree="tree:budget=6,branching=2")
+    questions = [Question(q["question_id"], q["category"], tuple(q["turns"])) for q in QUESTIONS[:3]]
+    result = run_specbench(target, draft, questions, tmp_path / "answers", max_new_tokens=6, progress=False,
+                           extra=extra)
+    alone = [a.turns for a in result.answers["pyramid target (N=1)"]]
+    for label in ("feature→target", "tree feature→target"):
+        assert [a.turns for a in result.answers[label]] == alone, label
+        assert result.report[label]["overall"]["accept_length"] >= 1.0
+    assert len(result.files) == len(result.answers) and "| tree feature→target |" in result.to_markdown()
+    with pytest.raises(ConfigError, match="same label"):
+        run_specbench(target, draft, questions[:1], tmp_path / "again", max_new_tokens=2, progress=False,
+                      extra=extra[:1] * 2)

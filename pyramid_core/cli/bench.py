@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +50,9 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     p.add_argument("--ngram", default="ngram", metavar="STAGE", help="model-free proposer (default ngram)")
     p.add_argument("--tree", default="tree:budget=8,branching=4", metavar="TREE", help="tree wrapper spec")
     p.add_argument("--feature", metavar="STAGE",
-                   help="feature-level draft (EAGLE family) for the feature rows; 'none' drops them (default: "
-                        "smollm2:stage=feature when the target is the family's and the head is shipped)")
+                   help="feature-level draft (EAGLE family) for the feature rows, on Spec-Bench questions too; 'none' drops "
+                        "them (default: smollm2:stage=feature when the target is the family's and the head is "
+                        "shipped)")
     p.add_argument("--feature-length", type=block_length, default=2, metavar="L",
                    help="block length of the feature->target rows (default 2: `pyramid plan`'s choice for the "
                         "shipped head on a 2-core CPU)")
@@ -237,8 +238,9 @@ def _run_bench(ns: argparse.Namespace, out: Path, logs: list[RecordLog]) -> int:
     target, draft = loaded["--target"], loaded["--draft"]
     assert target is not None and draft is not None
     if plan.specbench:
+        extra = _feature_rows(ns, plan.specs["--target"], target, loaded["--qualifier"], regs, upper=plan.upper)
         return _specbench(ns, out, target, draft, loaded["--qualifier"], plan.max_new, plan.lengths2, plan.lengths3,
-                          regs, arguments)
+                          regs, arguments, extra)
     described = [cfg.describe() for cfg in _pyramid_configs(ns, plan, dict(plan.specs), regs, load=False)]
     configs = _pyramid_configs(ns, plan, loaded, regs, load=True)
     log = _open_log(out / "bench.partial.jsonl", arguments, "bench", logs)
@@ -302,8 +304,10 @@ def _open_log(path: Path, arguments: dict[str, Any], command: str, logs: list[Re
 
 
 def _specbench(ns: argparse.Namespace, out: Path, target: Any, draft: Any, qualifier: Any, max_new: int,
-               lengths2: list[int] | None, lengths3: list[int] | None, regs: Any, arguments: dict[str, Any]) -> int:
-    """``pyramid bench --prompts question.jsonl``: the Spec-Bench run (``bench.run_specbench``)."""
+               lengths2: list[int] | None, lengths3: list[int] | None, regs: Any, arguments: dict[str, Any],
+               extra: Sequence[Any] = ()) -> int:
+    """``pyramid bench --prompts question.jsonl``: the Spec-Bench run (``bench.run_specbench``),
+    with the feature-draft rows ``extra``."""
 
     # lazy: lab/ stays out of CLI start-up
     from pyramid_core.lab.bench import run_specbench
@@ -312,16 +316,18 @@ def _specbench(ns: argparse.Namespace, out: Path, target: Any, draft: Any, quali
     from pyramid_core.lab.specbench import load_questions
 
     questions = load_questions(ns.prompts, per_group=1 if ns.quick else ns.per_group)
+    stages = [s for s in (target, draft, qualifier) if s]
+    for cfg in extra:  # the feature head, once
+        stages += [s for s in cfg.stages if isinstance(s, Stage) and all(s is not t for t in stages)]
     result = run_specbench(target, draft, questions, out / "specbench", qualifier=qualifier, max_new_tokens=max_new,
                            lengths2=lengths2, lengths3=lengths3, tree=ns.tree, on_too_long=ns.on_too_long, regs=regs,
-                           progress=show_progress(ns))
+                           progress=show_progress(ns), extra=extra)
     md = result.to_markdown()
     (out / "specbench.md").write_text(md)
     (out / "specbench.json").write_text(json_text({"baseline": result.baseline, "report": result.report,
                                                     "skipped": list(result.skipped),
                                                     "answer_files": [str(f) for f in result.files],
-                                                    "run": run_record("pyramid bench", arguments,
-                                                                      [s for s in (target, draft, qualifier) if s])},
+                                                    "run": run_record("pyramid bench", arguments, stages)},
                                                    indent=2))
     print(md)
     print("wrote " + ", ".join(str(f) for f in [out / "specbench.md", out / "specbench.json", *result.files]))

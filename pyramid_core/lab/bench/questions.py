@@ -16,7 +16,7 @@ from pyramid_core.backends.hf.stage import HFStage
 from pyramid_core.build import PipelineSpec
 from pyramid_core.errors import ConfigError
 from pyramid_core.lab.bench.report import TARGET_ALONE
-from pyramid_core.lab.bench.run import default_configs
+from pyramid_core.lab.bench.run import BenchConfig, default_configs
 from pyramid_core.lab.outputs import md_escape
 from pyramid_core.lab.prompts import encode_prompt
 from pyramid_core.lab.specbench import (
@@ -72,12 +72,14 @@ def run_specbench(
     on_too_long: str = "error",
     progress: bool = True,
     regs: Registries | None = None,
+    extra: Sequence[BenchConfig] = (),
 ) -> SpecBenchResult:
     """Answer Spec-Bench ``questions`` (``pyramid_core.lab.specbench``) greedily with HF generate of
     the target -- eager, and over the stage's compiled runner where it has one; the baseline is the
-    faster of them in this run -- and the ``QUESTION_ROWS`` pipelines; write one Spec-Bench answer
-    file per method under ``out_dir`` and report speedup and accept length per group, and each
-    pipeline's gain over pyramid N = 1."""
+    faster of them in this run -- the ``QUESTION_ROWS`` pipelines and the ``extra`` rows (e.g. the
+    feature-draft rows, ``feature_configs``); write one Spec-Bench answer file per method under
+    ``out_dir`` and report speedup and accept length per group, and each pipeline's gain over
+    pyramid N = 1."""
     regs = regs or registries()
     tok = tokenizer_of(target)
     if tok is None or not isinstance(target, HFStage):
@@ -108,6 +110,9 @@ def run_specbench(
     hf_methods = tuple(methods)
     configs = [c for c in default_configs(target, draft, qualifier=qualifier, tree=tree, lengths2=lengths2,
                                           lengths3=lengths3) if c.label in QUESTION_ROWS]
+    configs += extra
+    if len({c.label for c in configs}) != len(configs):
+        raise ConfigError(f"Spec-Bench rows with the same label: {[c.label for c in configs]}")
     for cfg in configs:
         pipe = cfg.spec(greedy, stop_ids).resolve(regs)
 
