@@ -228,3 +228,83 @@ def test_streamed_shards_equal_shards_built_phase_by_phase(target: Any, tok: Any
     b = harvest(BatchOnly(streamed), target, tok, tmp_path / "b", cfg(positions=250), progress=False)
     streamed.close()
     assert a["sha256"] == b["sha256"] and a["prompts"]["second_turns"] > 0
+
+
+# Passage prompts: the tiny target writes noise, so an engine that writes a fixed passage stands in
+# for the target where it is asked for one (its rows then come from the target's prefill).
+PASSAGE = ("the garden library opens at nine . visitors borrow twelve books . " * 4).strip()
+WORDS = ["unk", "w1", "w2", "w3", "w63", "the", "garden", "library", "opens", "at", "nine", ".", "visitors",
+         "borrow", "twelve", "books"]
+
+
+class _PassageWriter:
+    """``HFEngine`` except that a request for a passage (a prompt of ``passages.GENRES``) gets ``PASSAGE``."""
+
+    name = "passages"
+
+    def __init__(self, inner: HFEngine, tokenizer: Any) -> None:
+        self.inner, self.tokenizer, self.asked = inner, tokenizer, 0
+
+    def complete(self, requests: Any, *, top_k: int) -> list[Any]:
+        from pyramid_core.lab.distill.engines import Completion
+
+        out = self.inner.complete(requests, top_k=top_k)
+        stop = int(self.tokenizer.convert_tokens_to_ids("w63"))
+        for i, r in enumerate(requests):
+            # a genre prompt is written in words the tokenizer lacks: mostly unknown tokens, no w-words
+            if r.temperature > 0 and r.prompt.count(0) >= 3 and r.max_tokens > 12:
+                self.asked += 1
+                ids = list(self.tokenizer(PASSAGE, add_special_tokens=False)["input_ids"]) + [stop]
+                out[i] = Completion(ids, None, None, True)
+        return out
+
+
+def test_passage_prompts_are_tasks_over_the_passages_the_target_wrote(target: Any, tmp_path: Path) -> None:
+    from pyramid_core.lab.distill.passages import TASKS
+
+    tok = word_tokenizer(WORDS + [f"x{i}" for i in range(VOCAB - len(WORDS))])
+    tok.chat_template = CHAT
+    tok.eos_token = "w63"
+    engine = _PassageWriter(HFEngine(target, batch_size=8), tok)
+    c = cfg(positions=300, shard_prompts=8, new_tokens=40, templated_fraction=0.25, passage_fraction=0.5, follow_up=0.0)
+    manifest = harvest(engine, target, tok, tmp_path, c, progress=False)
+    assert engine.asked > 0
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("shard-*.json"))]
+    tasks = [p for r in records for p in r["prompts"] if "the garden library opens at nine ." in p["prompt"]]
+    assert len(tasks) == 4 * len(records)  # half of each shard's 8 prompts
+    assert {p["kind"] for p in tasks} <= set(TASKS) and len({p["kind"] for p in tasks}) >= 3
+    assert all(r["passages_written"] >= 4 for r in records)
+    # the written passages are training sequences too, with the target's rows
+    passage_ids = tok(PASSAGE, add_special_tokens=False)["input_ids"]
+    written = [s for s in load_corpus(tmp_path) if s.source == "sampled" and s.tokens[s.start + 1:][:len(passage_ids)] == passage_ids]
+    assert len(written) >= sum(r["passages_written"] for r in records)
+    assert manifest["target_positions"] >= 300
+    # the recipe pins the share; a recipe without passages reads as before they existed
+    assert c.recipe()["passage_fraction"] == 0.5 and "passage_fraction" not in cfg().recipe()
+
+
+def test_passage_tasks_quote_the_passage() -> None:
+    import random
+
+    from pyramid_core.lab.distill.passages import passage_task, trim_passage
+
+    text = "Anna Berg opens the Larchfield library on Monday. It holds 12,000 books! Visitors need a card"
+    assert trim_passage(text, min_words=5) == "Anna Berg opens the Larchfield library on Monday. It holds 12,000 books!"
+    assert trim_passage("too short.") is None and trim_passage("no sentence end " * 20) is None
+    rng = random.Random(0)
+    passage = trim_passage(text, min_words=5)
+    assert passage is not None
+    for kind in ("summarisation", "retrieval", "qa", "chat"):
+        for _ in range(6):
+            task = passage_task(kind, passage, rng)
+            assert passage in task or "\"" in task
+    for _ in range(6):
+        task = passage_task("translation", passage, rng)
+        assert task.split("\n")[-1] in passage and "Translate" in task
+
+
+def test_bad_passage_shares_are_named() -> None:
+    with pytest.raises(ConfigError, match="passage_fraction"):
+        cfg(passage_fraction=1.5)
+    with pytest.raises(ConfigError, match="passage_fraction"):
+        cfg(templated_fraction=0.6, passage_fraction=0.6)

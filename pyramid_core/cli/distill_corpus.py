@@ -65,6 +65,9 @@ def scale_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher", choices=("engine", "prefill"), default="engine",
                    help="teacher rows from the engine's log-probabilities, or re-read by the target here (prefill)")
     g.add_argument("--shard-prompts", type=int_at_least(1), default=256, help="prompts per shard (default 256)")
+    g.add_argument("--passages", type=float, default=0.0, metavar="F",
+                   help="share of each shard's prompts that are tasks over a passage the target writes first "
+                        "(summarise, question, translate or edit it; default 0)")
     g.add_argument("--dtype", default="auto", help="the in-process target's dtype (auto: bfloat16 where native)")
     g.add_argument("--exclude", metavar="FILE", action="append", default=[],
                    help="more held-out prompts never to train on: a Spec-Bench question file or a prompt file (repeatable)")
@@ -110,9 +113,10 @@ def run_scale(ns: argparse.Namespace) -> int:
         raise ConfigError("distillation needs the target: run `pyramid setup` first")
     device = usable_device(ns)
     cfg = (HarvestConfig(positions=min(ns.positions, 3000), shard_prompts=4, new_tokens=8, python_windows=1, window=32,
-                         self_instruct_tokens=24, teacher=ns.teacher, seed=ns.seed) if ns.smoke else
+                         self_instruct_tokens=24, teacher=ns.teacher, seed=ns.seed, passage_fraction=ns.passages)
+           if ns.smoke else
            HarvestConfig(positions=ns.positions, shard_prompts=ns.shard_prompts, new_tokens=ns.new_tokens,
-                         teacher=ns.teacher, seed=ns.seed))
+                         teacher=ns.teacher, seed=ns.seed, passage_fraction=ns.passages))
     model = load_model(smollm2_dir(), device=device, dtype=ns.dtype)
     tokenizer = load_tokenizer(smollm2_dir())
     out = corpus_dir(ns)

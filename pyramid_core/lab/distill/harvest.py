@@ -6,8 +6,10 @@ the corpus holds ``positions`` target positions. Shard ``i`` is a function of (s
 1. **prompts** -- ``templated_fraction`` of them from the templates (``corpus.training_prompts``,
    with the shard's own numbers), the rest written by the target itself through the engine (a user
    turn of its chat template opened with an opener of one of the six task kinds, sampled at
-   ``self_instruct_temperature``: ``corpus._OPENERS``); a prompt equal to a held-out prompt or to
-   one of an earlier shard is dropped;
+   ``self_instruct_temperature``: ``corpus._OPENERS``), and ``passage_fraction`` of them task prompts
+   over passages the target writes first (``passages``: summarise, question, translate or edit the
+   passage; the written passages are kept as sampled sequences); a prompt equal to a held-out prompt
+   or to one of an earlier shard is dropped;
 2. **answers** -- every prompt answered greedily and sampled at ``sample_temperature``;
 3. **second turns** -- ``follow_up`` of the greedy answers get a second user turn (a follow-up of
    its kind) answered greedily with the first turn in the history, as Spec-Bench's multi-turn
@@ -41,6 +43,7 @@ import torch
 from pyramid_core.errors import ConfigError
 from pyramid_core.lab.distill.corpus import (
     _OPENERS,
+    _TOPICS,
     CORPUS_MANIFEST,
     TeacherRows,
     TrainSequence,
@@ -56,6 +59,7 @@ from pyramid_core.lab.distill.engines import (
     StreamingEngine,
     prefill_rows,
 )
+from pyramid_core.lab.distill.passages import GENRES, TASKS, passage_task, trim_passage
 from pyramid_core.lab.prompts import encode_prompt
 
 __all__ = ["HarvestConfig", "harvest", "FOLLOW_UPS"]
@@ -86,6 +90,7 @@ class HarvestConfig:
     sample_temperature: float = 0.8
     follow_up: float = 0.3  # share of greedy answers that get a second turn
     templated_fraction: float = 0.2  # share of prompts from templates; the rest the target writes
+    passage_fraction: float = 0.0  # share of prompts that are tasks over a passage the target wrote
     self_instruct_tokens: int = 48
     self_instruct_temperature: float = 1.0
     python_windows: int = 8  # windows of Python sources per shard, teacher-forced
@@ -101,13 +106,18 @@ class HarvestConfig:
         for name in ("positions", "shard_prompts", "new_tokens", "top_k", "window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"harvest: {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("follow_up", "templated_fraction"):
+        for name in ("follow_up", "templated_fraction", "passage_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"harvest: {name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.templated_fraction + self.passage_fraction > 1.0:
+            raise ConfigError(f"harvest: templated_fraction + passage_fraction must be at most 1, got "
+                              f"{self.templated_fraction} + {self.passage_fraction}")
 
     def recipe(self) -> dict[str, Any]:
-        """Everything that fixes a shard's content (``positions`` only says how many)."""
-        return {k: v for k, v in attrs.asdict(self).items() if k != "positions"}
+        """Everything that fixes a shard's content (``positions`` only says how many; a
+        ``passage_fraction`` of 0 is left out, so corpora built before it existed still resume)."""
+        return {k: v for k, v in attrs.asdict(self).items()
+                if k != "positions" and not (k == "passage_fraction" and v == 0.0)}
 
 
 def _python_windows(tokenizer: Any, rng: random.Random, count: int, window: int) -> list[list[int]]:
@@ -138,6 +148,7 @@ class _Shard:
         self.rng = random.Random(cfg.seed * 1_000_003 + index)
         self.prefix, ends = _user_turn(tokenizer)
         self.stop = tuple(sorted(ends))
+        self.written: list[tuple[list[int], Completion]] = []  # the passages the target wrote (sampled answers)
 
     def _seed(self) -> int:
         return self.rng.randrange(2**31)
@@ -148,7 +159,8 @@ class _Shard:
         n_templated = round(cfg.shard_prompts * cfg.templated_fraction)
         chosen = [p for p in rng.sample(templated, min(n_templated, len(templated))) if p[1] not in self.seen]
         kinds = list(_OPENERS)
-        want = cfg.shard_prompts - len(chosen)
+        n_passages = round(cfg.shard_prompts * cfg.passage_fraction)
+        want = cfg.shard_prompts - len(chosen) - n_passages
         tries = 0
         while want > 0 and tries < 4:  # the target's own prompts, topped up when some are dropped
             tries += 1
@@ -167,9 +179,34 @@ class _Shard:
                 self.seen.add(text)
                 chosen.append((kind, text))
                 want -= 1
+        if n_passages:
+            chosen += self._passage_prompts(n_passages)
         for _, text in chosen:
             self.seen.add(text)
         return chosen
+
+    def _passage_prompts(self, n: int) -> list[tuple[str, str]]:
+        """Up to ``n`` task prompts over passages the target writes now (a quarter more are
+        written, as some end too short; every written passage is kept in ``self.written``)."""
+        cfg, rng = self.cfg, self.rng
+        asks = [rng.choice(GENRES).format(t=rng.choice(_TOPICS)) for _ in range(n + n // 4 + 1)]
+        encoded = [encode_prompt(self.tokenizer, a, cfg.chat) for a in asks]
+        reqs = [Request(tuple(e), cfg.new_tokens, cfg.sample_temperature, self._seed(), self.stop) for e in encoded]
+        kinds = list(TASKS)
+        out: list[tuple[str, str]] = []
+        for e, c in zip(encoded, self.engine.complete(reqs, top_k=cfg.top_k), strict=True):
+            if not c.tokens:
+                continue
+            self.written.append((e, c))
+            passage = trim_passage(self.tokenizer.decode(c.tokens, skip_special_tokens=True))
+            if passage is None or len(out) == n:
+                continue
+            kind = kinds[len(out) % len(kinds)]
+            text = passage_task(kind, passage, rng)
+            if text not in self.seen:
+                self.seen.add(text)
+                out.append((kind, text))
+        return out
 
     def _conversation(self, turns: Sequence[tuple[str, str]]) -> list[int]:
         if not (self.cfg.chat and getattr(self.tokenizer, "chat_template", None)):
@@ -215,6 +252,7 @@ class _Shard:
         for mode, offset in (("greedy", 0), ("sampled", len(encoded))):
             pending += [(mode, e, len(e) - 1, answers[offset + i]) for i, e in enumerate(encoded)]
         pending += [("greedy", c, len(c) - 1, a) for c, a in zip(convs, replies, strict=True)]
+        pending += [("sampled", e, len(e) - 1, c) for e, c in self.written]
         pending = [p for p in pending if p[3].tokens]
         if cfg.teacher == "engine" and all(p[3].logp is not None for p in pending):
             rows = [TeacherRows(p[3].logp, p[3].ids) for p in pending]  # type: ignore[arg-type]
@@ -229,6 +267,7 @@ class _Shard:
         record = {
             "prompts": [{"kind": k, "prompt": p} for k, p in prompts],
             "second_turns": len(convs),
+            "passages_written": len(self.written),
             "positions": sum(s.n_targets for s in seqs),
             "by_source": {src: sum(s.n_targets for s in seqs if s.source == src) for src in ("greedy", "sampled", "python")},
             "seconds": round(time.perf_counter() - t0, 2),
