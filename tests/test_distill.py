@@ -452,14 +452,32 @@ def test_evaluate_stages_agreement_and_costs(target: Any) -> None:
 
     # the copy's agreement, recomputed here position by position from fresh forwards
     hits: dict[str, list[int]] = {}
+    hits_in_order = []
     for kind, prompt in EVAL_PROMPTS:
         cont = hf_greedy(target, prompt, new)
         same = [int(logits_of(copy.model, prompt + cont[:i])[-1].argmax()) == t for i, t in enumerate(cont)]
         hits.setdefault(kind, []).extend(same)
+        hits_in_order.append(same)
     expected = sum(sum(h) for h in hits.values()) / (new * len(EVAL_PROMPTS))
     assert 0.0 < r_copy.agreement_with_target < 1.0  # the copy is right sometimes, not always
     assert r_copy.agreement_with_target == pytest.approx(expected)
     assert r_copy.by_kind == pytest.approx({kind: sum(h) / len(h) for kind, h in hits.items()})
+    # by the target's probability of its token: the target's row holds each bin's share
+    from pyramid_core.lab.distill.evaluate import CONFIDENCE_BINS, confidence_bin
+
+    assert r_top.by_confidence is not None and r_copy.by_confidence is not None
+    assert sum(r_top.by_confidence) == pytest.approx(1.0) and len(r_top.by_confidence) == len(CONFIDENCE_BINS) - 1
+    per_bin: dict[int, list[bool]] = {}
+    for (_, prompt), same in zip(EVAL_PROMPTS, hits_in_order, strict=True):
+        cont = hf_greedy(target, prompt, new)
+        for i, t in enumerate(cont):
+            p = float(torch.softmax(logits_of(target, prompt + cont[:i])[-1].float(), -1)[t])
+            per_bin.setdefault(confidence_bin(p), []).append(same[i])
+    for b, share in enumerate(r_top.by_confidence):
+        assert share == pytest.approx(len(per_bin.get(b, [])) / (new * len(EVAL_PROMPTS)))
+        if b in per_bin:
+            assert r_copy.by_confidence[b] == pytest.approx(sum(per_bin[b]) / len(per_bin[b]))
+    assert [confidence_bin(p) for p in (0.0, 0.29, 0.3, 0.95, 1.0)] == [0, 0, 1, 4, 4]
     assert r_copy.agreement_with_next == r_copy.agreement_with_target  # the next stage is the target
     assert r_copy.ms_per_forward > 0 and r_copy.cost_vs_next is not None and r_copy.cost_vs_next > 0
     assert r_copy.cost_vs_target == r_copy.cost_vs_next
@@ -477,6 +495,24 @@ def test_corpus_agreement_per_source(target: Any, corpus: list[TrainSequence]) -
     s = corpus[0]
     manual = (logits_of(copy.model, s.tokens)[: s.n_targets].argmax(-1) == s.rows.ids[:, 0].long()).float().mean()
     assert one == pytest.approx(float(manual))
+
+
+
+def test_corpus_agreement_of_a_feature_draft_reads_the_targets_features(target: Any, corpus: list[TrainSequence]) -> None:
+    from pyramid_core.backends.hf.head import FeatureHead, FeatureHeadConfig
+    from pyramid_core.backends.hf.head_stage import FeatureStage
+    from pyramid_core.lab.distill.heads import feature_argmax_along
+
+    torch.manual_seed(0)
+    feature = FeatureStage(FeatureHead(target, FeatureHeadConfig(layers=(-1,), variant="eagle1")), None,
+                           name="feature", features_from="target")
+    top = HFStage(target)
+    with pytest.raises(ConfigError, match="source"):
+        corpus_agreement(feature, corpus, sample=2)
+    seen = corpus_agreement(feature, corpus[:1], sample=1, source=top)["python"]
+    s = corpus[0]
+    am = feature_argmax_along(feature, top, s.tokens[:1], s.tokens[1: 1 + s.n_targets])[0]
+    assert seen == pytest.approx(sum(a == b for a, b in zip(am, s.rows.ids[:, 0].tolist())) / s.n_targets)
 
 
 def test_evaluate_stages_needs_a_stage_below_the_target(target: Any) -> None:
@@ -583,7 +619,7 @@ def test_self_instruct_prompts_need_a_chat_template(target: Any) -> None:
 
 
 @pytest.mark.slow
-def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path) -> None:
+def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path, capsys: Any) -> None:
     from pyramid_core.backends.hf import ensure_smollm2
     from pyramid_core.cli import main
 
@@ -643,6 +679,20 @@ def test_distill_all_smoke_run_writes_a_lossless_family(tmp_path: Path) -> None:
     feature = make_stage(f"feature:path={ship}")
     pipe = build_pipeline([feature, target], ["exact"], [3], sampling=SamplingConfig.greedy())
     assert pipe.generate(prompt, max_new_tokens=6).token_list == expected
+
+    # a second corpus added to the first (here a copy of its shards, still unfinished: no corpus.json)
+    more = tmp_path / "more"
+    more.mkdir()
+    for shard in (tmp_path / "corpus").glob("shard-*"):
+        shutil.copy2(shard, more / shard.name)
+    args = ["distill", "feature", "--smoke", "--workdir", str(tmp_path), "--out", str(tmp_path / "two"), "--quiet",
+            "--add-corpus", str(more)]
+    assert main(args) == 2 and "--add-corpus" in capsys.readouterr().err
+    assert main([*args, "--partial-corpus"]) == 0
+    two = json.loads((tmp_path / "two" / "stage.json").read_text())
+    first, second = two["corpus_parts"]
+    assert first["sha256"] == family["corpus"]["sha256"] and second["path"] == str(more) and "partial_shards" in second
+    assert two["corpus_positions"] == 2 * family["corpus"]["target_positions"] and two["corpus_sha256"] != first["sha256"]
 
 
 @pytest.mark.parametrize("device", ["nonsense-device", "cuda:97"])

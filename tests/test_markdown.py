@@ -119,5 +119,6 @@ def test_distill_eval_report() -> None:
     from pyramid_core.cli.distill_eval import eval_markdown
 
     row = {"agreement_with_target": 0.4, "agreement_with_next": 0.5, "cost_vs_next": 0.1, "ms_per_forward": 2.0,
-           "cost_vs_target": 0.05, "by_kind": {LABEL: 0.3}, "by_depth": [0.4, 0.3]}
+           "cost_vs_target": 0.05, "by_kind": {LABEL: 0.3}, "by_depth": [0.4, 0.3],
+           "by_confidence": [0.1, 0.2, 0.3, 0.4, 0.5]}
     check_report(eval_markdown({"stages": [TREE], "results": [row]}), TREE, LABEL)

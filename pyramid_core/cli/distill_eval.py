@@ -87,13 +87,13 @@ def evaluate(specs: list[str], ns: argparse.Namespace) -> dict[str, Any]:
     if getattr(ns, "corpus_sample", 0):
         # lazy: lab/ stays out of CLI start-up
         from pyramid_core.lab.distill.corpus import load_corpus
-        from pyramid_core.lab.distill.evaluate import corpus_agreement
+        from pyramid_core.lab.distill.evaluate import corpus_agreement, feature_source
 
         sequences = load_corpus(corpus_dir(ns))
         result["corpus_sample"] = ns.corpus_sample
-        for r, stage in zip(result["results"][:-1], stages[:-1], strict=True):
-            if isinstance(stage, HFStage):  # a feature draft's agreement needs its source's features
-                r["corpus_agreement"] = corpus_agreement(stage, sequences, ns.corpus_sample)
+        for i, r in enumerate(result["results"][:-1]):
+            r["corpus_agreement"] = corpus_agreement(stages[i], sequences, ns.corpus_sample,
+                                                     source=feature_source(stages, i))
     return result
 
 
@@ -119,6 +119,16 @@ def eval_markdown(result: dict[str, Any]) -> str:
         if r.get("by_depth"):
             depths = ", ".join(f"{d + 1}: {a:.3f}" for d, a in enumerate(r["by_depth"]))
             lines.append(f"\n{md_escape(spec)}: agreement with the target by draft depth ({depths})")
+    confidence = [r.get("by_confidence") for r in result["results"]]
+    if confidence and all(confidence):
+        from pyramid_core.lab.distill.evaluate import CONFIDENCE_BINS
+
+        edges = CONFIDENCE_BINS
+        bins = [f"[{edges[i]}, {edges[i + 1]}{']' if i + 2 == len(edges) else ')'}" for i in range(len(edges) - 1)]
+        lines += ["", "Agreement by the target's probability of its own token (the target's row: the share of positions "
+                  "in each bin)", "", "| stage | " + " | ".join(bins) + " |", "|---|" + "---|" * len(bins)]
+        lines += [f"| {md_escape(spec)} | " + " | ".join(f"{v:.3f}" for v in r["by_confidence"]) + " |"
+                  for spec, r in zip(result["stages"], result["results"], strict=True)]
     return "\n".join(lines) + "\n"
 
 

@@ -59,6 +59,9 @@ def configure(f: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     f.add_argument("--no-autocast", action="store_true", help="compute features and train in float32 (default bfloat16 autocast)")
     f.add_argument("--partial-corpus", action="store_true",
                    help="train on the shards of a corpus still being built (its hash is then over the shards used)")
+    f.add_argument("--add-corpus", metavar="DIR", action="append", default=[],
+                   help="also train on this corpus (repeatable; --partial-corpus applies to it too); the recorded "
+                        "hash is then over every sequence used")
     f.add_argument("--out", help="output folder (default WORKDIR/feature)")
     f.add_argument("--ship", metavar="DIR", help="also copy the trained head to DIR and write its held-out evaluation "
                                                  "into DIR/stage.json (e.g. the family's feature/ folder)")
@@ -86,31 +89,57 @@ def _feature_config(ns: argparse.Namespace) -> Any:
                               sort_window=ns.sort_window)
 
 
+def _load(folder: Path, ns: argparse.Namespace, *, first: bool = False) -> tuple[list[Any], dict[str, Any]]:
+    """A corpus's sequences and its manifest: ``corpus.json`` once it is finished, else (with
+    --partial-corpus) a record of the shards written so far and the recipe they follow."""
+    # lazy: lab/ stays out of CLI start-up
+    from pyramid_core.lab.distill.corpus import CORPUS_MANIFEST, corpus_hash, load_corpus
+
+    manifest: dict[str, Any]
+    if (folder / CORPUS_MANIFEST).is_file() or not ns.partial_corpus:
+        if first:
+            manifest = corpus_manifest(ns)
+        elif (folder / CORPUS_MANIFEST).is_file():
+            manifest = json.loads((folder / CORPUS_MANIFEST).read_text())
+        else:
+            raise ConfigError(f"--add-corpus {folder}: no finished corpus there ({CORPUS_MANIFEST} missing); "
+                              "finish it with `pyramid distill corpus`, or pass --partial-corpus")
+        sequences = load_corpus(folder)
+    else:
+        sequences = load_corpus(folder, require_manifest=False)
+        manifest = {"sha256": corpus_hash(sequences), "partial_shards": len(list(folder.glob("shard-*.pt"))),
+                    "target_positions": sum(s.n_targets for s in sequences)}
+        if (folder / "harvest.json").is_file():  # the recipe, which a partial corpus has no corpus.json to record
+            manifest["recipe"] = json.loads((folder / "harvest.json").read_text())
+    if not sequences:
+        raise ConfigError(f"no corpus sequences in {folder}; run `pyramid distill corpus` first")
+    return sequences, manifest
+
+
 def run(ns: argparse.Namespace) -> int:
     """Train (or resume) a feature head on the corpus; with --ship, copy it and evaluate it."""
     # lazy: lab/ stays out of CLI start-up
-    from pyramid_core.lab.distill.corpus import corpus_hash, load_corpus
+    from pyramid_core.lab.distill.corpus import corpus_hash
     from pyramid_core.lab.distill.heads import train_feature_head
     from pyramid_core.lab.outputs import json_text
 
     model, tokenizer = load_target(ns)
-    folder = corpus_dir(ns)
-    if ns.partial_corpus:
-        sequences = load_corpus(folder, require_manifest=False)
-        shards = len(list(folder.glob("shard-*.pt")))
-        manifest: dict[str, Any] = {"sha256": corpus_hash(sequences), "partial_shards": shards,
-                                    "target_positions": sum(s.n_targets for s in sequences)}
-    else:
-        manifest = corpus_manifest(ns)
-        sequences = load_corpus(folder)
-    if not sequences:
-        raise ConfigError(f"no corpus sequences in {folder}; run `pyramid distill corpus` first")
+    sequences, manifest = _load(corpus_dir(ns), ns, first=True)
+    if ns.add_corpus:
+        parts = [manifest]
+        for folder in ns.add_corpus:
+            more, part = _load(Path(folder), ns)
+            sequences += more
+            parts.append(part | {"path": str(folder)})
+        manifest = {"sha256": corpus_hash(sequences), "target_positions": sum(s.n_targets for s in sequences),
+                    "command": " ; ".join(str(m.get("command")) for m in parts), "parts": parts}
     cfg = _feature_config(ns)
     out = Path(ns.out or home(ns) / ("smoke-feature" if ns.smoke else "feature"))
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     metadata = {"role": "feature", "command": command_line(ns), "seed": cfg.seed,
                 "corpus_sha256": manifest.get("sha256"), "corpus_positions": manifest.get("target_positions"),
-                "corpus_partial_shards": manifest.get("partial_shards"), "corpus_command": manifest.get("command")}
+                "corpus_partial_shards": manifest.get("partial_shards"), "corpus_command": manifest.get("command"),
+                "corpus_parts": manifest.get("parts")}
     report = train_feature_head(model, sequences, cfg, out, base="smollm2", metadata=metadata, eos=eos,
                                 max_minutes=ns.max_minutes, autocast=not ns.no_autocast,
                                 corpus_sha256=manifest.get("sha256"), features_dir=ns.features,

@@ -21,7 +21,7 @@ from pyramid_core.lab.distill.heads import feature_argmax_along
 from pyramid_core.lab.measure import measure_stage_time
 from pyramid_core.protocols import FeatureReader
 
-__all__ = ["StageReport", "evaluate_stages", "corpus_agreement"]
+__all__ = ["StageReport", "evaluate_stages", "corpus_agreement", "feature_source", "confidence_bin", "CONFIDENCE_BINS"]
 
 
 @attrs.define
@@ -36,14 +36,34 @@ class StageReport:
     # feature drafts: agreement with the target at draft depth 1, 2, ... (depth d read its own
     # predicted features for the last d-1 positions), i.e. the per-position acceptance
     by_depth: list[float] | None = None
+    # agreement with the target at the positions where the target's probability of its own token
+    # falls in each bin of CONFIDENCE_BINS (the target's report: the share of positions per bin)
+    by_confidence: list[float] | None = None
 
 
 FEATURE_DEPTHS = 4  # draft depths at which a feature draft's agreement is reported
+# bins of the target's probability of its greedy token: where a draft's misses lie (a draft that
+# misses what the target is sure of lacks the target's knowledge, not its calibration)
+CONFIDENCE_BINS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
-def _feature_source(stages: Sequence[Any], i: int) -> Any:
+def confidence_bin(p: float) -> int:
+    """The index of the bin of ``CONFIDENCE_BINS`` that holds probability ``p``."""
+    return min(sum(p >= edge for edge in CONFIDENCE_BINS[1:-1]), len(CONFIDENCE_BINS) - 2)
+
+
+def feature_source(stages: Sequence[Any], i: int) -> Any:
     """The stage a feature draft at index ``i`` reads (``FeatureReader.feature_from``)."""
-    return stages[-1] if stages[i].feature_from == "target" else stages[i + 1]
+    return stages[-1] if getattr(stages[i], "feature_from", None) == "target" else stages[i + 1]
+
+
+@torch.inference_mode()
+def _probability_along(stage: Any, prompt: list[int], continuation: list[int]) -> list[float]:
+    """The stage's probability of ``continuation[i]`` after ``prompt + continuation[:i]`` for every i."""
+    ids = torch.tensor([prompt + continuation[:-1]], device=stage.device)
+    logits = stage.model(input_ids=ids).logits[0, len(prompt) - 1:, : stage.vocab_size].float()
+    chosen = torch.tensor(continuation, device=logits.device).unsqueeze(1)
+    return [float(p) for p in torch.softmax(logits, dim=-1).gather(1, chosen).squeeze(1).tolist()]
 
 
 @torch.inference_mode()
@@ -70,6 +90,9 @@ def evaluate_stages(stages: Sequence[Any], prompts: Sequence[tuple[str, list[int
     hits_n = [0] * len(stages)
     kind_hits: list[dict[str, list[int]]] = [{} for _ in stages]
     depth_hits: dict[int, list[int]] = {}
+    n_bins = len(CONFIDENCE_BINS) - 1
+    bin_hits = [[0] * n_bins for _ in stages]
+    bin_total = [0] * n_bins
     total = 0
     for kind, prompt in tqdm(prompts, desc="held-out agreement", disable=not progress):
         cont = _greedy(target, prompt, new_tokens)
@@ -78,7 +101,7 @@ def evaluate_stages(stages: Sequence[Any], prompts: Sequence[tuple[str, list[int
         argmaxes = []
         for i, s in enumerate(stages):
             if isinstance(s, FeatureReader):  # teacher forcing needs its source's features
-                per_depth = feature_argmax_along(s, _feature_source(stages, i), prompt, cont, FEATURE_DEPTHS)
+                per_depth = feature_argmax_along(s, feature_source(stages, i), prompt, cont, FEATURE_DEPTHS)
                 argmaxes.append(per_depth[0])
                 hits = depth_hits.setdefault(i, [0] * FEATURE_DEPTHS)
                 for d, am_d in enumerate(per_depth):
@@ -86,7 +109,12 @@ def evaluate_stages(stages: Sequence[Any], prompts: Sequence[tuple[str, list[int
             else:
                 argmaxes.append(_argmax_along(s, prompt, cont))
         total += len(cont)
+        bins = [confidence_bin(p) for p in _probability_along(target, prompt, cont)]
+        for b in bins:
+            bin_total[b] += 1
         for i, am in enumerate(argmaxes):
+            for b, a, t in zip(bins, am, cont, strict=True):
+                bin_hits[i][b] += a == t
             same_t = sum(a == b for a, b in zip(am, cont))
             hits_t[i] += same_t
             k = kind_hits[i].setdefault(kind, [0, 0])
@@ -110,6 +138,8 @@ def evaluate_stages(stages: Sequence[Any], prompts: Sequence[tuple[str, list[int
             cost_vs_next=None if top else ms[i] / ms[i + 1],
             cost_vs_target=ms[i] / ms[-1],
             by_depth=[h / total for h in depth_hits[i]] if i in depth_hits else None,
+            by_confidence=([n / total for n in bin_total] if top else
+                           [h / n if n else float("nan") for h, n in zip(bin_hits[i], bin_total, strict=True)]),
         ))
     return reports
 
@@ -129,19 +159,24 @@ def _greedy(target: Any, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 @torch.inference_mode()
-def corpus_agreement(stage: Any, sequences: Sequence[TrainSequence], sample: int, seed: int = 0) -> dict[str, float]:
+def corpus_agreement(stage: Any, sequences: Sequence[TrainSequence], sample: int, seed: int = 0,
+                     source: Any = None) -> dict[str, float]:
     """Top-1 agreement of ``stage`` with the target's stored argmax on ``sample`` corpus
     sequences drawn with ``seed``, per source ("greedy", "sampled", "python"). Next to the
-    held-out agreement it shows how much a student memorised instead of generalising."""
+    held-out agreement it shows how much a student memorised instead of generalising. A feature
+    draft reads the features of ``source`` (depth 1, as ``evaluate_stages`` measures it)."""
+    if isinstance(stage, FeatureReader) and source is None:
+        raise ConfigError("corpus_agreement: a feature draft needs the stage whose features it reads (source=)")
     g = torch.Generator().manual_seed(seed)
     picked = torch.randperm(len(sequences), generator=g)[:sample].tolist()
     hits: dict[str, list[int]] = {}
     for i in picked:
         s = sequences[i]
-        ids = torch.tensor([s.tokens], device=stage.device)
-        logits = stage.model(input_ids=ids).logits[0, s.start: s.start + s.n_targets, : stage.vocab_size]
-        same = int((logits.argmax(-1).cpu() == s.rows.ids[:, 0].long()).sum())
+        prompt, cont = s.tokens[: s.start + 1], s.tokens[s.start + 1: s.start + 1 + s.n_targets]
+        am = (feature_argmax_along(stage, source, prompt, cont)[0] if isinstance(stage, FeatureReader)
+              else _argmax_along(stage, prompt, cont))
+        same = sum(a == b for a, b in zip(am, s.rows.ids[:, 0].tolist(), strict=False))
         h = hits.setdefault(s.source, [0, 0])
         h[0] += same
-        h[1] += s.n_targets
+        h[1] += len(cont)
     return {src: h[0] / h[1] for src, h in sorted(hits.items())}
