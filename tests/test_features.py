@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import attrs
 import pytest
 import torch
 
@@ -350,3 +351,51 @@ def test_runs_share_a_feature_cache_and_record_their_init(target_model: Any, tmp
     assert [reports[i]["config"]["init"] for i in ("random", "target")] == ["random", "target"]
     with pytest.raises(ValueError, match="init"):
         FeatureTrainConfig(init="zeros")
+
+
+def test_a_warm_start_continues_a_trained_head(target_model: Any, tmp_path: Any) -> None:
+    """``init=DIR``: the new run starts from the saved head's weights and keeps its
+    sub-vocabulary rows (not the ones its own corpus would choose), records where it started,
+    and a head of another architecture is refused naming the field that differs."""
+    import json
+
+    from pyramid_core.backends.hf.head import load_feature_head
+    from pyramid_core.backends.hf.tiny import save_with_words
+    from pyramid_core.lab.distill.corpus import TeacherRows, TrainSequence
+    from pyramid_core.lab.distill.heads import FeatureTrainConfig, init_from_head, train_feature_head
+
+    base = save_with_words(target_model, tmp_path / "base")
+
+    def corpus(low: int, high: int, seed: int) -> list[TrainSequence]:
+        ids = torch.randint(low, high, (6, 12), generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            logp = torch.log_softmax(target_model(ids).logits.float(), dim=-1)[:, :-1]
+        values, top = logp.topk(8, dim=-1)
+        return [TrainSequence("python", ids[i].tolist(), 0, TeacherRows(values[i].half(), top[i].to(torch.int32)))
+                for i in range(6)]
+
+    cfg = FeatureTrainConfig(layers=(0, 1, -1), variant="eagle3", sub_vocab=16, steps=3, batch_tokens=64, warmup=1,
+                             lr=1e-2)
+    train_feature_head(target_model, corpus(0, 32, 1), cfg, tmp_path / "first", base=str(base), autocast=False,
+                       progress=False)
+    first = load_feature_head(tmp_path / "first", target_model)
+    warm = init_from_head(tmp_path / "first", target_model, cfg.head)
+    assert warm.trainable_state().keys() == first.trainable_state().keys()
+    assert all(torch.equal(v, first.trainable_state()[k]) for k, v in warm.trainable_state().items())
+
+    # the second corpus holds only tokens 32..63: a fresh head would choose other rows
+    later = attrs.evolve(cfg, init=str(tmp_path / "first"), lr=1e-3)
+    report = train_feature_head(target_model, corpus(32, 64, 2), later, tmp_path / "second", base=str(base),
+                                autocast=False, progress=False)
+    second = load_feature_head(tmp_path / "second", target_model)
+    assert torch.equal(second.own_head.token_ids, first.own_head.token_ids)
+    assert not torch.equal(second.layers[0].mlp.down_proj.weight, first.layers[0].mlp.down_proj.weight)
+    weights = json.loads((tmp_path / "first" / "stage.json").read_text())["weights"]
+    assert report["init_head"]["weights"] == weights and report["config"]["init"] == str(tmp_path / "first")
+
+    with pytest.raises(ConfigError, match=r"layers=\(0, 1, -1\).*\(0, -1\)"):
+        init_from_head(tmp_path / "first", target_model, attrs.evolve(cfg, layers=(0, -1)).head)
+    with pytest.raises(ConfigError, match="sub_vocab=16.*32"):
+        init_from_head(tmp_path / "first", target_model, attrs.evolve(cfg, sub_vocab=32).head)
+    with pytest.raises(ConfigError, match="folder of a trained feature head"):
+        FeatureTrainConfig(init=str(tmp_path / "base"))

@@ -47,9 +47,11 @@ def configure(f: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]
     f.add_argument("--ce-weight", type=float, default=0.1, help="eagle1: weight of the token loss (default 0.1)")
     f.add_argument("--max-positions", type=int, default=400_000,
                    help="bound on the corpus positions whose target features are computed and cached (default 400000)")
-    f.add_argument("--init", choices=("random", "target"), default="random",
-                   help="how the head starts: random, or target (its decoder layer from the target's last one; "
-                        "the input map the identity on the deepest feature)")
+    f.add_argument("--init", default="random", metavar="{random,target,DIR}",
+                   help="how the head starts: random, target (its decoder layer from the target's last one; "
+                        "the input map the identity on the deepest feature), or the folder of a trained head of "
+                        "the same architecture (a warm start: its weights and sub-vocabulary, a fresh optimiser "
+                        "and learning-rate schedule; e.g. a head trained on another corpus, or an imported one)")
     f.add_argument("--sort-window", type=int_at_least(0), default=SORT_WINDOW, metavar="N",
                    help=f"batch sequences of similar lengths: sort each window of N shuffled sequences by length "
                         f"(less padding per step; 0 = batches of the shuffled order; default {SORT_WINDOW})")

@@ -38,12 +38,18 @@ import torch
 from torch import Tensor
 
 from pyramid_core.backends.hf.head import (
+    FORMAT as FEATURE_FORMAT,
+)
+from pyramid_core.backends.hf.head import (
     FeatureHead,
     FeatureHeadConfig,
+    is_feature_dir,
+    load_feature_head,
     save_feature_head,
     unrolled_mask,
 )
 from pyramid_core.backends.hf.layers import decoder_layers
+from pyramid_core.backends.hf.student import STAGE_FILE
 from pyramid_core.errors import ConfigError
 from pyramid_core.lab.distill.corpus import TrainSequence, corpus_hash
 from pyramid_core.lab.distill.train import (
@@ -56,13 +62,20 @@ from pyramid_core.lab.distill.train import (
 )
 
 __all__ = ["FeatureTrainConfig", "extract_features", "train_feature_head", "feature_argmax_along",
-           "source_features", "init_from_target", "INITS"]
+           "source_features", "init_from_target", "init_from_head", "INITS"]
 
 CHECKPOINT = "checkpoint.pt"
 FEATURES = "features"
 INITS = ("random", "target")
 """How a new head's weights start: ``random`` (normal, the config's initializer range) or
-``target`` (``init_from_target``)."""
+``target`` (``init_from_target``); ``FeatureTrainConfig.init`` may also name the folder of a
+trained head (``init_from_head``: a warm start with a fresh optimiser and schedule)."""
+
+
+def _init_ok(instance: Any, attribute: Any, value: str) -> None:
+    if value not in INITS and not is_feature_dir(value):
+        raise ConfigError(f"init must be one of {', '.join(INITS)} or the folder of a trained feature head "
+                          f"(stage.json of format {FEATURE_FORMAT!r}), got {value!r}")
 
 
 @attrs.frozen
@@ -84,7 +97,7 @@ class FeatureTrainConfig:
     max_positions: int = 400_000
     seed: int = 0
     save_every: int = 50
-    init: str = attrs.field(default="random", validator=attrs.validators.in_(INITS))
+    init: str = attrs.field(default="random", validator=_init_ok)
     sort_window: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # ``train._epoch_batches``; 0 = none
 
     @property
@@ -94,6 +107,32 @@ class FeatureTrainConfig:
 
 def _hidden_index(layer: int, num_layers: int) -> int:
     return num_layers if layer == -1 else layer + 1
+
+
+def _sub_ids(head: FeatureHead) -> Tensor | None:
+    """The full-vocabulary ids of a head's sub-vocabulary rows (None: it uses the target's head)."""
+    if head.own_head is None:
+        return None
+    ids = head.own_head.token_ids
+    assert isinstance(ids, Tensor)
+    return ids
+
+
+def init_from_head(path: str | Path, target: Any, cfg: FeatureHeadConfig) -> FeatureHead:
+    """A trainable copy of the trained head in ``path``, to train further on another
+    corpus or with another schedule. Its architecture must be ``cfg``'s (variant, layers, depth,
+    sub-vocabulary size): the copy keeps its sub-vocabulary rows, since its head's weights are
+    tied to them. A mismatch is a ``ConfigError`` that names the field."""
+    warm = load_feature_head(path, target)
+    theirs, ours = attrs.asdict(warm.cfg), attrs.asdict(cfg)
+    for name, value in ours.items():
+        if theirs.get(name) != value:
+            raise ConfigError(f"init={path}: the head there has {name}={theirs.get(name)!r}, this run asks for "
+                              f"{value!r}; pass the same --{name.replace('_', '-')} or start from random or target")
+    ids = _sub_ids(warm)
+    head = FeatureHead(target, warm.cfg, ids, layer_config=warm.layer_config)
+    head.load_state_dict(warm.trainable_state(), strict=False)
+    return head
 
 
 @torch.no_grad()
@@ -337,12 +376,17 @@ def train_feature_head(target: Any, sequences: Sequence[TrainSequence], cfg: Fea
                                      seed=cfg.seed, autocast=autocast, corpus_sha256=corpus_sha256, progress=progress)
     train = [sequences[i] for i in chosen]
     torch.manual_seed(cfg.seed)
-    sub = choose_sub_vocab(train, cfg.sub_vocab, eos) if cfg.sub_vocab else None
-    # a small corpus may hold fewer distinct tokens than sub_vocab rows
-    head_cfg = attrs.evolve(cfg.head, sub_vocab=int(sub.numel()) if sub is not None else 0)
-    head = FeatureHead(target, head_cfg, sub).to(device)
-    if cfg.init == "target":
-        init_from_target(head, target)
+    sub: Tensor | None
+    if cfg.init in INITS:
+        sub = choose_sub_vocab(train, cfg.sub_vocab, eos) if cfg.sub_vocab else None
+        # a small corpus may hold fewer distinct tokens than sub_vocab rows
+        head_cfg = attrs.evolve(cfg.head, sub_vocab=int(sub.numel()) if sub is not None else 0)
+        head = FeatureHead(target, head_cfg, sub).to(device)
+        if cfg.init == "target":
+            init_from_target(head, target)
+    else:
+        head = init_from_head(cfg.init, target, cfg.head).to(device)
+        sub = _sub_ids(head)
     head.train()
     to_sub: Tensor | None = None
     if sub is not None:
@@ -407,6 +451,10 @@ def train_feature_head(target: Any, sequences: Sequence[TrainSequence], cfg: Fea
         "autocast_bfloat16": autocast,
         "corpus_subset_sha256": corpus_hash(train),
     }
+    if cfg.init not in INITS:  # what the warm start began from
+        warm = json.loads((Path(cfg.init).expanduser() / STAGE_FILE).read_text())
+        report["init_head"] = {"path": str(cfg.init), "weights": warm.get("weights"), "command": warm.get("command"),
+                               "corpus_sha256": warm.get("corpus_sha256")}
     if finished:
         head.eval()
         save_feature_head(head, out, base=base, metadata={"training": report} | (metadata or {}))
