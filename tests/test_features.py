@@ -362,7 +362,11 @@ def test_a_warm_start_continues_a_trained_head(target_model: Any, tmp_path: Any)
     from pyramid_core.backends.hf.head import load_feature_head
     from pyramid_core.backends.hf.tiny import save_with_words
     from pyramid_core.lab.distill.corpus import TeacherRows, TrainSequence
-    from pyramid_core.lab.distill.heads import FeatureTrainConfig, init_from_head, train_feature_head
+    from pyramid_core.lab.distill.heads import (
+        FeatureTrainConfig,
+        init_from_head,
+        train_feature_head,
+    )
 
     base = save_with_words(target_model, tmp_path / "base")
 
