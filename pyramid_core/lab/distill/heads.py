@@ -38,9 +38,6 @@ import torch
 from torch import Tensor
 
 from pyramid_core.backends.hf.head import (
-    FORMAT as FEATURE_FORMAT,
-)
-from pyramid_core.backends.hf.head import (
     FeatureHead,
     FeatureHeadConfig,
     is_feature_dir,
@@ -75,7 +72,7 @@ trained head (``init_from_head``: a warm start with a fresh optimiser and schedu
 def _init_ok(instance: Any, attribute: Any, value: str) -> None:
     if value not in INITS and not is_feature_dir(value):
         raise ConfigError(f"init must be one of {', '.join(INITS)} or the folder of a trained feature head "
-                          f"(stage.json of format {FEATURE_FORMAT!r}), got {value!r}")
+                          f"(its stage.json and model.safetensors), got {value!r}")
 
 
 @attrs.frozen
@@ -119,20 +116,17 @@ def _sub_ids(head: FeatureHead) -> Tensor | None:
 
 
 def init_from_head(path: str | Path, target: Any, cfg: FeatureHeadConfig) -> FeatureHead:
-    """A trainable copy of the trained head in ``path``, to train further on another
-    corpus or with another schedule. Its architecture must be ``cfg``'s (variant, layers, depth,
-    sub-vocabulary size): the copy keeps its sub-vocabulary rows, since its head's weights are
-    tied to them. A mismatch is a ``ConfigError`` that names the field."""
+    """The trained head in ``path``, loaded on ``target`` to train further on another corpus or
+    with another schedule. Its architecture must be ``cfg``'s (variant, layers, depth,
+    sub-vocabulary size): it keeps its sub-vocabulary rows, since its head's weights are tied to
+    them. A mismatch is a ``ConfigError`` that names the field."""
     warm = load_feature_head(path, target)
     theirs, ours = attrs.asdict(warm.cfg), attrs.asdict(cfg)
     for name, value in ours.items():
         if theirs.get(name) != value:
             raise ConfigError(f"init={path}: the head there has {name}={theirs.get(name)!r}, this run asks for "
                               f"{value!r}; pass the same --{name.replace('_', '-')} or start from random or target")
-    ids = _sub_ids(warm)
-    head = FeatureHead(target, warm.cfg, ids, layer_config=warm.layer_config)
-    head.load_state_dict(warm.trainable_state(), strict=False)
-    return head
+    return warm
 
 
 @torch.no_grad()
