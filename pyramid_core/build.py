@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -34,6 +34,7 @@ __all__ = [
     "make_stage",
     "make_policy",
     "check_same_tokenizer",
+    "check_lookup",
     "resolve_preset",
     "default_chain",
     "DEFAULT_BLOCK_LENGTH",
@@ -202,6 +203,9 @@ class PipelineSpec:
                     probability is below this (0: off)
     on_nonfinite:   ``"raise"`` (default) or ``"warn"``: what a NaN / +inf logit does
                     (``Pipeline``)
+    lookup:         a registered model-free proposer spec (``"ngram:min_ngram=1,max_ngram=4"``)
+                    asked first each round at the bottom boundary; stage 1 (or its tree) drafts
+                    only in the rounds it proposes nothing (``pipeline.LookupFirst``)
 
     ``resolve`` checks everything that needs no model first -- block lengths, policies, the
     wrapper's name, a tree against the policy that verifies it, the device -- so a mistake is
@@ -221,6 +225,7 @@ class PipelineSpec:
     confidence_stop: float = 0.0
     on_nonfinite: str = "raise"
     dtype: str | None = attrs.field(default=None, converter=_dtype_or_none)
+    lookup: str | Proposer | None = None
     decode: DecodeOptions = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -296,6 +301,8 @@ class PipelineSpec:
             _check_wrapper(self.tree, regs)  # before any loading
             if policies:
                 _check_tree_policy(self.tree, policies[0], policy_specs[0], regs)
+        if self.lookup is not None:
+            check_lookup(self.lookup, len(specs), regs)  # before any loading
         resolved = self.load_stages(regs)
         target = resolved[-1]
         stop_ids = self.decode.stop_ids
@@ -316,7 +323,26 @@ class PipelineSpec:
             resolved[0] = _made(regs.wrappers, parse_spec(self.tree)[0], wrapped, Proposer,
                                "a Proposer (an object with propose(context, n, rng) -> Block) wrapping the stage")
         names = [_policy_name(spec, policy, regs) for spec, policy in zip(policy_specs, policies, strict=True)]
-        return Pipeline.with_options(resolved, policies, lengths, attrs.evolve(self.decode, stop_ids=stop_ids), names)
+        vocab = cast(Stage, target).vocab_size  # load_stages checked the target is a model Stage
+        lookup = None if self.lookup is None else make_stage(self.lookup, regs=regs, vocab_size=vocab)
+        return Pipeline.with_options(resolved, policies, lengths, attrs.evolve(self.decode, stop_ids=stop_ids), names,
+                                     lookup)  # type: ignore[arg-type]  # a Stage is refused by Pipeline
+
+
+def check_lookup(lookup: str | Proposer, n_stages: int, regs: Registries) -> None:
+    """A lookup names a registered proposer (a model-free one) and has a stage above it to draft
+    for; checked before any stage is loaded."""
+    if n_stages < 2:
+        raise ConfigError(f"lookup={lookup!r} proposes to the stage above the bottom one; a pipeline of the "
+                          "target alone has none")
+    if not isinstance(lookup, str):
+        return
+    name = parse_spec(lookup)[0]
+    if name in regs.backends:
+        raise ConfigError(f"lookup={lookup!r} names a model backend; the lookup is a model-free proposer "
+                          f"({', '.join(regs.proposers.names()) or 'none is loaded'}), and a model drafts as stage 1")
+    if name not in regs.proposers:
+        regs.proposers.get(name)  # unknown: "did you mean"
 
 
 def _policy_name(spec: PolicyLike, policy: AcceptancePolicy, regs: Registries) -> str:
@@ -374,15 +400,17 @@ def build_pipeline(
     regs: Registries | None = None,
     on_nonfinite: str = "raise",
     dtype: str | None = None,
+    lookup: str | Proposer | None = None,
 ) -> Pipeline:
     """``PipelineSpec(...).resolve(regs)``: policies default to the default policy (``exact``)
     at every boundary and block lengths to 4; a ``preset`` (e.g. ``"psd-f"``) supplies both
     instead (explicit ``block_lengths`` still win). ``stop_ids`` default to the target's EOS
     token. ``tree`` (e.g. ``"tree:branching=4-2-1,replacement=false"``) names a registered stage
     wrapper around the bottom model stage; ``compile``, ``dtype``, ``length_schedule`` and
-    ``confidence_stop`` as in ``PipelineSpec``; ``on_nonfinite``: ``"raise"`` or ``"warn"`` (``Pipeline``)."""
+    ``confidence_stop`` and ``lookup`` (e.g. ``"ngram"``) as in ``PipelineSpec``; ``on_nonfinite``:
+    ``"raise"`` or ``"warn"`` (``Pipeline``)."""
     if not stages:
         raise ConfigError("a pipeline needs at least one stage (the target)")
     spec = PipelineSpec(stages, policies, block_lengths, preset, tree, sampling or SamplingConfig(), device, stop_ids,
-                        compile, length_schedule, confidence_stop, on_nonfinite, dtype)
+                        compile, length_schedule, confidence_stop, on_nonfinite, dtype, lookup)
     return spec.resolve(regs)

@@ -37,7 +37,7 @@ from pyramid_core.protocols import (
 from pyramid_core.rng import Rng, check_seed
 from pyramid_core.schedule import LengthSchedule, make_schedule
 from pyramid_core.text import Messages, TextStream, decode_text, encode_prompt
-from pyramid_core.types import Block, BoundaryStats, SamplingConfig, StageStats
+from pyramid_core.types import Block, BoundaryStats, LookupStats, SamplingConfig, StageStats
 from pyramid_core.validate import (
     EmittedMass,
     NonFiniteMode,
@@ -52,6 +52,7 @@ from pyramid_core.validate import (
 
 __all__ = [
     "AutoregressiveProposer",
+    "LookupFirst",
     "StageVerifier",
     "SpeculativeProposer",
     "Pipeline",
@@ -139,6 +140,33 @@ class AutoregressiveProposer:
 
 
 @attrs.define(eq=False)
+class LookupFirst:
+    """The bottom proposer behind a lookup ([lookup first](../../algorithms.md#lookup-first)):
+    each round ``lookup`` (a model-free proposer, e.g. ``ngram``) is asked first, and ``drafter``
+    (the bottom stage's own proposer: a model sampled autoregressively, a token tree) drafts only
+    when the lookup proposes nothing. Which of the two proposes is a function of the context
+    alone, fixed before any token of the round is drawn, so each block is an ordinary proposal
+    with the rows it was drawn from and a lossless policy stays lossless. A lookup block is cut
+    after its first stop token (the target would end there)."""
+
+    lookup: Proposer
+    drafter: Proposer
+    stats: LookupStats
+    stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
+        block = self.lookup.propose(context, n, rng)
+        if block.tree is not None or len(block) > n:
+            raise ConfigError(f"lookup {_stage_name(self.lookup, 0)} proposed "
+                              f"{'a token tree' if block.tree is not None else f'{len(block)} tokens'}; "
+                              f"a lookup proposes a chain of at most the {n} tokens asked for")
+        if len(block):
+            block = block.head(_cut_at_stop(block.tokens, self.stop_ids)[0])
+        self.stats.record(len(block))
+        return block if len(block) else self.drafter.propose(context, n, rng)
+
+
+@attrs.define(eq=False)
 class SpeculativeProposer:
     """propose(k, n) for k >= 2: exact samples of ``verifier``'s model when ``policy`` is exact.
 
@@ -209,6 +237,7 @@ class Metrics:
     stages: list[StageStats]
     new_tokens: int = 0
     wall_s: float = 0.0
+    lookup: LookupStats | None = None  # a pipeline with a lookup (``Pipeline.lookup``)
 
     @classmethod
     def pool(cls, runs: Sequence[Metrics]) -> Metrics:
@@ -221,7 +250,9 @@ class Metrics:
             raise ConfigError("Metrics.pool: the runs come from pipelines of different shapes")
         boundaries = [BoundaryStats.pool([m.boundaries[k] for m in runs]) for k in range(shape[0])]
         stages = [StageStats.pool([m.stages[k] for m in runs]) for k in range(shape[1])]
-        return cls(boundaries, stages, sum(m.new_tokens for m in runs), sum(m.wall_s for m in runs))
+        lookups = [m.lookup for m in runs if m.lookup is not None]
+        return cls(boundaries, stages, sum(m.new_tokens for m in runs), sum(m.wall_s for m in runs),
+                   LookupStats.pool(lookups) if lookups else None)
 
     @property
     def target_forwards(self) -> int:
@@ -251,6 +282,7 @@ class Metrics:
             "overhead_fraction": self.overhead_s / self.wall_s if self.wall_s > 0 else float("nan"),
             "boundaries": [b.as_dict() for b in self.boundaries],
             "stages": [s.as_dict() for s in self.stages],
+            "lookup": None if self.lookup is None else self.lookup.as_dict(),
         }
 
 
@@ -299,6 +331,8 @@ class Pipeline:
     from a stage does -- ``"raise"`` a ``NonFiniteError`` naming the stage and the position, or
     ``"warn"`` and give those entries zero probability (for probing broken models).
     ``policy_names``: how errors name the policies (e.g. their specs; default: their labels).
+    ``lookup``: a model-free proposer (e.g. ``ngram``) asked first each round at the bottom;
+    stage 1 drafts only in the rounds it proposes nothing (``LookupFirst``).
     Every verdict is checked as it enters the recursion (``SpeculativeProposer``): a bad one
     raises ``PolicyOutputError`` naming the policy and the boundary.
     """
@@ -312,6 +346,7 @@ class Pipeline:
     confidence_stop: float = 0.0
     on_nonfinite: NonFiniteMode = "raise"
     policy_names: Sequence[str] = ()
+    lookup: Proposer | None = None
     decode: DecodeOptions = attrs.field(init=False)
     _bottom_is_stage: bool = attrs.field(init=False, default=False)
     _resettable: list[Resettable] = attrs.field(init=False, factory=list)
@@ -321,10 +356,10 @@ class Pipeline:
     @classmethod
     def with_options(cls, stages: Sequence[Stage | Proposer], policies: Sequence[AcceptancePolicy],
                      block_lengths: Sequence[int], decode: DecodeOptions,
-                     policy_names: Sequence[str] = ()) -> Pipeline:
+                     policy_names: Sequence[str] = (), lookup: Proposer | None = None) -> Pipeline:
         """A pipeline decoding with ``decode`` (its ``stop_ids`` ``None`` means none)."""
         return cls(stages, policies, block_lengths, decode.sampling, list(decode.stop_ids or ()),
-                   decode.length_schedule, decode.confidence_stop, decode.on_nonfinite, policy_names)
+                   decode.length_schedule, decode.confidence_stop, decode.on_nonfinite, policy_names, lookup)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.stages)
@@ -363,8 +398,16 @@ class Pipeline:
                 raise ConfigError(f"policy at boundary {k + 1} -> {k + 2} ({policy!r}) has no decide() method")
         if self.policy_names and len(self.policy_names) != n - 1:
             raise ConfigError(f"{n} stages need {n - 1} policy names (one per boundary), got {len(self.policy_names)}")
+        if self.lookup is not None:
+            if n < 2:
+                raise ConfigError(f"a lookup ({_stage_name(self.lookup, 0)}) proposes to the stage above the bottom "
+                                  "one; a pipeline of the target alone has none")
+            if isinstance(self.lookup, Stage) or not isinstance(self.lookup, Proposer):
+                raise ConfigError(f"the lookup ({_stage_name(self.lookup, 0)}) must be a model-free Proposer "
+                                  "(propose(context, n, rng) -> Block, e.g. ngram); a model drafts as stage 1")
         # model stages always declare a vocabulary; a proposer may (ngram does: its one-hot rows)
-        declared = [(i, s, int(s.vocab_size or 0)) for i, s in enumerate(self.stages) if isinstance(s, HasVocabulary)]
+        parts = [*self.stages, *([self.lookup] if self.lookup is not None else [])]
+        declared = [(i, s, int(s.vocab_size or 0)) for i, s in enumerate(parts) if isinstance(s, HasVocabulary)]
         declared = [(i, s, v) for i, s, v in declared if v > 0]
         if len({v for _, _, v in declared}) > 1:
             sizes = ", ".join(f"{_stage_name(s, i)}: {v}" for i, s, v in declared)
@@ -372,7 +415,7 @@ class Pipeline:
         self.decode.check_vocabulary(int(self.target.vocab_size))
         # capabilities are checked here, once (isinstance on a Protocol is slow)
         self._bottom_is_stage = isinstance(self.stages[0], Stage)
-        self._resettable = [s for s in self.stages if isinstance(s, Resettable)]
+        self._resettable = [s for s in parts if isinstance(s, Resettable)]
         self._features = feature_links(self.stages, _stage_name)  # feature readers and their sources
         self._context_limits = [(_stage_name(s, i), limit) for i, s in enumerate(self.stages)
                                 if (limit := context_length(s)) is not None]
@@ -402,6 +445,10 @@ class Pipeline:
             proposer = bottom  # type: ignore[assignment]
             if isinstance(bottom, CountsForwards):  # a model-backed proposer (tree) counts its forwards
                 stage_stats[0] = bottom.stats
+        lookup = None
+        if self.lookup is not None:
+            lookup = LookupStats()
+            proposer = LookupFirst(self.lookup, proposer, lookup, stop)
         boundaries = []
         for k in range(1, len(self.stages)):
             stats = BoundaryStats()
@@ -412,7 +459,7 @@ class Pipeline:
             name = self.policy_names[k - 1] if self.policy_names else policy_label(policy)
             proposer = SpeculativeProposer(proposer, verifier, policy, schedule, stats, stop, name, f"{k} -> {k + 1}",
                                            masses, emit if k == top else _ignore)
-        return proposer, Metrics(boundaries, stage_stats)
+        return proposer, Metrics(boundaries, stage_stats, lookup=lookup)
 
     def generate(
         self, prompt: Tensor | Sequence[int], max_new_tokens: int, *, seed: int | None = None,

@@ -19,7 +19,7 @@ from torch import Tensor
 from pyramid_core.errors import ConfigError
 from pyramid_core.tree import TokenTree
 
-__all__ = ["Block", "Verdict", "SamplingConfig", "GenerationOptions", "BoundaryStats", "StageStats", "GREEDY_BELOW"]
+__all__ = ["Block", "Verdict", "SamplingConfig", "GenerationOptions", "BoundaryStats", "StageStats", "LookupStats", "GREEDY_BELOW"]
 
 #: Temperatures below this are greedy (docs/algorithms.md#greedy-mode): there softmax(logits / T)
 #: is one-hot at the argmax in float arithmetic for any two logits that differ by more than 1e-27,
@@ -386,6 +386,35 @@ class BoundaryStats:
             "mean_tree_nodes": self.tree_nodes / self.tree_rounds if self.tree_rounds else float("nan"),
             "node_efficiency": self.accepted / self.tree_nodes if self.tree_nodes else float("nan"),
         }
+
+
+@attrs.define
+class LookupStats:
+    """Counters of a pipeline's lookup (``Pipeline.lookup``, mutable accumulator): rounds of the
+    bottom boundary it was asked for a block (``tries``), rounds it proposed one (``hits``; the
+    other rounds the bottom stage drafted) and the tokens it proposed."""
+
+    tries: int = 0
+    hits: int = 0
+    proposed: int = 0
+
+    def record(self, n_proposed: int) -> None:
+        self.tries += 1
+        if n_proposed:
+            self.hits += 1
+            self.proposed += n_proposed
+
+    @classmethod
+    def pool(cls, parts: Sequence[LookupStats]) -> LookupStats:
+        return cls(sum(s.tries for s in parts), sum(s.hits for s in parts), sum(s.proposed for s in parts))
+
+    @property
+    def hit_rate(self) -> float:
+        """hits / tries: the share of rounds whose block came from the lookup."""
+        return self.hits / self.tries if self.tries else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tries": self.tries, "hits": self.hits, "proposed": self.proposed, "hit_rate": self.hit_rate}
 
 
 @attrs.define

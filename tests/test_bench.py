@@ -139,12 +139,16 @@ def test_bench_quick_smollm2(tmp_path: Path) -> None:
     hf = [r["label"] for r in data["rows"] if r["framework"] == "hf"]
     # HF generate eager and over the compiled stage (the CLI compiles by default where it helps),
     # the float32 eager reference, assisted with the draft and with the qualifier, prompt lookup;
-    # then the 11 pyramid rows and the 3 rows of the shipped feature head
+    # then the 12 pyramid rows (one with prompt lookup asked first) and the 5 rows of the shipped
+    # feature head (two with the lookup)
     assert hf[0] == "HF generate (target)" and len(hf) == 6, hf
     assert "HF generate (target, float32 eager)" in hf
-    assert sum(r["framework"] == "pyramid" for r in data["rows"]) == 14 and not data["mismatches"]
+    assert sum(r["framework"] == "pyramid" for r in data["rows"]) == 17 and not data["mismatches"]
     assert "sd: draft→qualifier→target" in labels and "tree draft→qualifier→target" in labels
     assert {"feature→target", "tree feature→target", "feature→qualifier→target"} <= set(labels)
+    assert {"ngram+draft→target", "ngram+feature→target", "ngram+tree feature→target"} <= set(labels)
+    looked = [r for r in data["rows"] if r["label"].startswith("ngram+")]
+    assert all("the lookup proposed in" in r["note"] for r in looked), [r["note"] for r in looked]
     assert data["goals"]["best_feature_row"] is not None
     goals = data["goals"]
     assert goals["sd_3stage_speedup"] > 0 and goals["best_hf_assisted"].startswith("HF assisted")
@@ -167,9 +171,11 @@ def test_bench_feature_rows_identity_and_goals(tiny_stages: tuple[HFStage, HFSta
     head = FeatureHead(tiny_models["target"], FeatureHeadConfig(layers=(-1,), variant="eagle1"))
     feature = FeatureStage(head, target.tokenizer, name="feature", features_from="target")
     extra = feature_configs(target, feature, qualifier=draft, length=3, tree="tree:budget=6,branching=2",
-                            qualifier_length=5)
-    assert [c.label for c in extra] == ["feature→target", "tree feature→target", "feature→qualifier→target"]
-    assert extra[2].block_lengths == (3, 5) and len(extra[2].stages) == 3
+                            qualifier_length=5, lookup="ngram")
+    assert [c.label for c in extra] == ["feature→target", "tree feature→target", "ngram+feature→target",
+                                        "ngram+tree feature→target", "feature→qualifier→target"]
+    assert extra[4].block_lengths == (3, 5) and len(extra[4].stages) == 3
+    assert extra[3].lookup == "ngram" and extra[3].tree == extra[1].tree and extra[3].describe()["lookup"] == "ngram"
     cfgs = [BenchConfig("pyramid target (N=1)", (target,))]
     result = run_bench(target, draft, PROMPTS, max_new_tokens=12, chat=False, configs=cfgs, extra=extra,
                        hf=False, progress=False)

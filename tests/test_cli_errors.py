@@ -111,6 +111,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-capped-lengths", ["bench", "--out", "DIR", "--lengths-3", "3,1"],
      r"--lengths-3 3,1: block lengths 3,1: the length 3 at boundary 1 -> 2 cannot take effect"),
     ("bench-bad-lengths", ["bench", "--out", "DIR", "--lengths-2", "x"], r"--lengths-2 takes comma-separated integers"),
+    ("bench-lookup-a-backend", ["bench", "--out", "DIR", "--lookup", "smollm2"],
+     r"--lookup smollm2: lookup='smollm2' names a model backend; the lookup is a model-free proposer"),
+    ("generate-lookup-unknown", ["generate", "--prompt", "hi", "--stage", "TINY", "--stage", "TINY", "--lookup", "ngarm"],
+     r"unknown proposer 'ngarm'; did you mean 'ngram'"),
     ("bench-unusable-device", ["bench", "--out", "DIR", "--device", "cuda:97"], r"device 'cuda:97' is not usable"),
     ("bench-per-kind-zero", ["bench", "--per-kind", "0"], r"argument --per-kind: must be >= 1"),
     # sweep

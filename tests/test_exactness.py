@@ -328,6 +328,33 @@ def test_ngram_proposer_with_exact_policy_stays_exact(middle: int, ells: list[in
     assert joint_pvalue(samples, MARKOV[-2]) < REJECT
 
 
+@pytest.mark.parametrize(("middle", "ells"), [(0, [3]), (1, [2, 3])], ids=["lookup-M3-target", "lookup-M2-M3-target"])
+def test_a_lookup_in_front_of_a_model_draft_stays_exact(middle: int, ells: list[int]) -> None:
+    """``lookup="ngram:min_ngram=2"``: each round prompt lookup proposes first (one-hot rows) and the Markov
+    draft M2 samples only where it finds nothing -- both kinds of round must occur. 3000 runs x 3
+    tokens after a repetitive prompt: the joint sequence fits the target chain (ALPHA) and rejects
+    the chain of the stage below the target at 1e-6."""
+    stages = markov_stages(2 + middle)
+    pipe = exact_pipeline(stages, ells, lookup="ngram:min_ngram=2")
+    hits = tries = drafted = 0
+
+    def generate(seed: int) -> torch.Tensor:
+        nonlocal hits, tries, drafted
+        gen = pipe.generate(NGRAM_PROMPT, MARKOV_LENGTH, seed=seed)
+        assert gen.metrics.lookup is not None
+        hits += gen.metrics.lookup.hits
+        tries += gen.metrics.lookup.tries
+        drafted += gen.metrics.stages[0].forwards
+        return gen.tokens
+
+    samples = sample_positions(generate, MARKOV_RUNS, MARKOV_LENGTH)
+    assert 0.1 < hits / tries < 0.9, f"the lookup must propose in some rounds and not in others ({hits}/{tries})"
+    assert drafted > MARKOV_RUNS / 4, "the draft must draft in the rounds the lookup leaves"
+    assert joint_pvalue(samples, MARKOV[-1]) > ALPHA
+    assert third_token_pvalue(samples, MARKOV[-1]) > ALPHA
+    assert joint_pvalue(samples, MARKOV[-2]) < REJECT
+
+
 def stopped_sequence_probs(matrix: Sequence[Sequence[float]], last: int, length: int, stop: int) -> dict[tuple[int, ...], float]:
     """Probability of every output of ``length`` tokens that ends right after the first ``stop``."""
     out: dict[tuple[int, ...], float] = {}

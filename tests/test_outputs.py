@@ -182,11 +182,11 @@ def test_pyramid_bench_resumes_after_an_interruption(tmp_path: Path, monkeypatch
         assert main(argv) == 0
     err = capsys.readouterr().err
     assert "pyramid bench: resuming: 3 finished piece(s) taken from" in err  # the reference + 2 rows
-    # of the 6 pyramid rows, the target alone and ngram→target were done: draft→target, its adaptive
-    # variant, ngram→draft→target and the tree were left
-    assert calls[0] == 4
+    # of the 7 pyramid rows, the target alone and ngram→target were done: draft→target, its adaptive
+    # variant, ngram+draft→target, ngram→draft→target and the tree were left
+    assert calls[0] == 5
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert len([r for r in data["rows"] if r["framework"] == "pyramid"]) == 6
+    assert len([r for r in data["rows"] if r["framework"] == "pyramid"]) == 7
     assert {"bench.json", "bench.md", "bench.partial.jsonl"} <= {p.name for p in (tmp_path / "out").iterdir()}
 
 

@@ -13,6 +13,7 @@ import stats  # noqa: F401  (one torch thread: these tests run thousands of tiny
 import torch
 
 from pyramid_core import (
+    Block,
     ConfigError,
     Generation,
     Pipeline,
@@ -394,3 +395,72 @@ def test_no_stages() -> None:
         Pipeline([])
     with pytest.raises(ConfigError, match="at least one stage"):
         build_pipeline([])
+
+
+# ----------------------------------------------------------------------------------------------
+# a lookup asked first (docs/algorithms.md "Lookup first")
+# ----------------------------------------------------------------------------------------------
+
+REPEATING = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]
+
+
+@pytest.mark.parametrize("tree", [None, "tree:budget=6,branching=2"], ids=["chain", "tree"])
+def test_greedy_with_a_lookup_is_the_targets_argmax_chain(tree: str | None) -> None:
+    """The lookup proposes in some rounds and the draft (a chain, or a token tree) in the others;
+    the output is still the target's greedy chain, and the metrics count both kinds of round."""
+    pipe = build_pipeline(greedy_stages(2), block_lengths=[3], sampling=SamplingConfig.greedy(), lookup="ngram",
+                          tree=tree)
+    gen = pipe.generate(REPEATING, 32, seed=0)
+    assert gen.token_list == reference_greedy(REPEATING, 32)
+    look = gen.metrics.lookup
+    assert look is not None and 0 < look.hits < look.tries
+    assert gen.metrics.boundaries[0].rounds == look.tries
+    assert gen.metrics.stages[0].forwards > 0  # the draft drafted in the rounds the lookup left
+    assert gen.metrics.as_dict()["lookup"]["hits"] == look.hits
+    pooled = type(gen.metrics).pool([gen.metrics, gen.metrics]).lookup
+    assert pooled is not None and (pooled.tries, pooled.hits) == (2 * look.tries, 2 * look.hits)
+    plain = build_pipeline(greedy_stages(2), block_lengths=[3], sampling=SamplingConfig.greedy(), tree=tree)
+    assert plain.generate(REPEATING, 32).metrics.lookup is None
+
+
+def test_a_lookup_block_ends_at_its_first_stop_token() -> None:
+    """Prompt lookup copies what followed an earlier match, stop tokens included; the block is
+    cut right after the stop token (nothing past it reaches the target)."""
+    seen: list[list[int]] = []
+
+    class Recording(ExactPolicy):
+        def decide(self, block, p, rng):  # type: ignore[no-untyped-def]
+            seen.append(block.tokens.tolist())
+            return super().decide(block, p, rng)
+
+    pipe = Pipeline(greedy_stages(2), [Recording()], [4], SamplingConfig.greedy(), [3],
+                    lookup=NgramProposer(vocab_size=V))
+    pipe.generate([1, 2, 3, 4, 5, 1, 2], 8)
+    assert seen and seen[0] == [3]  # the match continues 3, 4, 5, 1: cut after the stop token 3
+
+
+def test_lookup_errors_name_the_lookup() -> None:
+    with pytest.raises(ConfigError, match=r"lookup='ngram' proposes to the stage above the bottom one"):
+        build_pipeline(greedy_stages(1), lookup="ngram")
+    with pytest.raises(PluginError, match=r"unknown proposer 'ngarm'; did you mean 'ngram'"):
+        build_pipeline(greedy_stages(2), block_lengths=[2], lookup="ngarm")
+    with pytest.raises(ConfigError, match=r"lookup='hf:path=x' names a model backend; the lookup is a model-free "
+                                          r"proposer \(ngram"):
+        build_pipeline(greedy_stages(2), block_lengths=[2], lookup="hf:path=x")
+    with pytest.raises(ConfigError, match=r"the lookup \(M1\) must be a model-free Proposer"):
+        Pipeline(greedy_stages(2), [ExactPolicy()], [2], lookup=greedy_stages(2)[0])
+    with pytest.raises(ConfigError, match=r"vocabulary size.*ngram: 5"):
+        Pipeline(greedy_stages(2), [ExactPolicy()], [2], lookup=NgramProposer(vocab_size=5))
+
+
+def test_a_lookup_that_proposes_too_much_is_named() -> None:
+    class Greedy:
+        name = "too-long"
+
+        def propose(self, context: torch.Tensor, n: int, rng: object) -> Block:
+            return Block(torch.zeros(n + 1, dtype=torch.long), torch.full((n + 1, V), 1.0 / V))
+
+    pipe = Pipeline(greedy_stages(2), [ExactPolicy()], [2], lookup=Greedy())
+    with pytest.raises(ConfigError, match=r"lookup too-long proposed 3 tokens; a lookup proposes a chain of at most "
+                                          r"the 2 tokens asked for"):
+        pipe.generate(PROMPT, 4)

@@ -16,6 +16,7 @@ from pyramid_core import ConfigError
 from pyramid_core.backends.hf.tiny import save_with_words
 from pyramid_core.build import PipelineSpec
 from pyramid_core.lab.latency import expected_tokens
+from pyramid_core.pipeline import LookupFirst
 from pyramid_core.rng import Rng
 from pyramid_core.serving.planner import StepPlanner
 from pyramid_core.serving.proposer import CHAIN_ENV, LowerChain, PyramidProposer, build_lower
@@ -172,6 +173,27 @@ def test_served_greedy_output_is_the_targets(tiny_models: dict[str, Any], dirs: 
     assert stats["lanes"] == len(PROMPTS) and stats["drafted"] > 0
     # moved rows found their own lanes again: a lane was chosen afresh only on a request's first draft
     assert stats["switches"] == len(PROMPTS)
+
+
+def test_a_lookup_in_front_of_the_served_chain(tiny_models: dict[str, Any], dirs: dict[str, Path]) -> None:
+    """``lookup="ngram"`` travels with the lower chain to vLLM's workers; each lane asks prompt
+    lookup first and the draft drafts only where it finds nothing: outputs stay the target's, and
+    every block is what a fresh lane drafts for that context."""
+    spec = PipelineSpec(stages=[f"hf:path={dirs['near']}", f"hf:path={dirs['target']}"], policies=["exact"],
+                        block_lengths=[K], lookup="ngram")
+    chain = LowerChain.of(spec, adaptive=False)[0]
+    assert chain.lookup == "ngram" and LowerChain.from_json(chain.to_json()) == chain
+    lane = build_lower(chain, VOCAB)
+    assert isinstance(lane, LookupFirst)
+    repeating = [1, 2, 1, 2, 1, 2]
+    assert lane.propose(torch.tensor(repeating), K, Rng(0)).tokens.tolist() == [1, 2]  # what followed 2, 1, 2
+    assert lane.stats.hits == 1
+    proposer = PyramidProposer.for_chain(chain, num_speculative_tokens=K, vocab_size=VOCAB, max_model_len=96)
+    out = FakeRunner(tiny_models["target"], PROMPTS, new_tokens=20).run(proposer)
+    for prompt, got in zip(PROMPTS, out, strict=True):
+        assert got == plain_greedy(tiny_models["target"], prompt, 20)
+    with pytest.raises(ConfigError, match=r"lookup='hf:path=/d' names a model backend"):
+        LowerChain.of(PipelineSpec(stages=["hf:path=/d", "hf:path=/t"], lookup="hf:path=/d"))
 
 
 def test_requests_one_after_another_reuse_one_lane(tiny_models: dict[str, Any], dirs: dict[str, Path]) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from pyramid_core import plugins
-from pyramid_core.build import default_chain, make_stage
+from pyramid_core.build import check_lookup, default_chain, make_stage
 from pyramid_core.cli.argtypes import quality_budget
 from pyramid_core.cli.common import (
     block_length,
@@ -26,7 +26,7 @@ from pyramid_core.cli.common import (
 )
 from pyramid_core.cli.config import config_arg, run_arguments
 from pyramid_core.devices import check_device
-from pyramid_core.errors import ConfigError
+from pyramid_core.errors import ConfigError, PyramidError
 from pyramid_core.protocols import Stage
 from pyramid_core.validate import check_block_lengths
 
@@ -49,6 +49,10 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
                         "default chain's middle stage, smollm2:stage=qualifier)")
     p.add_argument("--ngram", default="ngram", metavar="STAGE", help="model-free proposer (default ngram)")
     p.add_argument("--tree", default="tree:budget=8,branching=4", metavar="TREE", help="tree wrapper spec")
+    p.add_argument("--lookup", default="ngram", metavar="PROPOSER",
+                   help="model-free proposer asked first each round in the lookup rows (draft and feature chains, "
+                        "the feature tree), the draft drafting only where it proposes nothing; 'none' drops those "
+                        "rows (default ngram)")
     p.add_argument("--feature", metavar="STAGE",
                    help="feature-level draft (EAGLE family) for the feature rows, on Spec-Bench questions too; 'none' drops "
                         "them (default: smollm2:stage=feature when the target is the family's and the head is "
@@ -161,6 +165,11 @@ def bench_plan(ns: argparse.Namespace, regs: Any) -> BenchPlan:
     from pyramid_core.lab.specbench import is_specbench_file
 
     lengths2, lengths3 = _lengths(ns.lengths2, 1, "--lengths-2"), _lengths(ns.lengths3, 2, "--lengths-3")
+    if _lookup(ns) is not None:
+        try:
+            check_lookup(ns.lookup, 2, regs)
+        except PyramidError as exc:
+            raise ConfigError(f"--lookup {ns.lookup}: {exc}") from None
     specbench = bool(ns.prompts) and is_specbench_file(ns.prompts)
     max_new = 24 if ns.quick else (128 if specbench else 64)
     max_new = ns.max_new_tokens if ns.max_new_tokens is not None else max_new
@@ -195,7 +204,7 @@ def _pyramid_configs(ns: argparse.Namespace, plan: BenchPlan, stages: dict[str, 
 
     rows = default_configs(stages["--target"], stages["--draft"], qualifier=stages["--qualifier"], ngram=ns.ngram,
                            tree=ns.tree, lengths2=plan.lengths2, lengths3=plan.lengths3,
-                           qualifier_length=ns.qualifier_length)
+                           qualifier_length=ns.qualifier_length, lookup=_lookup(ns))
     return rows + _feature_rows(ns, plan.specs["--target"], stages["--target"], stages["--qualifier"], regs,
                                 upper=plan.upper, load=load)
 
@@ -284,7 +293,12 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
         if not isinstance(stage, Stage):
             raise ConfigError(f"--feature ({spec}) must be a model backend, not a proposer")
     return feature_configs(target, stage, qualifier=qualifier, length=ns.feature_length, tree=ns.feature_tree,
-                           qualifier_length=upper)
+                           qualifier_length=upper, lookup=_lookup(ns))
+
+
+def _lookup(ns: argparse.Namespace) -> str | None:
+    """``--lookup``: the proposer of the lookup rows, or ``None`` for 'none'."""
+    return None if ns.lookup.lower() == "none" else ns.lookup
 
 
 def _open_log(path: Path, arguments: dict[str, Any], command: str, logs: list[RecordLog]) -> RecordLog:

@@ -1,6 +1,6 @@
 """What the commands share: the sampling options, argument types that refuse bad values with the
 flag's name, and turning ``--stage`` / ``--policy`` / ``--length`` / ``--preset`` / ``--tree`` /
-``--device`` / ``--nonfinite`` into a ``PipelineSpec``."""
+``--lookup`` / ``--device`` / ``--nonfinite`` into a ``PipelineSpec``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ def pipeline_args(p: argparse.ArgumentParser, *, default_length: str) -> None:
     p.add_argument("--confidence-stop", type=float, default=0.0, metavar="P",
                    help="a model draft ends its block after a token whose row's largest probability is below P "
                         "(like HF's assistant_confidence_threshold; 0 = off); exact")
+    p.add_argument("--lookup", metavar="PROPOSER",
+                   help="a model-free proposer asked first each round, e.g. ngram or ngram:min_ngram=2: the first "
+                        "stage drafts only in the rounds it proposes nothing (prompt lookup, then the draft); exact")
 
 
 def compile_arg(p: argparse.ArgumentParser) -> None:
@@ -121,4 +124,4 @@ def pipeline_spec(ns: argparse.Namespace, stages: Sequence[Any], *, default_leng
                         compile=getattr(ns, "compile", None), dtype=getattr(ns, "dtype", None),
                         length_schedule=getattr(ns, "length_schedule", "fixed"),
                         confidence_stop=getattr(ns, "confidence_stop", 0.0),
-                        on_nonfinite=getattr(ns, "nonfinite", "raise"))
+                        on_nonfinite=getattr(ns, "nonfinite", "raise"), lookup=getattr(ns, "lookup", None))

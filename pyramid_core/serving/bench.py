@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the pyramid lower chain's stages, smallest first (default: smollm2:stage=draft)")
     p.add_argument("--policy", action="append", default=[], help="policies between the lower stages")
     p.add_argument("--length", action="append", type=int, default=[], help="block lengths between the lower stages")
+    p.add_argument("--lookup", help="a model-free proposer the pyramid lanes ask first, e.g. ngram (the chain "
+                                    "drafts only where it proposes nothing; default none)")
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--tokens", type=int, default=64)
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ns.model = str(smollm2_dir())
     stages = ns.stage or ["smollm2:stage=draft"]
-    chain = LowerChain(tuple(stages), tuple(ns.policy), tuple(ns.length), "cpu", ns.dtype)
+    chain = LowerChain(tuple(stages), tuple(ns.policy), tuple(ns.length), "cpu", ns.dtype, lookup=ns.lookup)
     prompts = [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" (variant {i // len(PROMPTS)})")
                for i in range(ns.prompts)]
     k = ns.num_speculative_tokens

@@ -34,16 +34,22 @@ import attrs
 import numpy as np
 import torch
 
-from pyramid_core.build import PipelineSpec, check_same_tokenizer, make_policy, make_stage
+from pyramid_core.build import (
+    PipelineSpec,
+    check_lookup,
+    check_same_tokenizer,
+    make_policy,
+    make_stage,
+)
 from pyramid_core.errors import ConfigError, PluginError
 from pyramid_core.options import ExecutionMode
-from pyramid_core.pipeline import Pipeline
+from pyramid_core.pipeline import LookupFirst, Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import Proposer, Stage, tokenizer_of
 from pyramid_core.registry import parse_spec
 from pyramid_core.rng import Rng
 from pyramid_core.serving.planner import StepPlanner
-from pyramid_core.types import SamplingConfig
+from pyramid_core.types import LookupStats, SamplingConfig
 
 __all__ = ["CHAIN_ENV", "LowerChain", "PyramidProposer", "PROPOSER_CLASS", "STATS_ENV", "build_lower"]
 
@@ -77,7 +83,9 @@ class LowerChain:
     between them and their block lengths: what every lane of :class:`PyramidProposer` runs.
     ``max_lanes``: copies of the chain kept at most (one per running request); ``adaptive``: each
     step's block length from :class:`~pyramid_core.serving.planner.StepPlanner` (0 to
-    ``num_speculative_tokens``), else always ``num_speculative_tokens``."""
+    ``num_speculative_tokens``), else always ``num_speculative_tokens``; ``lookup``: a model-free
+    proposer spec asked first for each block, the chain drafting only where it proposes nothing
+    (``PipelineSpec.lookup``)."""
 
     stages: tuple[str, ...] = attrs.field(converter=_strings)
     policies: tuple[str, ...] = attrs.field(default=(), converter=_strings)
@@ -87,6 +95,7 @@ class LowerChain:
     compile: str | None = None
     max_lanes: int = 64
     adaptive: bool = True
+    lookup: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if not self.stages:
@@ -117,6 +126,10 @@ class LowerChain:
         if spec.tree is not None:
             raise ConfigError(f"tree={spec.tree!r}: vLLM's custom proposers hand it one list of tokens per "
                               "request, not a token tree; serve a chain")
+        if spec.lookup is not None:
+            if not isinstance(spec.lookup, str):
+                raise ConfigError(f"lookup {spec.lookup!r} is a loaded object; vLLM's workers build it from its spec")
+            check_lookup(spec.lookup, len(stages), regs)
         names = [p if isinstance(p, str) else None for p in policies]
         if any(n is None for n in names):
             raise ConfigError("vLLM's workers build the policies from their specs (strings), not objects")
@@ -142,7 +155,7 @@ class LowerChain:
                 f"pyramid's rules run between the stages below it (use {' or '.join(TOP_POLICIES)} at the top, "
                 "e.g. --policy fuzzy:tau=0.3 --policy exact)")
         return (cls(tuple(stages[:-1]), tuple(names[:-1]), tuple(lengths[:-1]), spec.device, spec.dtype,
-                    None if spec.compile is None else spec.compile.value, max_lanes, adaptive),
+                    None if spec.compile is None else spec.compile.value, max_lanes, adaptive, spec.lookup),
                 str(stages[-1]), int(lengths[-1]), TOP_POLICIES[top_name])
 
     def to_json(self) -> str:
@@ -178,14 +191,21 @@ def build_lower(chain: LowerChain, vocab_size: int, *, regs: Registries | None =
         size = getattr(stage, "vocab_size", None)
         if size is not None and int(size) != vocab_size:
             raise ConfigError(f"stage {spec!r} has a vocabulary of {int(size)} tokens; vLLM's target has {vocab_size}")
-    if len(stages) == 1 and not isinstance(stages[0], Stage):
+    lookup = None if chain.lookup is None else make_stage(chain.lookup, regs=regs, vocab_size=vocab_size)
+    if len(stages) == 1 and not isinstance(stages[0], Stage) and lookup is None:
         return stages[0]  # a model-free proposer (ngram) drafts by itself
     check_same_tokenizer(stages)
     eos = getattr(tokenizer_of(stages[-1]), "eos_token_id", None)
+    stop = () if eos is None else (int(eos),)
     policies = [make_policy(p, regs=regs) for p in chain.policies]
-    pipe = Pipeline(stages, policies, chain.block_lengths, SamplingConfig.greedy(), () if eos is None else (int(eos),),
+    pipe = Pipeline(stages, policies, chain.block_lengths, SamplingConfig.greedy(), stop,
                     policy_names=[repr(p) for p in chain.policies])
-    return pipe.build()[0]
+    proposer = pipe.build()[0]
+    if lookup is None:
+        return proposer
+    if isinstance(lookup, Stage) or not isinstance(lookup, Proposer):
+        raise ConfigError(f"lookup {chain.lookup!r} must be a model-free proposer (e.g. ngram)")
+    return LookupFirst(lookup, proposer, LookupStats(), torch.tensor(stop, dtype=torch.long))
 
 
 def _key(context: np.ndarray, n: int) -> tuple[int, bytes]:

@@ -62,6 +62,7 @@ from pyramid_core.lab.quality import (
 from pyramid_core.pipeline import Metrics, Pipeline
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, tokenizer_of
+from pyramid_core.registry import parse_spec
 from pyramid_core.types import SamplingConfig
 
 __all__ = ["BenchConfig", "default_configs", "feature_configs", "run_bench"]
@@ -71,8 +72,8 @@ __all__ = ["BenchConfig", "default_configs", "feature_configs", "run_bench"]
 class BenchConfig:
     """One pyramid pipeline to benchmark: stages smallest first (specs or loaded stages), a
     policy and a block length per boundary (or a preset), an optional stage wrapper spec
-    (``tree``). ``lossless`` configurations are asserted token-identical to the target's greedy
-    output."""
+    (``tree``) and an optional lookup asked first each round (``lookup``, a proposer spec).
+    ``lossless`` configurations are asserted token-identical to the target's greedy output."""
 
     label: str
     stages: tuple[str | Stage | Proposer, ...]
@@ -83,6 +84,7 @@ class BenchConfig:
     preset: str | None = None
     length_schedule: str = "fixed"
     confidence_stop: float = 0.0
+    lookup: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """The configuration as JSON (stages by spec, or by name when loaded), as results record it."""
@@ -90,12 +92,17 @@ class BenchConfig:
                 "policies": [p if isinstance(p, str) else type(p).__name__ for p in self.policies],
                 "block_lengths": list(self.block_lengths), "tree": self.tree, "preset": self.preset,
                 "lossless": self.lossless, "length_schedule": self.length_schedule,
-                "confidence_stop": self.confidence_stop}
+                "confidence_stop": self.confidence_stop, "lookup": self.lookup}
 
     def spec(self, sampling: SamplingConfig, stop_ids: Sequence[int]) -> PipelineSpec:
         return PipelineSpec(self.stages, self.policies or None, self.block_lengths or None, self.preset, self.tree,
                             sampling, stop_ids=tuple(stop_ids), length_schedule=self.length_schedule,
-                            confidence_stop=self.confidence_stop)
+                            confidence_stop=self.confidence_stop, lookup=self.lookup)
+
+
+def _lookup_label(lookup: str, row: str) -> str:
+    """``ngram+draft→target``: a row with ``lookup`` asked first, named by the proposer."""
+    return f"{parse_spec(lookup)[0]}+{row}"
 
 
 def default_configs(
@@ -108,9 +115,11 @@ def default_configs(
     lengths2: Sequence[int] | None = None,
     lengths3: Sequence[int] | None = None,
     qualifier_length: int | None = None,
+    lookup: str | None = None,
 ) -> list[BenchConfig]:
     """The pyramid rows: target alone, ngram -> target, 2-stage exact with each draft (and the
-    draft with the adaptive length schedule and a confidence stop), then with a qualifier the
+    draft with the adaptive length schedule and a confidence stop; with a ``lookup``, the draft
+    drafting only where the lookup proposes nothing), then with a qualifier the
     3-stage ``sd`` chain, the same with block verification at both boundaries, ``psd-a`` and
     ``psd-f`` (lossy: PyramidSD's policies at the ``sd`` row's block lengths) and token trees at
     the bottom of the 2- and 3-stage chains; without one, ngram -> draft -> target and a tree
@@ -125,6 +134,8 @@ def default_configs(
         BenchConfig("draft→target, adaptive ℓ, stop < 0.4", (draft, target), ("exact",), ell2,
                     length_schedule="adaptive", confidence_stop=0.4),
     ]
+    if lookup is not None:
+        rows.append(BenchConfig(_lookup_label(lookup, "draft→target"), (draft, target), ("exact",), ell2, lookup=lookup))
     if qualifier is None:
         return rows + [
             BenchConfig("ngram→draft→target", (ngram, draft, target), ("exact", "exact"), ell3),
@@ -149,10 +160,12 @@ def feature_configs(
     length: int = 2,
     tree: str = "tree:budget=8,branching=4",
     qualifier_length: int = 3,
+    lookup: str | None = None,
 ) -> list[BenchConfig]:
     """The feature-draft rows (EAGLE family, [feature-level
     drafts](../../algorithms.md#feature-level-drafts)): ``feature`` -> target as a chain of
-    ``length`` tokens and as a token tree through ``tree``; with a qualifier, ``feature`` ->
+    ``length`` tokens and as a token tree through ``tree``, and with a ``lookup`` both again with
+    the lookup asked first ([lookup first](../../algorithms.md#lookup-first)); with a qualifier, ``feature`` ->
     qualifier -> target at ``(length, max(length, qualifier_length))``. Give a ``feature`` that
     reads the target (``features_from=target``): in the 2-stage rows that is the next stage, and
     across the qualifier it reads the target's features where the target has scored a position and
@@ -161,6 +174,11 @@ def feature_configs(
         BenchConfig("feature→target", (feature, target), ("exact",), (length,)),
         BenchConfig("tree feature→target", (feature, target), ("exact",), (length,), tree=tree),
     ]
+    if lookup is not None:
+        rows += [BenchConfig(_lookup_label(lookup, "feature→target"), (feature, target), ("exact",), (length,),
+                             lookup=lookup),
+                 BenchConfig(_lookup_label(lookup, "tree feature→target"), (feature, target), ("exact",), (length,),
+                             tree=tree, lookup=lookup)]
     if qualifier is not None:
         rows.append(BenchConfig("feature→qualifier→target", (feature, qualifier, target),
                                 ("exact", "exact"), (length, max(length, qualifier_length))))
@@ -237,7 +255,10 @@ def _pyramid_row(
     row.overhead_fraction = m.overhead_s / m.wall_s if m.wall_s > 0 else math.nan
     if refs is not None:  # after the timing: tie checks run target forwards
         judge_identity(row, pipe.target, [(prompt_ids[i], ids, refs[i]) for i, ids, _ in jobs], outputs)
-    if cfg.tree is not None:
+    if m.lookup is not None:
+        row.note = (f"the lookup proposed in {m.lookup.hits} of {m.lookup.tries} rounds, the first stage in the "
+                    "others: the chain latency model does not apply (no prediction)")
+    elif cfg.tree is not None:
         row.note = "token tree: the chain latency model does not apply (no prediction)"
     elif all(math.isfinite(a) for a in alphas) and row.tokens:
         _predict(row, pipe, m, alphas, len(jobs), costs)
