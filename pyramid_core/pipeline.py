@@ -155,15 +155,26 @@ class LookupFirst:
     stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
 
     def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
-        block = self.lookup.propose(context, n, rng)
-        if block.tree is not None or len(block) > n:
+        return self.propose_split(context, n, n, rng)[0]
+
+    def propose_split(self, context: Tensor, n_lookup: int, n_draft: int, rng: Rng) -> tuple[Block, bool]:
+        """(the block, whether the lookup proposed it): up to ``n_lookup`` tokens from the lookup,
+        else up to ``n_draft`` from the drafter -- for a caller that prices the two differently
+        (vLLM's lanes: a lookup token costs only its verification, a drafted one a forward too).
+        ``n_lookup`` 0: the lookup is not asked (no try is counted)."""
+        if n_lookup <= 0:
+            return self.drafter.propose(context, n_draft, rng), False
+        block = self.lookup.propose(context, n_lookup, rng)
+        if block.tree is not None or len(block) > n_lookup:
             raise ConfigError(f"lookup {_stage_name(self.lookup, 0)} proposed "
                               f"{'a token tree' if block.tree is not None else f'{len(block)} tokens'}; "
-                              f"a lookup proposes a chain of at most the {n} tokens asked for")
+                              f"a lookup proposes a chain of at most the {n_lookup} tokens asked for")
         if len(block):
             block = block.head(_cut_at_stop(block.tokens, self.stop_ids)[0])
         self.stats.record(len(block))
-        return block if len(block) else self.drafter.propose(context, n, rng)
+        if len(block):
+            return block, True
+        return self.drafter.propose(context, n_draft, rng), False
 
 
 @attrs.define(eq=False)

@@ -196,6 +196,50 @@ def test_a_lookup_in_front_of_the_served_chain(tiny_models: dict[str, Any], dirs
         LowerChain.of(PipelineSpec(stages=["hf:path=/d", "hf:path=/t"], lookup="hf:path=/d"))
 
 
+def test_the_lookup_gets_all_k_while_the_planner_sizes_the_drafts(dirs: dict[str, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup token costs only its verification, a drafted one a forward too: where the planner
+    chooses drafted blocks of 1, a row whose context repeats still gets the lookup's k tokens,
+    another row one drafted token; each kind's verdicts move its own acceptance estimate."""
+    spec = PipelineSpec(stages=[f"hf:path={dirs['near']}", f"hf:path={dirs['target']}"], policies=["exact"],
+                        block_lengths=[K], lookup="ngram")
+    proposer = PyramidProposer.for_chain(LowerChain.of(spec)[0], num_speculative_tokens=K, vocab_size=VOCAB,
+                                         max_model_len=96)
+    monkeypatch.setattr(StepPlanner, "choose", lambda self, rows, fixed=False: 1)
+    repeating, fresh = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5], [40, 41, 42]
+    contexts = [repeating, fresh]
+    table = np.zeros((2, 96), dtype=np.int32)
+    for i, c in enumerate(contexts):
+        table[i, : len(c)] = c
+    drafts = proposer.propose([[c[-1]] for c in contexts], np.array([len(c) for c in contexts]), table)
+    assert drafts == [[6, 7, 8, 9], drafts[1]] and len(drafts[1]) == 1
+    # the next step: the repeating row accepted 2 of its 4 (context grew by 3), the other its 1 (grew by 2)
+    grown = [[*repeating, 6, 7, 3], [*fresh, drafts[1][0], 3]]
+    table = np.zeros((2, 96), dtype=np.int32)
+    for i, c in enumerate(grown):
+        table[i, : len(c)] = c
+    alpha_before = proposer.planner.alpha
+    proposer.propose([[c[-1]] for c in grown], np.array([len(c) for c in grown]), table)
+    verdicts = proposer.stats()["verdicts"]
+    assert verdicts["blocks"] == 2 and verdicts["lookup blocks"] == 1
+    assert verdicts["offered"] == 5 and verdicts["accepted"] == 3
+    # each kind of block moves its own acceptance: the drafted block's 1 of 1, the lookup's 2 of 4
+    assert proposer.planner.alpha > alpha_before
+    assert proposer.planner.lookup_alpha == pytest.approx((0.5 * 2 * 0.95 ** (1 / 8) + 2) / (2 * 0.95 ** (1 / 8) + 3))
+
+
+def test_the_planner_sizes_lookup_blocks_apart() -> None:
+    """Where drafting does not pay, the lookup's tokens may still: no drafting cost, their own
+    acceptance."""
+    planner = StepPlanner(K)
+    for tokens, seconds in ((1, 0.020), (2, 0.0215), (5, 0.026), (1, 0.020)):
+        planner.record_step(tokens, seconds, drafted=tokens > 1)
+    planner.record_draft(4, 0.2)  # 50 ms a drafted token: drafting never pays
+    for _ in range(20):
+        planner.record_verdict(4, 3, lookup=True)
+    assert planner.choose(1) == 0 and planner.choose_lookup(1) == K
+
+
 def test_requests_one_after_another_reuse_one_lane(tiny_models: dict[str, Any], dirs: dict[str, Path]) -> None:
     """A finished request's lane serves the next one (no copy of the chain is built per request);
     the reused lane rolls back to the common prefix, and outputs stay the target's."""
@@ -307,6 +351,8 @@ def test_serve_prints_its_command(dirs: dict[str, Path], tmp_path: Path, capsys:
     assert main([*serve_argv(dirs, tmp_path / "python"), "--print-command"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{CHAIN_ENV}='") and "custom_class" in out and not (tmp_path / "argv").exists()
+    assert main([*serve_argv(dirs, tmp_path / "python"), "--lookup", "ngram:min_ngram=2", "--print-command"]) == 0
+    assert '"lookup": "ngram:min_ngram=2"' in capsys.readouterr().out  # the lanes ask it first
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -403,7 +449,8 @@ def test_the_proposer_learns_from_vllms_steps(tiny_models: dict[str, Any], dirs:
     a0, a1, b = planner.step_cost()  # type: ignore[misc]
     assert (a0, a1, b) == pytest.approx((step_cost[0], step_cost[0], step_cost[1]), abs=5e-3)
     later = sum(n for k, n in planner.chosen.items() if k > 0)
-    assert proposer.stats()["verdicts"] == {"blocks": len(runner.verdicts), "offered": offered, "accepted": accepted}
+    assert proposer.stats()["verdicts"] == {"blocks": len(runner.verdicts), "lookup blocks": 0, "offered": offered,
+                                            "accepted": accepted}
     if drafting and adaptive:  # steps cost the same whatever their size: the longest block (and at most
         assert set(planner.chosen) <= {K, 0} and planner.chosen.get(0, 0) <= 1  # one step to time a plain step)
     elif drafting:

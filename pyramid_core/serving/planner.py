@@ -22,6 +22,9 @@ online, each statistic forgetting geometrically as observations of its own kind 
 - ``d`` from the lower chain's own time per drafted token;
 - ``alpha`` by maximum likelihood under the i.i.d. acceptance model: a block of length L of which
   m tokens were accepted tested m + 1 tokens (m successes) when m < L, and L tokens when m = L.
+With a lookup in front of the chain (``LowerChain.lookup``) its blocks are sized apart: their
+acceptance is learned on its own (``lookup_alpha``) and their tokens cost only the verification
+(d = 0), so ``choose_lookup`` may offer the lookup's tokens in steps where drafting does not pay.
 
 On a CPU the verification of k extra tokens at batch 1 costs little and drafting can pay; with
 many requests vLLM's batched forward is already efficient while the lanes of the lower chain draft
@@ -60,6 +63,10 @@ class StepPlanner:
     # lower chain: seconds and drafted tokens (weighted)
     draft_seconds: float = 0.0
     draft_tokens: float = 0.0
+    # the lookup's blocks (``choose_lookup``): accepted and tested tokens, the prior included
+    lookup_accepted: float = attrs.field(init=False)
+    lookup_tested: float = attrs.field(init=False)
+    chosen_lookup: dict[int, int] = attrs.field(factory=dict)
     steps_seen: int = 0
     chosen: dict[int, int] = attrs.field(factory=dict)
 
@@ -71,8 +78,8 @@ class StepPlanner:
         if not 0.0 <= self.prior_alpha < 1.0 or self.prior_weight <= 0:
             raise ConfigError(f"planner prior: alpha in [0, 1) and a positive weight, got {self.prior_alpha}, "
                               f"{self.prior_weight}")
-        self.accepted = self.prior_alpha * self.prior_weight
-        self.tested = self.prior_weight
+        self.accepted = self.lookup_accepted = self.prior_alpha * self.prior_weight
+        self.tested = self.lookup_tested = self.prior_weight
 
     # --- what was measured ---------------------------------------------------------------------
 
@@ -93,22 +100,31 @@ class StepPlanner:
         self.draft_seconds = self.memory * self.draft_seconds + seconds
         self.draft_tokens = self.memory * self.draft_tokens + tokens
 
-    def record_verdict(self, offered: int, accepted: int) -> None:
-        """vLLM kept ``accepted`` of a block of ``offered`` draft tokens."""
+    def record_verdict(self, offered: int, accepted: int, *, lookup: bool = False) -> None:
+        """vLLM kept ``accepted`` of a block of ``offered`` draft tokens (``lookup``: a block the
+        lookup proposed)."""
         if offered < 1:
             return
         if not 0 <= accepted <= offered:
             raise ConfigError(f"accepted {accepted} of a block of {offered} tokens")
         tested = accepted + (1 if accepted < offered else 0)
         m = self.memory ** (1.0 / 8.0)  # verdicts come B per step: forget them more slowly
-        self.accepted = m * self.accepted + accepted
-        self.tested = m * self.tested + tested
+        if lookup:
+            self.lookup_accepted = m * self.lookup_accepted + accepted
+            self.lookup_tested = m * self.lookup_tested + tested
+        else:
+            self.accepted = m * self.accepted + accepted
+            self.tested = m * self.tested + tested
 
     # --- what it believes ----------------------------------------------------------------------
 
     @property
     def alpha(self) -> float:
         return min(self.accepted / self.tested, 1.0 - 1e-6)
+
+    @property
+    def lookup_alpha(self) -> float:
+        return min(self.lookup_accepted / self.lookup_tested, 1.0 - 1e-6)
 
     @property
     def draft_cost(self) -> float | None:
@@ -130,14 +146,26 @@ class StepPlanner:
         a0, a1 = a
         return (a0 if a0 is not None else a1 or 0.0), (a1 if a1 is not None else a0 or 0.0), b
 
-    def rate(self, rows: int, k: int) -> float | None:
-        """Expected tokens per second of a step of ``rows`` requests with blocks of ``k``."""
-        cost, d = self.step_cost(), self.draft_cost
+    def rate(self, rows: int, k: int, *, lookup: bool = False) -> float | None:
+        """Expected tokens per second of a step of ``rows`` requests with blocks of ``k`` (drafted,
+        or with ``lookup`` the lookup's: its acceptance, no drafting cost)."""
+        cost, d = self.step_cost(), (0.0 if lookup else self.draft_cost)
         if cost is None or (k > 0 and d is None):
             return None
         a0, a1, b = cost
         seconds = (a1 if k else a0) + b * rows * (1 + k) + (d or 0.0) * rows * k
-        return rows * expected_tokens(self.alpha, k) / seconds if seconds > 0 else None
+        alpha = self.lookup_alpha if lookup else self.alpha
+        return rows * expected_tokens(alpha, k) / seconds if seconds > 0 else None
+
+    def choose_lookup(self, rows: int, *, fixed: bool = False) -> int:
+        """The longest block the lookup may propose in a step of ``rows`` decoding requests:
+        ``max_k`` until the step's costs are measured (or always, with ``fixed``), then the k in
+        0..max_k with the highest expected rate at the lookup's acceptance and no drafting cost."""
+        rates = [] if fixed else [r for r in (self.rate(rows, k, lookup=True) for k in range(self.max_k + 1))
+                                  if r is not None]
+        k = self.max_k if len(rates) <= self.max_k else max(range(self.max_k + 1), key=lambda j: (rates[j], -j))
+        self.chosen_lookup[k] = self.chosen_lookup.get(k, 0) + 1
+        return k
 
     def choose(self, rows: int, *, fixed: bool = False) -> int:
         """The block length for a step of ``rows`` decoding requests: ``max_k`` until the costs

@@ -319,10 +319,12 @@ class PyramidProposer:
         self.calls = 0
         self.drafted = 0
         self.seconds = 0.0
-        self.given: dict[tuple[int, bytes], int] = {}  # (context length, its tail) -> draft length given
+        # (context length, its tail) -> (draft length given, whether the lookup proposed it)
+        self.given: dict[tuple[int, bytes], tuple[int, bool]] = {}
         self.returned_at: float | None = None
         self.clock: Callable[[], float] = time.perf_counter
-        self.verdicts = {"blocks": 0, "offered": 0, "accepted": 0}  # as read from vLLM's steps, not forgotten
+        # as read from vLLM's steps, not forgotten ("lookup blocks": those of them the lookup proposed)
+        self.verdicts = {"blocks": 0, "lookup blocks": 0, "offered": 0, "accepted": 0}
         self.stats_path = os.environ.get(STATS_ENV) or None
         # [count, seconds]: lane drafts; the engine's steps (from one call to the next) by kind
         self.timing = {"lanes": [0, 0.0], "engine steps with drafts": [0, 0.0], "engine steps without": [0, 0.0]}
@@ -339,21 +341,33 @@ class PyramidProposer:
         contexts = [np.asarray(token_ids_cpu[i, : int(num_tokens_no_spec[i])], dtype=np.int64) for i in range(rows)]
         decoding = [i for i in range(rows) if len(sampled_token_ids[i])]
         self._learn(contexts, decoding, rows, t0)
-        k = self.planner.choose(len(decoding), fixed=not self.chain.adaptive) if decoding else self.k
+        fixed = not self.chain.adaptive
+        k = self.planner.choose(len(decoding), fixed=fixed) if decoding else self.k
+        # the lookup's blocks are sized apart: their tokens cost only their verification
+        k_lookup = self.planner.choose_lookup(len(decoding), fixed=fixed) if decoding and self.chain.lookup else 0
         out: list[list[int]] = [[] for _ in range(rows)]
-        rooms = {i: min(k, self.max_model_len - len(contexts[i]) - 1) for i in decoding} if k > 0 else {}
-        lanes = self.lanes.assign({i: contexts[i] for i, room in rooms.items() if room >= 1})
+        looked: set[int] = set()  # rows whose block came from the lookup
+        caps = {i: self.max_model_len - len(contexts[i]) - 1 for i in decoding}
+        rooms = {i: min(k, cap) for i, cap in caps.items()}
+        lookup_rooms = {i: min(k_lookup, cap) for i, cap in caps.items()}
+        lanes = self.lanes.assign({i: contexts[i] for i in decoding if max(rooms[i], lookup_rooms[i]) >= 1})
         timed, timed_tokens = 0.0, 0
         for i, lane in lanes.items():
             context = contexts[i]
             continuing = len(lane.seen) > 0 and _extends(lane.seen, context)
             t1 = self.clock()
-            block = lane.proposer.propose(torch.from_numpy(context.copy()), rooms[i], self.rng)
+            ctx = torch.from_numpy(context.copy())
+            if isinstance(lane.proposer, LookupFirst):
+                block, from_lookup = lane.proposer.propose_split(ctx, lookup_rooms[i], rooms[i], self.rng)
+            else:
+                block, from_lookup = lane.proposer.propose(ctx, rooms[i], self.rng), False
             lane.seen = context.copy()
-            tokens = [int(t) for t in block.tokens.tolist()[: rooms[i]]]
+            tokens = [int(t) for t in block.tokens.tolist()[: lookup_rooms[i] if from_lookup else rooms[i]]]
             spent = self.clock() - t1
             self.timing["lanes"][1] += spent
-            if continuing:  # a lane that first reads a prompt would overstate the cost of drafting
+            if from_lookup:
+                looked.add(i)
+            elif continuing:  # a lane that first reads a prompt would overstate the cost of drafting
                 timed += spent
                 timed_tokens += len(tokens)
             self.drafted += len(tokens)
@@ -361,7 +375,7 @@ class PyramidProposer:
         self.planner.record_draft(timed_tokens, timed)
         self.drafted_last = any(out)
         self.timing["lanes"][0] += sum(1 for d in out if d)
-        self.given = {_key(contexts[i], len(contexts[i])): len(out[i]) for i in range(rows)}
+        self.given = {_key(contexts[i], len(contexts[i])): (len(out[i]), i in looked) for i in range(rows)}
         self.calls += 1
         self.returned_at = self.clock()
         self.seconds += self.returned_at - t0
@@ -385,12 +399,13 @@ class PyramidProposer:
             if given is None:
                 clean = False  # a request that was not in the last call: its prompt was read this step
                 continue
-            grew, offered = given
+            grew, (offered, from_lookup) = given
             tokens += 1 + offered
             drafted = drafted or offered > 0
             if offered:
                 accepted = min(max(grew - 1, 0), offered)
-                self.planner.record_verdict(offered, accepted)
+                self.planner.record_verdict(offered, accepted, lookup=from_lookup)  # each kind its own alpha
+                self.verdicts["lookup blocks"] += int(from_lookup)
                 self.verdicts["blocks"] += 1
                 self.verdicts["offered"] += offered
                 self.verdicts["accepted"] += accepted
@@ -412,7 +427,9 @@ class PyramidProposer:
         out: dict[str, Any] = {"calls": self.calls, "drafted": self.drafted, "seconds": round(self.seconds, 3),
                                "lanes": len(self.lanes.lanes), "switches": self.lanes.switches}
         cost = self.planner.step_cost()
-        out |= {"alpha": round(self.planner.alpha, 4), "draft_s_per_token": self.planner.draft_cost,
+        out |= {"alpha": round(self.planner.alpha, 4), "lookup_alpha": round(self.planner.lookup_alpha, 4),
+                "chosen_lookup": dict(sorted(self.planner.chosen_lookup.items())),
+                "draft_s_per_token": self.planner.draft_cost,
                 "step_s": None if cost is None else dict(zip(("a0", "a1", "b"), (round(c, 6) for c in cost),
                                                              strict=True)),
                 "chosen": dict(sorted(self.planner.chosen.items())), "verdicts": dict(self.verdicts),
