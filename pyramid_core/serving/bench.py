@@ -75,8 +75,10 @@ def _planned(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | 
                 else v - was.get(k, 0) for k, v in after[field].items()}
 
     chosen, verdicts, timing = since("chosen"), since("verdicts"), since("timing")
+    looked = since("chosen_lookup") if "chosen_lookup" in after else {}  # with a lookup: its own block lengths
     return {"chosen": {k: n for k, n in chosen.items() if n}, "verdicts": verdicts, "alpha": after["alpha"],
-            "step_s": after["step_s"], "draft_s_per_token": after["draft_s_per_token"], "timing": timing}
+            "step_s": after["step_s"], "draft_s_per_token": after["draft_s_per_token"], "timing": timing,
+            "chosen_lookup": {k: n for k, n in looked.items() if n}, "lookup_alpha": after.get("lookup_alpha")}
 
 
 def run_method(name: str, model: str, dtype: str, prompts: list[str], tokens: int, concurrency: list[int],
