@@ -53,6 +53,7 @@ from pyramid_core.validate import (
 __all__ = [
     "AutoregressiveProposer",
     "LookupFirst",
+    "model_free",
     "StageVerifier",
     "SpeculativeProposer",
     "Pipeline",
@@ -137,6 +138,14 @@ class AutoregressiveProposer:
         if not tokens:
             return Block.empty(self.stage.vocab_size, context.device)
         return Block(context.new_tensor(tokens), torch.stack(rows))
+
+
+def model_free(lookup: object) -> Proposer:
+    """``lookup``, refused unless it is a model-free ``Proposer`` (a model stage drafts as stage 1)."""
+    if isinstance(lookup, Stage) or not isinstance(lookup, Proposer):
+        raise ConfigError(f"the lookup ({_stage_name(lookup, 0)}) must be a model-free Proposer "
+                          "(propose(context, n, rng) -> Block, e.g. ngram); a model drafts as stage 1")
+    return lookup
 
 
 @attrs.define(eq=False)
@@ -413,9 +422,7 @@ class Pipeline:
             if n < 2:
                 raise ConfigError(f"a lookup ({_stage_name(self.lookup, 0)}) proposes to the stage above the bottom "
                                   "one; a pipeline of the target alone has none")
-            if isinstance(self.lookup, Stage) or not isinstance(self.lookup, Proposer):
-                raise ConfigError(f"the lookup ({_stage_name(self.lookup, 0)}) must be a model-free Proposer "
-                                  "(propose(context, n, rng) -> Block, e.g. ngram); a model drafts as stage 1")
+            model_free(self.lookup)
         # model stages always declare a vocabulary; a proposer may (ngram does: its one-hot rows)
         parts = [*self.stages, *([self.lookup] if self.lookup is not None else [])]
         declared = [(i, s, int(s.vocab_size or 0)) for i, s in enumerate(parts) if isinstance(s, HasVocabulary)]

@@ -161,22 +161,29 @@ class StepPlanner:
         """The longest block the lookup may propose in a step of ``rows`` decoding requests:
         ``max_k`` until the step's costs are measured (or always, with ``fixed``), then the k in
         0..max_k with the highest expected rate at the lookup's acceptance and no drafting cost."""
-        rates = [] if fixed else [r for r in (self.rate(rows, k, lookup=True) for k in range(self.max_k + 1))
-                                  if r is not None]
-        k = self.max_k if len(rates) <= self.max_k else max(range(self.max_k + 1), key=lambda j: (rates[j], -j))
+        best = None if fixed else self._fastest(rows, lookup=True)
+        k = self.max_k if best is None else best
         self.chosen_lookup[k] = self.chosen_lookup.get(k, 0) + 1
         return k
+
+    def _fastest(self, rows: int, *, lookup: bool = False) -> int | None:
+        """The k in 0..max_k with the highest expected rate (the shortest on a tie), or None while
+        some rate cannot be computed yet (costs not measured)."""
+        rates = [self.rate(rows, k, lookup=lookup) for k in range(self.max_k + 1)]
+        if any(r is None for r in rates):
+            return None
+        return max(range(self.max_k + 1), key=lambda j: (rates[j], -j))
 
     def choose(self, rows: int, *, fixed: bool = False) -> int:
         """The block length for a step of ``rows`` decoding requests: ``max_k`` until the costs
         have been measured (or always, with ``fixed``), then one step without drafts if none has
         been timed yet, then the k in 0..max_k with the highest expected rate."""
-        rates = [] if fixed else [r for r in (self.rate(rows, k) for k in range(self.max_k + 1)) if r is not None]
-        if len(rates) <= self.max_k:
+        best = None if fixed else self._fastest(rows)
+        if best is None:
             k = self.max_k
         elif self.sums[0][0] == 0:
             k = 0  # time a step without drafts once: it may cost less than the linear model says
         else:
-            k = max(range(self.max_k + 1), key=lambda j: (rates[j], -j))
+            k = best
         self.chosen[k] = self.chosen.get(k, 0) + 1
         return k

@@ -43,7 +43,7 @@ from pyramid_core.build import (
 )
 from pyramid_core.errors import ConfigError, PluginError
 from pyramid_core.options import ExecutionMode
-from pyramid_core.pipeline import LookupFirst, Pipeline
+from pyramid_core.pipeline import LookupFirst, Pipeline, model_free
 from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import Proposer, Stage, tokenizer_of
 from pyramid_core.registry import parse_spec
@@ -203,9 +203,7 @@ def build_lower(chain: LowerChain, vocab_size: int, *, regs: Registries | None =
     proposer = pipe.build()[0]
     if lookup is None:
         return proposer
-    if isinstance(lookup, Stage) or not isinstance(lookup, Proposer):
-        raise ConfigError(f"lookup {chain.lookup!r} must be a model-free proposer (e.g. ngram)")
-    return LookupFirst(lookup, proposer, LookupStats(), torch.tensor(stop, dtype=torch.long))
+    return LookupFirst(model_free(lookup), proposer, LookupStats(), torch.tensor(stop, dtype=torch.long))
 
 
 def _key(context: np.ndarray, n: int) -> tuple[int, bytes]:
