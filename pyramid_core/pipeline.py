@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -173,17 +174,40 @@ class LookupFirst:
         ``n_lookup`` 0: the lookup is not asked (no try is counted)."""
         if n_lookup <= 0:
             return self.drafter.propose(context, n_draft, rng), False
-        block = self.lookup.propose(context, n_lookup, rng)
-        if block.tree is not None or len(block) > n_lookup:
-            raise ConfigError(f"lookup {_stage_name(self.lookup, 0)} proposed "
-                              f"{'a token tree' if block.tree is not None else f'{len(block)} tokens'}; "
-                              f"a lookup proposes a chain of at most the {n_lookup} tokens asked for")
-        if len(block):
-            block = block.head(_cut_at_stop(block.tokens, self.stop_ids)[0])
-        self.stats.record(len(block))
+        block = self.look(context, n_lookup, rng)
         if len(block):
             return block, True
         return self.drafter.propose(context, n_draft, rng), False
+
+    def look(self, context: Tensor, n: int, rng: Rng) -> Block:
+        """The lookup's block alone (up to ``n`` tokens, cut after its first stop token; empty
+        where it finds nothing), counted as one try."""
+        block = self.lookup.propose(context, n, rng)
+        if block.tree is not None or len(block) > n:
+            self._too_much(n, "a token tree" if block.tree is not None else f"{len(block)} tokens")
+        if len(block):
+            block = block.head(_cut_at_stop(block.tokens, self.stop_ids)[0])
+        self.stats.record(len(block))
+        return block
+
+    def look_tokens(self, context: np.ndarray, n: int, rng: Rng) -> list[int]:
+        """The token ids of :meth:`look`'s block, for a caller that needs no rows (vLLM's lanes):
+        through the lookup's ``lookup_tokens(context, n)`` where it has one (``ngram`` does),
+        without building a row per token."""
+        direct = getattr(self.lookup, "lookup_tokens", None)
+        if direct is None:
+            return [int(t) for t in self.look(torch.from_numpy(context), n, rng).tokens.tolist()]
+        tokens = [int(t) for t in direct(context, n)]
+        if len(tokens) > n:
+            self._too_much(n, f"{len(tokens)} tokens")
+        stops = set(self.stop_ids.tolist())
+        cut = next((j + 1 for j, t in enumerate(tokens) if t in stops), len(tokens))
+        self.stats.record(cut)
+        return tokens[:cut]
+
+    def _too_much(self, n: int, what: str) -> None:
+        raise ConfigError(f"lookup {_stage_name(self.lookup, 0)} proposed {what}; a lookup proposes a chain of "
+                          f"at most the {n} tokens asked for")
 
 
 @attrs.define(eq=False)

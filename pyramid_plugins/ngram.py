@@ -9,9 +9,11 @@ exact policy then accepts token x with probability p(x) and otherwise samples th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,19 +24,27 @@ from pyramid_core.types import Block
 __all__ = ["NgramProposer", "lookup"]
 
 
-def lookup(context: list[int], n: int, max_ngram: int, min_ngram: int) -> list[int]:
+def lookup(context: Sequence[int] | np.ndarray, n: int, max_ngram: int, min_ngram: int) -> list[int]:
     """Up to ``n`` tokens that followed the most recent earlier match of the context's longest
-    matching suffix; ``[]`` if no suffix of length >= min_ngram occurs earlier."""
-    size = len(context)
-    for k in range(min(max_ngram, size - 1), min_ngram - 1, -1):
-        suffix = context[size - k :]
-        # most recent earlier occurrence whose continuation exists
-        for start in range(size - k - 1, -1, -1):
-            if context[start : start + k] == suffix:
-                follow = context[start + k : start + k + n]
-                if follow:
-                    return follow
-    return []
+    matching suffix; ``[]`` if no suffix of length >= min_ngram occurs earlier. Vectorised: the
+    earlier positions of the context's last token, kept while the tokens before them go on
+    matching the suffix (a suffix with no earlier match has no longer one either)."""
+    ctx = np.asarray(context, dtype=np.int64)
+    size = len(ctx)
+    top = min(max_ngram, size - 1)
+    if top < min_ngram:
+        return []
+    ends = np.flatnonzero(ctx[: size - 1] == ctx[-1])  # where an earlier match would end: a token follows it
+    best = (1, int(ends[-1])) if ends.size else (0, -1)
+    for k in range(2, top + 1):
+        ends = ends[ends >= k - 1]
+        ends = ends[ctx[ends - (k - 1)] == ctx[size - k]]
+        if not ends.size:
+            break
+        best = (k, int(ends[-1]))
+    if best[0] < min_ngram:
+        return []
+    return [int(t) for t in ctx[best[1] + 1: best[1] + 1 + n]]
 
 
 @attrs.frozen
@@ -54,10 +64,14 @@ class NgramProposer:
         if self.vocab_size < 0:
             raise ValueError(f"vocab_size must be >= 0, got {self.vocab_size}")
 
+    def lookup_tokens(self, context: np.ndarray, n: int) -> list[int]:
+        """The proposal's token ids alone, for a caller that needs no rows (vLLM's lanes)."""
+        return lookup(context, n, self.max_ngram, self.min_ngram)
+
     def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
         if self.vocab_size <= 0:
             raise ValueError("ngram proposer: vocab_size is not set (build it through pyramid_core.build_pipeline)")
-        follow = lookup(context.tolist(), n, self.max_ngram, self.min_ngram)
+        follow = lookup(context.cpu().numpy(), n, self.max_ngram, self.min_ngram)
         tokens = torch.tensor(follow, dtype=torch.long, device=context.device)
         rows = torch.zeros(len(follow), self.vocab_size, device=context.device)
         if follow:

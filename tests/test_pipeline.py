@@ -21,9 +21,12 @@ from pyramid_core import (
     SamplingConfig,
     build_pipeline,
 )
+from pyramid_core.pipeline import LookupFirst
+from pyramid_core.rng import Rng
 from pyramid_core.testing import TableModel
+from pyramid_core.types import LookupStats
 from pyramid_plugins.exact import ExactPolicy
-from pyramid_plugins.ngram import NgramProposer
+from pyramid_plugins.ngram import NgramProposer, lookup
 
 V = 8
 
@@ -82,6 +85,30 @@ def test_greedy_with_ngram_bottom_stage() -> None:
     prompt = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]
     pipe = build_pipeline(["ngram", *greedy_stages(2)], block_lengths=[2, 3], sampling=SamplingConfig.greedy())
     assert pipe.generate(prompt, 16, seed=0).token_list == reference_greedy(prompt, 16)
+
+
+def test_ngram_lookup_matches_its_definition() -> None:
+    """The vectorised lookup returns what the definition says, on random contexts over small
+    vocabularies (many matches of every length): the longest suffix of ``max_ngram`` down to
+    ``min_ngram`` tokens that occurs earlier, its most recent earlier occurrence, what followed."""
+
+    def by_definition(ctx: list[int], n: int, max_ngram: int, min_ngram: int) -> list[int]:
+        for k in range(min(max_ngram, len(ctx) - 1), min_ngram - 1, -1):
+            for start in range(len(ctx) - k - 1, -1, -1):
+                if ctx[start: start + k] == ctx[len(ctx) - k:]:
+                    return ctx[start + k: start + k + n]
+        return []
+
+    gen = np.random.default_rng(0)
+    found = 0
+    for _ in range(600):
+        ctx = gen.integers(0, int(gen.integers(2, 9)), size=int(gen.integers(1, 40))).tolist()
+        n, lo = int(gen.integers(1, 6)), int(gen.integers(1, 3))
+        hi = lo + int(gen.integers(0, 4))
+        want = by_definition(ctx, n, hi, lo)
+        assert lookup(ctx, n, hi, lo) == want, (ctx, n, hi, lo)
+        found += bool(want)
+    assert 100 < found < 600  # both outcomes were exercised
 
 
 def test_greedy_ties_resolve_to_the_first_index() -> None:
@@ -464,3 +491,39 @@ def test_a_lookup_that_proposes_too_much_is_named() -> None:
     with pytest.raises(ConfigError, match=r"lookup too-long proposed 3 tokens; a lookup proposes a chain of at most "
                                           r"the 2 tokens asked for"):
         pipe.generate(PROMPT, 4)
+
+
+def test_the_lookups_tokens_alone_are_its_blocks_tokens() -> None:
+    """``LookupFirst.look_tokens`` (vLLM's lanes need no rows) gives the tokens of ``look``'s
+    block -- cut after the first stop token, counted as a try -- through the lookup's own
+    ``lookup_tokens`` where it has one, and through ``propose`` where it has not."""
+    class RowsOnly:  # a third-party lookup without lookup_tokens
+        name = "rows-only"
+
+        def propose(self, context: torch.Tensor, n: int, rng: object) -> Block:
+            return NgramProposer(vocab_size=V).propose(context, n, Rng(0))
+
+    drafter = greedy_stages(2)[0]
+    for asked in (NgramProposer(vocab_size=V), RowsOnly()):
+        first = LookupFirst(asked, drafter, LookupStats(), torch.tensor([3]))  # type: ignore[arg-type]
+        for ctx in ([1, 2, 3, 4, 5, 1, 2], [1, 2, 4, 5, 6, 1, 2], [7, 6, 5]):
+            block = first.look(torch.tensor(ctx), 4, Rng(0))
+            assert first.look_tokens(np.array(ctx), 4, Rng(0)) == block.tokens.tolist()
+        assert (first.stats.tries, first.stats.hits) == (6, 4)
+        assert first.look_tokens(np.array([1, 2, 3, 4, 5, 1, 2]), 4, Rng(0)) == [3]  # cut after the stop token
+
+
+def test_a_lookups_tokens_alone_that_are_too_many_are_named() -> None:
+    class TooMany:
+        name = "too-many"
+
+        def lookup_tokens(self, context: np.ndarray, n: int) -> list[int]:
+            return [1] * (n + 2)
+
+        def propose(self, context: torch.Tensor, n: int, rng: object) -> Block:
+            raise AssertionError("not asked")
+
+    first = LookupFirst(TooMany(), greedy_stages(2)[0], LookupStats())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"lookup too-many proposed 5 tokens; a lookup proposes a chain of at "
+                                          r"most the 3 tokens asked for"):
+        first.look_tokens(np.array([1, 2, 1]), 3, Rng(0))
