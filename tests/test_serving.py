@@ -5,6 +5,8 @@ vLLM itself runs these in ``nox -s vllm`` (tests/in_vllm/)."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from pyramid_core.build import PipelineSpec
 from pyramid_core.lab.latency import expected_tokens
 from pyramid_core.pipeline import LookupFirst
 from pyramid_core.rng import Rng
-from pyramid_core.serving.planner import StepPlanner
+from pyramid_core.serving.planner import SUPPORT_EDGES, Offer, StepPlanner, support, support_bucket
 from pyramid_core.serving.proposer import CHAIN_ENV, LowerChain, PyramidProposer, build_lower
 
 VOCAB = 64
@@ -196,48 +198,110 @@ def test_a_lookup_in_front_of_the_served_chain(tiny_models: dict[str, Any], dirs
         LowerChain.of(PipelineSpec(stages=["hf:path=/d", "hf:path=/t"], lookup="hf:path=/d"))
 
 
-def test_the_lookup_gets_all_k_while_the_planner_sizes_the_drafts(dirs: dict[str, Path],
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lookup token costs only its verification, a drafted one a forward too: where the planner
-    chooses drafted blocks of 1, a row whose context repeats still gets the lookup's k tokens,
-    another row one drafted token; each kind's verdicts move its own acceptance estimate."""
+def test_the_lookup_is_asked_for_every_row_and_cut_row_by_row(dirs: dict[str, Path]) -> None:
+    """Where every token costs the engine a fifth of a step and drafting does not pay, a row whose context repeats
+    a long run still gets the lookup's block (its support bucket has been accepting), a row with
+    no match gets nothing; the lookup's verdict moves its own bucket's acceptance, position by
+    position."""
     spec = PipelineSpec(stages=[f"hf:path={dirs['near']}", f"hf:path={dirs['target']}"], policies=["exact"],
                         block_lengths=[K], lookup="ngram")
     proposer = PyramidProposer.for_chain(LowerChain.of(spec)[0], num_speculative_tokens=K, vocab_size=VOCAB,
                                          max_model_len=96)
-    monkeypatch.setattr(StepPlanner, "choose", lambda self, rows, fixed=False: 1)
+    planner = proposer.planner
+    for tokens in (2, 10, 6, 2):  # 10 ms a step and 2 ms a token: each token costs a fifth of a row's step
+        planner.record_step(tokens, 0.010 + 0.002 * tokens, drafted=tokens > 2)
+    planner.record_draft(4, 0.2)  # 50 ms a drafted token
     repeating, fresh = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5], [40, 41, 42]
+    bucket = support_bucket(support(np.array(repeating), 6))
+    assert SUPPORT_EDGES[bucket] == 6  # 5, 6 follows "6 7 8 9 5" once already: a run of six
+    for _ in range(30):
+        planner.record_verdict(K, K, bucket=bucket)
     contexts = [repeating, fresh]
     table = np.zeros((2, 96), dtype=np.int32)
     for i, c in enumerate(contexts):
         table[i, : len(c)] = c
-    drafts = proposer.propose([[c[-1]] for c in contexts], np.array([len(c) for c in contexts]), table)
-    assert drafts == [[6, 7, 8, 9], drafts[1]] and len(drafts[1]) == 1
-    # the next step: the repeating row accepted 2 of its 4 (context grew by 3), the other its 1 (grew by 2)
-    grown = [[*repeating, 6, 7, 3], [*fresh, drafts[1][0], 3]]
+    assert proposer.propose([[c[-1]] for c in contexts], np.array([len(c) for c in contexts]), table) == \
+        [[6, 7, 8, 9], []]
+    assert proposer.looker is not None and proposer.looker.stats.tries == 2 and proposer.looker.stats.hits == 1
+    # the next step: the repeating row accepted 2 of its 4 (context grew by 3)
+    grown = [[*repeating, 6, 7, 3], [*fresh, 3]]
     table = np.zeros((2, 96), dtype=np.int32)
     for i, c in enumerate(grown):
         table[i, : len(c)] = c
-    alpha_before = proposer.planner.alpha
+    before = [list(cell) for cell in planner.lookup_by_support[bucket]]
     proposer.propose([[c[-1]] for c in grown], np.array([len(c) for c in grown]), table)
-    verdicts = proposer.stats()["verdicts"]
-    assert verdicts["blocks"] == 2 and verdicts["lookup blocks"] == 1
-    assert verdicts["offered"] == 5 and verdicts["accepted"] == 3
-    # each kind of block moves its own acceptance: the drafted block's 1 of 1, the lookup's 2 of 4
-    assert proposer.planner.alpha > alpha_before
-    assert proposer.planner.lookup_alpha == pytest.approx((0.5 * 2 * 0.95 ** (1 / 8) + 2) / (2 * 0.95 ** (1 / 8) + 3))
+    assert proposer.stats()["verdicts"] == {"blocks": 1, "lookup blocks": 1, "offered": 4, "accepted": 2}
+    # what was observed weighted by 0.95^(1/8) (the prior's share kept), plus the verdict; a bucket
+    # that had a verdict is not aged toward its prior in that step, another one is
+    per_verdict, prior = 0.95 ** (1 / 8), (0.5 * 2.0, 2.0)
+    after = planner.lookup_by_support[bucket]
+    for j, (was, now) in enumerate(zip(before, after, strict=True)):  # positions 1, 2 accepted, 3 tested, 4 not
+        assert now == pytest.approx([p + per_verdict * (w - p) + n
+                                     for w, p, n in zip(was, prior, (j < 2, j < 3), strict=True)])
+    assert planner.lookup_by_support[bucket - 1][0] == pytest.approx([1.0, 2.0])  # never observed: its prior
 
 
-def test_the_planner_sizes_lookup_blocks_apart() -> None:
-    """Where drafting does not pay, the lookup's tokens may still: no drafting cost, their own
-    acceptance."""
+def test_support_is_the_run_a_proposal_continues() -> None:
+    ctx = np.array([1, 2, 3, 4, 9, 2, 3, 4])
+    assert support(ctx, 9) == 3  # "2 3 4" then 9 stood at positions 1-4
+    assert support(ctx, 2) == 0  # 2 never follows a 4 here
+    assert support(ctx, 7) == 0  # never seen
+    assert support(np.array([3, 3, 3, 3]), 3) == 3  # overlapping runs count
+    assert support(np.array([1, 2, 3] * 5), 1, cap=4) == 4
+    assert [support_bucket(n) for n in range(10)] == [0, 1, 2, 3, 4, 4, 5, 5, 6, 6]
+
+
+def test_an_estimate_not_observed_returns_to_its_prior_and_is_tried_again() -> None:
+    """Once drafting stops paying, no drafted verdict arrives to say whether it pays again; each
+    step ages every acceptance estimate toward its prior, so the planner drafts again after a
+    while (and measures)."""
     planner = StepPlanner(K)
-    for tokens, seconds in ((1, 0.020), (2, 0.0215), (5, 0.026), (1, 0.020)):
-        planner.record_step(tokens, seconds, drafted=tokens > 1)
-    planner.record_draft(4, 0.2)  # 50 ms a drafted token: drafting never pays
-    for _ in range(20):
-        planner.record_verdict(4, 3, lookup=True)
-    assert planner.choose(1) == 0 and planner.choose_lookup(1) == K
+    for tokens in (1, 3, 5, 1):  # 20 ms a step, 1 ms a token
+        planner.record_step(tokens, 0.020 + 0.001 * tokens, drafted=tokens > 1)
+    planner.record_draft(10, 0.02)  # 2 ms a drafted token
+    for _ in range(200):
+        planner.record_verdict(K, 0)
+    assert planner.alpha < 0.05 and planner.choose(1) == 0
+    steps = next(n for n in range(1, 2000) if planner.choose(1) > 0)
+    assert 20 < steps < 1000 and 0.1 < planner.alpha < 0.5
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_planner_plans_the_fastest_step(seed: int) -> None:
+    """Dinkelbach's iteration finds the most tokens per second over every assignment of blocks
+    to rows (a prefix of the lookup's block, a drafted block, or none), checked by enumeration."""
+    gen = np.random.default_rng(seed)
+    k = 3
+    planner = StepPlanner(k, memory=1.0, prior_weight=1e-9)
+    a0 = float(gen.uniform(0.0, 0.05))
+    a1, b, d = a0 + float(gen.uniform(0.0, 0.01)), float(gen.uniform(1e-4, 5e-3)), float(gen.uniform(0.0, 5e-3))
+    for n in (3, 9, 6):
+        planner.record_step(n, a1 + b * n, drafted=True)
+    planner.record_step(3, a0 + b * 3, drafted=False)
+    planner.record_draft(100, 100 * d)
+    planner.accepted, planner.tested = float(gen.uniform(0.1, 0.9)), 1.0
+    for bucket in range(len(SUPPORT_EDGES)):
+        for cell in planner.lookup_by_support[bucket]:
+            cell[:] = [float(gen.uniform(0.05, 1.0)), 1.0]
+    offers = [Offer(int(gen.integers(1, k + 1)), int(gen.integers(0, k + 1)), int(gen.integers(0, len(SUPPORT_EDGES))))
+              for _ in range(3)]
+
+    def options(o: Offer) -> list[tuple[int, bool]]:
+        return [(0, False)] + [(j, True) for j in range(1, min(o.lookup, o.room) + 1)] + \
+            [(j, False) for j in range(1, min(k, o.room) + 1)]
+
+    def rate(choice: Sequence[tuple[int, bool]]) -> float:
+        tokens, seconds = float(len(offers)), (a1 if any(n for n, _ in choice) else a0) + b * len(offers)
+        for o, (n, looked) in zip(offers, choice, strict=True):
+            c = planner.lookup_cumulative(o.bucket) if looked else [planner.alpha ** j for j in range(1, k + 1)]
+            tokens += sum(c[:n])
+            seconds += (b if looked else b + d) * n
+        return tokens / seconds
+
+    best = max(rate(c) for c in itertools.product(*(options(o) for o in offers)))
+    got = planner.plan(offers)
+    assert rate(got) == pytest.approx(best, rel=1e-9)
+    assert all(n <= o.room and (n <= o.lookup or not looked) for o, (n, looked) in zip(offers, got, strict=True))
 
 
 def test_requests_one_after_another_reuse_one_lane(tiny_models: dict[str, Any], dirs: dict[str, Path]) -> None:

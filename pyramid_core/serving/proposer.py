@@ -48,7 +48,7 @@ from pyramid_core.plugins import Registries, registries
 from pyramid_core.protocols import Proposer, Stage, tokenizer_of
 from pyramid_core.registry import parse_spec
 from pyramid_core.rng import Rng
-from pyramid_core.serving.planner import StepPlanner
+from pyramid_core.serving.planner import SUPPORT_EDGES, Offer, StepPlanner, support, support_bucket
 from pyramid_core.types import LookupStats, SamplingConfig
 
 __all__ = ["CHAIN_ENV", "LowerChain", "PyramidProposer", "PROPOSER_CLASS", "STATS_ENV", "build_lower"]
@@ -317,8 +317,11 @@ class PyramidProposer:
         self.calls = 0
         self.drafted = 0
         self.seconds = 0.0
-        # (context length, its tail) -> (draft length given, whether the lookup proposed it)
-        self.given: dict[tuple[int, bytes], tuple[int, bool]] = {}
+        # (context length, its tail) -> (draft length given, the support bucket of a lookup's block or None)
+        self.given: dict[tuple[int, bytes], tuple[int, int | None]] = {}
+        # the lookup, asked for every row before the planner sizes the blocks (model-free: one
+        # for all lanes, its tries and hits counted in its stats)
+        self.looker = first if isinstance(first, LookupFirst) else None
         self.returned_at: float | None = None
         self.clock: Callable[[], float] = time.perf_counter
         # as read from vLLM's steps, not forgotten ("lookup blocks": those of them the lookup proposed)
@@ -332,48 +335,52 @@ class PyramidProposer:
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
         """Up to ``k`` draft tokens for each row of vLLM's batch: ``[]`` for a row that sampled
         nothing this step (a prefill chunk) or has no room left; the row's context is
-        ``token_ids_cpu[i, :num_tokens_no_spec[i]]``. With the planner, all rows get blocks of the
-        length it chooses for this step (0: none, vLLM decodes plainly)."""
+        ``token_ids_cpu[i, :num_tokens_no_spec[i]]``. With a lookup, it is asked first for every
+        row; then the planner gives each row a prefix of the lookup's block, a drafted block (all
+        drafted rows the same length) or nothing (vLLM decodes that row plainly)."""
         t0 = self.clock()
         rows = len(sampled_token_ids)
         contexts = [np.asarray(token_ids_cpu[i, : int(num_tokens_no_spec[i])], dtype=np.int64) for i in range(rows)]
         decoding = [i for i in range(rows) if len(sampled_token_ids[i])]
         self._learn(contexts, decoding, rows, t0)
-        fixed = not self.chain.adaptive
-        k = self.planner.choose(len(decoding), fixed=fixed) if decoding else self.k
-        # the lookup's blocks are sized apart: their tokens cost only their verification
-        k_lookup = self.planner.choose_lookup(len(decoding), fixed=fixed) if decoding and self.chain.lookup else 0
+        rooms = {i: min(self.k, self.max_model_len - len(contexts[i]) - 1) for i in decoding}
+        looked: dict[int, list[int]] = {}  # the lookup's block of each row where it found one
+        if self.looker is not None:
+            for i in decoding:
+                if rooms[i] >= 1:
+                    tokens = self.looker.look_tokens(contexts[i], rooms[i], self.rng)
+                    if tokens:
+                        looked[i] = tokens
+        buckets = {i: support_bucket(support(contexts[i], tokens[0])) for i, tokens in looked.items()}
+        plan = dict(zip(decoding, self.planner.plan(
+            [Offer(max(rooms[i], 0), len(looked.get(i, ())), buckets.get(i, 0)) for i in decoding],
+            fixed=not self.chain.adaptive), strict=True))
         out: list[list[int]] = [[] for _ in range(rows)]
-        looked: set[int] = set()  # rows whose block came from the lookup
-        caps = {i: self.max_model_len - len(contexts[i]) - 1 for i in decoding}
-        rooms = {i: min(k, cap) for i, cap in caps.items()}
-        lookup_rooms = {i: min(k_lookup, cap) for i, cap in caps.items()}
-        lanes = self.lanes.assign({i: contexts[i] for i in decoding if max(rooms[i], lookup_rooms[i]) >= 1})
+        for i, (n, from_lookup) in plan.items():
+            if from_lookup:
+                out[i] = looked[i][:n]
+        lanes = self.lanes.assign({i: contexts[i] for i, (n, from_lookup) in plan.items() if n and not from_lookup})
         timed, timed_tokens = 0.0, 0
         for i, lane in lanes.items():
             context = contexts[i]
             continuing = len(lane.seen) > 0 and _extends(lane.seen, context)
             t1 = self.clock()
-            ctx = torch.from_numpy(context.copy())
-            if isinstance(lane.proposer, LookupFirst):
-                block, from_lookup = lane.proposer.propose_split(ctx, lookup_rooms[i], rooms[i], self.rng)
-            else:
-                block, from_lookup = lane.proposer.propose(ctx, rooms[i], self.rng), False
+            drafter = lane.proposer.drafter if isinstance(lane.proposer, LookupFirst) else lane.proposer
+            block = drafter.propose(torch.from_numpy(context.copy()), plan[i][0], self.rng)
             lane.seen = context.copy()
-            tokens = [int(t) for t in block.tokens.tolist()[: lookup_rooms[i] if from_lookup else rooms[i]]]
+            tokens = [int(t) for t in block.tokens.tolist()[: plan[i][0]]]
             spent = self.clock() - t1
             self.timing["lanes"][1] += spent
-            if from_lookup:
-                looked.add(i)
-            elif continuing:  # a lane that first reads a prompt would overstate the cost of drafting
+            if continuing:  # a lane that first reads a prompt would overstate the cost of drafting
                 timed += spent
                 timed_tokens += len(tokens)
-            self.drafted += len(tokens)
             out[i] = tokens
         self.planner.record_draft(timed_tokens, timed)
+        self.drafted += sum(len(d) for d in out)
         self.drafted_last = any(out)
-        self.timing["lanes"][0] += sum(1 for d in out if d)
-        self.given = {_key(contexts[i], len(contexts[i])): (len(out[i]), i in looked) for i in range(rows)}
+        self.timing["lanes"][0] += len(lanes)
+        self.given = {_key(contexts[i], len(contexts[i])):
+                      (len(out[i]), buckets[i] if plan.get(i, (0, False))[1] else None) for i in range(rows)}
         self.calls += 1
         self.returned_at = self.clock()
         self.seconds += self.returned_at - t0
@@ -397,22 +404,21 @@ class PyramidProposer:
             if given is None:
                 clean = False  # a request that was not in the last call: its prompt was read this step
                 continue
-            grew, (offered, from_lookup) = given
+            grew, (offered, bucket) = given
             tokens += 1 + offered
             drafted = drafted or offered > 0
             if offered:
                 accepted = min(max(grew - 1, 0), offered)
-                self.planner.record_verdict(offered, accepted, lookup=from_lookup)  # each kind its own alpha
-                self.verdicts["lookup blocks"] += int(from_lookup)
+                self.planner.record_verdict(offered, accepted, bucket=bucket)  # each kind its own acceptance
+                self.verdicts["lookup blocks"] += int(bucket is not None)
                 self.verdicts["blocks"] += 1
                 self.verdicts["offered"] += offered
                 self.verdicts["accepted"] += accepted
-        if self.returned_at is not None:
+        if self.returned_at is not None and clean:  # a step that read a prompt would say nothing of decoding
             kind = self.timing["engine steps with drafts" if self.drafted_last else "engine steps without"]
             kind[0] += 1
             kind[1] += now - self.returned_at
-            if clean:
-                self.planner.record_step(tokens, now - self.returned_at, drafted)
+            self.planner.record_step(tokens, now - self.returned_at, drafted)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """vLLM's hook for proposers with their own model: the lower chain is built already."""
@@ -420,12 +426,14 @@ class PyramidProposer:
     def stats(self) -> dict[str, Any]:
         """Calls, draft tokens, seconds in the proposer, lanes made, rows that changed lane, the
         planner's estimates, the block lengths of the steps, the verdicts read from vLLM's steps
-        and where the time went (the lanes; vLLM's steps with and without drafts, each timed from
-        one call to the next)."""
+        and where the time went (the lanes; vLLM's decoding steps with and without drafts, each
+        timed from one call to the next, steps that read a prompt left out)."""
         out: dict[str, Any] = {"calls": self.calls, "drafted": self.drafted, "seconds": round(self.seconds, 3),
                                "lanes": len(self.lanes.lanes), "switches": self.lanes.switches}
         cost = self.planner.step_cost()
         out |= {"alpha": round(self.planner.alpha, 4), "lookup_alpha": round(self.planner.lookup_alpha, 4),
+                "lookup_first_token_by_support": {edge: round(self.planner.lookup_cumulative(b)[0], 4)
+                                                  for b, edge in enumerate(SUPPORT_EDGES)},
                 "chosen_lookup": dict(sorted(self.planner.chosen_lookup.items())),
                 "draft_s_per_token": self.planner.draft_cost,
                 "step_s": None if cost is None else dict(zip(("a0", "a1", "b"), (round(c, 6) for c in cost),
