@@ -9,9 +9,13 @@ the two. Run it with the Python of the environment that has vLLM (``nox -s vllm`
     python -m pyramid_core.serving.bench --out out/vllm-bench --concurrency 1 8 32 [--head DIR]
 
 One engine per method (each loads once); at concurrency c the prompts go in batches of c
-requests, after one untimed batch of c other requests (``WARM``) that warms that batch shape up
-(vLLM compiles and packs kernels for the shapes a step meets first; the planner learns its
-costs): each method is timed as a server in its steady state. Guarded by ``__main__``: vLLM's worker processes re-import the module."""
+requests, after one untimed batch of c other requests (``warm_prompts``) that warms that batch
+shape up (vLLM compiles and packs kernels for the shapes a step meets first; the planner learns
+its costs): each method is timed as a server in its steady state. ``--repeat N``: N passes over
+the prompts, tokens/s their median (greedy outputs must not change between passes);
+``--interleave``: all engines loaded at once and their passes alternated, so that a shared
+machine's drift falls on every method alike. Guarded by ``__main__``: vLLM's worker processes
+re-import the module."""
 
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +55,13 @@ def warm_prompts(n: int) -> list[str]:
 
 
 def _counters(llm: Any) -> dict[str, float]:
-    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens)."""
+    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens), summed over
+    the engines of this process (one entry each)."""
     out: dict[str, float] = {}
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode_num_") and getattr(m, "value", None) is not None:
-            out[m.name.removeprefix("vllm:spec_decode_")] = float(m.value)
+            name = m.name.removeprefix("vllm:spec_decode_")
+            out[name] = out.get(name, 0.0) + float(m.value)
     return out
 
 
@@ -76,44 +84,114 @@ def _planned(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | 
 
     chosen, verdicts, timing = since("chosen"), since("verdicts"), since("timing")
     looked = since("chosen_lookup") if "chosen_lookup" in after else {}  # with a lookup: its own block lengths
+    calls = after["calls"] - before.get("calls", 0)
     return {"chosen": {k: n for k, n in chosen.items() if n}, "verdicts": verdicts, "alpha": after["alpha"],
+            "ms_per_call": 1e3 * (after["seconds"] - before.get("seconds", 0.0)) / calls if calls else None,
             "step_s": after["step_s"], "draft_s_per_token": after["draft_s_per_token"], "timing": timing,
-            "chosen_lookup": {k: n for k, n in looked.items() if n}, "lookup_alpha": after.get("lookup_alpha")}
+            "chosen_lookup": {k: n for k, n in looked.items() if n}, "lookup_alpha": after.get("lookup_alpha"),
+            "lookup_first_token_by_support": after.get("lookup_first_token_by_support")}
 
 
-def run_method(name: str, model: str, dtype: str, prompts: list[str], tokens: int, concurrency: list[int],
-               speculative: dict[str, Any] | None, memory: float, stats: Path | None = None) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
+@attrs.define(eq=False)
+class Engine:
+    """One method's vLLM engine and what its timed passes measured, concurrency by concurrency:
+    ``warm`` (the untimed batch of that shape, then the counters' starting point), ``timed_pass``
+    (all prompts once, in batches of c), ``finish`` (the row of that concurrency)."""
 
-    t0 = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, gpu_memory_utilization=memory, max_model_len=2048, seed=0,
-              disable_log_stats=False, max_num_seqs=max(concurrency), speculative_config=speculative)
-    load = time.perf_counter() - t0
-    tok = llm.get_tokenizer()
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=False)
-    rows = {}
-    for c in concurrency:
-        warm = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in warm_prompts(c)]
-        llm.generate(warm, params, use_tqdm=False)  # this batch shape, untimed
-        before, mine = _counters(llm), _proposer_stats(stats)
-        outputs: list[list[int]] = []
+    name: str
+    llm: Any
+    texts: list[str]
+    params: Any
+    load_s: float
+    stats: Path | None = None
+    rows: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    start: dict[str, Any] = attrs.field(factory=dict)  # the proposer's stats before the timed passes
+    passes: list[tuple[float, list[list[int]]]] = attrs.field(factory=list)
+    # vLLM's counters over the timed passes alone, read around each pass: they are one registry
+    # per process, which the engines of --interleave share (only one runs at a time)
+    counted: dict[str, float] = attrs.field(factory=dict)
+
+    @classmethod
+    def load(cls, name: str, model: str, dtype: str, prompts: list[str], tokens: int, max_seqs: int,
+             speculative: dict[str, Any] | None, memory: float, stats: Path | None = None) -> Engine:
+        from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
+
         t0 = time.perf_counter()
-        for i in range(0, len(texts), c):
-            outputs += [list(o.outputs[0].token_ids) for o in llm.generate(texts[i: i + c], params, use_tqdm=False)]
-        seconds = time.perf_counter() - t0
-        after = _counters(llm)
-        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        llm = LLM(model=model, dtype=dtype, gpu_memory_utilization=memory, max_model_len=2048, seed=0,
+                  disable_log_stats=False, max_num_seqs=max_seqs, speculative_config=speculative)
+        texts = [_chat(llm, p) for p in prompts]
+        return cls(name, llm, texts, SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=False),
+                   time.perf_counter() - t0, stats)
+
+    def warm(self, c: int) -> None:
+        self.llm.generate([_chat(self.llm, p) for p in warm_prompts(c)], self.params, use_tqdm=False)
+        self.start, self.passes, self.counted = _proposer_stats(self.stats), [], {}
+
+    def timed_pass(self, c: int) -> None:
+        outputs: list[list[int]] = []
+        before = _counters(self.llm)
+        t0 = time.perf_counter()
+        for i in range(0, len(self.texts), c):
+            outputs += [list(o.outputs[0].token_ids)
+                        for o in self.llm.generate(self.texts[i: i + c], self.params, use_tqdm=False)]
+        self.passes.append((time.perf_counter() - t0, outputs))
+        for k, v in _counters(self.llm).items():
+            self.counted[k] = self.counted.get(k, 0.0) + v - before.get(k, 0.0)
+
+    def finish(self, c: int) -> None:
+        outputs = self.passes[0][1]
+        if any(o != outputs for _, o in self.passes):
+            raise RuntimeError(f"{self.name}: greedy outputs changed between passes at concurrency {c}")
+        seconds = statistics.median(t for t, _ in self.passes)
+        delta = self.counted
         drafts = delta.get("num_drafts", 0.0)
-        rows[str(c)] = {"seconds": seconds, "tokens": sum(len(o) for o in outputs),
-                        "tokens_per_s": sum(len(o) for o in outputs) / seconds,
-                        "accept_length": 1 + delta.get("num_accepted_tokens", 0.0) / drafts if drafts else None,
-                        "planner": _planned(mine, _proposer_stats(stats)), "outputs": outputs}
-    del llm
-    gc.collect()
-    return {"method": name, "load_s": load, "by_concurrency": rows}
+        tokens = sum(len(o) for o in outputs)
+        self.rows[str(c)] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                             "tokens_per_s_passes": [tokens / t for t, _ in self.passes],
+                             "accept_length": 1 + delta.get("num_accepted_tokens", 0.0) / drafts if drafts else None,
+                             "planner": _planned(self.start, _proposer_stats(self.stats)), "outputs": outputs}
+
+    def result(self) -> dict[str, Any]:
+        return {"method": self.name, "load_s": self.load_s, "by_concurrency": self.rows}
+
+    def close(self) -> None:
+        del self.llm
+        gc.collect()
+
+
+def _chat(llm: Any, prompt: str) -> str:
+    return str(llm.get_tokenizer().apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                       add_generation_prompt=True))
+
+
+def run_methods(loads: list[Callable[[float], Engine]], concurrency: list[int], repeat: int, memory: float,
+                interleave: bool) -> list[dict[str, Any]]:
+    """Each method timed at each concurrency over ``repeat`` passes. One engine at a time (each
+    with ``memory`` of the machine), or with ``interleave`` all loaded at once (sharing it) and
+    their passes alternated -- A B C, then C B A -- so that a shared machine's drift between
+    methods falls on all of them alike."""
+    if not interleave:
+        out = []
+        for load in loads:
+            engine = load(memory)
+            for c in concurrency:
+                engine.warm(c)
+                for _ in range(repeat):
+                    engine.timed_pass(c)
+                engine.finish(c)
+            out.append(engine.result())
+            engine.close()
+        return out
+    engines = [load(memory / len(loads)) for load in loads]
+    for c in concurrency:
+        for engine in engines:
+            engine.warm(c)
+        for rep in range(repeat):
+            for engine in engines if rep % 2 == 0 else engines[::-1]:
+                engine.timed_pass(c)
+        for engine in engines:
+            engine.finish(c)
+    return [engine.result() for engine in engines]
 
 
 def pyramid_head_run(head: str, model: str, dtype: str, token_prompts: list[list[int]], tokens: int,
@@ -152,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=None,
                    help="of plain, ngram, pyramid (the planner chooses each step's block length), pyramid-fixed "
                         "(always k), head (default: plain ngram pyramid, and head with --head)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="timed passes over the prompts per concurrency; tokens/s is their median (default 1)")
+    p.add_argument("--interleave", action="store_true",
+                   help="load every method's engine at once (sharing --memory-fraction) and alternate their passes")
     p.add_argument("--memory-fraction", type=float, default=0.3)
     p.add_argument("--out", type=Path, default=Path("out/vllm-bench"))
     ns = p.parse_args(argv)
@@ -185,15 +267,20 @@ def main(argv: list[str] | None = None) -> int:
                                                       add_generation_prompt=True, return_dict=False))
                          for q in prompts]
         in_pyramid = pyramid_head_run(ns.head, ns.model, ns.dtype, token_prompts, ns.tokens, k)
-    results = []
     ns.out.mkdir(parents=True, exist_ok=True)
-    for m in methods:  # the chain reaches vLLM's worker through the environment, its stats come back in a file
-        os.environ[CHAIN_ENV] = attrs.evolve(chain, adaptive=m != "pyramid-fixed").to_json()
-        stats = ns.out / f"proposer-{m}.json"
-        stats.unlink(missing_ok=True)
-        os.environ[STATS_ENV] = str(stats)
-        results.append(run_method(m, ns.model, ns.dtype, prompts, ns.tokens, ns.concurrency, configs[m],
-                                  ns.memory_fraction, stats if m.startswith("pyramid") else None))
+
+    def loader(m: str) -> Callable[[float], Engine]:
+        def load(memory: float) -> Engine:  # the chain reaches vLLM's worker through the environment,
+            os.environ[CHAIN_ENV] = attrs.evolve(chain, adaptive=m != "pyramid-fixed").to_json()  # its stats
+            stats = ns.out / f"proposer-{m}.json"  # come back in a file
+            stats.unlink(missing_ok=True)
+            os.environ[STATS_ENV] = str(stats)
+            return Engine.load(m, ns.model, ns.dtype, prompts, ns.tokens, max(ns.concurrency), configs[m], memory,
+                               stats if m.startswith("pyramid") else None)
+        return load
+
+    results = run_methods([loader(m) for m in methods], ns.concurrency, ns.repeat, ns.memory_fraction,
+                          ns.interleave)
     plain = next((r for r in results if r["method"] == "plain"), None)
     lines = ["| method | concurrency | tokens/s | × plain | accept length | identical to plain |",
              "|---|---:|---:|---:|---:|---|"]
@@ -209,18 +296,23 @@ def main(argv: list[str] | None = None) -> int:
     planned = [(r["method"], c, row["planner"]) for r in results for c, row in r["by_concurrency"].items()
                if row.get("planner")]
     if planned:
-        lines += ["", "| method | concurrency | steps by block length (k: steps) | the planner's α | "
-                      "accepted / offered (read from vLLM's steps) | ms per lane draft | "
-                      "ms per vLLM step with drafts | without |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| method | concurrency | steps by drafted block length (k: steps) | lookup blocks by "
+                      "length (k: blocks) | the planner's α | accepted / offered (read from vLLM's steps) | "
+                      "ms in the proposer per step | ms per lane draft | ms per vLLM step with drafts | without |",
+                  "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
 
         def ms(pair: list[float]) -> str:
             return f"{1e3 * pair[1] / pair[0]:.1f}" if pair[0] else "—"
 
         for name, c, plan in planned:
-            chosen = ", ".join(f"{k}: {n}" for k, n in sorted(plan["chosen"].items(), key=lambda kv: int(kv[0])))
+            def counts(by_k: dict[str, int]) -> str:
+                return ", ".join(f"{k}: {n}" for k, n in sorted(by_k.items(), key=lambda kv: int(kv[0]))) or "—"
+
             v, t = plan["verdicts"], plan["timing"]
             read = f"{v['accepted'] / v['offered']:.3f}" if v["offered"] else "—"
-            lines.append(f"| {name} | {c} | {chosen} | {plan['alpha']:.3f} | {read} | {ms(t['lanes'])} | "
+            ms_call = "—" if plan["ms_per_call"] is None else f"{plan['ms_per_call']:.1f}"
+            lines.append(f"| {name} | {c} | {counts(plan['chosen'])} | {counts(plan['chosen_lookup'])} | "
+                         f"{plan['alpha']:.3f} | {read} | {ms_call} | {ms(t['lanes'])} | "
                          f"{ms(t['engine steps with drafts'])} | {ms(t['engine steps without'])} |")
     head_rows = next((r for r in results if r["method"] == "head"), None)
     if in_pyramid is not None and head_rows is not None:

@@ -37,13 +37,14 @@ def test_a_pyramid_chain_as_vllms_proposer_keeps_vllms_greedy_output(tmp_path: P
 
 
 def test_a_lookup_in_front_of_the_chain_inside_vllm(tmp_path: Path) -> None:
-    """Prompt lookup asked first by every lane, the draft drafting where it finds nothing (the
-    planner sizing each kind): greedy outputs equal vLLM plain's at concurrency 1 and 4 (the bench
-    exits non-zero otherwise), and vLLM verified blocks of both kinds."""
+    """Prompt lookup asked first for every row, the draft drafting where the planner prefers it:
+    greedy outputs equal vLLM plain's at concurrency 1 and 4 (the bench exits non-zero
+    otherwise), and vLLM verified blocks of both kinds. Both engines loaded at once, their passes
+    alternated (``--interleave``): each one's counters are its own (plain verified nothing)."""
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "pyramid_core.serving.bench", "--out", str(out), "--prompts", "4", "--tokens", "32",
            "--concurrency", "1", "4", "--methods", "plain", "pyramid", "--stage", "smollm2:stage=draft",
-           "--lookup", "ngram"]
+           "--lookup", "ngram", "--interleave", "--repeat", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "vllm-bench.json").read_text())
@@ -51,6 +52,10 @@ def test_a_lookup_in_front_of_the_chain_inside_vllm(tmp_path: Path) -> None:
     pyramid = next(r for r in result["results"] if r["method"] == "pyramid")
     verdicts = pyramid["by_concurrency"]["1"]["planner"]["verdicts"]
     assert 0 < verdicts["lookup blocks"] < verdicts["blocks"], verdicts
+    plain = next(r for r in result["results"] if r["method"] == "plain")
+    assert all(row["accept_length"] is None and len(row["tokens_per_s_passes"]) == 2
+               for row in plain["by_concurrency"].values())
+    assert all(row["accept_length"] is not None for row in pyramid["by_concurrency"].values())
 
 
 def test_an_exported_eagle3_head_runs_on_vllms_eagle3_path(tmp_path: Path) -> None:
