@@ -165,19 +165,8 @@ class LookupFirst:
     stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
 
     def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
-        return self.propose_split(context, n, n, rng)[0]
-
-    def propose_split(self, context: Tensor, n_lookup: int, n_draft: int, rng: Rng) -> tuple[Block, bool]:
-        """(the block, whether the lookup proposed it): up to ``n_lookup`` tokens from the lookup,
-        else up to ``n_draft`` from the drafter -- for a caller that prices the two differently
-        (vLLM's lanes: a lookup token costs only its verification, a drafted one a forward too).
-        ``n_lookup`` 0: the lookup is not asked (no try is counted)."""
-        if n_lookup <= 0:
-            return self.drafter.propose(context, n_draft, rng), False
-        block = self.look(context, n_lookup, rng)
-        if len(block):
-            return block, True
-        return self.drafter.propose(context, n_draft, rng), False
+        block = self.look(context, n, rng)
+        return block if len(block) else self.drafter.propose(context, n, rng)
 
     def look(self, context: Tensor, n: int, rng: Rng) -> Block:
         """The lookup's block alone (up to ``n`` tokens, cut after its first stop token; empty

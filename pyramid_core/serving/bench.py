@@ -219,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the pyramid lower chain's stages, smallest first (default: smollm2:stage=draft)")
     p.add_argument("--policy", action="append", default=[], help="policies between the lower stages")
     p.add_argument("--length", action="append", type=int, default=[], help="block lengths between the lower stages")
-    p.add_argument("--lookup", help="a model-free proposer the pyramid lanes ask first, e.g. ngram (the chain "
-                                    "drafts only where it proposes nothing; default none)")
+    p.add_argument("--lookup", help="a model-free proposer the pyramid proposer asks first for every row, e.g. "
+                                    "ngram (the planner gives each row a prefix of its block, a drafted block or "
+                                    "nothing; default none)")
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--tokens", type=int, default=64)

@@ -82,10 +82,11 @@ class LowerChain:
     """The stages below the target (specs, smallest first), the policies at the boundaries
     between them and their block lengths: what every lane of :class:`PyramidProposer` runs.
     ``max_lanes``: copies of the chain kept at most (one per running request); ``adaptive``: each
-    step's block length from :class:`~pyramid_core.serving.planner.StepPlanner` (0 to
+    row's block sized by :class:`~pyramid_core.serving.planner.StepPlanner` (0 to
     ``num_speculative_tokens``), else always ``num_speculative_tokens``; ``lookup``: a model-free
-    proposer spec asked first for each block, the chain drafting only where it proposes nothing
-    (``PipelineSpec.lookup``)."""
+    proposer spec (``PipelineSpec.lookup``) asked first for every row, the planner then giving the
+    row a prefix of its block, a drafted block or nothing (with ``adaptive`` off: its whole block,
+    and the chain drafting only where it proposes nothing)."""
 
     stages: tuple[str, ...] = attrs.field(converter=_strings)
     policies: tuple[str, ...] = attrs.field(default=(), converter=_strings)
