@@ -143,12 +143,11 @@ class Engine:
         if any(o != outputs for _, o in self.passes):
             raise RuntimeError(f"{self.name}: greedy outputs changed between passes at concurrency {c}")
         seconds = statistics.median(t for t, _ in self.passes)
-        delta = self.counted
-        drafts = delta.get("num_drafts", 0.0)
+        drafts = self.counted.get("num_drafts", 0.0)
         tokens = sum(len(o) for o in outputs)
         self.rows[str(c)] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                              "tokens_per_s_passes": [tokens / t for t, _ in self.passes],
-                             "accept_length": 1 + delta.get("num_accepted_tokens", 0.0) / drafts if drafts else None,
+                             "accept_length": 1 + self.counted.get("num_accepted_tokens", 0.0) / drafts if drafts else None,
                              "planner": _planned(self.start, _proposer_stats(self.stats)), "outputs": outputs}
 
     def result(self) -> dict[str, Any]:
@@ -170,28 +169,21 @@ def run_methods(loads: list[Callable[[float], Engine]], concurrency: list[int], 
     with ``memory`` of the machine), or with ``interleave`` all loaded at once (sharing it) and
     their passes alternated -- A B C, then C B A -- so that a shared machine's drift between
     methods falls on all of them alike."""
-    if not interleave:
-        out = []
-        for load in loads:
-            engine = load(memory)
-            for c in concurrency:
+    out = []
+    for group in [loads] if interleave else [[load] for load in loads]:
+        engines = [load(memory / len(group)) for load in group]
+        for c in concurrency:
+            for engine in engines:
                 engine.warm(c)
-                for _ in range(repeat):
+            for rep in range(repeat):
+                for engine in engines if rep % 2 == 0 else engines[::-1]:
                     engine.timed_pass(c)
+            for engine in engines:
                 engine.finish(c)
-            out.append(engine.result())
+        out += [engine.result() for engine in engines]
+        for engine in engines:
             engine.close()
-        return out
-    engines = [load(memory / len(loads)) for load in loads]
-    for c in concurrency:
-        for engine in engines:
-            engine.warm(c)
-        for rep in range(repeat):
-            for engine in engines if rep % 2 == 0 else engines[::-1]:
-                engine.timed_pass(c)
-        for engine in engines:
-            engine.finish(c)
-    return [engine.result() for engine in engines]
+    return out
 
 
 def pyramid_head_run(head: str, model: str, dtype: str, token_prompts: list[list[int]], tokens: int,

@@ -287,12 +287,12 @@ class StepPlanner:
         d = self.draft_cost or 0.0  # not measured yet: drafting counts as free, so it drafts and measures
         rows = len(offers)
         drafted = np.cumsum(self.alpha ** np.arange(1, self.max_k + 1))  # sum of c_j, j <= k
-        by_bucket = {b: np.cumsum(self.lookup_cumulative(b)) for b in {o.bucket for o in offers if o.lookup}}
+        by_bucket = {bucket: np.cumsum(self.lookup_cumulative(bucket))
+                     for bucket in {o.bucket for o in offers if o.lookup}}
         looked = [by_bucket[o.bucket][: min(o.lookup, o.room)] if o.lookup else drafted[:0] for o in offers]
-        plain = (float(rows), a0 + b * rows)
-        if plain[1] <= 0:
+        rate = self.rate(rows, 0)  # vLLM's plain step: where the iteration starts
+        if rate is None:
             return [(0, False)] * rows
-        rate = plain[0] / plain[1]
         best: list[tuple[int, bool]] = [(0, False)] * rows
         for _ in range(32):
             choice: list[tuple[int, bool]] = []
@@ -309,7 +309,7 @@ class StepPlanner:
                 value, gain, spent = value + top[0], gain + top[3], spent + top[4]
             if not any(k for k, _ in choice) or value <= rate * (a1 - a0):
                 return best  # no set with drafts beats the rate reached: ``best`` reached it
-            new = (plain[0] + gain) / (a1 + b * rows + spent)
+            new = (rows + gain) / (a1 + b * rows + spent)
             if new <= rate * (1 + 1e-12):
                 return best
             rate, best = new, choice
