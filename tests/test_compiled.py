@@ -29,7 +29,7 @@ from pyramid_core import (
 from pyramid_core.backends.hf import HFStage
 from pyramid_core.backends.hf.cache import StageCache, slot_layer_class
 from pyramid_core.backends.hf.fast import PackedLinear, packed_view, packing_available
-from pyramid_core.backends.hf.runtime import resolve_mode
+from pyramid_core.backends.hf.runtime import packing_bf16_available, resolve_mode
 from pyramid_core.backends.hf.student import build_student
 from pyramid_core.backends.hf.tiny import save_with_words
 from pyramid_core.hookspecs import hookimpl
@@ -190,9 +190,16 @@ def test_compile_option_through_specs(tmp_path: Path, tiny_models: dict[str, Any
     assert not make_stage(f"hf:path={path}").compiled  # type: ignore[union-attr]
     auto: Any = make_stage(f"hf:path={path},compile=auto")  # measured on this machine: fast or eager per M
     assert auto.choice is not None and set(auto.choice.distinct) <= {ExecutionMode.EAGER, ExecutionMode.FAST}
-    assert make_stage(f"hf:path={path},dtype=bfloat16,compile=auto").choice is not None  # type: ignore[union-attr]
     assert make_stage(f"hf:path={path},dtype=float16,compile=auto").choice is None  # type: ignore[union-attr]
-    assert make_stage(f"hf:path={path},dtype=bfloat16,compile=true").compiled  # type: ignore[union-attr]
+    bf16: Any = make_stage(f"hf:path={path},dtype=bfloat16,compile=auto")
+    if packing_bf16_available():  # oneDNN packs bfloat16 here: measured like float32
+        assert bf16.choice is not None
+        assert make_stage(f"hf:path={path},dtype=bfloat16,compile=true").compiled  # type: ignore[union-attr]
+    else:  # an AVX2-only CPU: bfloat16 stages run eagerly, and the fast mode says why not
+        assert bf16.choice is None and not bf16.compiled
+        with pytest.raises(ConfigError, match=r"compile=true: oneDNN pre-packs bfloat16 weights only on CPUs with "
+                                              r"AVX-512 \(BW, VL, DQ\) or AVX-NE-CONVERT"):
+            make_stage(f"hf:path={path},dtype=bfloat16,compile=true")
     assert make_stage(f"hf:path={path},compile=fast").compiled  # type: ignore[union-attr]
     assert not make_stage(f"hf:path={path},compile=eager").compiled  # type: ignore[union-attr]
     with pytest.raises(ConfigError, match=r"backend 'hf': compile must be one of auto, true \(fast\), false \(eager\), graphs, static, compiled, got 'maybe'"):
@@ -263,8 +270,10 @@ def test_execution_mode_keeps_its_type_from_the_flag_to_the_stage() -> None:
     assert resolve_mode(ExecutionMode.AUTO, cpu, torch.float16, "s") is ExecutionMode.EAGER  # nothing to measure
     assert resolve_mode(ExecutionMode.EAGER, cpu, torch.float32, "s") is ExecutionMode.EAGER
     if packing_available():  # eager and fast are timed on this machine: AUTO stays AUTO
-        for dtype in (torch.float32, torch.bfloat16):
-            assert resolve_mode(ExecutionMode.AUTO, cpu, dtype, "s") is ExecutionMode.AUTO
+        assert resolve_mode(ExecutionMode.AUTO, cpu, torch.float32, "s") is ExecutionMode.AUTO
+        # bfloat16 is packed only where oneDNN can (AVX-512 or AVX-NE-CONVERT); elsewhere nothing to measure
+        bf16 = ExecutionMode.AUTO if packing_bf16_available() else ExecutionMode.EAGER
+        assert resolve_mode(ExecutionMode.AUTO, cpu, torch.bfloat16, "s") is bf16
     with pytest.raises(ValueError, match=r"stage 's': compile=true: the fast mode is implemented for CPU stages"):
         resolve_mode(ExecutionMode.FAST, cuda, torch.float32, "s")
 

@@ -20,7 +20,7 @@ import torch
 from pyramid_core.backends.hf.fast import packing_available
 from pyramid_core.options import ExecutionMode
 
-__all__ = ["resolve_mode", "unsupported", "measured_candidates", "native_dtype", "ALL_MODES", "FAST_DTYPES",
+__all__ = ["resolve_mode", "unsupported", "measured_candidates", "native_dtype", "packing_bf16_available", "ALL_MODES", "FAST_DTYPES",
            "AUTO_COMPILED_ENV", "COMPILED_MIN_TORCH", "torch_release"]
 
 ALL_MODES = frozenset({ExecutionMode.EAGER, ExecutionMode.FAST, ExecutionMode.GRAPHS, ExecutionMode.STATIC,
@@ -47,6 +47,15 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AMX tiles or AVX512-BF16), as torch sees it."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def packing_bf16_available() -> bool:
+    """Whether oneDNN pre-packs bfloat16 weights on this CPU: its bfloat16 reorder needs AVX-512
+    (BW, VL, DQ) or AVX-NE-CONVERT, which an AVX2-only CPU lacks (as oneDNN's own check says)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without the check: what bfloat16 auto-selection assumes
+        return cpu_has_native_bf16()
 
 
 def native_dtype(device: torch.device | str) -> torch.dtype:
@@ -81,6 +90,9 @@ def unsupported(mode: ExecutionMode, device: torch.device, dtype: torch.dtype) -
             return "the fast mode needs a torch build with oneDNN (mkldnn), which this one lacks"
         if dtype not in FAST_DTYPES:
             return f"the fast mode on CPU runs float32 or bfloat16 weights, this stage has {dtype}"
+        if dtype == torch.bfloat16 and not packing_bf16_available():
+            return ("oneDNN pre-packs bfloat16 weights only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, "
+                    "which this one lacks; run this stage in float32 for the fast mode")
     if mode is ExecutionMode.COMPILED and device.type != "cpu":
         return (f"the compiled mode compiles static forwards with inductor for CPU stages; this stage is on {device} "
                 "(compile=graphs captures them as CUDA graphs)")
