@@ -206,6 +206,8 @@ class PipelineSpec:
     lookup:         a registered model-free proposer spec (``"ngram:min_ngram=1,max_ngram=4"``)
                     asked first each round at the bottom boundary; stage 1 (or its tree) drafts
                     only in the rounds it proposes nothing (``pipeline.LookupFirst``)
+    lookup_graft:   with a lookup, stage 1 (or its tree) drafts every round and the lookup's block
+                    is grafted into its block as one more path, verified in the same forward
 
     ``resolve`` checks everything that needs no model first -- block lengths, policies, the
     wrapper's name, a tree against the policy that verifies it, the device -- so a mistake is
@@ -226,6 +228,7 @@ class PipelineSpec:
     on_nonfinite: str = "raise"
     dtype: str | None = attrs.field(default=None, converter=_dtype_or_none)
     lookup: str | Proposer | None = None
+    lookup_graft: bool = False
     decode: DecodeOptions = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -300,9 +303,14 @@ class PipelineSpec:
         if self.tree is not None:
             _check_wrapper(self.tree, regs)  # before any loading
             if policies:
-                _check_tree_policy(self.tree, policies[0], policy_specs[0], regs)
+                _check_tree_policy(f"tree={self.tree!r} drafts token trees", "the tree", policies[0], policy_specs[0],
+                                   regs)
         if self.lookup is not None:
             check_lookup(self.lookup, len(specs), regs)  # before any loading
+            if self.lookup_graft and policies:
+                _check_tree_policy("lookup_graft verifies token trees", "lookup_graft", policies[0], policy_specs[0], regs)
+        elif self.lookup_graft:
+            raise ConfigError("lookup_graft grafts the lookup's block into stage 1's; give a lookup (e.g. ngram)")
         resolved = self.load_stages(regs)
         target = resolved[-1]
         stop_ids = self.decode.stop_ids
@@ -326,7 +334,7 @@ class PipelineSpec:
         vocab = cast(Stage, target).vocab_size  # load_stages checked the target is a model Stage
         lookup = None if self.lookup is None else make_stage(self.lookup, regs=regs, vocab_size=vocab)
         return Pipeline.with_options(resolved, policies, lengths, attrs.evolve(self.decode, stop_ids=stop_ids), names,
-                                     lookup)  # type: ignore[arg-type]  # a Stage is refused by Pipeline
+                                     lookup, self.lookup_graft)  # type: ignore[arg-type]  # a Stage is refused by Pipeline
 
 
 def check_lookup(lookup: str | Proposer, n_stages: int, regs: Registries) -> None:
@@ -365,8 +373,9 @@ def _check_wrapper(tree: str, regs: Registries) -> None:
     regs.wrappers.get(name)  # unknown: "did you mean"
 
 
-def _check_tree_policy(tree: str, policy: AcceptancePolicy, spec: PolicyLike, regs: Registries) -> None:
-    """A tree drafted into a policy that declares it verifies chains only (``VerifiesTrees``)."""
+def _check_tree_policy(what: str, option: str, policy: AcceptancePolicy, spec: PolicyLike, regs: Registries) -> None:
+    """A tree (``what`` makes it; ``option`` is what to drop) drafted into a policy that declares it
+    verifies chains only (``VerifiesTrees``)."""
     if not isinstance(policy, VerifiesTrees) or policy.verifies_trees:
         return
     able = []
@@ -378,9 +387,9 @@ def _check_tree_policy(tree: str, policy: AcceptancePolicy, spec: PolicyLike, re
         if isinstance(candidate, VerifiesTrees) and candidate.verifies_trees:
             able.append(name)
     raise ConfigError(
-        f"tree={tree!r} drafts token trees at boundary 1 -> 2, but its policy {spec if isinstance(spec, str) else policy!r} "
+        f"{what} at boundary 1 -> 2, but its policy {spec if isinstance(spec, str) else policy!r} "
         "verifies chains only; "
-        f"use a policy that verifies trees there ({', '.join(able) or 'none is loaded'}) or drop the tree"
+        f"use a policy that verifies trees there ({', '.join(able) or 'none is loaded'}) or drop {option}"
     )
 
 
@@ -401,16 +410,17 @@ def build_pipeline(
     on_nonfinite: str = "raise",
     dtype: str | None = None,
     lookup: str | Proposer | None = None,
+    lookup_graft: bool = False,
 ) -> Pipeline:
     """``PipelineSpec(...).resolve(regs)``: policies default to the default policy (``exact``)
     at every boundary and block lengths to 4; a ``preset`` (e.g. ``"psd-f"``) supplies both
     instead (explicit ``block_lengths`` still win). ``stop_ids`` default to the target's EOS
     token. ``tree`` (e.g. ``"tree:branching=4-2-1,replacement=false"``) names a registered stage
     wrapper around the bottom model stage; ``compile``, ``dtype``, ``length_schedule`` and
-    ``confidence_stop`` and ``lookup`` (e.g. ``"ngram"``) as in ``PipelineSpec``; ``on_nonfinite``:
+    ``confidence_stop``, ``lookup`` (e.g. ``"ngram"``) and ``lookup_graft`` as in ``PipelineSpec``; ``on_nonfinite``:
     ``"raise"`` or ``"warn"`` (``Pipeline``)."""
     if not stages:
         raise ConfigError("a pipeline needs at least one stage (the target)")
     spec = PipelineSpec(stages, policies, block_lengths, preset, tree, sampling or SamplingConfig(), device, stop_ids,
-                        compile, length_schedule, confidence_stop, on_nonfinite, dtype, lookup)
+                        compile, length_schedule, confidence_stop, on_nonfinite, dtype, lookup, lookup_graft)
     return spec.resolve(regs)

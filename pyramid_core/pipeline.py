@@ -33,6 +33,7 @@ from pyramid_core.protocols import (
     Resettable,
     Stage,
     Verifier,
+    VerifiesTrees,
     tokenizer_of,
 )
 from pyramid_core.rng import Rng, check_seed
@@ -157,16 +158,30 @@ class LookupFirst:
     when the lookup proposes nothing. Which of the two proposes is a function of the context
     alone, fixed before any token of the round is drawn, so each block is an ordinary proposal
     with the rows it was drawn from and a lossless policy stays lossless. A lookup block is cut
-    after its first stop token (the target would end there)."""
+    after its first stop token (the target would end there).
+
+    ``graft=True`` ([lookup graft](../../algorithms.md#lookup-graft)): the drafter drafts every
+    round, and the lookup's block is grafted into its block as one more path (``Block.graft``), so
+    one forward verifies both; ``share`` (greedy decoding only) lets that path run through the
+    drafter's nodes where their tokens match."""
 
     lookup: Proposer
     drafter: Proposer
     stats: LookupStats
     stop_ids: Tensor = attrs.field(factory=lambda: torch.empty(0, dtype=torch.long))
+    graft: bool = False
+    share: bool = False
 
     def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
         block = self.look(context, n, rng)
-        return block if len(block) else self.drafter.propose(context, n, rng)
+        if not self.graft:
+            return block if len(block) else self.drafter.propose(context, n, rng)
+        drafted = self.drafter.propose(context, n, rng)
+        if drafted.without_replacement and len(block):
+            raise ConfigError(f"lookup_graft: {_stage_name(self.drafter, 0)} drafts its tree without replacement "
+                              "(Sequoia), so no lookup path can be added beside its children; draw it with "
+                              "replacement (tree:replacement=true) or drop lookup_graft")
+        return drafted.graft(block, share=self.share) if len(block) else drafted
 
     def look(self, context: Tensor, n: int, rng: Rng) -> Block:
         """The lookup's block alone (up to ``n`` tokens, cut after its first stop token; empty
@@ -365,7 +380,8 @@ class Pipeline:
     ``"warn"`` and give those entries zero probability (for probing broken models).
     ``policy_names``: how errors name the policies (e.g. their specs; default: their labels).
     ``lookup``: a model-free proposer (e.g. ``ngram``) asked first each round at the bottom;
-    stage 1 drafts only in the rounds it proposes nothing (``LookupFirst``).
+    stage 1 drafts only in the rounds it proposes nothing (``LookupFirst``), or, with
+    ``lookup_graft``, every round, the lookup's block grafted into stage 1's as one more path.
     Every verdict is checked as it enters the recursion (``SpeculativeProposer``): a bad one
     raises ``PolicyOutputError`` naming the policy and the boundary.
     """
@@ -380,6 +396,7 @@ class Pipeline:
     on_nonfinite: NonFiniteMode = "raise"
     policy_names: Sequence[str] = ()
     lookup: Proposer | None = None
+    lookup_graft: bool = False
     decode: DecodeOptions = attrs.field(init=False)
     _bottom_is_stage: bool = attrs.field(init=False, default=False)
     _resettable: list[Resettable] = attrs.field(init=False, factory=list)
@@ -389,10 +406,12 @@ class Pipeline:
     @classmethod
     def with_options(cls, stages: Sequence[Stage | Proposer], policies: Sequence[AcceptancePolicy],
                      block_lengths: Sequence[int], decode: DecodeOptions,
-                     policy_names: Sequence[str] = (), lookup: Proposer | None = None) -> Pipeline:
+                     policy_names: Sequence[str] = (), lookup: Proposer | None = None,
+                     lookup_graft: bool = False) -> Pipeline:
         """A pipeline decoding with ``decode`` (its ``stop_ids`` ``None`` means none)."""
         return cls(stages, policies, block_lengths, decode.sampling, list(decode.stop_ids or ()),
-                   decode.length_schedule, decode.confidence_stop, decode.on_nonfinite, policy_names, lookup)
+                   decode.length_schedule, decode.confidence_stop, decode.on_nonfinite, policy_names, lookup,
+                   lookup_graft)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.stages)
@@ -436,6 +455,13 @@ class Pipeline:
                 raise ConfigError(f"a lookup ({_stage_name(self.lookup, 0)}) proposes to the stage above the bottom "
                                   "one; a pipeline of the target alone has none")
             model_free(self.lookup)
+            first = self.policies[0] if self.policies else None
+            if self.lookup_graft and isinstance(first, VerifiesTrees) and not first.verifies_trees:
+                raise ConfigError(f"lookup_graft verifies a token tree at boundary 1 -> 2, but its policy "
+                                  f"({self.policy_names[0] if self.policy_names else policy_label(first)}) "
+                                  "verifies chains only; use a policy that verifies trees (exact) there")
+        elif self.lookup_graft:
+            raise ConfigError("lookup_graft grafts the lookup's block into stage 1's; give a lookup (e.g. ngram)")
         # model stages always declare a vocabulary; a proposer may (ngram does: its one-hot rows)
         parts = [*self.stages, *([self.lookup] if self.lookup is not None else [])]
         declared = [(i, s, int(s.vocab_size or 0)) for i, s in enumerate(parts) if isinstance(s, HasVocabulary)]
@@ -479,7 +505,7 @@ class Pipeline:
         lookup = None
         if self.lookup is not None:
             lookup = LookupStats()
-            proposer = LookupFirst(self.lookup, proposer, lookup, stop)
+            proposer = LookupFirst(self.lookup, proposer, lookup, stop, self.lookup_graft, self.sampling.is_greedy)
         boundaries = []
         for k in range(1, len(self.stages)):
             stats = BoundaryStats()

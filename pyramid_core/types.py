@@ -110,6 +110,47 @@ class Block:
         """The first ``n`` tokens of a chain block."""
         return Block(self.tokens[:n], self.rows[:n])
 
+    def graft(self, chain: Block, *, share: bool) -> Block:
+        """This block (a chain or a tree) with the chain block ``chain`` grafted in as one more
+        path from the context, so that one forward verifies both
+        ([lookup graft](../../algorithms.md#lookup-graft)). Every node keeps the row it was drawn from.
+
+        - ``share=True``: ``chain`` follows this block's nodes as far as their tokens match
+          (``TokenTree.follow``); only the rest is added, below the last node matched. For
+          deterministic proposals only (greedy): whether a node is shared depends on drawn tokens.
+        - ``share=False``: ``chain`` is a path of its own, placed first (the context's first
+          child). Multi-candidate rejection sampling stays exact when ``chain`` was drawn
+          independently of this block's tokens; refused for a tree drawn without replacement,
+          whose rows assume no sibling but its own.
+        """
+        if chain.tree is not None:
+            raise ValueError("Block.graft grafts a chain block, got a token tree")
+        if not len(chain):
+            return self
+        if not len(self):
+            return chain
+        tree = self.tree or TokenTree.chain(len(self))
+        device, dtype = self.tokens.device, self.rows.dtype
+        if share:
+            path = tree.follow(self.tokens, chain.tokens)
+            rest = len(path)
+            if rest == len(chain):
+                return self
+            at = path[-1] if path else -1
+            start = len(self)
+            parents = [*tree.parents, at, *range(start, start + len(chain) - rest - 1)]
+            tokens = torch.cat([self.tokens, chain.tokens[rest:].to(device)])
+            rows = torch.cat([self.rows, chain.rows[rest:].to(device, dtype)])
+        else:
+            if self.without_replacement:
+                raise ValueError("Block.graft(share=False): this tree's children were drawn without replacement "
+                                 "(Sequoia), so no sibling can be added; draw it with replacement")
+            m = len(chain)
+            parents = [*range(-1, m - 1), *(p + m if p >= 0 else -1 for p in tree.parents)]
+            tokens = torch.cat([chain.tokens.to(device), self.tokens])
+            rows = torch.cat([chain.rows.to(device, dtype), self.rows])
+        return Block(tokens, rows, torch.tensor(parents, dtype=torch.long, device=device), self.without_replacement)
+
 
 @frozen(eq=False)
 class Verdict:

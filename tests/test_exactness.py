@@ -13,6 +13,7 @@ boundary both accepts and rejects often.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -328,28 +329,51 @@ def test_ngram_proposer_with_exact_policy_stays_exact(middle: int, ells: list[in
     assert joint_pvalue(samples, MARKOV[-2]) < REJECT
 
 
+def lookup_samples(pipe: Pipeline) -> tuple[np.ndarray, Counter[str]]:
+    """``MARKOV_RUNS`` generations after ``NGRAM_PROMPT`` through a pipeline with a lookup: the
+    sampled positions, and the lookup's tries and hits, stage 1's forwards and the tree rounds
+    at the bottom boundary, summed."""
+    counts: Counter[str] = Counter()
+
+    def generate(seed: int) -> torch.Tensor:
+        gen = pipe.generate(NGRAM_PROMPT, MARKOV_LENGTH, seed=seed)
+        assert gen.metrics.lookup is not None
+        counts.update(hits=gen.metrics.lookup.hits, tries=gen.metrics.lookup.tries,
+                      drafted=gen.metrics.stages[0].forwards, tree_rounds=gen.metrics.boundaries[0].tree_rounds)
+        return gen.tokens
+
+    samples = sample_positions(generate, MARKOV_RUNS, MARKOV_LENGTH)
+    assert 0.1 < counts["hits"] / counts["tries"] < 0.9, f"the lookup must propose in some rounds and not in others ({counts})"
+    return samples, counts
+
+
 @pytest.mark.parametrize(("middle", "ells"), [(0, [3]), (1, [2, 3])], ids=["lookup-M3-target", "lookup-M2-M3-target"])
 def test_a_lookup_in_front_of_a_model_draft_stays_exact(middle: int, ells: list[int]) -> None:
     """``lookup="ngram:min_ngram=2"``: each round prompt lookup proposes first (one-hot rows) and the Markov
     draft M2 samples only where it finds nothing -- both kinds of round must occur. 3000 runs x 3
     tokens after a repetitive prompt: the joint sequence fits the target chain (ALPHA) and rejects
     the chain of the stage below the target at 1e-6."""
-    stages = markov_stages(2 + middle)
-    pipe = exact_pipeline(stages, ells, lookup="ngram:min_ngram=2")
-    hits = tries = drafted = 0
+    samples, counts = lookup_samples(exact_pipeline(markov_stages(2 + middle), ells, lookup="ngram:min_ngram=2"))
+    assert counts["drafted"] > MARKOV_RUNS / 4, "the draft must draft in the rounds the lookup leaves"
+    assert joint_pvalue(samples, MARKOV[-1]) > ALPHA
+    assert third_token_pvalue(samples, MARKOV[-1]) > ALPHA
+    assert joint_pvalue(samples, MARKOV[-2]) < REJECT
 
-    def generate(seed: int) -> torch.Tensor:
-        nonlocal hits, tries, drafted
-        gen = pipe.generate(NGRAM_PROMPT, MARKOV_LENGTH, seed=seed)
-        assert gen.metrics.lookup is not None
-        hits += gen.metrics.lookup.hits
-        tries += gen.metrics.lookup.tries
-        drafted += gen.metrics.stages[0].forwards
-        return gen.tokens
 
-    samples = sample_positions(generate, MARKOV_RUNS, MARKOV_LENGTH)
-    assert 0.1 < hits / tries < 0.9, f"the lookup must propose in some rounds and not in others ({hits}/{tries})"
-    assert drafted > MARKOV_RUNS / 4, "the draft must draft in the rounds the lookup leaves"
+@pytest.mark.parametrize(("policy", "tree"), [("exact", None), ("exact", "tree:branching=2-1"),
+                                              ("exact", "tree:budget=5,beam=2,branching=2"),
+                                              ("traversal", "tree:branching=2-1")],
+                         ids=["graft-chain", "graft-tree", "graft-dynamic-tree", "graft-tree-traversal"])
+def test_a_lookup_grafted_beside_the_draft_stays_exact(policy: str, tree: str | None) -> None:
+    """``lookup_graft``: every round the Markov draft M2 drafts (a chain, or a token tree drawn
+    with replacement) and prompt lookup's one-hot block is added as a path of its own, tried
+    first; the tree rule (multi-candidate rejection sampling, or traversal verification) verifies
+    both in one forward. 3000 runs x 3 tokens after a repetitive prompt: the joint sequence fits
+    the target chain (ALPHA) and rejects M2's chain at 1e-6; grafted rounds must occur. (Letting
+    the lookup's path share a drafted node, as greedy decoding does, fails the chain case.)"""
+    pipe = build_pipeline(markov_stages(2), [policy], [3], lookup="ngram:min_ngram=2", lookup_graft=True, tree=tree)
+    samples, counts = lookup_samples(pipe)
+    assert counts["tree_rounds"] >= counts["hits"] > MARKOV_RUNS / 5, "grafted rounds must verify a tree"
     assert joint_pvalue(samples, MARKOV[-1]) > ALPHA
     assert third_token_pvalue(samples, MARKOV[-1]) > ALPHA
     assert joint_pvalue(samples, MARKOV[-2]) < REJECT

@@ -450,6 +450,80 @@ def test_greedy_with_a_lookup_is_the_targets_argmax_chain(tree: str | None) -> N
     assert plain.generate(REPEATING, 32).metrics.lookup is None
 
 
+def one_hot_rows(tokens: Sequence[int]) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(tokens), V).float()
+
+
+def test_a_chain_grafted_into_a_tree_shares_its_matching_nodes_or_stands_apart() -> None:
+    """``Block.graft``: with ``share`` the chain runs through the nodes whose tokens it matches
+    and only its rest is added below the last one; without, it is a path of its own placed first.
+    Every node keeps its row."""
+    #        context -> 5 (0) -> 6 (2) -> 7 (3)
+    #                -> 4 (1)
+    tree = Block(torch.tensor([5, 4, 6, 7]), one_hot_rows([5, 4, 6, 7]), torch.tensor([-1, -1, 0, 2]))
+    chain = Block(torch.tensor([5, 6, 1, 2]), one_hot_rows([5, 6, 1, 2]))
+    shared = tree.graft(chain, share=True)
+    assert shared.tokens.tolist() == [5, 4, 6, 7, 1, 2]
+    assert shared.parents is not None and shared.parents.tolist() == [-1, -1, 0, 2, 2, 4]
+    assert torch.equal(shared.rows[4:], chain.rows[2:])
+    assert tree.graft(chain.head(2), share=True) is tree  # wholly inside the tree: nothing added
+    apart = tree.graft(chain, share=False)
+    assert apart.tokens.tolist() == [5, 6, 1, 2, 5, 4, 6, 7]
+    assert apart.parents is not None and apart.parents.tolist() == [-1, 0, 1, 2, -1, -1, 4, 6]
+    assert apart.tree is not None and apart.tree.roots == (0, 4, 5)  # the chain's root is tried first
+    assert torch.equal(apart.rows, torch.cat([chain.rows, tree.rows]))
+    # a chain drafted below is a tree of one path; an empty side leaves the other as it was
+    drafted = Block(torch.tensor([5, 3]), one_hot_rows([5, 3]))
+    both = drafted.graft(chain, share=True)
+    assert both.tokens.tolist() == [5, 3, 6, 1, 2] and both.parents is not None
+    assert both.parents.tolist() == [-1, 0, 0, 2, 3]
+    assert drafted.graft(Block.empty(V), share=False) is drafted
+    assert Block.empty(V).graft(chain, share=False) is chain
+    with pytest.raises(ValueError, match="grafts a chain block, got a token tree"):
+        chain.graft(tree, share=True)
+    sequoia = Block(tree.tokens, tree.rows, tree.parents, without_replacement=True)
+    with pytest.raises(ValueError, match=r"drawn without replacement \(Sequoia\)"):
+        sequoia.graft(chain, share=False)
+
+
+@pytest.mark.parametrize("tree", [None, "tree:budget=6,branching=2"], ids=["chain", "tree"])
+def test_greedy_with_a_grafted_lookup_is_the_targets_argmax_chain(tree: str | None) -> None:
+    """``lookup_graft``: the draft drafts every round and the lookup's block joins it as one more
+    path; the output is still the target's greedy chain, with at least as many tokens per target
+    forward here as the lookup asked first, since every round keeps the draft's proposal too."""
+    def run(graft: bool) -> Generation:
+        pipe = build_pipeline(greedy_stages(2), block_lengths=[3], sampling=SamplingConfig.greedy(),
+                              lookup="ngram", lookup_graft=graft, tree=tree)
+        return pipe.generate(REPEATING, 32, seed=0)
+
+    grafted, first = run(True), run(False)
+    assert grafted.token_list == first.token_list == reference_greedy(REPEATING, 32)
+    look = grafted.metrics.lookup
+    assert look is not None and 0 < look.hits < look.tries
+    rounds = grafted.metrics.boundaries[0].rounds
+    assert rounds == look.tries
+    per_round = 1 if tree is None else 2  # a chain is one forward per token; the tree one per depth
+    assert grafted.metrics.stages[0].forwards >= rounds * per_round - 2  # the draft drafts every round
+    assert grafted.metrics.boundaries[0].tree_rounds > 0  # grafted rounds verify a tree
+    assert grafted.metrics.target_forwards <= first.metrics.target_forwards
+
+
+def test_lookup_graft_errors_name_the_option() -> None:
+    with pytest.raises(ConfigError, match=r"lookup_graft grafts the lookup's block into stage 1's; give a lookup"):
+        build_pipeline(greedy_stages(2), block_lengths=[2], lookup_graft=True)
+    with pytest.raises(ConfigError, match=r"lookup_graft grafts the lookup's block into stage 1's; give a lookup"):
+        Pipeline(greedy_stages(2), [ExactPolicy()], [2], lookup_graft=True)
+    with pytest.raises(ConfigError, match=r"lookup_graft verifies token trees at boundary 1 -> 2, but its policy "
+                                          r"'block' verifies chains only; use a policy that verifies trees there "
+                                          r"\(.*exact.*\) or drop lookup_graft"):
+        build_pipeline(greedy_stages(2), ["block"], [2], lookup="ngram", lookup_graft=True)
+    sequoia = build_pipeline(greedy_stages(2), block_lengths=[2], lookup="ngram", lookup_graft=True,
+                             tree="tree:branching=2,replacement=false")
+    with pytest.raises(ConfigError, match=r"lookup_graft: tree\[2,no-repl\]\(M1\) drafts its tree without "
+                                          r"replacement \(Sequoia\).*tree:replacement=true"):
+        sequoia.generate(REPEATING, 8, seed=0)
+
+
 def test_a_lookup_block_ends_at_its_first_stop_token() -> None:
     """Prompt lookup copies what followed an earlier match, stop tokens included; the block is
     cut right after the stop token (nothing past it reaches the target)."""

@@ -58,6 +58,8 @@ def test_the_lower_chain_of_a_spec(dirs: dict[str, Path]) -> None:
     (PipelineSpec(stages=["ngram", "hf:path=/t"], policies=["exact:tol=1"]), "use exact or block at the top"),
     (PipelineSpec(stages=["hf:path=/t"]), "needs a stage below the target"),
     (PipelineSpec(stages=["hf:path=/d", "hf:path=/t"], tree="tree:branching=2"), "not a token tree"),
+    (PipelineSpec(stages=["hf:path=/d", "hf:path=/t"], lookup="ngram", lookup_graft=True),
+     "lookup_graft grafts the lookup's block into a token tree"),
     # what the workers would build is checked before vLLM starts: a preset's name is not a rule
     (PipelineSpec(stages=["ngram", "hf:path=/d", "hf:path=/t"], policies=["fsd:threshold=0.3", "exact"]),
      r"policy 'fsd:threshold=0.3' at boundary 1 -> 2 of the lower chain: unknown policy 'fsd'"),

@@ -54,7 +54,8 @@ def run(ns: argparse.Namespace) -> int:
         return _compare(ns, dists, regs)
     common = {"preset": ns.preset, "samples": ns.samples, "seed": ns.seed, "sampling": sampling(ns),
               "new_tokens": ns.new_tokens, "length_schedule": ns.length_schedule,
-              "confidence_stop": ns.confidence_stop, "lookup": ns.lookup, "regs": regs}
+              "confidence_stop": ns.confidence_stop, "lookup": ns.lookup, "lookup_graft": ns.lookup_graft,
+              "regs": regs}
     t0 = time.perf_counter()
     res = run_check(dists, ns.policy, ns.length, tree=ns.tree, replacement=ns.replacement, **common)
     elapsed = time.perf_counter() - t0
@@ -116,7 +117,7 @@ def _compare(ns: argparse.Namespace, dists: list[list[float]], regs: Any) -> int
         res = run_check(dists, [rule] * (n - 1), ns.length, samples=ns.samples, seed=ns.seed, sampling=sampling(ns),
                         tree=ns.tree, replacement=ns.replacement, new_tokens=ns.new_tokens,
                         length_schedule=ns.length_schedule, confidence_stop=ns.confidence_stop, lookup=ns.lookup,
-                        regs=regs)
+                        lookup_graft=ns.lookup_graft, regs=regs)
         results.append((rule, res, time.perf_counter() - t0))
     if ns.json:
         print(json_text({"compare": [{"policy": rule, "elapsed_s": dt, **res.as_dict()} for rule, res, dt in results]}))

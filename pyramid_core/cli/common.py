@@ -1,6 +1,6 @@
 """What the commands share: the sampling options, argument types that refuse bad values with the
 flag's name, and turning ``--stage`` / ``--policy`` / ``--length`` / ``--preset`` / ``--tree`` /
-``--lookup`` / ``--device`` / ``--nonfinite`` into a ``PipelineSpec``."""
+``--lookup`` / ``--lookup-graft`` / ``--device`` / ``--nonfinite`` into a ``PipelineSpec``."""
 
 from __future__ import annotations
 
@@ -81,6 +81,10 @@ def pipeline_args(p: argparse.ArgumentParser, *, default_length: str) -> None:
     p.add_argument("--lookup", metavar="PROPOSER",
                    help="a model-free proposer asked first each round, e.g. ngram or ngram:min_ngram=2: the first "
                         "stage drafts only in the rounds it proposes nothing (prompt lookup, then the draft); exact")
+    p.add_argument("--lookup-graft", action="store_true",
+                   help="with --lookup: the first stage drafts every round and the lookup's block joins it as one "
+                        "more path of a token tree, verified in the same forward (needs a policy that verifies "
+                        "trees, e.g. exact); exact")
 
 
 def compile_arg(p: argparse.ArgumentParser) -> None:
@@ -124,4 +128,5 @@ def pipeline_spec(ns: argparse.Namespace, stages: Sequence[Any], *, default_leng
                         compile=getattr(ns, "compile", None), dtype=getattr(ns, "dtype", None),
                         length_schedule=getattr(ns, "length_schedule", "fixed"),
                         confidence_stop=getattr(ns, "confidence_stop", 0.0),
-                        on_nonfinite=getattr(ns, "nonfinite", "raise"), lookup=getattr(ns, "lookup", None))
+                        on_nonfinite=getattr(ns, "nonfinite", "raise"), lookup=getattr(ns, "lookup", None),
+                        lookup_graft=getattr(ns, "lookup_graft", False))

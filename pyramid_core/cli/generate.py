@@ -87,8 +87,9 @@ def run(ns: argparse.Namespace) -> int:
             print(f"  token trees: {b.tree_nodes / b.tree_rounds:.1f} nodes per tree, proposed/accepted count "
                   f"depths; {100 * b.accepted / b.tree_nodes:.1f}% of the nodes were used")
     if m.lookup is not None:
+        where = "every round, the lookup's block grafted beside it" if ns.lookup_graft else "the others"
         print(f"lookup {ns.lookup}: proposed in {m.lookup.hits} of {m.lookup.tries} rounds ({m.lookup.proposed} tokens); "
-              f"{stage_specs[0]} drafted in the others")
+              f"{stage_specs[0]} drafted in {where}")
     for s in m.stages:
         if s.forwards == 0 and s is m.stages[0] and len(m.stages) > 1:
             print(f"stage {s.name}: model-free proposer (no forwards)")
@@ -99,7 +100,7 @@ def run(ns: argparse.Namespace) -> int:
         "spec": {"stages": stage_specs, "policies": [p if isinstance(p, str) else type(p).__name__ for p in policies],
                  "block_lengths": list(pipe.block_lengths), "tree": ns.tree, "sampling": attrs.asdict(pipe.sampling),
                  "length_schedule": pipe.length_schedule, "confidence_stop": pipe.confidence_stop,
-                 "lookup": ns.lookup},
+                 "lookup": ns.lookup, "lookup_graft": ns.lookup_graft},
         "run": run_record("pyramid generate", arguments, pipe.stages),
     }
     rc = 0

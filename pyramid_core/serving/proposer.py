@@ -114,8 +114,8 @@ class LowerChain:
         """(the chain below the target, the target's spec, the top block length, vLLM's
         rejection method for the top rule) of a pipeline spec, checked without loading a model:
         every lower stage a registered name and every lower policy one that builds,
-        every stage a spec string, no token tree (vLLM's custom proposers hand it a list), and a
-        rule vLLM runs (``TOP_POLICIES``) at the top boundary."""
+        every stage a spec string, no token tree nor grafted lookup (vLLM's custom proposers hand it
+        a list), and a rule vLLM runs (``TOP_POLICIES``) at the top boundary."""
         regs = regs or registries()
         stages, policies, lengths = spec.parts(regs)
         if len(stages) < 2:
@@ -127,6 +127,9 @@ class LowerChain:
         if spec.tree is not None:
             raise ConfigError(f"tree={spec.tree!r}: vLLM's custom proposers hand it one list of tokens per "
                               "request, not a token tree; serve a chain")
+        if spec.lookup_graft:
+            raise ConfigError("lookup_graft grafts the lookup's block into a token tree; vLLM's custom proposers "
+                              "hand it one list of tokens per request (the lookup is asked first there, row by row)")
         if spec.lookup is not None:
             if not isinstance(spec.lookup, str):
                 raise ConfigError(f"lookup {spec.lookup!r} is a loaded object; vLLM's workers build it from its spec")

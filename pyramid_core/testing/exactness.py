@@ -152,12 +152,14 @@ def run_check(
     regs: Registries | None = None,
     markov: bool = False,
     lookup: str | None = None,
+    lookup_graft: bool = False,
 ) -> CheckResult:
     """Sample the first ``new_tokens`` generated tokens ``samples`` times through the real
     pipeline over ``TableModel`` stages. ``policies`` / ``lengths`` / ``preset`` as in
     ``PipelineSpec`` (``None``: the default policy at every boundary, block length 1); ``tree``,
     ``replacement``: see the module docstring (the registered ``tree`` wrapper, from ``regs``);
-    ``lookup``: a model-free proposer asked first each round (``PipelineSpec.lookup``).
+    ``lookup``: a model-free proposer asked first each round (``PipelineSpec.lookup``), grafted
+    beside the first stage's block with ``lookup_graft``.
 
     ``markov=True``: every stage's row after token t is its table rotated by t (``rolled``), so
     rows differ from position to position; the generated tokens (after the prompt ``[0]``) are
@@ -183,7 +185,8 @@ def run_check(
     if lengths is None and preset is None:
         lengths = [1] * (len(dists) - 1)
     spec = PipelineSpec(stages, policies, lengths, preset, sampling=sampling, stop_ids=(),
-                        length_schedule=length_schedule, confidence_stop=confidence_stop, lookup=lookup)
+                        length_schedule=length_schedule, confidence_stop=confidence_stop, lookup=lookup,
+                        lookup_graft=lookup_graft)
     pipe = spec.resolve(regs)  # validates the lengths
     ells = list(pipe.block_lengths)
     if tree and sum(tree**d for d in range(1, ells[0] + 1)) > MAX_TREE_NODES:
