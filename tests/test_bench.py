@@ -137,18 +137,25 @@ def test_bench_quick_smollm2(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "bench.json").read_text())
     labels = [r["label"] for r in data["rows"]]
     hf = [r["label"] for r in data["rows"] if r["framework"] == "hf"]
-    # HF generate eager and over the compiled stage (the CLI compiles by default where it helps),
-    # the float32 eager reference, assisted with the draft and with the qualifier, prompt lookup;
-    # then the 12 pyramid rows (one with prompt lookup asked first) and the 5 rows of the shipped
-    # feature head (two with the lookup)
-    assert hf[0] == "HF generate (target)" and len(hf) == 6, hf
-    assert "HF generate (target, float32 eager)" in hf
-    assert sum(r["framework"] == "pyramid" for r in data["rows"]) == 17 and not data["mismatches"]
+    # HF generate eager and over the compiled stage where the stage runs compiled (the CLI
+    # compiles where it measures faster), the float32 eager reference where the stages run in
+    # another dtype (bfloat16 on CPUs that compute it natively), assisted with the draft and with
+    # the qualifier, prompt lookup; then the 12 pyramid rows (one with prompt lookup asked first)
+    # and the 7 rows of the shipped feature head (two with the lookup asked first, two grafted)
+    meta = data["meta"]
+    optional = {"HF generate (target, compiled stage)": meta["compiled"],
+                "HF generate (target, float32 eager)": meta["dtype"] != "float32"}
+    assert hf[0] == "HF generate (target)" and len(hf) == 4 + sum(optional.values()), (hf, meta["dtype"])
+    assert all((label in hf) == present for label, present in optional.items()), (hf, optional)
+    assert sum(r["framework"] == "pyramid" for r in data["rows"]) == 19 and not data["mismatches"]
     assert "sd: draft→qualifier→target" in labels and "tree draft→qualifier→target" in labels
     assert {"feature→target", "tree feature→target", "feature→qualifier→target"} <= set(labels)
     assert {"ngram+draft→target", "ngram+feature→target", "ngram+tree feature→target"} <= set(labels)
-    looked = [r for r in data["rows"] if r["label"].startswith("ngram+")]
+    grafted = {"feature→target, ngram grafted", "tree feature→target, ngram grafted"}
+    assert grafted <= set(labels)
+    looked = [r for r in data["rows"] if r["label"].startswith("ngram+") or r["label"] in grafted]
     assert all("the lookup proposed in" in r["note"] for r in looked), [r["note"] for r in looked]
+    assert all("grafted beside it" in r["note"] for r in looked if r["label"] in grafted)
     assert data["goals"]["best_feature_row"] is not None
     goals = data["goals"]
     assert goals["sd_3stage_speedup"] > 0 and goals["best_hf_assisted"].startswith("HF assisted")
@@ -173,9 +180,12 @@ def test_bench_feature_rows_identity_and_goals(tiny_stages: tuple[HFStage, HFSta
     extra = feature_configs(target, feature, qualifier=draft, length=3, tree="tree:budget=6,branching=2",
                             qualifier_length=5, lookup="ngram")
     assert [c.label for c in extra] == ["feature→target", "tree feature→target", "ngram+feature→target",
-                                        "ngram+tree feature→target", "feature→qualifier→target"]
-    assert extra[4].block_lengths == (3, 5) and len(extra[4].stages) == 3
+                                        "ngram+tree feature→target", "feature→target, ngram grafted",
+                                        "tree feature→target, ngram grafted", "feature→qualifier→target"]
+    assert extra[6].block_lengths == (3, 5) and len(extra[6].stages) == 3
     assert extra[3].lookup == "ngram" and extra[3].tree == extra[1].tree and extra[3].describe()["lookup"] == "ngram"
+    assert not extra[3].lookup_graft and extra[5].lookup_graft and extra[5].tree == extra[1].tree
+    assert extra[4].describe()["lookup_graft"] is True and extra[4].tree is None
     cfgs = [BenchConfig("pyramid target (N=1)", (target,))]
     result = run_bench(target, draft, PROMPTS, max_new_tokens=12, chat=False, configs=cfgs, extra=extra,
                        hf=False, progress=False)
@@ -190,8 +200,11 @@ def test_bench_feature_rows_identity_and_goals(tiny_stages: tuple[HFStage, HFSta
     goals = result.goals()
     assert goals["best_feature_row"] in {c.label for c in extra}
     assert goals["best_feature_speedup"] == result.row(goals["best_feature_row"]).speedup
-    assert goals["feature_tree_tokens_per_target_forward"] == result.row("tree feature→target").tokens_per_target_forward
-    assert "best feature row" in result.goals_markdown() and "tokens per target forward: " in result.goals_markdown()
+    tree_rows = [result.row(c.label) for c in extra if "tree feature→target" in c.label]
+    assert goals["best_feature_tree_row"] in {r.label for r in tree_rows}
+    assert goals["feature_tree_tokens_per_target_forward"] == max(r.tokens_per_target_forward for r in tree_rows)
+    assert "best feature row" in result.goals_markdown()
+    assert "tokens per target forward, best feature tree row (" in result.goals_markdown()
     # without feature rows the bench says nothing about them
     plain = run_bench(target, draft, PROMPTS[:1], max_new_tokens=4, chat=False, configs=cfgs, hf=False, progress=False)
     assert plain.goals()["best_feature_row"] is None and "feature" not in plain.goals_markdown()

@@ -51,8 +51,8 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     p.add_argument("--tree", default="tree:budget=8,branching=4", metavar="TREE", help="tree wrapper spec")
     p.add_argument("--lookup", default="ngram", metavar="PROPOSER",
                    help="model-free proposer asked first each round in the lookup rows (draft and feature chains, "
-                        "the feature tree), the draft drafting only where it proposes nothing; 'none' drops those "
-                        "rows (default ngram)")
+                        "the feature tree), the draft drafting only where it proposes nothing, and grafted into the "
+                        "feature head's chain and tree in the graft rows; 'none' drops those rows (default ngram)")
     p.add_argument("--feature", metavar="STAGE",
                    help="feature-level draft (EAGLE family) for the feature rows, on Spec-Bench questions too; 'none' drops "
                         "them (default: smollm2:stage=feature when the target is the family's and the head is "

@@ -72,7 +72,8 @@ __all__ = ["BenchConfig", "default_configs", "feature_configs", "run_bench"]
 class BenchConfig:
     """One pyramid pipeline to benchmark: stages smallest first (specs or loaded stages), a
     policy and a block length per boundary (or a preset), an optional stage wrapper spec
-    (``tree``) and an optional lookup asked first each round (``lookup``, a proposer spec).
+    (``tree``) and an optional lookup asked first each round (``lookup``, a proposer spec), or
+    grafted into the bottom stage's block (``lookup_graft``).
     ``lossless`` configurations are asserted token-identical to the target's greedy output."""
 
     label: str
@@ -85,6 +86,7 @@ class BenchConfig:
     length_schedule: str = "fixed"
     confidence_stop: float = 0.0
     lookup: str | None = None
+    lookup_graft: bool = False
 
     def describe(self) -> dict[str, Any]:
         """The configuration as JSON (stages by spec, or by name when loaded), as results record it."""
@@ -92,17 +94,22 @@ class BenchConfig:
                 "policies": [p if isinstance(p, str) else type(p).__name__ for p in self.policies],
                 "block_lengths": list(self.block_lengths), "tree": self.tree, "preset": self.preset,
                 "lossless": self.lossless, "length_schedule": self.length_schedule,
-                "confidence_stop": self.confidence_stop, "lookup": self.lookup}
+                "confidence_stop": self.confidence_stop, "lookup": self.lookup, "lookup_graft": self.lookup_graft}
 
     def spec(self, sampling: SamplingConfig, stop_ids: Sequence[int]) -> PipelineSpec:
         return PipelineSpec(self.stages, self.policies or None, self.block_lengths or None, self.preset, self.tree,
                             sampling, stop_ids=tuple(stop_ids), length_schedule=self.length_schedule,
-                            confidence_stop=self.confidence_stop, lookup=self.lookup)
+                            confidence_stop=self.confidence_stop, lookup=self.lookup, lookup_graft=self.lookup_graft)
 
 
 def _lookup_label(lookup: str, row: str) -> str:
     """``ngram+draft→target``: a row with ``lookup`` asked first, named by the proposer."""
     return f"{parse_spec(lookup)[0]}+{row}"
+
+
+def _graft_label(lookup: str, row: str) -> str:
+    """``tree feature→target, ngram grafted``: a row with ``lookup``'s block grafted into the draft's."""
+    return f"{row}, {parse_spec(lookup)[0]} grafted"
 
 
 def default_configs(
@@ -165,7 +172,8 @@ def feature_configs(
     """The feature-draft rows (EAGLE family, [feature-level
     drafts](../../algorithms.md#feature-level-drafts)): ``feature`` -> target as a chain of
     ``length`` tokens and as a token tree through ``tree``, and with a ``lookup`` both again with
-    the lookup asked first ([lookup first](../../algorithms.md#lookup-first)); with a qualifier, ``feature`` ->
+    the lookup asked first ([lookup first](../../algorithms.md#lookup-first)) and with its block
+    grafted into the head's ([lookup graft](../../algorithms.md#lookup-graft)); with a qualifier, ``feature`` ->
     qualifier -> target at ``(length, max(length, qualifier_length))``. Give a ``feature`` that
     reads the target (``features_from=target``): in the 2-stage rows that is the next stage, and
     across the qualifier it reads the target's features where the target has scored a position and
@@ -178,7 +186,11 @@ def feature_configs(
         rows += [BenchConfig(_lookup_label(lookup, "feature→target"), (feature, target), ("exact",), (length,),
                              lookup=lookup),
                  BenchConfig(_lookup_label(lookup, "tree feature→target"), (feature, target), ("exact",), (length,),
-                             tree=tree, lookup=lookup)]
+                             tree=tree, lookup=lookup),
+                 BenchConfig(_graft_label(lookup, "feature→target"), (feature, target), ("exact",), (length,),
+                             lookup=lookup, lookup_graft=True),
+                 BenchConfig(_graft_label(lookup, "tree feature→target"), (feature, target), ("exact",), (length,),
+                             tree=tree, lookup=lookup, lookup_graft=True)]
     if qualifier is not None:
         rows.append(BenchConfig("feature→qualifier→target", (feature, qualifier, target),
                                 ("exact", "exact"), (length, max(length, qualifier_length))))
@@ -256,8 +268,9 @@ def _pyramid_row(
     if refs is not None:  # after the timing: tie checks run target forwards
         judge_identity(row, pipe.target, [(prompt_ids[i], ids, refs[i]) for i, ids, _ in jobs], outputs)
     if m.lookup is not None:
-        row.note = (f"the lookup proposed in {m.lookup.hits} of {m.lookup.tries} rounds, the first stage in the "
-                    "others: the chain latency model does not apply (no prediction)")
+        where = "every round, the lookup's block grafted beside it" if cfg.lookup_graft else "the others"
+        row.note = (f"the lookup proposed in {m.lookup.hits} of {m.lookup.tries} rounds, the first stage drafted in "
+                    f"{where}: the chain latency model does not apply (no prediction)")
     elif cfg.tree is not None:
         row.note = "token tree: the chain latency model does not apply (no prediction)"
     elif all(math.isfinite(a) for a in alphas) and row.tokens:
