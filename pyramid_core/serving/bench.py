@@ -55,14 +55,39 @@ def warm_prompts(n: int) -> list[str]:
 
 
 def _counters(llm: Any) -> dict[str, float]:
-    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens), summed over
-    the engines of this process (one entry each)."""
+    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens) of ``llm``'s
+    engine. Every engine of a process registers its counters in one Prometheus registry, and a
+    new engine unregisters those before it, so ``get_metrics`` sees the newest engine only: the
+    counters are read from the engine's own stat logger where it has one (vLLM 0.32's layout), and
+    from ``get_metrics`` otherwise (one engine per process)."""
+    own = _logger_counters(llm)
+    if own is not None:
+        return own
     out: dict[str, float] = {}
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode_num_") and getattr(m, "value", None) is not None:
             name = m.name.removeprefix("vllm:spec_decode_")
             out[name] = out.get(name, 0.0) + float(m.value)
     return out
+
+
+def _logger_counters(llm: Any) -> dict[str, float] | None:
+    """The spec-decoding counters held by ``llm``'s own Prometheus stat logger (summed over its
+    engine indices; none for an engine without speculative decoding), or ``None`` where vLLM keeps
+    them elsewhere."""
+    manager = getattr(getattr(llm, "llm_engine", None), "logger_manager", None)
+    for logger in getattr(manager, "stat_loggers", ()):
+        prom = getattr(logger, "spec_decoding_prom", None)
+        if prom is None:
+            continue
+        if not getattr(prom, "spec_decoding_enabled", False):
+            return {}  # an engine without speculative decoding counts nothing
+        try:
+            return {name: sum(float(child._value.get()) for child in getattr(prom, f"counter_spec_decode_{name}").values())
+                    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+        except (AttributeError, TypeError):
+            return None
+    return None
 
 
 def _proposer_stats(path: Path | None) -> dict[str, Any]:
