@@ -23,7 +23,7 @@ from pyramid_core.backends.hf.choice import (
     fingerprint,
     measure,
 )
-from pyramid_core.backends.hf.runtime import native_dtype
+from pyramid_core.backends.hf.runtime import native_dtype, packing_bf16_available
 from pyramid_core.build import build_pipeline, make_stage
 from pyramid_core.errors import ConfigError
 from pyramid_core.options import ExecutionMode, dtype_word
@@ -216,7 +216,12 @@ def _mixed(model: Any, dtype: torch.dtype, choice_file: Path, name: str) -> HFSt
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fast mode needs oneDNN")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        not packing_bf16_available(), reason="oneDNN packs bfloat16 only with AVX-512 or AVX-NE-CONVERT: this CPU has "
+        "no fast bfloat16 mode (its refusal: tests/test_compiled.py)")),
+], ids=["float32", "bfloat16"])
 def test_every_mode_scores_like_eager_with_rollback_and_trees(tiny_models: dict[str, Any], choice_file: Path,
                                                               dtype: torch.dtype) -> None:
     import copy
