@@ -177,11 +177,13 @@ class LookupFirst:
         if not self.graft:
             return block if len(block) else self.drafter.propose(context, n, rng)
         drafted = self.drafter.propose(context, n, rng)
-        if drafted.without_replacement and len(block):
+        if not len(block):
+            return drafted
+        if drafted.without_replacement:
             raise ConfigError(f"lookup_graft: {_stage_name(self.drafter, 0)} drafts its tree without replacement "
                               "(Sequoia), so no lookup path can be added beside its children; draw it with "
                               "replacement (tree:replacement=true) or drop lookup_graft")
-        return drafted.graft(block, share=self.share) if len(block) else drafted
+        return drafted.graft(block, share=self.share)
 
     def look(self, context: Tensor, n: int, rng: Rng) -> Block:
         """The lookup's block alone (up to ``n`` tokens, cut after its first stop token; empty
