@@ -153,7 +153,13 @@ class TreeProposer:
 
     def propose(self, context: Tensor, n: int, rng: Rng) -> Block:
         """A tree of depth <= ``n`` continuing ``context``, flattened level by level; children of
-        one node are consecutive and in draw order."""
+        one node are consecutive and in draw order.
+
+        The stage scores only the nodes that are expanded (the frontier of each depth and their
+        ancestors, themselves expanded before): a node that stays a leaf -- outside the beam, a
+        stop token, the last depth -- is never fed to it. Its logits would be computed and never
+        read, and with a beam most nodes are such leaves (EAGLE-2's 10 x 10 children per depth
+        expand 10). The rows are assembled once, after the shape is final."""
         ranked = bool(self.budget or self.beam)  # path probabilities decide the shape
         max_depth = n if ranked else min(n, len(self.branching))
         greedy = self.sampling.is_greedy
@@ -162,9 +168,12 @@ class TreeProposer:
         stop = set(self.stop_ids.tolist())
         tokens: list[int] = []
         parents: list[int] = []
-        rows = torch.empty(0, self.vocab_size, device=device)
+        parts: list[Tensor] = []  # sampling: the rows of each depth's new nodes
         logpath: list[float] = []  # log path probability per node (budget and beam modes)
         frontier = [-1]  # nodes to expand next (-1 = the context)
+        fed: dict[int, int] = {-1: -1}  # node -> its index in the subtree fed to the stage
+        fed_tokens: list[int] = []
+        fed_parents: list[int] = []
         for depth in range(max_depth):
             if self.beam and depth:  # the `beam` most probable frontier nodes, kept in tree order
                 frontier = sorted(sorted(frontier, key=lambda v: -logpath[v])[: self.beam])
@@ -175,11 +184,18 @@ class TreeProposer:
             t0 = time.perf_counter()
             if depth == 0:
                 logits = score_checked(self.stage, context, None, name=self.stage.name, mode=self.on_nonfinite)
-            else:
-                partial = Block(torch.tensor(tokens, device=device), rows,
-                                torch.tensor(parents, device=device), not self.replacement)
+            else:  # the subtree of expanded nodes grows by this frontier (their parents are in it)
+                first_fed = len(fed_tokens)
+                for v in frontier:
+                    fed[v] = len(fed_tokens)
+                    fed_tokens.append(tokens[v])
+                    fed_parents.append(fed[parents[v]])
+                m = len(fed_tokens)
+                partial = Block(torch.tensor(fed_tokens, device=device),
+                                torch.zeros(1, self.vocab_size, device=device).expand(m, -1),  # never read
+                                torch.tensor(fed_parents, device=device))
                 logits = score_checked(self.stage, context, partial, name=self.stage.name,
-                                       mode=self.on_nonfinite)[torch.tensor(frontier, device=device) + 1]
+                                       mode=self.on_nonfinite)[first_fed + 1: m + 1]
             logits = logits.float()  # the frontier's rows: Float[Tensor, "m vocab"]
             q = self.sampling.transform(logits)
             scored = len(frontier)
@@ -213,15 +229,11 @@ class TreeProposer:
             tokens += new
             parents += [frontier[i] for i in slots]
             slot_index = torch.tensor(slots, device=device)
-            new_tokens = torch.tensor(new, device=device)
-            if greedy:
-                part = torch.nn.functional.one_hot(new_tokens, self.vocab_size).to(rows.dtype)
-            else:
-                part = q[slot_index].to(rows.dtype)
-            rows = torch.cat([rows, part])
+            if not greedy:
+                parts.append(q[slot_index])
             if ranked:
                 probs = torch.softmax(logits, -1) if greedy else q
-                step = probs[slot_index, new_tokens].log().tolist()
+                step = probs[slot_index, torch.tensor(new, device=device)].log().tolist()
                 logpath += [base[i] + lp for i, lp in zip(slots, step, strict=True)]
             frontier = [first + j for j, x in enumerate(new) if x not in stop]
             sync(device)
@@ -231,9 +243,14 @@ class TreeProposer:
             where = {old: new for new, old in enumerate(keep)}
             tokens = [tokens[i] for i in keep]
             parents = [-1 if parents[i] < 0 else where[parents[i]] for i in keep]
-            rows = rows[torch.tensor(keep, device=device)]
-        return Block(torch.tensor(tokens, dtype=torch.long, device=device), rows,
-                     torch.tensor(parents, dtype=torch.long, device=device),
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)
+        if greedy:  # each node a deterministic proposal: its row is one-hot at itself
+            rows = torch.nn.functional.one_hot(ids, self.vocab_size).float()
+        elif parts:  # (sampling never reranks)
+            rows = torch.cat(parts).float()
+        else:
+            rows = torch.empty(0, self.vocab_size, device=device)
+        return Block(ids, rows, torch.tensor(parents, dtype=torch.long, device=device),
                      without_replacement=not self.replacement and not greedy)
 
 

@@ -757,6 +757,48 @@ def test_dynamic_tree_keeps_the_most_probable_nodes_and_grows_deep() -> None:
         TreeProposer(stage, beam=-1)
 
 
+def test_only_the_expanded_nodes_are_scored() -> None:
+    """Beam 2, 4 children per node, 4 deep: each depth's call feeds the stage the nodes expanded so
+    far and nothing else (2, 4, 6 nodes: the beam of each depth, every parent before its child),
+    each call's subtree extends the one before, and the tree proposed is the one grown from the
+    rows of those nodes (every node outside the beam stays a leaf)."""
+    rng = np.random.default_rng(5)
+    table = rng.dirichlet(np.full(V, 0.4), size=V)
+    stage = markov_stage(table, "draft")
+    fed: list[Block | None] = []
+    score = stage.score
+
+    def recording(context: torch.Tensor, block: Block | None = None) -> torch.Tensor:
+        fed.append(block)
+        return score(context, block)
+
+    stage.score = recording  # type: ignore[method-assign]
+    block = TreeProposer(stage, (4,), sampling=SamplingConfig.greedy(), beam=2).propose(torch.tensor([1, 2]), 4, Rng(0))
+    assert fed[0] is None and [len(b) for b in fed[1:] if b is not None] == [2, 4, 6]
+    assert block.parents is not None
+    tokens, parents = block.tokens.tolist(), block.parents.tolist()
+    assert len(tokens) == 4 + 3 * 2 * 4  # 4 children at the root, then 2 expanded nodes x 4 per depth
+    expanded = {i for i in range(len(tokens)) if i in parents}
+    assert len(expanded) == 6  # the last depth's children are leaves
+    paths = {tuple(_path_tokens(tokens, parents, i)) for i in expanded}
+    for before, after in zip(fed[1:], fed[2:], strict=False):
+        assert before is not None and after is not None
+        assert after.tokens[: len(before)].tolist() == before.tokens.tolist()
+        assert after.parents[: len(before)].tolist() == before.parents.tolist()  # type: ignore[index]
+    last = fed[-1]
+    assert last is not None and last.parents is not None
+    fed_tokens, fed_parents = last.tokens.tolist(), last.parents.tolist()
+    assert {tuple(_path_tokens(fed_tokens, fed_parents, i)) for i in range(len(fed_tokens))} == paths
+
+
+def _path_tokens(tokens: list[int], parents: list[int], node: int) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(tokens[node])
+        node = parents[node]
+    return path[::-1]
+
+
 @pytest.mark.parametrize("policy", ["exact", "traversal"])
 def test_sampled_dynamic_trees_are_exact(policy: str) -> None:
     """Sampling: a beam-2 tree capped at 5 nodes (which nodes grow depends on their siblings'
