@@ -186,6 +186,9 @@ def test_bench_feature_rows_identity_and_goals(tiny_stages: tuple[HFStage, HFSta
     assert extra[3].lookup == "ngram" and extra[3].tree == extra[1].tree and extra[3].describe()["lookup"] == "ngram"
     assert not extra[3].lookup_graft and extra[5].lookup_graft and extra[5].tree == extra[1].tree
     assert extra[4].describe()["lookup_graft"] is True and extra[4].tree is None
+    assert {c.block_lengths for c in extra[:6]} == {(3,)}  # the tree rows grow as deep as the chains by default
+    deeper = feature_configs(target, feature, length=3, tree="tree:budget=6,branching=2", lookup="ngram", tree_length=5)
+    assert [c.block_lengths for c in deeper] == [(3,), (5,), (3,), (5,), (3,), (5,)]
     cfgs = [BenchConfig("pyramid target (N=1)", (target,))]
     result = run_bench(target, draft, PROMPTS, max_new_tokens=12, chat=False, configs=cfgs, extra=extra,
                        hf=False, progress=False)

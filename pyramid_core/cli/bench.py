@@ -61,7 +61,10 @@ def configure_bench(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
                    help="block length of the feature->target rows (default 2: `pyramid plan`'s choice for the "
                         "shipped head on a 2-core CPU)")
     p.add_argument("--feature-tree", default="tree:budget=8,branching=4", metavar="TREE",
-                   help="tree wrapper spec of the tree feature->target row")
+                   help="tree wrapper spec of the tree feature->target rows")
+    p.add_argument("--feature-tree-length", type=block_length, metavar="L",
+                   help="how deep the tree feature->target rows grow (default: --feature-length), e.g. 6 with "
+                        "--feature-tree tree:budget=60,beam=10,branching=10 for EAGLE-2's own tree")
     p.add_argument("--lengths-2", dest="lengths2", metavar="L",
                    help="block length of the draft->target rows (default: the default chain's first)")
     p.add_argument("--lengths-3", dest="lengths3", metavar="L1,L2",
@@ -293,7 +296,7 @@ def _feature_rows(ns: argparse.Namespace, target_spec: str | None, target: Any, 
         if not isinstance(stage, Stage):
             raise ConfigError(f"--feature ({spec}) must be a model backend, not a proposer")
     return feature_configs(target, stage, qualifier=qualifier, length=ns.feature_length, tree=ns.feature_tree,
-                           qualifier_length=upper, lookup=_lookup(ns))
+                           qualifier_length=upper, lookup=_lookup(ns), tree_length=ns.feature_tree_length)
 
 
 def _lookup(ns: argparse.Namespace) -> str | None:

@@ -168,28 +168,31 @@ def feature_configs(
     tree: str = "tree:budget=8,branching=4",
     qualifier_length: int = 3,
     lookup: str | None = None,
+    tree_length: int | None = None,
 ) -> list[BenchConfig]:
     """The feature-draft rows (EAGLE family, [feature-level
     drafts](../../algorithms.md#feature-level-drafts)): ``feature`` -> target as a chain of
-    ``length`` tokens and as a token tree through ``tree``, and with a ``lookup`` both again with
+    ``length`` tokens and as a token tree through ``tree`` grown ``tree_length`` deep (default
+    ``length``), and with a ``lookup`` both again with
     the lookup asked first ([lookup first](../../algorithms.md#lookup-first)) and with its block
     grafted into the head's ([lookup graft](../../algorithms.md#lookup-graft)); with a qualifier, ``feature`` ->
     qualifier -> target at ``(length, max(length, qualifier_length))``. Give a ``feature`` that
     reads the target (``features_from=target``): in the 2-stage rows that is the next stage, and
     across the qualifier it reads the target's features where the target has scored a position and
     its own predicted ones elsewhere (the stand-in rule of the same section)."""
+    depth = length if tree_length is None else tree_length
     rows = [
         BenchConfig("feature→target", (feature, target), ("exact",), (length,)),
-        BenchConfig("tree feature→target", (feature, target), ("exact",), (length,), tree=tree),
+        BenchConfig("tree feature→target", (feature, target), ("exact",), (depth,), tree=tree),
     ]
     if lookup is not None:
         rows += [BenchConfig(_lookup_label(lookup, "feature→target"), (feature, target), ("exact",), (length,),
                              lookup=lookup),
-                 BenchConfig(_lookup_label(lookup, "tree feature→target"), (feature, target), ("exact",), (length,),
+                 BenchConfig(_lookup_label(lookup, "tree feature→target"), (feature, target), ("exact",), (depth,),
                              tree=tree, lookup=lookup),
                  BenchConfig(_graft_label(lookup, "feature→target"), (feature, target), ("exact",), (length,),
                              lookup=lookup, lookup_graft=True),
-                 BenchConfig(_graft_label(lookup, "tree feature→target"), (feature, target), ("exact",), (length,),
+                 BenchConfig(_graft_label(lookup, "tree feature→target"), (feature, target), ("exact",), (depth,),
                              tree=tree, lookup=lookup, lookup_graft=True)]
     if qualifier is not None:
         rows.append(BenchConfig("feature→qualifier→target", (feature, qualifier, target),
