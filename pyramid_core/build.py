@@ -20,7 +20,7 @@ from pyramid_core.calibrated import require as require_budgeted
 from pyramid_core.devices import check_device
 from pyramid_core.errors import ConfigError, PluginError, PyramidError, TokenizerMismatchError
 from pyramid_core.options import DecodeOptions, ExecutionMode, dtype_word
-from pyramid_core.pipeline import Pipeline
+from pyramid_core.pipeline import Pipeline, graft_needs_lookup
 from pyramid_core.plugins import HOOKS, Registries, registries
 from pyramid_core.protocols import AcceptancePolicy, Proposer, Stage, VerifiesTrees, tokenizer_of
 from pyramid_core.recipes import Chain, Preset
@@ -309,8 +309,7 @@ class PipelineSpec:
             check_lookup(self.lookup, len(specs), regs)  # before any loading
             if self.lookup_graft and policies:
                 _check_tree_policy("lookup_graft verifies token trees", "lookup_graft", policies[0], policy_specs[0], regs)
-        elif self.lookup_graft:
-            raise ConfigError("lookup_graft grafts the lookup's block into stage 1's; give a lookup (e.g. ngram)")
+        graft_needs_lookup(self.lookup, self.lookup_graft)  # before any loading
         resolved = self.load_stages(regs)
         target = resolved[-1]
         stop_ids = self.decode.stop_ids

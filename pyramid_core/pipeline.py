@@ -150,6 +150,12 @@ def model_free(lookup: object) -> Proposer:
     return lookup
 
 
+def graft_needs_lookup(lookup: object, lookup_graft: bool) -> None:
+    """``lookup_graft`` refused without a lookup: there is no block to graft."""
+    if lookup_graft and lookup is None:
+        raise ConfigError("lookup_graft grafts the lookup's block into stage 1's; give a lookup (e.g. ngram)")
+
+
 @attrs.define(eq=False)
 class LookupFirst:
     """The bottom proposer behind a lookup ([lookup first](../../algorithms.md#lookup-first)):
@@ -462,8 +468,7 @@ class Pipeline:
                 raise ConfigError(f"lookup_graft verifies a token tree at boundary 1 -> 2, but its policy "
                                   f"({self.policy_names[0] if self.policy_names else policy_label(first)}) "
                                   "verifies chains only; use a policy that verifies trees (exact) there")
-        elif self.lookup_graft:
-            raise ConfigError("lookup_graft grafts the lookup's block into stage 1's; give a lookup (e.g. ngram)")
+        graft_needs_lookup(self.lookup, self.lookup_graft)
         # model stages always declare a vocabulary; a proposer may (ngram does: its one-hot rows)
         parts = [*self.stages, *([self.lookup] if self.lookup is not None else [])]
         declared = [(i, s, int(s.vocab_size or 0)) for i, s in enumerate(parts) if isinstance(s, HasVocabulary)]
